@@ -1,0 +1,1 @@
+//! `colony-benches`: criterion benches and multi-process harnesses shared helpers.

@@ -1,0 +1,1 @@
+//! `colony-schema`
