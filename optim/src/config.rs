@@ -1,0 +1,304 @@
+//! The optimizer's configuration, with the reference's defaults.
+
+use crate::{
+    error::{OptimError, Result},
+    schedule::LrSchedule,
+};
+
+/// Every knob of the collaborative optimizer. Times are seconds (the DHT's clock is a
+/// float of Unix seconds, as in the reference).
+///
+/// Defaults follow the reference `CollaborativeOptimizer` (hivemind 1.0.1) except where
+/// a field documents otherwise.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OptimConfig {
+    /// Common prefix of every DHT key of this run (the reference's `prefix` / run id);
+    /// progress is stored under `{prefix}_progress`. Default `"colony"`.
+    pub prefix: String,
+    /// Samples the whole swarm accumulates before each global step. Default 4096.
+    pub target_batch_size: u64,
+    /// Samples behind each `step()` call when `step` is given no batch size. Default
+    /// `None`: the first explicit batch size becomes the default, as in the reference.
+    pub batch_size_per_step: Option<u64>,
+    /// Never refresh the collaboration state more often than this (s). Default 0.5.
+    pub min_refresh_period: f64,
+    /// Always refresh at least this often (s). Default 30.
+    pub max_refresh_period: f64,
+    /// Refresh period while no other peer is known (s). Default 3.
+    pub default_refresh_period: f64,
+    /// Assume this many peers may join between two refreshes. Default 3.
+    pub expected_drift_peers: f64,
+    /// Assume this fraction of the swarm may join or leave between refreshes. Default 0.2.
+    pub expected_drift_rate: f64,
+    /// Smoothing of the throughput estimate, in `(0, 1]`. Default 0.1.
+    pub performance_ema_alpha: f64,
+    /// Lifetime of a progress record in the DHT (s); records are re-published at half of
+    /// it. Default 60.
+    pub metadata_expiration: f64,
+    /// Limit on one averaging round (s). The reference's default was "no limit"; every
+    /// remote wait here has one. Default 60.
+    pub averaging_timeout: f64,
+    /// Limit on downloading the state from peers (s). Default 600.
+    pub load_state_timeout: f64,
+    /// A peer may lag the global step by this many steps before it must download the
+    /// state. Default 1.
+    pub step_tolerance: u64,
+    /// Accumulate in the caller's gradient buffer instead of a private accumulator (saves
+    /// memory; the caller then must not zero its gradients itself). Default false.
+    pub reuse_grad_buffers: bool,
+    /// This peer accepts no inbound connections; it contributes samples but does not count
+    /// toward the global step. Default false.
+    pub client_mode: bool,
+    /// This peer computes no gradients and only helps averaging (`step_aux`). Default false.
+    pub auxiliary: bool,
+    /// Records whose `time` lies further than this in the future are ignored (s): a peer
+    /// cannot extrapolate its own progress forward by lying about the clock. Default 30.
+    pub max_clock_skew: f64,
+    /// A step reported by fewer than this many non-client peers (other than this one)
+    /// does not move the global step, so one lying peer cannot declare itself far ahead
+    /// and force everyone to re-download the state. Capped at the number of such peers,
+    /// so with a single other peer its word is taken. Default 2.
+    pub step_quorum: usize,
+    /// With three or more peers, a peer's claimed throughput is capped at this multiple of
+    /// the median, so one liar cannot make the ETA collapse. Default 10.
+    pub throughput_outlier_factor: f64,
+    /// The learning rate as a function of the global step. Default constant 0.01.
+    pub lr_schedule: LrSchedule,
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        Self {
+            prefix: "colony".to_owned(),
+            target_batch_size: 4096,
+            batch_size_per_step: None,
+            min_refresh_period: 0.5,
+            max_refresh_period: 30.0,
+            default_refresh_period: 3.0,
+            expected_drift_peers: 3.0,
+            expected_drift_rate: 0.2,
+            performance_ema_alpha: 0.1,
+            metadata_expiration: 60.0,
+            averaging_timeout: 60.0,
+            load_state_timeout: 600.0,
+            step_tolerance: 1,
+            reuse_grad_buffers: false,
+            client_mode: false,
+            auxiliary: false,
+            max_clock_skew: 30.0,
+            step_quorum: 2,
+            throughput_outlier_factor: 10.0,
+            lr_schedule: LrSchedule::default(),
+        }
+    }
+}
+
+impl OptimConfig {
+    /// A default config for run `prefix` with `target_batch_size`.
+    pub fn new(prefix: impl Into<String>, target_batch_size: u64) -> Self {
+        Self {
+            prefix: prefix.into(),
+            target_batch_size,
+            ..Self::default()
+        }
+    }
+
+    /// The DHT key of this run's progress records: `{prefix}_progress`.
+    pub fn progress_key(&self) -> String {
+        format!("{}_progress", self.prefix)
+    }
+
+    /// The averaging prefix of this run: `{prefix}_averaging`.
+    pub fn averaging_prefix(&self) -> String {
+        format!("{}_averaging", self.prefix)
+    }
+
+    /// Checks every field against its documented range.
+    ///
+    /// # Errors
+    /// [`OptimError::InvalidConfig`] naming the first offending field.
+    pub fn validate(&self) -> Result<()> {
+        fn bad(field: &'static str, reason: &str) -> OptimError {
+            OptimError::InvalidConfig {
+                field,
+                reason: reason.to_owned(),
+            }
+        }
+        fn positive(field: &'static str, v: f64) -> Result<()> {
+            if v.is_finite() && v > 0.0 {
+                Ok(())
+            } else {
+                Err(bad(field, "must be finite and > 0"))
+            }
+        }
+        fn non_negative(field: &'static str, v: f64) -> Result<()> {
+            if v.is_finite() && v >= 0.0 {
+                Ok(())
+            } else {
+                Err(bad(field, "must be finite and >= 0"))
+            }
+        }
+        if self.prefix.is_empty() || self.prefix.contains('.') {
+            return Err(bad("prefix", "must be non-empty and contain no '.'"));
+        }
+        if self.target_batch_size == 0 {
+            return Err(bad("target_batch_size", "must be > 0"));
+        }
+        if self.batch_size_per_step == Some(0) {
+            return Err(bad("batch_size_per_step", "must be > 0 when set"));
+        }
+        positive("min_refresh_period", self.min_refresh_period)?;
+        positive("max_refresh_period", self.max_refresh_period)?;
+        positive("default_refresh_period", self.default_refresh_period)?;
+        if self.min_refresh_period > self.max_refresh_period {
+            return Err(bad(
+                "min_refresh_period",
+                "must not exceed max_refresh_period",
+            ));
+        }
+        non_negative("expected_drift_peers", self.expected_drift_peers)?;
+        non_negative("expected_drift_rate", self.expected_drift_rate)?;
+        if !(self.performance_ema_alpha > 0.0 && self.performance_ema_alpha <= 1.0) {
+            return Err(bad("performance_ema_alpha", "must be in (0, 1]"));
+        }
+        positive("metadata_expiration", self.metadata_expiration)?;
+        positive("averaging_timeout", self.averaging_timeout)?;
+        positive("load_state_timeout", self.load_state_timeout)?;
+        non_negative("max_clock_skew", self.max_clock_skew)?;
+        if self.step_quorum == 0 {
+            return Err(bad("step_quorum", "must be >= 1"));
+        }
+        if !(self.throughput_outlier_factor.is_finite() && self.throughput_outlier_factor >= 1.0) {
+            return Err(bad("throughput_outlier_factor", "must be finite and >= 1"));
+        }
+        if self.auxiliary && self.client_mode {
+            return Err(bad(
+                "auxiliary",
+                "an auxiliary peer must accept connections (not client_mode)",
+            ));
+        }
+        if self.reuse_grad_buffers && self.auxiliary {
+            return Err(bad(
+                "reuse_grad_buffers",
+                "an auxiliary peer has no gradients",
+            ));
+        }
+        self.lr_schedule.validate()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_reference_and_validate() {
+        let c = OptimConfig::default();
+        assert_eq!(c.min_refresh_period, 0.5);
+        assert_eq!(c.max_refresh_period, 30.0);
+        assert_eq!(c.default_refresh_period, 3.0);
+        assert_eq!(c.expected_drift_peers, 3.0);
+        assert_eq!(c.expected_drift_rate, 0.2);
+        assert_eq!(c.performance_ema_alpha, 0.1);
+        assert_eq!(c.metadata_expiration, 60.0);
+        assert_eq!(c.step_tolerance, 1);
+        assert!(!c.reuse_grad_buffers && !c.client_mode);
+        c.validate().unwrap();
+        assert_eq!(OptimConfig::new("run", 64).progress_key(), "run_progress");
+        assert_eq!(
+            OptimConfig::new("run", 64).averaging_prefix(),
+            "run_averaging"
+        );
+    }
+
+    #[test]
+    fn validate_names_the_bad_field() {
+        type Mutation = Box<dyn Fn(&mut OptimConfig)>;
+        let cases: Vec<(&str, Mutation)> = vec![
+            ("prefix", Box::new(|c| c.prefix = "a.b".into())),
+            ("prefix", Box::new(|c| c.prefix.clear())),
+            ("target_batch_size", Box::new(|c| c.target_batch_size = 0)),
+            (
+                "batch_size_per_step",
+                Box::new(|c| c.batch_size_per_step = Some(0)),
+            ),
+            (
+                "min_refresh_period",
+                Box::new(|c| c.min_refresh_period = f64::NAN),
+            ),
+            (
+                "min_refresh_period",
+                Box::new(|c| c.min_refresh_period = 40.0),
+            ),
+            (
+                "max_refresh_period",
+                Box::new(|c| c.max_refresh_period = -1.0),
+            ),
+            (
+                "default_refresh_period",
+                Box::new(|c| c.default_refresh_period = 0.0),
+            ),
+            (
+                "expected_drift_peers",
+                Box::new(|c| c.expected_drift_peers = -1.0),
+            ),
+            (
+                "expected_drift_rate",
+                Box::new(|c| c.expected_drift_rate = f64::INFINITY),
+            ),
+            (
+                "performance_ema_alpha",
+                Box::new(|c| c.performance_ema_alpha = 0.0),
+            ),
+            (
+                "performance_ema_alpha",
+                Box::new(|c| c.performance_ema_alpha = 1.5),
+            ),
+            (
+                "metadata_expiration",
+                Box::new(|c| c.metadata_expiration = 0.0),
+            ),
+            (
+                "averaging_timeout",
+                Box::new(|c| c.averaging_timeout = f64::NAN),
+            ),
+            (
+                "load_state_timeout",
+                Box::new(|c| c.load_state_timeout = -5.0),
+            ),
+            ("max_clock_skew", Box::new(|c| c.max_clock_skew = -1.0)),
+            ("step_quorum", Box::new(|c| c.step_quorum = 0)),
+            (
+                "throughput_outlier_factor",
+                Box::new(|c| c.throughput_outlier_factor = 0.5),
+            ),
+            (
+                "auxiliary",
+                Box::new(|c| {
+                    c.auxiliary = true;
+                    c.client_mode = true;
+                }),
+            ),
+            (
+                "reuse_grad_buffers",
+                Box::new(|c| {
+                    c.auxiliary = true;
+                    c.reuse_grad_buffers = true;
+                }),
+            ),
+            (
+                "lr_schedule",
+                Box::new(|c| c.lr_schedule = LrSchedule::Constant { lr: -1.0 }),
+            ),
+        ];
+        for (field, mutate) in cases {
+            let mut c = OptimConfig::default();
+            mutate(&mut c);
+            match c.validate() {
+                Err(OptimError::InvalidConfig { field: f, .. }) => assert_eq!(f, field),
+                other => panic!("{field}: expected InvalidConfig, got {other:?}"),
+            }
+        }
+    }
+}

@@ -1,0 +1,329 @@
+//! The collaboration state machine: pure and deterministic.
+//!
+//! Inputs are this peer's live progress, the progress records read from the DHT and the
+//! current time; outputs are a [`CollaborationState`] (what the swarm is doing) and a
+//! [`StepPlan`] (what this peer should do when it is ready). Nothing here touches the
+//! network or a clock, so every branch is unit-tested.
+//!
+//! Differences from the reference `fetch_collaboration_state`, each a fix:
+//! * this peer's own live progress replaces its (possibly stale) DHT record, so it always
+//!   counts itself and `num_peers` is at least 1;
+//! * with no other peer the ETA uses local *samples* (the reference subtracted the number
+//!   of `step()` calls) and a zero throughput gives an infinite ETA, not a division error;
+//! * records are bounded: expired, goodbye (nil), unparseable, far-future-time and stale
+//!   records are ignored; a peer's samples count at most up to the target; extrapolation
+//!   is limited to `metadata_expiration`; throughput outliers are capped at a multiple of
+//!   the median; a step claimed by a single peer among several does not move the global
+//!   step (`step_quorum`).
+
+use validator::Validate;
+
+use crate::{config::OptimConfig, progress::TrainingProgress};
+
+/// This peer's own, live progress.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LocalProgress {
+    /// Local optimizer step.
+    pub step: u64,
+    /// Samples accumulated toward `step + 1`.
+    pub samples_accumulated: u64,
+    /// Measured throughput (samples per second).
+    pub samples_per_second: f64,
+    /// Whether this peer runs in client mode.
+    pub client_mode: bool,
+}
+
+/// One entry of the `{prefix}_progress` dictionary as read from the DHT.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeerRecord {
+    /// The subkey: the owner's public key bytes (or its marker).
+    pub key: Vec<u8>,
+    /// The decoded record; `None` for a goodbye (nil) or a value that failed to decode.
+    pub progress: Option<TrainingProgress>,
+    /// The record's absolute expiration time (DHT seconds).
+    pub expiration: f64,
+}
+
+/// What the swarm is doing, as estimated by this peer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CollaborationState {
+    /// The global optimizer step (highest step of non-client peers, see `step_quorum`).
+    pub optimizer_step: u64,
+    /// Samples reported at the global step, summed over peers (this one included).
+    pub samples_accumulated: u64,
+    /// The run's target batch size.
+    pub target_batch_size: u64,
+    /// Live peers, this one included.
+    pub num_peers: usize,
+    /// How many of them are in client mode.
+    pub num_clients: usize,
+    /// Sum of the peers' throughput (samples per second), after capping.
+    pub samples_per_second: f64,
+    /// Estimated time at which the target will be reached (DHT seconds; may be `inf`).
+    pub eta_next_step: f64,
+    /// When to refresh this estimate (DHT seconds).
+    pub next_fetch_time: f64,
+    /// Records ignored because they were invalid, from the future or stale.
+    pub rejected_records: usize,
+}
+
+impl CollaborationState {
+    /// Whether this peer, at `local_step`, should try to run the global step at `now`:
+    /// the swarm reached the target, the ETA has passed, or the swarm already moved on.
+    pub fn ready_for_step(&self, local_step: u64, now: f64) -> bool {
+        self.samples_accumulated >= self.target_batch_size
+            || now >= self.eta_next_step
+            || self.optimizer_step > local_step
+    }
+
+    /// Records that this peer finished a step and is now at `local_step`.
+    pub fn register_step(&mut self, local_step: u64) {
+        self.optimizer_step = self.optimizer_step.max(local_step);
+        self.samples_accumulated = 0;
+        self.eta_next_step = f64::INFINITY;
+    }
+
+    /// Whether a peer at `local_step` is within `tolerance` steps of the global step.
+    pub fn is_synchronized(&self, local_step: u64, tolerance: u64) -> bool {
+        local_step.saturating_add(tolerance) >= self.optimizer_step
+    }
+}
+
+/// A peer record after validation, with the bounds applied.
+struct Accepted {
+    step: u64,
+    samples: u64,
+    samples_per_second: f64,
+    time: f64,
+    client_mode: bool,
+}
+
+fn accept(config: &OptimConfig, record: &PeerRecord, now: f64) -> Option<Accepted> {
+    let progress = record.progress.as_ref()?;
+    if progress.validate().is_err() {
+        return None;
+    }
+    if progress.time > now + config.max_clock_skew
+        || progress.time < now - config.metadata_expiration
+    {
+        return None;
+    }
+    Some(Accepted {
+        step: progress.step,
+        samples: progress.samples_accumulated.min(config.target_batch_size),
+        samples_per_second: progress.samples_per_second,
+        time: progress.time,
+        client_mode: progress.client_mode,
+    })
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let mid = sorted.len() / 2;
+    if sorted.len() % 2 == 1 {
+        sorted[mid]
+    } else {
+        0.5 * (sorted[mid - 1] + sorted[mid])
+    }
+}
+
+/// Estimates the collaboration state from this peer's progress and the peers' records
+/// (the reference's `fetch_collaboration_state`, without the fetch).
+///
+/// `self_key` is this peer's subkey: its own DHT record is replaced by `local`.
+pub fn estimate_collaboration_state(
+    config: &OptimConfig,
+    local: &LocalProgress,
+    self_key: &[u8],
+    records: &[PeerRecord],
+    now: f64,
+) -> CollaborationState {
+    let target = config.target_batch_size;
+    let local_sps = if local.samples_per_second.is_finite() {
+        local.samples_per_second.max(0.0)
+    } else {
+        0.0
+    };
+    let mut rejected = 0;
+    let mut others = Vec::with_capacity(records.len());
+    for record in records {
+        if record.key == self_key || record.expiration <= now || record.progress.is_none() {
+            // Own record (replaced by live progress), expired, or a goodbye.
+            continue;
+        }
+        match accept(config, record, now) {
+            Some(peer) => others.push(peer),
+            None => rejected += 1,
+        }
+    }
+
+    if others.is_empty() {
+        let remaining = target.saturating_sub(local.samples_accumulated) as f64;
+        let eta = if remaining <= 0.0 {
+            0.0
+        } else if local_sps > 0.0 {
+            remaining / local_sps
+        } else {
+            f64::INFINITY
+        };
+        tracing::debug!(rejected, "found no other active peers");
+        return CollaborationState {
+            optimizer_step: local.step,
+            samples_accumulated: local.samples_accumulated,
+            target_batch_size: target,
+            num_peers: 1,
+            num_clients: usize::from(local.client_mode),
+            samples_per_second: local_sps,
+            eta_next_step: now + eta,
+            next_fetch_time: now + config.default_refresh_period,
+            rejected_records: rejected,
+        };
+    }
+
+    // The local peer goes in as one more record, observed right now.
+    others.push(Accepted {
+        step: local.step,
+        samples: local.samples_accumulated.min(target),
+        samples_per_second: local_sps,
+        time: now,
+        client_mode: local.client_mode,
+    });
+    let peers = others;
+    let num_peers = peers.len();
+    let num_clients = peers.iter().filter(|p| p.client_mode).count();
+
+    // Global step: the k-th highest step among other non-client peers, k = quorum.
+    let mut steps: Vec<u64> = peers[..num_peers - 1]
+        .iter()
+        .filter(|p| !p.client_mode)
+        .map(|p| p.step)
+        .collect();
+    steps.sort_unstable_by(|a, b| b.cmp(a));
+    let quorum = config.step_quorum.min(steps.len());
+    let global_step = match quorum.checked_sub(1).and_then(|i| steps.get(i)) {
+        Some(&s) => s.max(local.step),
+        None => local.step,
+    };
+
+    let cap = if num_peers >= 3 {
+        let rates: Vec<f64> = peers.iter().map(|p| p.samples_per_second).collect();
+        config.throughput_outlier_factor * median(&rates)
+    } else {
+        f64::INFINITY
+    };
+
+    let mut total_samples: u64 = 0;
+    let mut estimated_samples = 0.0;
+    let mut total_sps = 0.0;
+    for peer in &peers {
+        let sps = peer.samples_per_second.min(cap);
+        // Peers behind the global step will resynchronise and contribute shortly, so their
+        // throughput counts, but not their samples.
+        total_sps += sps;
+        if peer.step == global_step {
+            total_samples = total_samples.saturating_add(peer.samples);
+            let elapsed = (now - peer.time).clamp(0.0, config.metadata_expiration);
+            estimated_samples += peer.samples as f64 + elapsed * sps;
+        }
+    }
+
+    let remaining = (target as f64 - estimated_samples).max(0.0);
+    let time_to_step = if remaining <= 0.0 {
+        0.0
+    } else if total_sps > 0.0 {
+        remaining / total_sps
+    } else {
+        f64::INFINITY
+    };
+    let n = num_peers as f64;
+    let expected_max_peers =
+        (n + config.expected_drift_peers).max(n * (1.0 + config.expected_drift_rate));
+    let time_to_fetch = (time_to_step * n / expected_max_peers)
+        .clamp(config.min_refresh_period, config.max_refresh_period);
+    let time_to_fetch = if time_to_fetch.is_nan() {
+        config.max_refresh_period
+    } else {
+        time_to_fetch
+    };
+    tracing::debug!(
+        total_samples,
+        num_peers,
+        eta = time_to_step,
+        refresh_in = time_to_fetch,
+        rejected,
+        "collaboration state"
+    );
+    CollaborationState {
+        optimizer_step: global_step,
+        samples_accumulated: total_samples,
+        target_batch_size: target,
+        num_peers,
+        num_clients,
+        samples_per_second: total_sps,
+        eta_next_step: now + time_to_step,
+        next_fetch_time: now + time_to_fetch,
+        rejected_records: rejected,
+    }
+}
+
+/// What a training peer does once it is ready for the global step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum StepPlan {
+    /// Too far behind the global step: download the state instead of stepping.
+    LoadState,
+    /// Average parameters and gradients with the swarm, with this weight, then step.
+    Average {
+        /// `local_samples / (target / num_peers)` (0 for a peer without samples).
+        weight: f64,
+    },
+    /// Alone in the swarm: step on local gradients.
+    StepAlone,
+}
+
+/// The averaging weight of a peer that accumulated `local_samples`: its share relative to
+/// an equal split of the target among `num_peers`.
+pub fn averaging_weight(local_samples: u64, target_batch_size: u64, num_peers: usize) -> f64 {
+    if target_batch_size == 0 || num_peers == 0 {
+        return 0.0;
+    }
+    local_samples as f64 / (target_batch_size as f64 / num_peers as f64)
+}
+
+/// Decides what a ready peer does with a freshly estimated `state`.
+pub fn plan_step(
+    config: &OptimConfig,
+    local_step: u64,
+    local_samples: u64,
+    state: &CollaborationState,
+) -> StepPlan {
+    if !state.is_synchronized(local_step, config.step_tolerance) {
+        StepPlan::LoadState
+    } else if state.num_peers > 1 {
+        StepPlan::Average {
+            weight: averaging_weight(local_samples, config.target_batch_size, state.num_peers),
+        }
+    } else {
+        StepPlan::StepAlone
+    }
+}
+
+/// The local step after a global step: a peer that averaged with the swarm joins the
+/// swarm's step (so a peer lagging within tolerance catches up); one that stepped alone
+/// only advances its own counter.
+pub fn next_local_step(local_step: u64, global_step: u64, averaged: bool) -> u64 {
+    if averaged {
+        local_step.max(global_step).saturating_add(1)
+    } else {
+        local_step.saturating_add(1)
+    }
+}
+
+/// When the progress reporter should publish again: at once if progress changed,
+/// otherwise when half of the record's lifetime has passed.
+pub fn next_report_time(config: &OptimConfig, last_report: f64) -> f64 {
+    last_report + config.metadata_expiration / 2.0
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,348 @@
+use super::*;
+
+const NOW: f64 = 10_000.0;
+const ME: &[u8] = b"me";
+
+fn config() -> OptimConfig {
+    OptimConfig::new("run", 100)
+}
+
+fn local(step: u64, samples: u64, sps: f64) -> LocalProgress {
+    LocalProgress {
+        step,
+        samples_accumulated: samples,
+        samples_per_second: sps,
+        client_mode: false,
+    }
+}
+
+fn peer(key: &str, step: u64, samples: u64, sps: f64, time: f64) -> PeerRecord {
+    PeerRecord {
+        key: key.as_bytes().to_vec(),
+        progress: Some(TrainingProgress {
+            peer_id: format!("peer-{key}"),
+            step,
+            samples_accumulated: samples,
+            samples_per_second: sps,
+            time,
+            client_mode: false,
+        }),
+        expiration: NOW + 30.0,
+    }
+}
+
+fn client(key: &str, step: u64, samples: u64, sps: f64) -> PeerRecord {
+    let mut r = peer(key, step, samples, sps, NOW);
+    if let Some(p) = r.progress.as_mut() {
+        p.client_mode = true;
+    }
+    r
+}
+
+#[test]
+fn no_peers_uses_local_samples_and_default_refresh() {
+    let s = estimate_collaboration_state(&config(), &local(7, 40, 10.0), ME, &[], NOW);
+    assert_eq!(s.optimizer_step, 7);
+    assert_eq!(s.samples_accumulated, 40);
+    assert_eq!(s.num_peers, 1);
+    assert_eq!(s.num_clients, 0);
+    // (100 - 40) / 10 = 6 s: samples, not the number of step() calls.
+    assert!((s.eta_next_step - (NOW + 6.0)).abs() < 1e-9);
+    assert_eq!(s.next_fetch_time, NOW + 3.0);
+    assert_eq!(plan_step(&config(), 7, 40, &s), StepPlan::StepAlone);
+    assert!(!s.ready_for_step(7, NOW));
+    assert!(s.ready_for_step(7, NOW + 6.0));
+}
+
+#[test]
+fn no_peers_and_no_throughput_waits_for_samples_instead_of_dividing_by_zero() {
+    let s = estimate_collaboration_state(&config(), &local(0, 0, 0.0), ME, &[], NOW);
+    assert!(s.eta_next_step.is_infinite());
+    assert!(!s.ready_for_step(0, NOW + 1e9));
+    let done = estimate_collaboration_state(&config(), &local(0, 150, 0.0), ME, &[], NOW);
+    assert_eq!(done.eta_next_step, NOW);
+    assert!(done.ready_for_step(0, NOW));
+}
+
+#[test]
+fn own_record_is_replaced_by_live_progress() {
+    let mut mine = peer("me", 0, 99, 1000.0, NOW);
+    mine.key = ME.to_vec();
+    let s = estimate_collaboration_state(&config(), &local(0, 5, 1.0), ME, &[mine], NOW);
+    assert_eq!(s.num_peers, 1);
+    assert_eq!(s.samples_accumulated, 5);
+}
+
+#[test]
+fn samples_of_peers_at_the_global_step_are_summed_with_extrapolation() {
+    let records = [
+        peer("a", 3, 20, 10.0, NOW - 1.0),
+        peer("b", 3, 30, 10.0, NOW),
+    ];
+    let s = estimate_collaboration_state(&config(), &local(3, 10, 10.0), ME, &records, NOW);
+    assert_eq!(s.optimizer_step, 3);
+    assert_eq!(s.num_peers, 3);
+    assert_eq!(s.samples_accumulated, 60);
+    assert!((s.samples_per_second - 30.0).abs() < 1e-9);
+    // Estimated 60 + 1 s x 10 = 70 now; 30 left at 30/s: one second.
+    assert!((s.eta_next_step - (NOW + 1.0)).abs() < 1e-9);
+    // Refresh: 1 s x 3 / max(3 + 3, 3.6) = 0.5 s (also the minimum).
+    assert!((s.next_fetch_time - (NOW + 0.5)).abs() < 1e-9);
+    assert_eq!(
+        plan_step(&config(), 3, 10, &s),
+        StepPlan::Average {
+            weight: 10.0 / (100.0 / 3.0)
+        }
+    );
+}
+
+#[test]
+fn refresh_period_is_clipped_to_the_maximum() {
+    let records = [peer("a", 0, 0, 0.001, NOW)];
+    let s = estimate_collaboration_state(&config(), &local(0, 0, 0.001), ME, &records, NOW);
+    assert_eq!(s.next_fetch_time, NOW + 30.0);
+    let mut c = config();
+    c.max_refresh_period = 10.0;
+    let s = estimate_collaboration_state(&c, &local(0, 0, 0.001), ME, &records, NOW);
+    assert_eq!(s.next_fetch_time, NOW + 10.0);
+}
+
+#[test]
+fn refresh_period_follows_expected_drift() {
+    // 10 peers, ETA 10 s: 10 x 10 / max(13, 12) = 7.69 s.
+    let records: Vec<PeerRecord> = (0..9)
+        .map(|i| peer(&format!("p{i}"), 0, 0, 1.0, NOW))
+        .collect();
+    let s = estimate_collaboration_state(&config(), &local(0, 0, 1.0), ME, &records, NOW);
+    assert_eq!(s.num_peers, 10);
+    assert!((s.eta_next_step - (NOW + 10.0)).abs() < 1e-9);
+    assert!((s.next_fetch_time - (NOW + 100.0 / 13.0)).abs() < 1e-9);
+    let mut c = config();
+    c.expected_drift_peers = 0.0;
+    c.expected_drift_rate = 1.0;
+    let s = estimate_collaboration_state(&c, &local(0, 0, 1.0), ME, &records, NOW);
+    assert!((s.next_fetch_time - (NOW + 5.0)).abs() < 1e-9);
+}
+
+#[test]
+fn peers_at_older_steps_count_throughput_but_not_samples() {
+    let records = [peer("a", 4, 50, 10.0, NOW), peer("b", 5, 30, 10.0, NOW)];
+    let s = estimate_collaboration_state(&config(), &local(5, 10, 10.0), ME, &records, NOW);
+    assert_eq!(s.optimizer_step, 5);
+    assert_eq!(s.samples_accumulated, 40);
+    assert!((s.samples_per_second - 30.0).abs() < 1e-9);
+}
+
+#[test]
+fn local_peer_behind_within_tolerance_stays_synchronized_and_is_ready() {
+    let records = [peer("a", 6, 0, 10.0, NOW), peer("b", 6, 0, 10.0, NOW)];
+    let s = estimate_collaboration_state(&config(), &local(5, 0, 10.0), ME, &records, NOW);
+    assert_eq!(s.optimizer_step, 6);
+    assert!(s.is_synchronized(5, 1));
+    // The swarm moved on: this peer should take its step now rather than wait.
+    assert!(s.ready_for_step(5, NOW));
+    assert!(
+        matches!(plan_step(&config(), 5, 0, &s), StepPlan::Average { weight } if weight == 0.0)
+    );
+    // After averaging it joins the swarm's step; alone it only advances its own.
+    assert_eq!(next_local_step(5, 6, true), 7);
+    assert_eq!(next_local_step(5, 6, false), 6);
+}
+
+#[test]
+fn local_peer_out_of_sync_loads_state() {
+    let records = [peer("a", 9, 0, 10.0, NOW), peer("b", 9, 0, 10.0, NOW)];
+    let s = estimate_collaboration_state(&config(), &local(5, 0, 10.0), ME, &records, NOW);
+    assert!(!s.is_synchronized(5, 1));
+    assert_eq!(plan_step(&config(), 5, 0, &s), StepPlan::LoadState);
+    let mut c = config();
+    c.step_tolerance = 4;
+    assert!(matches!(plan_step(&c, 5, 0, &s), StepPlan::Average { .. }));
+}
+
+#[test]
+fn clients_only_do_not_move_the_global_step() {
+    let records = [client("c1", 50, 40, 10.0), client("c2", 50, 20, 10.0)];
+    let s = estimate_collaboration_state(&config(), &local(2, 10, 10.0), ME, &records, NOW);
+    assert_eq!(s.optimizer_step, 2);
+    assert_eq!(s.num_peers, 3);
+    assert_eq!(s.num_clients, 2);
+    // Their samples are at step 50, not at the global step 2.
+    assert_eq!(s.samples_accumulated, 10);
+    assert!(s.is_synchronized(2, 1));
+}
+
+#[test]
+fn clients_at_the_global_step_contribute_samples() {
+    let records = [client("c1", 2, 40, 10.0), peer("a", 2, 20, 10.0, NOW)];
+    let s = estimate_collaboration_state(&config(), &local(2, 10, 10.0), ME, &records, NOW);
+    assert_eq!(s.samples_accumulated, 70);
+    assert_eq!(s.num_clients, 1);
+}
+
+#[test]
+fn local_client_counts_itself() {
+    let mut me = local(0, 5, 1.0);
+    me.client_mode = true;
+    let s = estimate_collaboration_state(&config(), &me, ME, &[], NOW);
+    assert_eq!(s.num_clients, 1);
+    let s = estimate_collaboration_state(&config(), &me, ME, &[peer("a", 0, 0, 1.0, NOW)], NOW);
+    assert_eq!((s.num_peers, s.num_clients), (2, 1));
+}
+
+#[test]
+fn expired_goodbye_and_undecodable_records_are_ignored() {
+    let mut expired = peer("a", 0, 90, 10.0, NOW);
+    expired.expiration = NOW;
+    let goodbye = PeerRecord {
+        key: b"b".to_vec(),
+        progress: None,
+        expiration: NOW + 60.0,
+    };
+    let s =
+        estimate_collaboration_state(&config(), &local(0, 1, 1.0), ME, &[expired, goodbye], NOW);
+    assert_eq!(s.num_peers, 1);
+    assert_eq!(s.samples_accumulated, 1);
+    assert_eq!(s.rejected_records, 0);
+    assert_eq!(s.next_fetch_time, NOW + 3.0);
+}
+
+#[test]
+fn absurd_records_are_rejected() {
+    let nan = peer("a", 0, 10, f64::NAN, NOW);
+    let inf = peer("b", 0, 10, f64::INFINITY, NOW);
+    let negative_sps = peer("c", 0, 10, -5.0, NOW);
+    let future = peer("d", 0, 10, 1.0, NOW + 3600.0);
+    let stale = peer("e", 0, 10, 1.0, NOW - 3600.0);
+    let nan_time = peer("f", 0, 10, 1.0, f64::NAN);
+    let records = [nan, inf, negative_sps, future, stale, nan_time];
+    let s = estimate_collaboration_state(&config(), &local(0, 1, 1.0), ME, &records, NOW);
+    assert_eq!(s.rejected_records, 6);
+    assert_eq!(s.num_peers, 1);
+    assert_eq!(s.samples_accumulated, 1);
+}
+
+#[test]
+fn one_peer_claiming_a_far_future_step_cannot_hijack_the_swarm() {
+    let records = [
+        peer("liar", u64::MAX, 0, 1.0, NOW),
+        peer("a", 3, 10, 1.0, NOW),
+        peer("b", 3, 10, 1.0, NOW),
+    ];
+    let s = estimate_collaboration_state(&config(), &local(3, 10, 1.0), ME, &records, NOW);
+    assert_eq!(s.optimizer_step, 3);
+    assert!(s.is_synchronized(3, 1));
+    assert_eq!(s.samples_accumulated, 30);
+    // Two honest peers agreeing on a later step do move it (late joiner catches up).
+    let records = [peer("a", 40, 0, 1.0, NOW), peer("b", 40, 0, 1.0, NOW)];
+    let s = estimate_collaboration_state(&config(), &local(0, 0, 1.0), ME, &records, NOW);
+    assert_eq!(s.optimizer_step, 40);
+    assert_eq!(plan_step(&config(), 0, 0, &s), StepPlan::LoadState);
+    // With a single other peer its word is taken.
+    let s = estimate_collaboration_state(&config(), &local(0, 0, 1.0), ME, &records[..1], NOW);
+    assert_eq!(s.optimizer_step, 40);
+}
+
+#[test]
+fn claimed_samples_are_capped_at_the_target() {
+    let records = [
+        peer("a", 0, u64::MAX, 1.0, NOW),
+        peer("b", 0, u64::MAX, 1.0, NOW),
+    ];
+    let s = estimate_collaboration_state(&config(), &local(0, 0, 1.0), ME, &records, NOW);
+    assert_eq!(s.samples_accumulated, 200);
+}
+
+#[test]
+fn throughput_outliers_are_capped_at_a_multiple_of_the_median() {
+    let records = [peer("liar", 0, 0, 1e9, NOW), peer("a", 0, 0, 10.0, NOW)];
+    let s = estimate_collaboration_state(&config(), &local(0, 0, 10.0), ME, &records, NOW);
+    // Median 10, cap 100: total 100 + 10 + 10.
+    assert!((s.samples_per_second - 120.0).abs() < 1e-9);
+    assert!((s.eta_next_step - (NOW + 100.0 / 120.0)).abs() < 1e-9);
+}
+
+#[test]
+fn extrapolation_is_bounded_by_the_metadata_expiration() {
+    let mut c = config();
+    c.metadata_expiration = 10.0;
+    c.target_batch_size = 1_000_000;
+    // A record 9 s old at 1000 samples/s: +9000 samples, but never more than 10 s worth.
+    let records = [peer("a", 0, 0, 1000.0, NOW - 9.0)];
+    let s = estimate_collaboration_state(&c, &local(0, 0, 0.0), ME, &records, NOW);
+    let eta = s.eta_next_step - NOW;
+    assert!(
+        (eta - (1_000_000.0 - 9000.0) / 1000.0).abs() < 1e-6,
+        "{eta}"
+    );
+}
+
+#[test]
+fn register_step_resets_samples_and_eta() {
+    let records = [peer("a", 3, 50, 10.0, NOW)];
+    let mut s = estimate_collaboration_state(&config(), &local(3, 60, 10.0), ME, &records, NOW);
+    assert!(s.ready_for_step(3, NOW));
+    s.register_step(4);
+    assert_eq!(s.optimizer_step, 4);
+    assert_eq!(s.samples_accumulated, 0);
+    assert!(!s.ready_for_step(4, NOW + 1e6));
+    s.register_step(2);
+    assert_eq!(s.optimizer_step, 4);
+}
+
+#[test]
+fn averaging_weight_is_the_share_of_an_equal_split() {
+    assert_eq!(averaging_weight(25, 100, 4), 1.0);
+    assert_eq!(averaging_weight(50, 100, 4), 2.0);
+    assert_eq!(averaging_weight(0, 100, 4), 0.0);
+    assert_eq!(averaging_weight(10, 0, 4), 0.0);
+    assert_eq!(averaging_weight(10, 100, 0), 0.0);
+}
+
+#[test]
+fn report_is_due_at_half_the_expiration() {
+    assert_eq!(next_report_time(&config(), 100.0), 130.0);
+}
+
+#[test]
+fn the_state_machine_is_deterministic_and_bounded_for_any_input() {
+    use proptest::prelude::*;
+    let strategy = proptest::collection::vec(
+        (
+            any::<u64>(),
+            any::<u64>(),
+            any::<f64>(),
+            -1e6f64..1e6,
+            any::<bool>(),
+            any::<bool>(),
+        ),
+        0..12,
+    );
+    proptest!(|(raw in strategy, local_step in 0u64..1000, local_samples in any::<u64>())| {
+        let records: Vec<PeerRecord> = raw
+            .iter()
+            .enumerate()
+            .map(|(i, &(step, samples, sps, dt, client, nil))| PeerRecord {
+                key: vec![i as u8],
+                progress: (!nil).then(|| TrainingProgress {
+                    peer_id: format!("p{i}"),
+                    step,
+                    samples_accumulated: samples,
+                    samples_per_second: sps,
+                    time: NOW + dt,
+                    client_mode: client,
+                }),
+                expiration: NOW + 1.0,
+            })
+            .collect();
+        let me = local(local_step, local_samples, 5.0);
+        let a = estimate_collaboration_state(&config(), &me, ME, &records, NOW);
+        let b = estimate_collaboration_state(&config(), &me, ME, &records, NOW);
+        prop_assert_eq!(&a, &b);
+        prop_assert!(a.num_peers >= 1 && a.num_peers <= records.len() + 1);
+        prop_assert!(a.optimizer_step >= local_step);
+        prop_assert!(a.next_fetch_time >= NOW + 0.5 && a.next_fetch_time <= NOW + 30.0);
+        prop_assert!(!a.eta_next_step.is_nan() && a.eta_next_step >= NOW);
+        prop_assert!(a.samples_per_second.is_finite());
+    });
+}
