@@ -1,3 +1,48 @@
 //! `colony-dht`: the peer's network node — a signed-record Kademlia DHT on libp2p.
 //!
-//! This crate is being built under the DHT issue; it exports nothing yet.
+//! One [`Dht`] owns one libp2p swarm (TCP + noise + yamux) that carries
+//! Kademlia (records with expirations and per-subkey dictionaries), gossipsub,
+//! identify, and streams other crates open through [`Dht::open_stream`] /
+//! [`Dht::accept_streams`].
+//!
+//! - Values expire at an absolute [`dht_time`]; a store with an expiration not
+//!   later than the stored one loses; expired values are never returned.
+//! - A key or subkey containing an owner marker ([`colony_schema::OwnerKey`],
+//!   see [`Dht::owner_subkey`]) must be signed by that owner
+//!   ([`Ed25519SignatureValidator`]); this node signs its own records.
+//! - Validators ([`RecordValidator`], e.g. [`SchemaRecordValidator`]) run on
+//!   every storing node (`StoreInserts::FilterBoth`) and on every reader.
+//!
+//! The record wire format is documented in [`record`](crate::encode_wire).
+
+mod behaviour;
+mod config;
+mod dht;
+mod error;
+mod identity;
+mod node;
+mod record;
+mod schema;
+mod signature;
+mod storage;
+mod time;
+mod validation;
+mod value;
+
+pub use behaviour::{IDENTIFY_PROTOCOL, KAD_PROTOCOL};
+pub use config::{DhtConfig, IdentitySource};
+pub use dht::Dht;
+pub use error::{DhtError, ValidationError};
+pub use node::{GossipMessage, NodeStats, PeerAddresses};
+pub use record::{DhtRecord, WIRE_VERSION, WireEntry, decode_wire, encode_wire};
+pub use schema::SchemaRecordValidator;
+pub use signature::{
+    Ed25519SignatureValidator, SIGNATURE_PREFIX, SIGNATURE_PRIORITY, SIGNATURE_TRAILER_LEN,
+};
+pub use time::dht_time;
+pub use validation::{CompositeValidator, RecordValidator};
+pub use value::{DhtValue, StoreOutcome, ValueWithExpiration};
+
+/// Re-exports of the libp2p types in this crate's API.
+pub use libp2p::{Multiaddr, PeerId, Stream, StreamProtocol};
+pub use libp2p_stream::{Control as StreamControl, IncomingStreams};

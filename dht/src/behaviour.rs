@@ -1,0 +1,110 @@
+//! The combined libp2p behaviour and swarm construction.
+
+use std::num::NonZeroUsize;
+
+use libp2p::{
+    StreamProtocol, Swarm, gossipsub, identify,
+    identity::Keypair,
+    kad::{self, Caching, Mode, StoreInserts},
+    noise,
+    swarm::NetworkBehaviour,
+    tcp, yamux,
+};
+
+use crate::{
+    config::DhtConfig,
+    error::DhtError,
+    storage::{ColonyStore, LocalStorage},
+};
+
+/// The Kademlia protocol name of Colony swarms.
+pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/colony/kad/1.0.0");
+/// The identify protocol version string of Colony nodes.
+pub const IDENTIFY_PROTOCOL: &str = "/colony/1.0.0";
+
+/// Room for closer-peer lists and framing in one kad message, on top of a record.
+const KAD_PACKET_OVERHEAD: usize = 64 * 1024;
+
+#[derive(NetworkBehaviour)]
+pub(crate) struct Behaviour {
+    pub(crate) kad: kad::Behaviour<ColonyStore>,
+    pub(crate) gossipsub: gossipsub::Behaviour,
+    pub(crate) identify: identify::Behaviour,
+    pub(crate) stream: libp2p_stream::Behaviour,
+}
+
+fn nonzero(field: &'static str, n: usize) -> Result<NonZeroUsize, DhtError> {
+    NonZeroUsize::new(n).ok_or(DhtError::Config {
+        field,
+        reason: "must be at least 1".into(),
+    })
+}
+
+/// Builds the swarm: TCP + noise + yamux carrying kad, gossipsub, identify and streams.
+pub(crate) fn build_swarm(
+    config: &DhtConfig,
+    keypair: Keypair,
+) -> Result<Swarm<Behaviour>, DhtError> {
+    let transport_err = |e: &dyn std::fmt::Display| DhtError::Transport {
+        reason: e.to_string(),
+    };
+    let peer_id = keypair.public().to_peer_id();
+
+    let mut kad_config = kad::Config::new(KAD_PROTOCOL);
+    kad_config
+        .set_query_timeout(config.query_timeout)
+        .set_replication_factor(nonzero("replication", config.replication)?)
+        .set_parallelism(nonzero("parallelism", config.parallelism)?)
+        .set_record_ttl(None)
+        .set_record_filtering(StoreInserts::FilterBoth)
+        .set_replication_interval(None)
+        .set_publication_interval(None)
+        .set_provider_publication_interval(None)
+        .set_max_packet_size(config.max_record_size + KAD_PACKET_OVERHEAD)
+        .set_caching(Caching::Disabled);
+    let store = ColonyStore::new(
+        peer_id,
+        LocalStorage::new(config.max_records, config.max_record_size),
+    );
+    let mut kad = kad::Behaviour::with_config(peer_id, store, kad_config);
+    kad.set_mode(Some(if config.client_mode {
+        Mode::Client
+    } else {
+        Mode::Server
+    }));
+
+    let gossip_config = gossipsub::ConfigBuilder::default()
+        .max_transmit_size(config.max_gossip_size)
+        .validation_mode(gossipsub::ValidationMode::Strict)
+        .build()
+        .map_err(|e| transport_err(&e))?;
+    let gossipsub = gossipsub::Behaviour::new(
+        gossipsub::MessageAuthenticity::Signed(keypair.clone()),
+        gossip_config,
+    )
+    .map_err(|e| transport_err(&e))?;
+    let identify = identify::Behaviour::new(identify::Config::new(
+        IDENTIFY_PROTOCOL.to_owned(),
+        keypair.public(),
+    ));
+    let behaviour = Behaviour {
+        kad,
+        gossipsub,
+        identify,
+        stream: libp2p_stream::Behaviour::new(),
+    };
+    let idle = config.idle_connection_timeout;
+    let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .map_err(|e| transport_err(&e))?
+        .with_behaviour(|_| behaviour)
+        .map_err(|e| transport_err(&e))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
+        .build();
+    Ok(swarm)
+}

@@ -1,0 +1,209 @@
+//! Node configuration.
+
+use std::{path::PathBuf, time::Duration};
+
+use libp2p::Multiaddr;
+
+use crate::error::DhtError;
+
+/// Where the node's libp2p identity (an ed25519 key pair) comes from.
+#[derive(Debug, Clone, Default)]
+pub enum IdentitySource {
+    /// A fresh random key pair (the peer id changes on every start).
+    #[default]
+    Random,
+    /// A key pair derived from this 32-byte ed25519 secret (tests, seeded swarms).
+    Secret([u8; 32]),
+    /// Load the key pair from this file, or generate one and save it there
+    /// (libp2p protobuf encoding, file mode 0600) so a bootstrap node keeps its
+    /// peer id across restarts.
+    File(PathBuf),
+}
+
+/// Configuration of a [`Dht`](crate::Dht) node.
+///
+/// Every field has a documented default; call [`DhtConfig::validate`] (done by
+/// [`Dht::new`](crate::Dht::new)) to check invariants between them.
+#[derive(Debug, Clone)]
+pub struct DhtConfig {
+    /// Addresses to listen on. Default: `["/ip4/127.0.0.1/tcp/0"]`. Ignored in
+    /// client mode unless non-empty there too (a client may still listen, but it
+    /// never serves the DHT).
+    pub listen_addrs: Vec<Multiaddr>,
+    /// Peers to bootstrap from, ideally with a `/p2p/<peer id>` suffix.
+    /// Default: none (this node starts a new swarm).
+    pub initial_peers: Vec<Multiaddr>,
+    /// The node identity. Default: [`IdentitySource::Random`].
+    pub identity: IdentitySource,
+    /// Client mode: listen nowhere, never enter others' routing tables, store and
+    /// get through server nodes. Default: `false`.
+    pub client_mode: bool,
+    /// Kademlia replication factor `k`: how many closest peers store each record
+    /// and how many a lookup converges on. Default: 20.
+    pub replication: usize,
+    /// Kademlia lookup parallelism `alpha`. Default: 3.
+    pub parallelism: usize,
+    /// Deadline for one store or get query. Default: 10 s.
+    pub query_timeout: Duration,
+    /// Deadline for reaching an initial peer and the first lookup. Default: 15 s.
+    pub bootstrap_timeout: Duration,
+    /// Fail [`Dht::new`](crate::Dht::new) when initial peers are given but none
+    /// answers. Default: `true`.
+    pub ensure_bootstrap: bool,
+    /// Maximum size of one value (after signing), bytes. Default: 64 KiB.
+    pub max_value_size: usize,
+    /// Maximum size of a key or subkey, bytes. Default: 1 KiB.
+    pub max_key_size: usize,
+    /// Maximum size of one stored record (all subkeys of a key), bytes; a subkey
+    /// that would push a record past it is rejected. Default: 1 MiB.
+    pub max_record_size: usize,
+    /// Maximum number of keys a node stores for others. Default: 100 000.
+    pub max_records: usize,
+    /// Latest accepted expiration, relative to now: records that claim to live
+    /// longer are rejected. Default: 24 h.
+    pub max_ttl: Duration,
+    /// Maximum size of one gossipsub message, bytes. Default: 64 KiB.
+    pub max_gossip_size: usize,
+    /// Capacity of each subscription's channel; messages to a full channel are
+    /// dropped with a warning. Default: 256.
+    pub subscription_capacity: usize,
+    /// Capacity of the handle → node command channel. Default: 1024.
+    pub command_capacity: usize,
+    /// How long an idle connection is kept open. Default: 120 s.
+    pub idle_connection_timeout: Duration,
+}
+
+impl Default for DhtConfig {
+    fn default() -> Self {
+        Self {
+            listen_addrs: vec![default_listen_addr()],
+            initial_peers: Vec::new(),
+            identity: IdentitySource::Random,
+            client_mode: false,
+            replication: 20,
+            parallelism: 3,
+            query_timeout: Duration::from_secs(10),
+            bootstrap_timeout: Duration::from_secs(15),
+            ensure_bootstrap: true,
+            max_value_size: 64 * 1024,
+            max_key_size: 1024,
+            max_record_size: 1024 * 1024,
+            max_records: 100_000,
+            max_ttl: Duration::from_secs(24 * 3600),
+            max_gossip_size: 64 * 1024,
+            subscription_capacity: 256,
+            command_capacity: 1024,
+            idle_connection_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+fn default_listen_addr() -> Multiaddr {
+    Multiaddr::empty()
+        .with(libp2p::multiaddr::Protocol::Ip4(
+            std::net::Ipv4Addr::LOCALHOST,
+        ))
+        .with(libp2p::multiaddr::Protocol::Tcp(0))
+}
+
+impl DhtConfig {
+    /// A default config (same as [`Default::default`]).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A client-mode config bootstrapping from `initial_peers`, listening nowhere.
+    pub fn client(initial_peers: Vec<Multiaddr>) -> Self {
+        Self {
+            listen_addrs: Vec::new(),
+            initial_peers,
+            client_mode: true,
+            ..Self::default()
+        }
+    }
+
+    /// Checks the invariants between fields.
+    ///
+    /// # Errors
+    ///
+    /// [`DhtError::Config`] naming the first offending field.
+    pub fn validate(&self) -> Result<(), DhtError> {
+        let bad = |field: &'static str, reason: &str| {
+            Err(DhtError::Config {
+                field,
+                reason: reason.to_owned(),
+            })
+        };
+        if !self.client_mode && self.listen_addrs.is_empty() {
+            return bad("listen_addrs", "a server node needs at least one address");
+        }
+        if self.client_mode && self.initial_peers.is_empty() {
+            return bad("initial_peers", "a client-mode node needs initial peers");
+        }
+        if self.replication == 0 {
+            return bad("replication", "must be at least 1");
+        }
+        if self.parallelism == 0 {
+            return bad("parallelism", "must be at least 1");
+        }
+        if self.query_timeout.is_zero() {
+            return bad("query_timeout", "must be positive");
+        }
+        if self.bootstrap_timeout.is_zero() {
+            return bad("bootstrap_timeout", "must be positive");
+        }
+        if self.max_key_size == 0 {
+            return bad("max_key_size", "must be positive");
+        }
+        if self.max_value_size == 0 || self.max_value_size > self.max_record_size {
+            return bad(
+                "max_value_size",
+                "must be positive and at most max_record_size",
+            );
+        }
+        if self.max_records == 0 {
+            return bad("max_records", "must be positive");
+        }
+        if self.max_ttl.is_zero() {
+            return bad("max_ttl", "must be positive");
+        }
+        if self.max_gossip_size == 0 {
+            return bad("max_gossip_size", "must be positive");
+        }
+        if self.subscription_capacity == 0 || self.command_capacity == 0 {
+            return bad(
+                "subscription_capacity",
+                "channel capacities must be positive",
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_is_valid_and_client_needs_peers() {
+        DhtConfig::default().validate().unwrap();
+        assert!(matches!(
+            DhtConfig::client(vec![]).validate(),
+            Err(DhtError::Config {
+                field: "initial_peers",
+                ..
+            })
+        ));
+        let c = DhtConfig {
+            max_value_size: 2 << 20,
+            ..DhtConfig::default()
+        };
+        assert!(matches!(
+            c.validate(),
+            Err(DhtError::Config {
+                field: "max_value_size",
+                ..
+            })
+        ));
+    }
+}

@@ -1,0 +1,572 @@
+//! The [`Dht`] handle.
+
+use std::{
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use colony_schema::OwnerKey;
+use futures::StreamExt;
+use libp2p::{Multiaddr, PeerId, Stream, StreamProtocol, multiaddr::Protocol};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::{
+    behaviour::build_swarm,
+    config::DhtConfig,
+    error::DhtError,
+    identity::load_identity,
+    node::{Command, GossipMessage, Node, NodeStats, PeerAddresses, strip_p2p},
+    record::DhtRecord,
+    signature::Ed25519SignatureValidator,
+    time::dht_time,
+    validation::{CompositeValidator, RecordLimits, RecordValidator},
+    value::{DhtValue, StoreOutcome, ValueWithExpiration},
+};
+
+/// Extra time a handle waits beyond the kad query timeout for the node's answer.
+const REPLY_MARGIN: Duration = Duration::from_secs(2);
+/// Deadline for local-only requests to the node task.
+const LOCAL_TIMEOUT: Duration = Duration::from_secs(10);
+
+struct Inner {
+    commands: mpsc::Sender<Command>,
+    peer_id: PeerId,
+    public_key: [u8; 32],
+    client_mode: bool,
+    listen_addrs: Arc<RwLock<Vec<Multiaddr>>>,
+    validators: Arc<RwLock<CompositeValidator>>,
+    limits: RecordLimits,
+    control: libp2p_stream::Control,
+    query_timeout: Duration,
+    max_gossip_size: usize,
+    subscription_capacity: usize,
+}
+
+/// A cloneable handle to one DHT node: a background task owning a libp2p swarm
+/// (Kademlia with signed, expiring records and subkeys; gossipsub; identify;
+/// streams for other protocols).
+///
+/// Dropping the last handle, or calling [`shutdown`](Self::shutdown), stops the
+/// node. All methods are cancel safe: dropping a returned future abandons the
+/// wait, and a store already handed to the node still completes.
+#[derive(Clone)]
+pub struct Dht {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Dht {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dht")
+            .field("peer_id", &self.inner.peer_id)
+            .field("client_mode", &self.inner.client_mode)
+            .finish_non_exhaustive()
+    }
+}
+
+fn read<T: Clone>(lock: &RwLock<T>) -> T {
+    lock.read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone()
+}
+
+impl Dht {
+    /// Starts a node: builds the swarm, listens, dials the initial peers and
+    /// runs a lookup of its own id, then spawns the node task.
+    ///
+    /// Must be called inside a tokio runtime.
+    ///
+    /// # Errors
+    ///
+    /// [`DhtError::Config`], [`DhtError::Identity`], [`DhtError::Listen`],
+    /// [`DhtError::Transport`], or [`DhtError::Bootstrap`] when initial peers
+    /// are given, none answers within `bootstrap_timeout`, and
+    /// `ensure_bootstrap` is set.
+    pub async fn new(config: DhtConfig) -> Result<Self, DhtError> {
+        config.validate()?;
+        let (keypair, secret) = load_identity(&config.identity)?;
+        let signer = Ed25519SignatureValidator::new(&secret);
+        let public_key = *signer.owner().as_bytes();
+        let mut composite = CompositeValidator::new();
+        composite.extend(Arc::new(signer));
+        let validators = Arc::new(RwLock::new(composite));
+        let limits = RecordLimits {
+            max_key_size: config.max_key_size,
+            max_value_size: config.max_value_size,
+            max_ttl_s: config.max_ttl.as_secs_f64(),
+        };
+        let swarm = build_swarm(&config, keypair)?;
+        let peer_id = *swarm.local_peer_id();
+        let control = swarm.behaviour().stream.new_control();
+        let listen_addrs = Arc::new(RwLock::new(Vec::new()));
+        let mut node = Node::new(
+            swarm,
+            validators.clone(),
+            limits,
+            listen_addrs.clone(),
+            config.replication,
+        );
+        start(&mut node, &config).await?;
+        let (commands, receiver) = mpsc::channel(config.command_capacity);
+        tokio::spawn(node.run(receiver));
+        Ok(Self {
+            inner: Arc::new(Inner {
+                commands,
+                peer_id,
+                public_key,
+                client_mode: config.client_mode,
+                listen_addrs,
+                validators,
+                limits,
+                control,
+                query_timeout: config.query_timeout,
+                max_gossip_size: config.max_gossip_size,
+                subscription_capacity: config.subscription_capacity,
+            }),
+        })
+    }
+
+    /// This node's peer id.
+    pub fn peer_id(&self) -> PeerId {
+        self.inner.peer_id
+    }
+
+    /// This node's ed25519 public key (the libp2p identity key).
+    pub fn public_key(&self) -> [u8; 32] {
+        self.inner.public_key
+    }
+
+    /// This node's owner marker `[owner:ed25519:<hex>]`: use it as (part of) a
+    /// subkey or key, and the node signs the record so that nobody else can
+    /// overwrite it.
+    pub fn owner_subkey(&self) -> Vec<u8> {
+        OwnerKey::from_bytes(self.inner.public_key).marker()
+    }
+
+    /// Whether this node runs in client mode.
+    pub fn is_client(&self) -> bool {
+        self.inner.client_mode
+    }
+
+    /// The addresses this node listens on, each with a `/p2p/<peer id>` suffix
+    /// (empty for a client that listens nowhere).
+    pub fn listen_addrs(&self) -> Vec<Multiaddr> {
+        read(&self.inner.listen_addrs)
+    }
+
+    /// Adds a validator to this node's pipeline (merged into an existing one of
+    /// its kind when [`RecordValidator::merge_with`] says so). It applies to
+    /// records stored, received and read from now on.
+    pub fn add_validator(&self, validator: Arc<dyn RecordValidator>) {
+        self.inner
+            .validators
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend(validator);
+    }
+
+    async fn request<T>(
+        &self,
+        operation: &'static str,
+        timeout: Duration,
+        make: impl FnOnce(oneshot::Sender<Result<T, DhtError>>) -> Command,
+    ) -> Result<T, DhtError> {
+        let (tx, rx) = oneshot::channel();
+        let wait = async {
+            self.inner
+                .commands
+                .send(make(tx))
+                .await
+                .map_err(|_| DhtError::Shutdown)?;
+            rx.await.map_err(|_| DhtError::Shutdown)?
+        };
+        tokio::time::timeout(timeout, wait)
+            .await
+            .map_err(|_| DhtError::Timeout {
+                operation,
+                timeout_s: timeout.as_secs_f64(),
+            })?
+    }
+
+    /// Stores `value` (MessagePack bytes) under `key`, or under `key`/`subkey`
+    /// in a dictionary, until `expiration` (absolute [`dht_time`]).
+    ///
+    /// The value is signed when the key or subkey names this node as owner
+    /// (see [`owner_subkey`](Self::owner_subkey)), checked by this node's own
+    /// validators, merged into local storage, and put to the `replication`
+    /// closest nodes. Storing nil (`[0xc0]`) with a later expiration withdraws a
+    /// subkey.
+    ///
+    /// # Errors
+    ///
+    /// [`DhtError::Rejected`] when the record fails this node's checks (bad
+    /// expiration, oversized value, foreign owner, schema), [`DhtError::Timeout`],
+    /// [`DhtError::Shutdown`].
+    pub async fn store(
+        &self,
+        key: &[u8],
+        subkey: Option<&[u8]>,
+        value: Vec<u8>,
+        expiration: f64,
+    ) -> Result<StoreOutcome, DhtError> {
+        let mut record = DhtRecord {
+            key: key.to_vec(),
+            subkey: subkey.map(<[u8]>::to_vec),
+            value,
+            expiration,
+        };
+        {
+            let validators = read(&self.inner.validators);
+            record.value = validators.sign_value(&record)?;
+            self.inner.limits.check(&validators, &record, dht_time())?;
+        }
+        let timeout = self.inner.query_timeout + REPLY_MARGIN;
+        self.request("store", timeout, |reply| Command::Store { record, reply })
+            .await
+    }
+
+    /// Finds the value under `key`.
+    ///
+    /// With `latest = false` the first valid value found (locally or on the
+    /// first replica that answers) is returned; with `latest = true` the
+    /// lookup visits the `replication` closest nodes and merges what they all
+    /// hold (later expiration wins; dictionaries merge per subkey). Every
+    /// received entry is validated; invalid ones are dropped with a warning.
+    /// Values are returned stripped of signatures; expired ones never.
+    ///
+    /// # Errors
+    ///
+    /// [`DhtError::Timeout`], [`DhtError::Shutdown`]. A key nobody holds is `Ok(None)`.
+    pub async fn get(&self, key: &[u8], latest: bool) -> Result<Option<DhtValue>, DhtError> {
+        let timeout = self.inner.query_timeout + REPLY_MARGIN;
+        let key_vec = key.to_vec();
+        let found = self
+            .request("get", timeout, |reply| Command::Get {
+                key: key_vec,
+                latest,
+                reply,
+            })
+            .await?;
+        let validators = read(&self.inner.validators);
+        let now = dht_time();
+        let strip = |subkey: Option<&[u8]>, value: Vec<u8>, expiration: f64| {
+            validators.strip_value(&DhtRecord {
+                key: key.to_vec(),
+                subkey: subkey.map(<[u8]>::to_vec),
+                value,
+                expiration,
+            })
+        };
+        Ok(match found {
+            Some(DhtValue::Regular { value, expiration }) if expiration > now => {
+                Some(DhtValue::Regular {
+                    value: strip(None, value, expiration),
+                    expiration,
+                })
+            }
+            Some(DhtValue::Dictionary(d)) => {
+                let live: std::collections::BTreeMap<_, _> = d
+                    .into_iter()
+                    .filter(|(_, v)| v.expiration > now)
+                    .map(|(k, v)| {
+                        let value = strip(Some(&k), v.value, v.expiration);
+                        (
+                            k,
+                            ValueWithExpiration {
+                                value,
+                                expiration: v.expiration,
+                            },
+                        )
+                    })
+                    .collect();
+                (!live.is_empty()).then_some(DhtValue::Dictionary(live))
+            }
+            _ => None,
+        })
+    }
+
+    /// Publishes `data` on a gossipsub topic (signed by this node).
+    ///
+    /// # Errors
+    ///
+    /// [`DhtError::PubSub`] when the message is over `max_gossip_size` or no
+    /// connected peer is subscribed to the topic; [`DhtError::Shutdown`].
+    pub async fn publish(&self, topic: &str, data: Vec<u8>) -> Result<(), DhtError> {
+        if data.len() > self.inner.max_gossip_size {
+            return Err(DhtError::PubSub {
+                topic: topic.to_owned(),
+                reason: format!(
+                    "message of {} bytes exceeds {} bytes",
+                    data.len(),
+                    self.inner.max_gossip_size
+                ),
+            });
+        }
+        let topic = topic.to_owned();
+        self.request("publish", LOCAL_TIMEOUT, |reply| Command::Publish {
+            topic,
+            data,
+            reply,
+        })
+        .await
+    }
+
+    /// Subscribes to a gossipsub topic. Messages arrive on the returned bounded
+    /// receiver (capacity `subscription_capacity`; when it is full new messages
+    /// are dropped with a warning). Drop the receiver to unsubscribe.
+    ///
+    /// # Errors
+    ///
+    /// [`DhtError::PubSub`], [`DhtError::Shutdown`].
+    pub async fn subscribe(&self, topic: &str) -> Result<mpsc::Receiver<GossipMessage>, DhtError> {
+        let (sender, receiver) = mpsc::channel(self.inner.subscription_capacity);
+        let topic = topic.to_owned();
+        self.request("subscribe", LOCAL_TIMEOUT, |reply| Command::Subscribe {
+            topic,
+            sender,
+            reply,
+        })
+        .await?;
+        Ok(receiver)
+    }
+
+    /// A control for opening and accepting libp2p streams on this node's swarm.
+    ///
+    /// Prefer [`accept_streams`](Self::accept_streams), which avoids the
+    /// libp2p-stream pitfall of dropping bursts of inbound streams.
+    pub fn stream_control(&self) -> libp2p_stream::Control {
+        self.inner.control.clone()
+    }
+
+    /// Opens a stream to `peer` for `protocol`, dialing it first if needed
+    /// (with addresses from the routing table, identify, or open connections).
+    ///
+    /// # Errors
+    ///
+    /// [`DhtError::Stream`] if the peer cannot be reached or does not speak
+    /// `protocol`; [`DhtError::Timeout`] after the query timeout.
+    pub async fn open_stream(
+        &self,
+        peer: PeerId,
+        protocol: StreamProtocol,
+    ) -> Result<Stream, DhtError> {
+        let mut control = self.inner.control.clone();
+        let timeout = self.inner.query_timeout;
+        tokio::time::timeout(timeout, control.open_stream(peer, protocol))
+            .await
+            .map_err(|_| DhtError::Timeout {
+                operation: "open_stream",
+                timeout_s: timeout.as_secs_f64(),
+            })?
+            .map_err(|e| DhtError::Stream {
+                peer,
+                reason: e.to_string(),
+            })
+    }
+
+    /// Accepts inbound streams for `protocol`. A dedicated task drains them
+    /// into the returned receiver of `capacity` streams; when the receiver is
+    /// full, new streams are dropped (closed) with a warning. Drop the
+    /// receiver to stop accepting.
+    ///
+    /// # Errors
+    ///
+    /// [`DhtError::AlreadyRegistered`] if the protocol already has an acceptor.
+    pub fn accept_streams(
+        &self,
+        protocol: StreamProtocol,
+        capacity: usize,
+    ) -> Result<mpsc::Receiver<(PeerId, Stream)>, DhtError> {
+        let mut incoming = self
+            .inner
+            .control
+            .clone()
+            .accept(protocol.clone())
+            .map_err(|_| DhtError::AlreadyRegistered {
+                protocol: protocol.to_string(),
+            })?;
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        tokio::spawn(async move {
+            while let Some((peer, stream)) = incoming.next().await {
+                match tx.try_send((peer, stream)) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        tracing::warn!(%peer, %protocol, "acceptor is full; inbound stream dropped");
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => break,
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    /// How to reach a peer this node is (or was recently) connected to: the
+    /// remote addresses of open connections and the peer's announced listen
+    /// addresses. `None` if the node has no connection to it.
+    ///
+    /// # Errors
+    ///
+    /// [`DhtError::Shutdown`], [`DhtError::Timeout`].
+    pub async fn peer_addresses(&self, peer: PeerId) -> Result<Option<PeerAddresses>, DhtError> {
+        self.request("peer_addresses", LOCAL_TIMEOUT, |reply| {
+            let (tx, rx) = oneshot::channel();
+            tokio::spawn(async move {
+                if let Ok(v) = rx.await {
+                    let _ = reply.send(Ok(v));
+                }
+            });
+            Command::PeerAddresses { peer, reply: tx }
+        })
+        .await
+    }
+
+    /// Counters: routing table size, connections, stored keys, rejections.
+    ///
+    /// # Errors
+    ///
+    /// [`DhtError::Shutdown`], [`DhtError::Timeout`].
+    pub async fn stats(&self) -> Result<NodeStats, DhtError> {
+        self.request("stats", LOCAL_TIMEOUT, |reply| {
+            let (tx, rx) = oneshot::channel();
+            tokio::spawn(async move {
+                if let Ok(v) = rx.await {
+                    let _ = reply.send(Ok(v));
+                }
+            });
+            Command::Stats { reply: tx }
+        })
+        .await
+    }
+
+    /// Stops the node: pending operations fail with [`DhtError::Shutdown`],
+    /// connections close. Later calls on any clone return `Shutdown`.
+    /// Calling it twice is harmless.
+    pub async fn shutdown(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self
+            .inner
+            .commands
+            .send(Command::Shutdown { reply: tx })
+            .await
+            .is_ok()
+        {
+            let _ = tokio::time::timeout(LOCAL_TIMEOUT, rx).await;
+        }
+    }
+}
+
+/// Listens, dials the initial peers and runs the first lookup, driving the
+/// swarm in place before the node task exists.
+async fn start(node: &mut Node, config: &DhtConfig) -> Result<(), DhtError> {
+    let deadline = tokio::time::Instant::now() + config.bootstrap_timeout;
+    for addr in &config.listen_addrs {
+        let id = node
+            .swarm
+            .listen_on(addr.clone())
+            .map_err(|e| DhtError::Listen {
+                addr: addr.clone(),
+                reason: e.to_string(),
+            })?;
+        node.unready_listeners.insert(id);
+    }
+    while !node.unready_listeners.is_empty() {
+        let event = next_event(node, deadline)
+            .await
+            .ok_or_else(|| DhtError::Listen {
+                addr: config
+                    .listen_addrs
+                    .first()
+                    .cloned()
+                    .unwrap_or_else(Multiaddr::empty),
+                reason: "no address reported before the bootstrap timeout".into(),
+            })?;
+        if let libp2p::swarm::SwarmEvent::ListenerClosed {
+            listener_id,
+            reason: Err(e),
+            ..
+        } = &event
+        {
+            if node.unready_listeners.contains(listener_id) {
+                return Err(DhtError::Listen {
+                    addr: config
+                        .listen_addrs
+                        .first()
+                        .cloned()
+                        .unwrap_or_else(Multiaddr::empty),
+                    reason: e.to_string(),
+                });
+            }
+        }
+        node.on_swarm_event(event);
+    }
+    if config.initial_peers.is_empty() {
+        return Ok(());
+    }
+    let own = node.swarm.local_peer_id().to_owned();
+    let mut tried = 0;
+    for addr in &config.initial_peers {
+        let peer = addr.iter().find_map(|p| match p {
+            Protocol::P2p(peer) => Some(peer),
+            _ => None,
+        });
+        if peer == Some(own) {
+            continue;
+        }
+        tried += 1;
+        if let Some(peer) = peer {
+            node.swarm
+                .behaviour_mut()
+                .kad
+                .add_address(&peer, strip_p2p(addr));
+        }
+        if let Err(error) = node.swarm.dial(addr.clone()) {
+            tracing::warn!(%addr, %error, "cannot dial initial peer");
+            node.bootstrap_failed += 1;
+        }
+    }
+    let routable = |node: &mut Node| {
+        node.swarm
+            .behaviour_mut()
+            .kad
+            .kbuckets()
+            .any(|b| b.num_entries() > 0)
+    };
+    while node.bootstrap_connected == 0 || !routable(node) {
+        if node.bootstrap_failed >= tried && node.bootstrap_connected == 0 {
+            break;
+        }
+        match next_event(node, deadline).await {
+            Some(event) => node.on_swarm_event(event),
+            None => break,
+        }
+    }
+    if node.bootstrap_connected == 0 || !routable(node) {
+        if config.ensure_bootstrap && tried > 0 {
+            return Err(DhtError::Bootstrap {
+                tried,
+                timeout_s: config.bootstrap_timeout.as_secs_f64(),
+            });
+        }
+        tracing::warn!(tried, "no initial peer answered; starting alone");
+        return Ok(());
+    }
+    node.bootstrap_query = Some(node.swarm.behaviour_mut().kad.get_closest_peers(own));
+    while node.bootstrap_query.is_some() {
+        match next_event(node, deadline).await {
+            Some(event) => node.on_swarm_event(event),
+            None => {
+                tracing::warn!("bootstrap lookup did not finish before the timeout");
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn next_event(
+    node: &mut Node,
+    deadline: tokio::time::Instant,
+) -> Option<libp2p::swarm::SwarmEvent<crate::behaviour::BehaviourEvent>> {
+    tokio::time::timeout_at(deadline, node.swarm.select_next_some())
+        .await
+        .ok()
+}

@@ -1,0 +1,615 @@
+//! The background task that owns the swarm.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use futures::StreamExt;
+use libp2p::{
+    Multiaddr, PeerId, Swarm,
+    core::ConnectedPoint,
+    gossipsub::{self, IdentTopic, TopicHash},
+    identify,
+    kad::{self, GetRecordOk, PutRecordError, QueryId, QueryResult, Quorum, Record, RecordKey},
+    multiaddr::Protocol,
+    swarm::SwarmEvent,
+};
+use serde_bytes::ByteBuf;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::{
+    behaviour::{Behaviour, BehaviourEvent, KAD_PROTOCOL},
+    error::{DhtError, ValidationError},
+    record::{DhtRecord, WireEntry, decode_wire, encode_wire},
+    storage::merge_values,
+    time::dht_time,
+    validation::{CompositeValidator, RecordLimits},
+    value::{DhtValue, StoreOutcome, ValueWithExpiration},
+};
+
+/// How often expired records are swept from local storage.
+const PRUNE_INTERVAL: Duration = Duration::from_secs(30);
+
+/// A message received on a subscribed gossipsub topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GossipMessage {
+    /// The topic it was published on.
+    pub topic: String,
+    /// The peer that published (signed) it.
+    pub source: Option<PeerId>,
+    /// The payload.
+    pub data: Vec<u8>,
+}
+
+/// What this node knows about how to reach a peer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerAddresses {
+    /// Remote addresses of the currently open connections (for a peer that
+    /// dialed us: the address and port it dialed from, i.e. its observed IP).
+    pub connected: Vec<Multiaddr>,
+    /// Addresses the peer says it listens on (identify).
+    pub listen: Vec<Multiaddr>,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, DhtError>>;
+
+pub(crate) enum Command {
+    Store {
+        record: DhtRecord,
+        reply: Reply<StoreOutcome>,
+    },
+    Get {
+        key: Vec<u8>,
+        latest: bool,
+        reply: Reply<Option<DhtValue>>,
+    },
+    Publish {
+        topic: String,
+        data: Vec<u8>,
+        reply: Reply<()>,
+    },
+    Subscribe {
+        topic: String,
+        sender: mpsc::Sender<GossipMessage>,
+        reply: Reply<()>,
+    },
+    PeerAddresses {
+        peer: PeerId,
+        reply: oneshot::Sender<Option<PeerAddresses>>,
+    },
+    Stats {
+        reply: oneshot::Sender<NodeStats>,
+    },
+    Shutdown {
+        reply: oneshot::Sender<()>,
+    },
+}
+
+/// Counters for diagnostics and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NodeStats {
+    /// Peers in the Kademlia routing table.
+    pub routing_table_peers: usize,
+    /// Peers with an open connection.
+    pub connected_peers: usize,
+    /// Keys held in local storage.
+    pub stored_keys: usize,
+    /// Inbound record entries rejected by validation since start.
+    pub rejected_inbound: u64,
+    /// Record entries received by gets and rejected by validation since start.
+    pub rejected_on_read: u64,
+}
+
+struct PendingGet {
+    latest: bool,
+    acc: Option<DhtValue>,
+    reply: Reply<Option<DhtValue>>,
+}
+
+pub(crate) struct Node {
+    pub(crate) swarm: Swarm<Behaviour>,
+    validators: Arc<RwLock<CompositeValidator>>,
+    limits: RecordLimits,
+    listen_addrs: Arc<RwLock<Vec<Multiaddr>>>,
+    pending_puts: HashMap<QueryId, (bool, Reply<StoreOutcome>)>,
+    pending_gets: HashMap<QueryId, PendingGet>,
+    subscriptions: HashMap<TopicHash, Vec<mpsc::Sender<GossipMessage>>>,
+    peers: HashMap<PeerId, PeerAddresses>,
+    replication: usize,
+    stats: NodeStats,
+    /// Listeners that have not reported an address yet (startup only).
+    pub(crate) unready_listeners: HashSet<libp2p::core::transport::ListenerId>,
+    /// Peers reached during bootstrap (startup only).
+    pub(crate) bootstrap_connected: usize,
+    /// Dials that failed during bootstrap (startup only).
+    pub(crate) bootstrap_failed: usize,
+    /// The bootstrap lookup, while it runs.
+    pub(crate) bootstrap_query: Option<QueryId>,
+}
+
+fn lock_read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn lock_write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The address without a trailing `/p2p/<peer id>`.
+pub(crate) fn strip_p2p(addr: &Multiaddr) -> Multiaddr {
+    addr.iter()
+        .filter(|p| !matches!(p, Protocol::P2p(_)))
+        .collect()
+}
+
+impl Node {
+    pub(crate) fn new(
+        swarm: Swarm<Behaviour>,
+        validators: Arc<RwLock<CompositeValidator>>,
+        limits: RecordLimits,
+        listen_addrs: Arc<RwLock<Vec<Multiaddr>>>,
+        replication: usize,
+    ) -> Self {
+        Self {
+            swarm,
+            validators,
+            limits,
+            listen_addrs,
+            pending_puts: HashMap::new(),
+            pending_gets: HashMap::new(),
+            subscriptions: HashMap::new(),
+            peers: HashMap::new(),
+            replication,
+            stats: NodeStats::default(),
+            unready_listeners: HashSet::new(),
+            bootstrap_connected: 0,
+            bootstrap_failed: 0,
+            bootstrap_query: None,
+        }
+    }
+
+    /// Runs until every handle is dropped or `Shutdown` arrives.
+    pub(crate) async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+        let mut prune = tokio::time::interval(PRUNE_INTERVAL);
+        prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let shutdown_reply = loop {
+            tokio::select! {
+                command = commands.recv() => match command {
+                    None => break None,
+                    Some(Command::Shutdown { reply }) => break Some(reply),
+                    Some(command) => self.on_command(command),
+                },
+                event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                _ = prune.tick() => {
+                    self.swarm.behaviour_mut().kad.store_mut().storage.prune(dht_time());
+                }
+            }
+        };
+        let peer = *self.swarm.local_peer_id();
+        // Answer what is still waiting, then close every connection.
+        for (_, (_, reply)) in self.pending_puts.drain() {
+            let _ = reply.send(Err(DhtError::Shutdown));
+        }
+        for (_, pending) in self.pending_gets.drain() {
+            let _ = pending.reply.send(Err(DhtError::Shutdown));
+        }
+        drop(self.swarm);
+        tracing::debug!(%peer, "DHT node stopped");
+        if let Some(reply) = shutdown_reply {
+            let _ = reply.send(());
+        }
+    }
+
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::Store { record, reply } => self.start_store(record, reply),
+            Command::Get { key, latest, reply } => self.start_get(key, latest, reply),
+            Command::Publish { topic, data, reply } => {
+                let result = self
+                    .swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .publish(IdentTopic::new(topic.clone()), data)
+                    .map(|_| ())
+                    .map_err(|e| DhtError::PubSub {
+                        topic,
+                        reason: e.to_string(),
+                    });
+                let _ = reply.send(result);
+            }
+            Command::Subscribe {
+                topic,
+                sender,
+                reply,
+            } => {
+                let ident = IdentTopic::new(topic.clone());
+                let result = self
+                    .swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .subscribe(&ident)
+                    .map(|_| ())
+                    .map_err(|e| DhtError::PubSub {
+                        topic,
+                        reason: e.to_string(),
+                    });
+                if result.is_ok() {
+                    self.subscriptions
+                        .entry(ident.hash())
+                        .or_default()
+                        .push(sender);
+                }
+                let _ = reply.send(result);
+            }
+            Command::PeerAddresses { peer, reply } => {
+                let _ = reply.send(self.peers.get(&peer).cloned());
+            }
+            Command::Stats { reply } => {
+                let mut stats = self.stats;
+                stats.routing_table_peers = self
+                    .swarm
+                    .behaviour_mut()
+                    .kad
+                    .kbuckets()
+                    .map(|b| b.num_entries())
+                    .sum();
+                stats.connected_peers = self.swarm.connected_peers().count();
+                stats.stored_keys = self.swarm.behaviour_mut().kad.store_mut().storage.len();
+                let _ = reply.send(stats);
+            }
+            Command::Shutdown { reply } => {
+                // Handled by `run`; reaching here means a logic error, answer anyway.
+                let _ = reply.send(());
+            }
+        }
+    }
+
+    fn start_store(&mut self, record: DhtRecord, reply: Reply<StoreOutcome>) {
+        let now = dht_time();
+        let kad = &mut self.swarm.behaviour_mut().kad;
+        let accepted = kad.store_mut().storage.store(
+            &record.key,
+            record.subkey.as_deref(),
+            &record.value,
+            record.expiration,
+            now,
+        );
+        if let Err(refusal) = accepted {
+            tracing::debug!(key = %hex::encode(&record.key), ?refusal, "store lost to a newer local value");
+            let _ = reply.send(Ok(StoreOutcome {
+                accepted: false,
+                replicas: 0,
+            }));
+            return;
+        }
+        let entry = WireEntry {
+            subkey: record.subkey.map(ByteBuf::from),
+            value: ByteBuf::from(record.value),
+            expiration: record.expiration,
+        };
+        let kad_record = Record {
+            key: RecordKey::new(&record.key),
+            value: encode_wire(std::slice::from_ref(&entry)),
+            publisher: None,
+            expires: None,
+        };
+        match kad.put_record(kad_record, Quorum::All) {
+            Ok(id) => {
+                self.pending_puts.insert(id, (true, reply));
+            }
+            Err(e) => {
+                let _ = reply.send(Err(DhtError::Transport {
+                    reason: format!("local record store: {e}"),
+                }));
+            }
+        }
+    }
+
+    fn start_get(&mut self, key: Vec<u8>, latest: bool, reply: Reply<Option<DhtValue>>) {
+        let local = self
+            .swarm
+            .behaviour_mut()
+            .kad
+            .store_mut()
+            .storage
+            .get(&key, dht_time());
+        if !latest && local.is_some() {
+            let _ = reply.send(Ok(local));
+            return;
+        }
+        let id = self
+            .swarm
+            .behaviour_mut()
+            .kad
+            .get_record(RecordKey::new(&key));
+        self.pending_gets.insert(
+            id,
+            PendingGet {
+                latest,
+                acc: local,
+                reply,
+            },
+        );
+    }
+
+    /// Decodes and validates received record bytes; returns the valid entries
+    /// as a value (still signed), or `None` if nothing in it is valid.
+    fn accept_entries(
+        &mut self,
+        source: PeerId,
+        key: &[u8],
+        bytes: &[u8],
+        inbound: bool,
+    ) -> Vec<DhtRecord> {
+        let entries = match decode_wire(bytes) {
+            Ok(entries) => entries,
+            Err(error) => {
+                tracing::warn!(%source, key = %hex::encode(key), %error, inbound, "dropping malformed record");
+                self.count_rejection(inbound, 1);
+                return Vec::new();
+            }
+        };
+        let now = dht_time();
+        let validators = lock_read(&self.validators).clone();
+        let mut accepted = Vec::with_capacity(entries.len());
+        let mut rejected = 0;
+        for entry in entries {
+            let record = DhtRecord {
+                key: key.to_vec(),
+                subkey: entry.subkey.map(ByteBuf::into_vec),
+                value: entry.value.into_vec(),
+                expiration: entry.expiration,
+            };
+            match self.limits.check(&validators, &record, now) {
+                Ok(()) => accepted.push(record),
+                Err(error) => {
+                    rejected += 1;
+                    log_rejection(source, &record, &error, inbound);
+                }
+            }
+        }
+        self.count_rejection(inbound, rejected);
+        accepted
+    }
+
+    fn count_rejection(&mut self, inbound: bool, n: u64) {
+        if inbound {
+            self.stats.rejected_inbound += n;
+        } else {
+            self.stats.rejected_on_read += n;
+        }
+    }
+
+    fn on_inbound_put(&mut self, source: PeerId, record: Record) {
+        let key = record.key.to_vec();
+        let accepted = self.accept_entries(source, &key, &record.value, true);
+        let now = dht_time();
+        let storage = &mut self.swarm.behaviour_mut().kad.store_mut().storage;
+        for r in accepted {
+            if let Err(refusal) =
+                storage.store(&r.key, r.subkey.as_deref(), &r.value, r.expiration, now)
+            {
+                tracing::debug!(%source, key = %hex::encode(&r.key), ?refusal, "inbound record not stored");
+            }
+        }
+    }
+
+    fn on_found_record(&mut self, id: QueryId, peer: Option<PeerId>, record: Record) {
+        // The local copy was merged when the get started.
+        let Some(source) = peer else { return };
+        if !self.pending_gets.contains_key(&id) {
+            return;
+        }
+        let key = record.key.to_vec();
+        let accepted = self.accept_entries(source, &key, &record.value, false);
+        let Some(pending) = self.pending_gets.get_mut(&id) else {
+            return;
+        };
+        for r in accepted {
+            let value = match r.subkey {
+                None => DhtValue::Regular {
+                    value: r.value,
+                    expiration: r.expiration,
+                },
+                Some(subkey) => DhtValue::Dictionary(
+                    [(
+                        subkey,
+                        ValueWithExpiration {
+                            value: r.value,
+                            expiration: r.expiration,
+                        },
+                    )]
+                    .into(),
+                ),
+            };
+            merge_values(&mut pending.acc, value);
+        }
+        if !pending.latest && pending.acc.is_some() {
+            if let Some(pending) = self.pending_gets.remove(&id) {
+                let _ = pending.reply.send(Ok(pending.acc));
+            }
+            if let Some(mut query) = self.swarm.behaviour_mut().kad.query_mut(&id) {
+                query.finish();
+            }
+        }
+    }
+
+    fn finish_get(&mut self, id: QueryId) {
+        if let Some(pending) = self.pending_gets.remove(&id) {
+            let _ = pending.reply.send(Ok(pending.acc));
+        }
+    }
+
+    pub(crate) fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(event)) => self.on_kad_event(event),
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                info,
+                ..
+            })) => {
+                let serves_dht = info.protocols.contains(&KAD_PROTOCOL);
+                let listen: Vec<Multiaddr> = info
+                    .listen_addrs
+                    .into_iter()
+                    .filter(|a| !is_unspecified(a))
+                    .collect();
+                if serves_dht {
+                    for addr in &listen {
+                        self.swarm
+                            .behaviour_mut()
+                            .kad
+                            .add_address(&peer_id, addr.clone());
+                    }
+                }
+                self.peers.entry(peer_id).or_default().listen = listen;
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message {
+                message,
+                ..
+            })) => self.on_gossip(message),
+            SwarmEvent::Behaviour(_) => {}
+            SwarmEvent::NewListenAddr {
+                listener_id,
+                address,
+            } => {
+                let full = address
+                    .with_p2p(*self.swarm.local_peer_id())
+                    .unwrap_or_else(|a| a);
+                tracing::info!(address = %full, "listening");
+                lock_write(&self.listen_addrs).push(full);
+                self.unready_listeners.remove(&listener_id);
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                let full = address
+                    .with_p2p(*self.swarm.local_peer_id())
+                    .unwrap_or_else(|a| a);
+                lock_write(&self.listen_addrs).retain(|a| a != &full);
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id, endpoint, ..
+            } => {
+                self.bootstrap_connected += 1;
+                let remote = match &endpoint {
+                    ConnectedPoint::Dialer { address, .. } => address.clone(),
+                    ConnectedPoint::Listener { send_back_addr, .. } => send_back_addr.clone(),
+                };
+                let entry = self.peers.entry(peer_id).or_default();
+                let remote = strip_p2p(&remote);
+                if !entry.connected.contains(&remote) {
+                    entry.connected.push(remote);
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                endpoint,
+                num_established,
+                ..
+            } => {
+                if num_established == 0 {
+                    self.peers.remove(&peer_id);
+                } else if let Some(entry) = self.peers.get_mut(&peer_id) {
+                    let remote = strip_p2p(endpoint.get_remote_address());
+                    entry.connected.retain(|a| a != &remote);
+                }
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                self.bootstrap_failed += 1;
+                tracing::debug!(?peer_id, %error, "dial failed");
+            }
+            SwarmEvent::ListenerError { error, .. } => tracing::warn!(%error, "listener error"),
+            _ => {}
+        }
+    }
+
+    fn on_gossip(&mut self, message: gossipsub::Message) {
+        let Some(senders) = self.subscriptions.get_mut(&message.topic) else {
+            return;
+        };
+        let msg = GossipMessage {
+            topic: message.topic.as_str().to_owned(),
+            source: message.source,
+            data: message.data,
+        };
+        senders.retain(|s| match s.try_send(msg.clone()) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                tracing::warn!(topic = %msg.topic, "subscriber is full; message dropped");
+                true
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        });
+        if senders.is_empty() {
+            let topic = message.topic;
+            self.subscriptions.remove(&topic);
+            self.swarm
+                .behaviour_mut()
+                .gossipsub
+                .unsubscribe(&IdentTopic::new(topic.into_string()));
+        }
+    }
+
+    fn on_kad_event(&mut self, event: kad::Event) {
+        match event {
+            kad::Event::InboundRequest {
+                request:
+                    kad::InboundRequest::PutRecord {
+                        source,
+                        record: Some(record),
+                        ..
+                    },
+            } => self.on_inbound_put(source, record),
+            kad::Event::OutboundQueryProgressed {
+                id, result, step, ..
+            } => match result {
+                QueryResult::GetRecord(Ok(GetRecordOk::FoundRecord(found))) => {
+                    self.on_found_record(id, found.peer, found.record);
+                    if step.last {
+                        self.finish_get(id);
+                    }
+                }
+                QueryResult::GetRecord(_) => self.finish_get(id),
+                QueryResult::PutRecord(result) => {
+                    let replicas = match &result {
+                        Ok(_) => self.replication,
+                        Err(PutRecordError::QuorumFailed { success, .. })
+                        | Err(PutRecordError::Timeout { success, .. }) => success.len(),
+                    };
+                    if let Some((accepted, reply)) = self.pending_puts.remove(&id) {
+                        let _ = reply.send(Ok(StoreOutcome { accepted, replicas }));
+                    }
+                }
+                QueryResult::GetClosestPeers(_) | QueryResult::Bootstrap(_) => {
+                    if self.bootstrap_query == Some(id) && step.last {
+                        self.bootstrap_query = None;
+                    }
+                }
+                _ => {}
+            },
+            _ => {}
+        }
+    }
+}
+
+fn is_unspecified(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| match p {
+        Protocol::Ip4(ip) => ip.is_unspecified(),
+        Protocol::Ip6(ip) => ip.is_unspecified(),
+        _ => false,
+    })
+}
+
+fn log_rejection(source: PeerId, record: &DhtRecord, error: &ValidationError, inbound: bool) {
+    tracing::warn!(
+        %source,
+        key = %String::from_utf8_lossy(&record.key),
+        subkey = ?record.subkey.as_deref().map(String::from_utf8_lossy),
+        %error,
+        inbound,
+        "rejected record"
+    );
+}
