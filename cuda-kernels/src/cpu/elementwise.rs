@@ -1,0 +1,226 @@
+//! Accumulate, scale, weighted reductions and the finiteness check.
+
+use rayon::prelude::*;
+
+use super::{CHUNK, PAR_MIN};
+use crate::{
+    KernelError, Result,
+    error::{check_finite, check_len},
+};
+
+/// `acc += alpha * grad`, elementwise.
+///
+/// NaN/inf in `grad` or `acc` propagate to the affected elements (IEEE rules);
+/// use [`all_finite`] to refuse poisoned inputs first.
+///
+/// # Errors
+/// [`KernelError::LengthMismatch`] if the lengths differ,
+/// [`KernelError::NonFiniteScalar`] if `alpha` is NaN or infinite.
+pub fn accumulate(acc: &mut [f32], grad: &[f32], alpha: f32) -> Result<()> {
+    const OP: &str = "accumulate";
+    check_len(OP, "grad", acc.len(), grad.len())?;
+    check_finite(OP, "alpha", alpha)?;
+    let kernel = |a: &mut [f32], g: &[f32]| {
+        for (a, g) in a.iter_mut().zip(g) {
+            *a += alpha * g;
+        }
+    };
+    if acc.len() < PAR_MIN {
+        kernel(acc, grad);
+    } else {
+        acc.par_chunks_mut(CHUNK)
+            .zip(grad.par_chunks(CHUNK))
+            .for_each(|(a, g)| kernel(a, g));
+    }
+    Ok(())
+}
+
+/// `buf *= s`, elementwise.
+///
+/// # Errors
+/// [`KernelError::NonFiniteScalar`] if `s` is NaN or infinite.
+pub fn scale(buf: &mut [f32], s: f32) -> Result<()> {
+    check_finite("scale", "s", s)?;
+    let kernel = |b: &mut [f32]| {
+        for b in b {
+            *b *= s;
+        }
+    };
+    if buf.len() < PAR_MIN {
+        kernel(buf);
+    } else {
+        buf.par_chunks_mut(CHUNK).for_each(kernel);
+    }
+    Ok(())
+}
+
+/// `dst = src`, multi-threaded (the baseline the benches compare against).
+///
+/// # Errors
+/// [`KernelError::LengthMismatch`] if the lengths differ.
+pub fn copy(dst: &mut [f32], src: &[f32]) -> Result<()> {
+    check_len("copy", "src", dst.len(), src.len())?;
+    if dst.len() < PAR_MIN {
+        dst.copy_from_slice(src);
+    } else {
+        dst.par_chunks_mut(CHUNK)
+            .zip(src.par_chunks(CHUNK))
+            .for_each(|(d, s)| d.copy_from_slice(s));
+    }
+    Ok(())
+}
+
+/// True when no element is NaN or infinite (empty buffers are finite).
+pub fn all_finite(buf: &[f32]) -> bool {
+    // For |x| the IEEE bit pattern orders like the value, and every NaN and
+    // inf is >= the bits of +inf: one vectorisable integer max per chunk.
+    let max_abs_bits = |c: &[f32]| c.iter().fold(0u32, |m, x| m.max(x.to_bits() & 0x7fff_ffff));
+    let max = if buf.len() < PAR_MIN {
+        max_abs_bits(buf)
+    } else {
+        buf.par_chunks(CHUNK)
+            .map(max_abs_bits)
+            .reduce(|| 0, u32::max)
+    };
+    max < f32::INFINITY.to_bits()
+}
+
+/// Validated weights: every weight finite and >= 0.
+pub(crate) fn check_weights(op: &'static str, parts: usize, weights: &[f32]) -> Result<f64> {
+    if parts == 0 {
+        return Err(KernelError::NoParts { op });
+    }
+    if parts != weights.len() {
+        return Err(KernelError::WeightCount {
+            op,
+            parts,
+            weights: weights.len(),
+        });
+    }
+    let mut sum = 0f64;
+    for (index, &value) in weights.iter().enumerate() {
+        if !(value.is_finite() && value >= 0.0) {
+            return Err(KernelError::InvalidWeight { op, index, value });
+        }
+        sum += f64::from(value);
+    }
+    Ok(sum)
+}
+
+/// Chunk for weighted reductions: 32 KiB of output stays in L1 while every part
+/// is streamed through it once.
+const REDUCE_CHUNK: usize = 1 << 13;
+
+fn reduce_into(
+    out: &mut [f32],
+    parts: &[&[f32]],
+    weights: &[f32],
+    finish: impl Fn(&mut [f32], usize) + Sync,
+) {
+    let kernel = |i: usize, o: &mut [f32]| {
+        let start = i * REDUCE_CHUNK;
+        let range = start..start + o.len();
+        for (k, (part, &w)) in parts.iter().zip(weights).enumerate() {
+            let p = &part[range.clone()];
+            if k == 0 {
+                for (o, p) in o.iter_mut().zip(p) {
+                    *o = w * p;
+                }
+            } else {
+                for (o, p) in o.iter_mut().zip(p) {
+                    *o += w * p;
+                }
+            }
+        }
+        finish(o, start);
+    };
+    if out.len() < PAR_MIN {
+        out.chunks_mut(REDUCE_CHUNK)
+            .enumerate()
+            .for_each(|(i, o)| kernel(i, o));
+    } else {
+        out.par_chunks_mut(REDUCE_CHUNK)
+            .enumerate()
+            .for_each(|(i, o)| kernel(i, o));
+    }
+}
+
+fn check_parts(op: &'static str, len: usize, parts: &[&[f32]], weights: &[f32]) -> Result<f64> {
+    let sum = check_weights(op, parts.len(), weights)?;
+    for p in parts {
+        check_len(op, "part", len, p.len())?;
+    }
+    Ok(sum)
+}
+
+/// `out = sum_i weights[i] * parts[i]`.
+///
+/// Weights must be finite and >= 0; zero weights are allowed (a peer that only
+/// helps reduce) and so is an all-zero set, which yields zeros. NaN/inf in
+/// parts propagate, even from a part whose weight is 0 (0 * inf = NaN), so a
+/// poisoned contribution is never silently hidden.
+///
+/// # Errors
+/// [`KernelError::NoParts`], [`KernelError::WeightCount`],
+/// [`KernelError::InvalidWeight`], [`KernelError::LengthMismatch`].
+pub fn weighted_sum(out: &mut [f32], parts: &[&[f32]], weights: &[f32]) -> Result<()> {
+    check_parts("weighted_sum", out.len(), parts, weights)?;
+    reduce_into(out, parts, weights, |_, _| {});
+    Ok(())
+}
+
+/// `out = sum_i w_i * parts[i] / sum_i w_i` (the reducer's weighted mean).
+///
+/// # Errors
+/// As [`weighted_sum`], plus [`KernelError::ZeroWeightSum`] when the weights
+/// sum to zero (the mean is undefined).
+pub fn weighted_average(out: &mut [f32], parts: &[&[f32]], weights: &[f32]) -> Result<()> {
+    const OP: &str = "weighted_average";
+    let norm = normalized(OP, out.len(), parts, weights)?;
+    reduce_into(out, parts, &norm, |_, _| {});
+    Ok(())
+}
+
+/// `out = weighted_average(parts, weights) - own`: the delta the all-reduce
+/// sends back, which a peer adds to its own tensor.
+///
+/// # Errors
+/// As [`weighted_average`]; `own` must have `out`'s length.
+pub fn weighted_delta(
+    out: &mut [f32],
+    parts: &[&[f32]],
+    weights: &[f32],
+    own: &[f32],
+) -> Result<()> {
+    const OP: &str = "weighted_delta";
+    check_len(OP, "own", out.len(), own.len())?;
+    let norm = normalized(OP, out.len(), parts, weights)?;
+    reduce_into(out, parts, &norm, |o, start| {
+        let own = &own[start..start + o.len()];
+        for (o, own) in o.iter_mut().zip(own) {
+            *o -= own;
+        }
+    });
+    Ok(())
+}
+
+/// Weights divided by their sum (in f64, then rounded once).
+pub(crate) fn normalized(
+    op: &'static str,
+    len: usize,
+    parts: &[&[f32]],
+    weights: &[f32],
+) -> Result<Vec<f32>> {
+    let sum = check_parts(op, len, parts, weights)?;
+    normalize(op, sum, weights)
+}
+
+pub(crate) fn normalize(op: &'static str, sum: f64, weights: &[f32]) -> Result<Vec<f32>> {
+    if sum <= 0.0 {
+        return Err(KernelError::ZeroWeightSum { op });
+    }
+    Ok(weights
+        .iter()
+        .map(|&w| (f64::from(w) / sum) as f32)
+        .collect())
+}
