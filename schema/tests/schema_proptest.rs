@@ -3,6 +3,8 @@
 //! trees must yield `Ok` or a typed error — never a panic — and whatever is
 //! accepted must really satisfy the schema.
 
+#![allow(clippy::unwrap_used)] // tests fail loudly on unexpected errors
+
 use std::collections::BTreeMap;
 
 use colony_schema::{Checked, OwnerKey, SchemaValidator, from_msgpack_strict, to_msgpack};

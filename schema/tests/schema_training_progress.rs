@@ -2,6 +2,8 @@
 //! schema: a valid record passes; each kind of bad record is refused with an
 //! error that names the field.
 
+#![allow(clippy::unwrap_used)] // tests fail loudly on unexpected errors
+
 use std::collections::BTreeMap;
 
 use colony_schema::{
