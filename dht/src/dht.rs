@@ -408,13 +408,7 @@ impl Dht {
     /// [`DhtError::Shutdown`], [`DhtError::Timeout`].
     pub async fn peer_addresses(&self, peer: PeerId) -> Result<Option<PeerAddresses>, DhtError> {
         self.request("peer_addresses", LOCAL_TIMEOUT, |reply| {
-            let (tx, rx) = oneshot::channel();
-            tokio::spawn(async move {
-                if let Ok(v) = rx.await {
-                    let _ = reply.send(Ok(v));
-                }
-            });
-            Command::PeerAddresses { peer, reply: tx }
+            Command::PeerAddresses { peer, reply }
         })
         .await
     }
@@ -425,14 +419,18 @@ impl Dht {
     ///
     /// [`DhtError::Shutdown`], [`DhtError::Timeout`].
     pub async fn stats(&self) -> Result<NodeStats, DhtError> {
-        self.request("stats", LOCAL_TIMEOUT, |reply| {
-            let (tx, rx) = oneshot::channel();
-            tokio::spawn(async move {
-                if let Ok(v) = rx.await {
-                    let _ = reply.send(Ok(v));
-                }
-            });
-            Command::Stats { reply: tx }
+        self.request("stats", LOCAL_TIMEOUT, |reply| Command::Stats { reply })
+            .await
+    }
+
+    /// The peers in this node's Kademlia routing table.
+    ///
+    /// # Errors
+    ///
+    /// [`DhtError::Shutdown`], [`DhtError::Timeout`].
+    pub async fn routing_table(&self) -> Result<Vec<PeerId>, DhtError> {
+        self.request("routing_table", LOCAL_TIMEOUT, |reply| {
+            Command::RoutingTable { reply }
         })
         .await
     }

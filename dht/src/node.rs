@@ -77,10 +77,13 @@ pub(crate) enum Command {
     },
     PeerAddresses {
         peer: PeerId,
-        reply: oneshot::Sender<Option<PeerAddresses>>,
+        reply: Reply<Option<PeerAddresses>>,
     },
     Stats {
-        reply: oneshot::Sender<NodeStats>,
+        reply: Reply<NodeStats>,
+    },
+    RoutingTable {
+        reply: Reply<Vec<PeerId>>,
     },
     Shutdown {
         reply: oneshot::Sender<()>,
@@ -246,7 +249,7 @@ impl Node {
                 let _ = reply.send(result);
             }
             Command::PeerAddresses { peer, reply } => {
-                let _ = reply.send(self.peers.get(&peer).cloned());
+                let _ = reply.send(Ok(self.peers.get(&peer).cloned()));
             }
             Command::Stats { reply } => {
                 let mut stats = self.stats;
@@ -259,7 +262,17 @@ impl Node {
                     .sum();
                 stats.connected_peers = self.swarm.connected_peers().count();
                 stats.stored_keys = self.swarm.behaviour_mut().kad.store_mut().storage.len();
-                let _ = reply.send(stats);
+                let _ = reply.send(Ok(stats));
+            }
+            Command::RoutingTable { reply } => {
+                let peers = self
+                    .swarm
+                    .behaviour_mut()
+                    .kad
+                    .kbuckets()
+                    .flat_map(|b| b.iter().map(|e| *e.node.key.preimage()).collect::<Vec<_>>())
+                    .collect();
+                let _ = reply.send(Ok(peers));
             }
             Command::Shutdown { reply } => {
                 // Handled by `run`; reaching here means a logic error, answer anyway.
