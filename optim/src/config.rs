@@ -41,6 +41,8 @@ pub struct OptimConfig {
     pub averaging_timeout: f64,
     /// Limit on downloading the state from peers (s). Default 600.
     pub load_state_timeout: f64,
+    /// Limit on one DHT read or write of progress records (s). Default 10.
+    pub request_timeout: f64,
     /// A peer may lag the global step by this many steps before it must download the
     /// state. Default 1.
     pub step_tolerance: u64,
@@ -82,6 +84,7 @@ impl Default for OptimConfig {
             metadata_expiration: 60.0,
             averaging_timeout: 60.0,
             load_state_timeout: 600.0,
+            request_timeout: 10.0,
             step_tolerance: 1,
             reuse_grad_buffers: false,
             client_mode: false,
@@ -165,6 +168,7 @@ impl OptimConfig {
         positive("metadata_expiration", self.metadata_expiration)?;
         positive("averaging_timeout", self.averaging_timeout)?;
         positive("load_state_timeout", self.load_state_timeout)?;
+        positive("request_timeout", self.request_timeout)?;
         non_negative("max_clock_skew", self.max_clock_skew)?;
         if self.step_quorum == 0 {
             return Err(bad("step_quorum", "must be >= 1"));
@@ -267,6 +271,7 @@ mod tests {
                 "load_state_timeout",
                 Box::new(|c| c.load_state_timeout = -5.0),
             ),
+            ("request_timeout", Box::new(|c| c.request_timeout = 0.0)),
             ("max_clock_skew", Box::new(|c| c.max_clock_skew = -1.0)),
             ("step_quorum", Box::new(|c| c.step_quorum = 0)),
             (

@@ -8,20 +8,35 @@
 //! * [`tracker`]: the pure collaboration state machine (ETA, refresh period, global step,
 //!   out-of-sync detection, averaging weight), inputs in, decisions out;
 //! * [`PerformanceEma`], [`LrSchedule`], [`GradAccumulator`]: pure building blocks;
-//! * [`OptimConfig`]: every knob, with the reference's defaults.
+//! * [`OptimConfig`]: every knob, with the reference's defaults;
+//! * [`CollaborativeOptimizer`]: the async driver over a [`ProgressBoard`] (the DHT,
+//!   [`DhtProgressBoard`]) and a [`SwarmAverager`] (the averaging layer);
+//! * [`LocalOptimizer`]: SGD with momentum, AdamW, LAMB from `colony-kernels`.
+//!
+//! Re-exports of the kernels' hyperparameter types: [`Sgd`], [`AdamW`], [`Lamb`],
+//! [`Layout`].
 
 mod accumulator;
+mod averager;
+mod board;
 mod config;
+mod driver;
 mod ema;
 mod error;
+mod local;
 mod progress;
 mod schedule;
 pub mod tracker;
 
 pub use accumulator::GradAccumulator;
+pub use averager::{AveragingRole, PeerState, SwarmAverager};
+pub use board::{DhtProgressBoard, ProgressBoard, TrainingProgressSchema};
+pub use colony_kernels::{AdamW, Lamb, Layout, Sgd};
 pub use config::OptimConfig;
+pub use driver::{CollaborativeOptimizer, StepOutcome};
 pub use ema::PerformanceEma;
 pub use error::{OptimError, Result};
+pub use local::{LocalOptimizer, LocalOptimizerKind};
 pub use progress::{MAX_SAMPLES_PER_SECOND, TrainingProgress};
 pub use schedule::LrSchedule;
 pub use tracker::{CollaborationState, LocalProgress, PeerRecord, StepPlan};

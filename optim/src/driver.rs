@@ -1,0 +1,683 @@
+//! [`CollaborativeOptimizer`]: the async driver that connects the pure state machine to a
+//! [`ProgressBoard`] (the DHT) and a [`SwarmAverager`].
+
+use std::{
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    time::Duration,
+};
+
+use tokio::{
+    sync::{Notify, mpsc, watch},
+    task::JoinHandle,
+};
+
+use crate::{
+    accumulator::GradAccumulator,
+    averager::{PeerState, SwarmAverager},
+    board::ProgressBoard,
+    config::OptimConfig,
+    ema::PerformanceEma,
+    error::{OptimError, Result},
+    local::LocalOptimizer,
+    progress::TrainingProgress,
+    tracker::{
+        CollaborationState, LocalProgress, PeerRecord, StepPlan, estimate_collaboration_state,
+        next_local_step, plan_step,
+    },
+};
+
+/// What one call to [`CollaborativeOptimizer::step`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepOutcome {
+    /// Gradients were accumulated; the swarm has not reached the target yet.
+    Accumulated,
+    /// A global step was taken; this peer is now at `step`.
+    Stepped {
+        /// The new local step.
+        step: u64,
+        /// Peers in the averaging group (1: stepped on local gradients).
+        group_size: usize,
+    },
+    /// This peer was out of sync and downloaded the state; it is now at `step`.
+    LoadedState {
+        /// The step of the loaded state.
+        step: u64,
+    },
+    /// This peer is out of sync but no peer offered a newer state; nothing was done.
+    OutOfSync,
+}
+
+/// What the background tasks and the caller share.
+#[derive(Debug)]
+struct Shared {
+    state: CollaborationState,
+    records: Vec<PeerRecord>,
+}
+
+fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
+    shared.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn secs(s: f64) -> Duration {
+    Duration::try_from_secs_f64(s).unwrap_or(Duration::MAX)
+}
+
+/// The collaborative optimizer: accumulate locally, step together.
+///
+/// Holds the model's parameters and a gradient buffer (the reference's `.grad`), both
+/// flat. A training loop writes a micro-batch's gradient into
+/// [`grads_mut`](Self::grads_mut), calls [`step`](Self::step) with the batch size, and
+/// reads [`params`](Self::params) for the next forward pass. Two background tasks
+/// publish this peer's progress (on change and every `metadata_expiration / 2`) and
+/// refresh the collaboration estimate on the adaptive schedule.
+///
+/// Dropping the optimizer stops the background tasks; call [`shutdown`](Self::shutdown)
+/// to also tell peers that this one left.
+pub struct CollaborativeOptimizer<B: ProgressBoard, A: SwarmAverager> {
+    config: OptimConfig,
+    board: B,
+    averager: A,
+    params: Vec<f32>,
+    grads: Vec<f32>,
+    scratch: Vec<f32>,
+    local: LocalOptimizer,
+    accumulator: GradAccumulator,
+    ema: PerformanceEma,
+    local_step: u64,
+    last_step_time: Option<f64>,
+    shared: Arc<Mutex<Shared>>,
+    state_updated: Arc<Notify>,
+    progress: watch::Sender<LocalProgress>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl<B: ProgressBoard, A: SwarmAverager> std::fmt::Debug for CollaborativeOptimizer<B, A> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CollaborativeOptimizer")
+            .field("prefix", &self.config.prefix)
+            .field("local_step", &self.local_step)
+            .field("num_params", &self.params.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
+    /// Starts an optimizer for `params` (initial values, identical on every peer or loaded
+    /// later with [`load_state_from_peers`](Self::load_state_from_peers)), reading the
+    /// collaboration state once before returning. `wake` receives a message whenever
+    /// peers push new progress (see [`DhtProgressBoard::new`](crate::DhtProgressBoard::new)).
+    ///
+    /// Must be called inside a tokio runtime.
+    ///
+    /// # Errors
+    /// [`OptimError::InvalidConfig`] or [`OptimError::LengthMismatch`].
+    pub async fn new(
+        config: OptimConfig,
+        params: Vec<f32>,
+        local: LocalOptimizer,
+        board: B,
+        averager: A,
+        wake: Option<mpsc::Receiver<()>>,
+    ) -> Result<Self> {
+        config.validate()?;
+        if params.len() != local.num_params() {
+            return Err(OptimError::LengthMismatch {
+                what: "parameters",
+                expected: local.num_params(),
+                actual: params.len(),
+            });
+        }
+        let n = params.len();
+        let now = board.now();
+        let local_progress = LocalProgress {
+            step: 0,
+            samples_accumulated: 0,
+            samples_per_second: 0.0,
+            client_mode: config.client_mode,
+        };
+        let records = fetch_records(&board, &config).await.unwrap_or_default();
+        let state = estimate_collaboration_state(
+            &config,
+            &local_progress,
+            &board.self_key(),
+            &records,
+            now,
+        );
+        let shared = Arc::new(Mutex::new(Shared { state, records }));
+        let state_updated = Arc::new(Notify::new());
+        let (progress, progress_rx) = watch::channel(local_progress);
+        let mut tasks = vec![tokio::spawn(refresh_loop(
+            config.clone(),
+            board.clone(),
+            shared.clone(),
+            state_updated.clone(),
+            progress_rx.clone(),
+            wake,
+        ))];
+        if !config.auxiliary {
+            tasks.push(tokio::spawn(report_loop(
+                config.clone(),
+                board.clone(),
+                progress_rx,
+            )));
+        }
+        Ok(Self {
+            accumulator: GradAccumulator::new(
+                n,
+                config.batch_size_per_step,
+                config.reuse_grad_buffers,
+            ),
+            ema: PerformanceEma::new(config.performance_ema_alpha, now),
+            config,
+            board,
+            averager,
+            grads: vec![0.0; n],
+            scratch: vec![0.0; n],
+            params,
+            local,
+            local_step: 0,
+            last_step_time: None,
+            shared,
+            state_updated,
+            progress,
+            tasks,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &OptimConfig {
+        &self.config
+    }
+
+    /// The parameters, flat.
+    pub fn params(&self) -> &[f32] {
+        &self.params
+    }
+
+    /// The parameters, writable (for initialisation from a checkpoint).
+    pub fn params_mut(&mut self) -> &mut [f32] {
+        &mut self.params
+    }
+
+    /// The gradient buffer: write one micro-batch's gradient here before
+    /// [`step`](Self::step) (with `reuse_grad_buffers`: add to it, never zero it).
+    pub fn grads_mut(&mut self) -> &mut [f32] {
+        &mut self.grads
+    }
+
+    /// The local optimizer (and its state).
+    pub fn local_optimizer(&self) -> &LocalOptimizer {
+        &self.local
+    }
+
+    /// This peer's step.
+    pub fn local_step(&self) -> u64 {
+        self.local_step
+    }
+
+    /// Samples accumulated locally toward the next step.
+    pub fn local_samples(&self) -> u64 {
+        self.accumulator.local_samples()
+    }
+
+    /// This peer's measured throughput (samples per second).
+    pub fn samples_per_second(&self) -> f64 {
+        self.ema.samples_per_second()
+    }
+
+    /// The learning rate at the current step.
+    pub fn learning_rate(&self) -> f64 {
+        self.config.lr_schedule.lr_at(self.local_step)
+    }
+
+    /// The latest collaboration estimate.
+    pub fn collaboration_state(&self) -> CollaborationState {
+        lock(&self.shared).state.clone()
+    }
+
+    /// The progress records behind the latest estimate (for monitoring).
+    pub fn peer_records(&self) -> Vec<PeerRecord> {
+        lock(&self.shared).records.clone()
+    }
+
+    /// The averaging layer.
+    pub fn averager_mut(&mut self) -> &mut A {
+        &mut self.averager
+    }
+
+    fn is_synchronized(&self) -> bool {
+        lock(&self.shared)
+            .state
+            .is_synchronized(self.local_step, self.config.step_tolerance)
+    }
+
+    fn report(&self) {
+        let progress = LocalProgress {
+            step: self.local_step,
+            samples_accumulated: self.accumulator.local_samples(),
+            samples_per_second: self.ema.samples_per_second(),
+            client_mode: self.config.client_mode,
+        };
+        self.progress.send_replace(progress);
+    }
+
+    async fn refresh_now(&self) -> CollaborationState {
+        let now = self.board.now();
+        let local = *self.progress.borrow();
+        match fetch_records(&self.board, &self.config).await {
+            Ok(records) => {
+                let state = estimate_collaboration_state(
+                    &self.config,
+                    &local,
+                    &self.board.self_key(),
+                    &records,
+                    now,
+                );
+                let mut shared = lock(&self.shared);
+                shared.state = state.clone();
+                shared.records = records;
+                drop(shared);
+                self.state_updated.notify_one();
+                state
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not refresh the collaboration state");
+                lock(&self.shared).state.clone()
+            }
+        }
+    }
+
+    /// Accumulates the gradient in [`grads_mut`](Self::grads_mut) for `batch_size`
+    /// samples (default: `batch_size_per_step`), reports progress, and when the swarm is
+    /// ready averages with it and takes the global step.
+    ///
+    /// # Errors
+    /// [`OptimError::MissingBatchSize`], [`OptimError::ZeroBatchSize`],
+    /// [`OptimError::NonFiniteGradients`] (the batch is skipped, nothing else changes),
+    /// [`OptimError::Kernel`]. A failed averaging round is not an error: the peer steps
+    /// on its own gradients, as the reference does.
+    ///
+    /// # Cancel safety
+    /// Not cancel safe: cancelling during averaging leaves the accumulated gradients in
+    /// place but may skip this peer's step.
+    pub async fn step(&mut self, batch_size: Option<u64>) -> Result<StepOutcome> {
+        if self.config.auxiliary {
+            return Err(OptimError::InvalidConfig {
+                field: "auxiliary",
+                reason: "auxiliary peers call step_aux, not step".to_owned(),
+            });
+        }
+        if !self.is_synchronized() {
+            tracing::info!(local_step = self.local_step, "peer is out of sync");
+            return self.resync().await;
+        }
+        let now = self.board.now();
+        if let Some(last) = self.last_step_time
+            && now - last > self.config.metadata_expiration
+        {
+            tracing::warn!(
+                seconds = now - last,
+                expiration = self.config.metadata_expiration,
+                "training step took longer than the progress records live"
+            );
+        }
+        self.last_step_time = Some(now);
+        let batch = match self.accumulator.accumulate(&self.grads, batch_size) {
+            Ok(batch) => batch,
+            Err(e @ OptimError::NonFiniteGradients { .. }) => {
+                if !self.accumulator.reuses_grad_buffers() {
+                    self.grads.fill(0.0);
+                }
+                tracing::warn!(error = %e, "skipping a batch with non-finite gradients");
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        };
+        self.ema.update(batch, now);
+        self.report();
+
+        let ready = lock(&self.shared)
+            .state
+            .ready_for_step(self.local_step, now);
+        if !ready {
+            return Ok(StepOutcome::Accumulated);
+        }
+        tracing::debug!(step = self.local_step, "beginning global optimizer step");
+        let state = self.refresh_now().await;
+        match plan_step(
+            &self.config,
+            self.local_step,
+            self.accumulator.local_samples(),
+            &state,
+        ) {
+            StepPlan::LoadState => self.resync().await,
+            StepPlan::Average { weight } => self.global_step(Some(weight), &state).await,
+            StepPlan::StepAlone => self.global_step(None, &state).await,
+        }
+    }
+
+    async fn resync(&mut self) -> Result<StepOutcome> {
+        if self.load_state_from_peers().await? {
+            Ok(StepOutcome::LoadedState {
+                step: self.local_step,
+            })
+        } else {
+            Ok(StepOutcome::OutOfSync)
+        }
+    }
+
+    async fn global_step(
+        &mut self,
+        weight: Option<f64>,
+        state: &CollaborationState,
+    ) -> Result<StepOutcome> {
+        self.ema.pause();
+        let result = self.average_and_apply(weight, state).await;
+        self.ema.resume(self.board.now());
+        result
+    }
+
+    async fn average_and_apply(
+        &mut self,
+        weight: Option<f64>,
+        state: &CollaborationState,
+    ) -> Result<StepOutcome> {
+        let n = self.params.len();
+        // The mean gradient of this peer's samples (reuse mode: the caller's sum / calls).
+        if self.accumulator.reuses_grad_buffers() {
+            self.accumulator.mean_gradient(&mut self.grads)?;
+            self.scratch.copy_from_slice(&self.grads);
+        } else {
+            self.accumulator.mean_gradient(&mut self.scratch)?;
+        }
+        let mut weight = weight;
+        if !self.scratch.iter().all(|g| g.is_finite()) {
+            // Only reachable in reuse mode (the accumulator refuses non-finite batches):
+            // tag along with weight zero so the round does not stall, never send poison.
+            tracing::warn!("accumulated gradients are not finite; averaging with weight 0");
+            self.scratch.fill(0.0);
+            weight = weight.map(|_| 0.0);
+        }
+        let mut group_size = 1;
+        if let Some(weight) = weight {
+            let mut buf = Vec::with_capacity(2 * n + self.local.state().len());
+            buf.extend_from_slice(&self.params);
+            buf.extend_from_slice(&self.scratch);
+            buf.extend_from_slice(self.local.state());
+            let timeout = secs(self.config.averaging_timeout);
+            match self
+                .averager
+                .average(&mut buf, weight, self.local_step, timeout)
+                .await
+            {
+                Ok(size) if buf.iter().all(|v| v.is_finite()) => {
+                    group_size = size;
+                    self.params.copy_from_slice(&buf[..n]);
+                    self.scratch.copy_from_slice(&buf[n..2 * n]);
+                    self.local.state_mut().copy_from_slice(&buf[2 * n..]);
+                    tracing::debug!(group_size, "averaged with peers");
+                }
+                Ok(_) => {
+                    tracing::warn!("averaging returned non-finite values; using local tensors")
+                }
+                Err(e) => {
+                    tracing::info!(error = %e, "skipped averaging; stepping on local gradients")
+                }
+            }
+        }
+        let lr = self.config.lr_schedule.lr_at(self.local_step);
+        self.local
+            .step(&mut self.params, &self.scratch, lr, self.local_step)?;
+        self.accumulator.reset(Some(&mut self.grads));
+        if !self.accumulator.reuses_grad_buffers() {
+            self.grads.fill(0.0);
+        }
+        self.local_step = next_local_step(self.local_step, state.optimizer_step, group_size > 1);
+        lock(&self.shared).state.register_step(self.local_step);
+        self.state_updated.notify_one();
+        self.report();
+        self.share_state().await;
+        Ok(StepOutcome::Stepped {
+            step: self.local_step,
+            group_size,
+        })
+    }
+
+    async fn share_state(&mut self) {
+        let state = PeerState {
+            step: self.local_step,
+            params: self.params.clone(),
+            optimizer_state: self.local.state().to_vec(),
+        };
+        if let Err(e) = self.averager.share_state(state).await {
+            tracing::warn!(error = %e, "could not share the state");
+        }
+    }
+
+    /// For auxiliary peers: when the swarm is ready, helps it average without sending
+    /// gradients, and advances the local step.
+    ///
+    /// # Errors
+    /// [`OptimError::InvalidConfig`] on a non-auxiliary peer.
+    pub async fn step_aux(&mut self) -> Result<StepOutcome> {
+        if !self.config.auxiliary {
+            return Err(OptimError::InvalidConfig {
+                field: "auxiliary",
+                reason: "only auxiliary peers call step_aux".to_owned(),
+            });
+        }
+        let now = self.board.now();
+        let ready = lock(&self.shared)
+            .state
+            .ready_for_step(self.local_step, now);
+        if !ready {
+            return Ok(StepOutcome::Accumulated);
+        }
+        let state = self.refresh_now().await;
+        let len = 2 * self.params.len() + self.local.state().len();
+        let step = self.local_step.max(state.optimizer_step);
+        let group_size = match self
+            .averager
+            .assist(len, step, secs(self.config.averaging_timeout))
+            .await
+        {
+            Ok(size) => size,
+            Err(e) => {
+                tracing::info!(error = %e, "auxiliary averaging round failed");
+                1
+            }
+        };
+        self.local_step = step.saturating_add(1);
+        lock(&self.shared).state.register_step(self.local_step);
+        self.state_updated.notify_one();
+        Ok(StepOutcome::Stepped {
+            step: self.local_step,
+            group_size,
+        })
+    }
+
+    /// Downloads the most advanced state offered by a peer and installs it (parameters,
+    /// optimizer state, step), dropping local accumulated gradients. Returns whether a
+    /// state was installed. A donor older than this peer, or one whose tensors have the
+    /// wrong size or are not finite, is refused.
+    ///
+    /// # Errors
+    /// Never for a missing or bad donor (`Ok(false)`); only for local failures.
+    pub async fn load_state_from_peers(&mut self) -> Result<bool> {
+        let timeout = secs(self.config.load_state_timeout);
+        let loaded = match self.averager.load_state(timeout).await {
+            Ok(Some(state)) => state,
+            Ok(None) => {
+                tracing::info!("no peer offered a state");
+                return Ok(false);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "loading the state from peers failed");
+                return Ok(false);
+            }
+        };
+        let ok_sizes = loaded.params.len() == self.params.len()
+            && loaded.optimizer_state.len() == self.local.state().len();
+        let finite = loaded
+            .params
+            .iter()
+            .chain(&loaded.optimizer_state)
+            .all(|v| v.is_finite());
+        if !ok_sizes || !finite || loaded.step < self.local_step {
+            tracing::warn!(
+                donor_step = loaded.step,
+                local_step = self.local_step,
+                ok_sizes,
+                finite,
+                "refusing a downloaded state"
+            );
+            return Ok(false);
+        }
+        self.params.copy_from_slice(&loaded.params);
+        self.local
+            .state_mut()
+            .copy_from_slice(&loaded.optimizer_state);
+        self.local_step = loaded.step;
+        self.accumulator.reset(Some(&mut self.grads));
+        self.grads.fill(0.0);
+        self.ema.reset_timer(self.board.now());
+        lock(&self.shared).state.register_step(self.local_step);
+        self.report();
+        self.state_updated.notify_one();
+        self.share_state().await;
+        tracing::info!(step = self.local_step, "loaded state from peers");
+        Ok(true)
+    }
+
+    /// Stops the background tasks and averaging, and publishes a goodbye (nil) record so
+    /// peers stop counting this one at once instead of after `metadata_expiration`.
+    ///
+    /// # Errors
+    /// [`OptimError::Dht`] if the goodbye could not be stored.
+    pub async fn shutdown(mut self) -> Result<()> {
+        for task in self.tasks.drain(..) {
+            task.abort();
+        }
+        self.averager.shutdown().await;
+        let expiration = self.board.now() + self.config.metadata_expiration;
+        let goodbye = self.board.publish(None, expiration);
+        match tokio::time::timeout(secs(self.config.request_timeout), goodbye).await {
+            Ok(result) => result,
+            Err(_) => Err(OptimError::Dht {
+                operation: "goodbye",
+                message: "timed out".to_owned(),
+            }),
+        }
+    }
+}
+
+impl<B: ProgressBoard, A: SwarmAverager> Drop for CollaborativeOptimizer<B, A> {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+async fn fetch_records<B: ProgressBoard>(
+    board: &B,
+    config: &OptimConfig,
+) -> Result<Vec<PeerRecord>> {
+    match tokio::time::timeout(secs(config.request_timeout), board.fetch()).await {
+        Ok(result) => result,
+        Err(_) => Err(OptimError::Dht {
+            operation: "fetch progress",
+            message: "timed out".to_owned(),
+        }),
+    }
+}
+
+async fn refresh_loop<B: ProgressBoard>(
+    config: OptimConfig,
+    board: B,
+    shared: Arc<Mutex<Shared>>,
+    updated: Arc<Notify>,
+    progress: watch::Receiver<LocalProgress>,
+    mut wake: Option<mpsc::Receiver<()>>,
+) {
+    let self_key = board.self_key();
+    let mut last_fetch = f64::NEG_INFINITY;
+    loop {
+        let next = lock(&shared).state.next_fetch_time;
+        let wait = secs((next - board.now()).max(0.0));
+        let woken = async {
+            match wake.as_mut() {
+                Some(rx) => rx.recv().await.is_some(),
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = updated.notified() => continue,
+            alive = woken => {
+                if !alive {
+                    wake = None;
+                    continue;
+                }
+                // Pushed progress: refresh now, but never more often than the minimum.
+                let since = board.now() - last_fetch;
+                if since < config.min_refresh_period {
+                    tokio::time::sleep(secs(config.min_refresh_period - since)).await;
+                }
+            }
+        }
+        last_fetch = board.now();
+        let records = match fetch_records(&board, &config).await {
+            Ok(records) => records,
+            Err(e) => {
+                tracing::debug!(error = %e, "progress fetch failed");
+                let mut s = lock(&shared);
+                s.state.next_fetch_time = board.now() + config.min_refresh_period.max(1.0);
+                continue;
+            }
+        };
+        let local = *progress.borrow();
+        let state = estimate_collaboration_state(&config, &local, &self_key, &records, board.now());
+        let mut s = lock(&shared);
+        // A global step taken meanwhile must not be undone by an older estimate.
+        let mut state = state;
+        if s.state.optimizer_step > state.optimizer_step && local.step < s.state.optimizer_step {
+            state.optimizer_step = s.state.optimizer_step;
+        }
+        s.state = state;
+        s.records = records;
+    }
+}
+
+async fn report_loop<B: ProgressBoard>(
+    config: OptimConfig,
+    board: B,
+    mut progress: watch::Receiver<LocalProgress>,
+) {
+    let period = secs(config.metadata_expiration / 2.0);
+    let peer_id = board.peer_id();
+    loop {
+        tokio::select! {
+            changed = progress.changed() => if changed.is_err() { break },
+            () = tokio::time::sleep(period) => {}
+        }
+        let local = *progress.borrow_and_update();
+        let now = board.now();
+        let record = TrainingProgress {
+            peer_id: peer_id.clone(),
+            step: local.step,
+            samples_accumulated: local.samples_accumulated,
+            samples_per_second: local
+                .samples_per_second
+                .clamp(0.0, crate::MAX_SAMPLES_PER_SECOND),
+            time: now,
+            client_mode: local.client_mode,
+        };
+        let publish = board.publish(Some(record), now + config.metadata_expiration);
+        match tokio::time::timeout(secs(config.request_timeout), publish).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!(error = %e, "progress report failed"),
+            Err(_) => tracing::debug!("progress report timed out"),
+        }
+    }
+}
