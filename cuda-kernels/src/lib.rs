@@ -53,7 +53,7 @@ pub use error::{KernelError, Result};
 pub use half::f16;
 pub use layout::{DEFAULT_ALIGNMENT, Layout, TensorEntry, TensorSpec};
 pub use ops::{
-    accumulate, adamw_step, all_finite, decode_f16, decode_f16_accumulate, decode_q8,
+    accumulate, adamw_step, all_finite, copy, decode_f16, decode_f16_accumulate, decode_q8,
     decode_q8_accumulate, encode_f16, encode_q8, lamb_step, scale, sgd_step, weighted_average,
     weighted_delta, weighted_sum,
 };

@@ -41,6 +41,20 @@ pub fn accumulate(acc: &mut Buffer<f32>, grad: &Buffer<f32>, alpha: f32) -> Resu
     }
 }
 
+/// `dst = src` on the buffers' device (a plain copy: the bandwidth baseline).
+///
+/// # Errors
+/// [`KernelError::DeviceMismatch`], [`KernelError::LengthMismatch`], or a CUDA error.
+pub fn copy(dst: &mut Buffer<f32>, src: &Buffer<f32>) -> Result<()> {
+    const OP: &str = "copy";
+    let dev = same_device(OP, dst.device(), &[src.device()])?;
+    check_len(OP, "src", dst.len(), src.len())?;
+    match dev {
+        Device::Cpu => cpu::copy(dst.host_mut()?, src.host()?),
+        Device::Cuda(_) => gpu::copy(dst, src),
+    }
+}
+
 /// `buf *= s`.
 ///
 /// # Errors
@@ -352,5 +366,27 @@ pub fn lamb_step(
             step,
         ),
         Device::Cuda(_) => gpu::lamb_step(params, grads, exp_avg, exp_avg_sq, layout, hp, step),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_device_reports_the_odd_one_out() {
+        let e = same_device("op", Device::Cpu, &[Device::Cpu, Device::Cuda(1)]);
+        assert!(matches!(
+            e,
+            Err(KernelError::DeviceMismatch {
+                op: "op",
+                expected: Device::Cpu,
+                actual: Device::Cuda(1)
+            })
+        ));
+        assert_eq!(
+            same_device("op", Device::Cuda(0), &[Device::Cuda(0)]).unwrap(),
+            Device::Cuda(0)
+        );
     }
 }

@@ -70,6 +70,18 @@ pub(crate) fn accumulate(acc: &mut Buffer<f32>, grad: &Buffer<f32>, alpha: f32) 
     launch(b, cfg, "accumulate_f32")
 }
 
+pub(crate) fn copy(dst: &mut Buffer<f32>, src: &Buffer<f32>) -> Result<()> {
+    let s = st(src)?;
+    let d = st_mut(dst)?;
+    if s.len() == 0 {
+        return Ok(());
+    }
+    let dev = d.dev.clone();
+    dev.stream
+        .memcpy_dtod(&s.slice, &mut d.slice)
+        .map_err(driver_err("copying on the device"))
+}
+
 pub(crate) fn scale(buf: &mut Buffer<f32>, s: f32) -> Result<()> {
     let a = st_mut(buf)?;
     if a.len() == 0 {

@@ -31,6 +31,9 @@ pub(crate) mod stub_ops {
     pub(crate) fn accumulate(_: &mut Buffer<f32>, _: &Buffer<f32>, _: f32) -> Result<()> {
         Err(E)
     }
+    pub(crate) fn copy(_: &mut Buffer<f32>, _: &Buffer<f32>) -> Result<()> {
+        Err(E)
+    }
     pub(crate) fn scale(_: &mut Buffer<f32>, _: f32) -> Result<()> {
         Err(E)
     }
