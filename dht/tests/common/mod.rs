@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code, unreachable_pub, missing_docs)]
 
+pub mod attacker;
+
 use std::time::Duration;
 
 use colony_dht::{Dht, DhtConfig, IdentitySource, Multiaddr};
