@@ -87,6 +87,7 @@ pub struct CollaborativeOptimizer<B: ProgressBoard, A: SwarmAverager> {
     last_step_time: Option<f64>,
     shared: Arc<Mutex<Shared>>,
     state_updated: Arc<Notify>,
+    version: watch::Receiver<u64>,
     progress: watch::Sender<LocalProgress>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -146,6 +147,7 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
         let shared = Arc::new(Mutex::new(Shared { state, records }));
         let state_updated = Arc::new(Notify::new());
         let (progress, progress_rx) = watch::channel(local_progress);
+        let (version_tx, version) = watch::channel(0u64);
         let mut tasks = vec![tokio::spawn(refresh_loop(
             config.clone(),
             board.clone(),
@@ -153,6 +155,7 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
             state_updated.clone(),
             progress_rx.clone(),
             wake,
+            version_tx,
         ))];
         if !config.auxiliary {
             tasks.push(tokio::spawn(report_loop(
@@ -179,6 +182,7 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
             last_step_time: None,
             shared,
             state_updated,
+            version,
             progress,
             tasks,
         })
@@ -238,6 +242,31 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
     /// The progress records behind the latest estimate (for monitoring).
     pub fn peer_records(&self) -> Vec<PeerRecord> {
         lock(&self.shared).records.clone()
+    }
+
+    /// Waits until the background task refreshes the collaboration state, at most
+    /// `timeout`. Returns whether it did.
+    ///
+    /// # Cancel safety
+    /// Cancel safe.
+    pub async fn state_changed(&mut self, timeout: Duration) -> bool {
+        matches!(
+            tokio::time::timeout(timeout, self.version.changed()).await,
+            Ok(Ok(()))
+        )
+    }
+
+    /// Runs the global step if the swarm is ready, without adding samples (for a peer
+    /// that already contributed and waits for the others, or ran out of data).
+    ///
+    /// # Errors
+    /// As [`step`](Self::step).
+    pub async fn poll_step(&mut self) -> Result<StepOutcome> {
+        if !self.is_synchronized() {
+            return self.resync().await;
+        }
+        self.report();
+        self.maybe_global_step().await
     }
 
     /// The averaging layer.
@@ -335,10 +364,16 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
         };
         self.ema.update(batch, now);
         self.report();
+        self.maybe_global_step().await
+    }
 
-        let ready = lock(&self.shared)
-            .state
-            .ready_for_step(self.local_step, now);
+    async fn maybe_global_step(&mut self) -> Result<StepOutcome> {
+        let now = self.board.now();
+        // The cached estimate may predate this peer's latest samples.
+        let ready = self.accumulator.local_samples() >= self.config.target_batch_size
+            || lock(&self.shared)
+                .state
+                .ready_for_step(self.local_step, now);
         if !ready {
             return Ok(StepOutcome::Accumulated);
         }
@@ -467,9 +502,11 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
             });
         }
         let now = self.board.now();
-        let ready = lock(&self.shared)
-            .state
-            .ready_for_step(self.local_step, now);
+        // The cached estimate may predate this peer's latest samples.
+        let ready = self.accumulator.local_samples() >= self.config.target_batch_size
+            || lock(&self.shared)
+                .state
+                .ready_for_step(self.local_step, now);
         if !ready {
             return Ok(StepOutcome::Accumulated);
         }
@@ -599,6 +636,7 @@ async fn refresh_loop<B: ProgressBoard>(
     updated: Arc<Notify>,
     progress: watch::Receiver<LocalProgress>,
     mut wake: Option<mpsc::Receiver<()>>,
+    version: watch::Sender<u64>,
 ) {
     let self_key = board.self_key();
     let mut last_fetch = f64::NEG_INFINITY;
@@ -646,6 +684,8 @@ async fn refresh_loop<B: ProgressBoard>(
         }
         s.state = state;
         s.records = records;
+        drop(s);
+        version.send_modify(|v| *v = v.wrapping_add(1));
     }
 }
 
