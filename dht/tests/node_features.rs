@@ -1,0 +1,268 @@
+//! Expiration, withdrawal, pub/sub, streams, identity files, shutdown.
+
+mod common;
+
+use std::time::Duration;
+
+use colony_dht::{Dht, DhtConfig, DhtError, DhtValue, IdentitySource, StreamProtocol, dht_time};
+use common::{expires_in, msgpack, swarm};
+use futures::{AsyncReadExt, AsyncWriteExt};
+
+const T: Duration = Duration::from_secs(60);
+
+async fn sleep_until_dht_time(t: f64) {
+    let wait = (t - dht_time()).max(0.0);
+    tokio::time::sleep(Duration::from_secs_f64(wait)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiration_ordering_and_withdrawal() {
+    common::init_tracing();
+    tokio::time::timeout(T, async {
+        let (nodes, clients) = swarm(11, 4, 1).await;
+        let (a, b, c) = (&nodes[1], &nodes[2], &clients[0]);
+
+        // Newer expiration wins; older or equal loses, everywhere.
+        let e = expires_in(60.0);
+        assert!(
+            a.store(b"k", None, msgpack(&1), e)
+                .await
+                .unwrap()
+                .is_stored()
+        );
+        assert!(
+            b.store(b"k", None, msgpack(&2), e + 1.0)
+                .await
+                .unwrap()
+                .is_stored()
+        );
+        let lost = b.store(b"k", None, msgpack(&3), e + 0.5).await.unwrap();
+        assert!(!lost.accepted);
+        for n in nodes.iter().chain(clients.iter()) {
+            let got = n.get(b"k", true).await.unwrap();
+            assert_eq!(
+                got,
+                Some(DhtValue::Regular {
+                    value: msgpack(&2),
+                    expiration: e + 1.0
+                })
+            );
+        }
+
+        // A short-lived value disappears from every node once expired.
+        let short = expires_in(1.5);
+        assert!(
+            c.store(b"short", None, msgpack(&"x"), short)
+                .await
+                .unwrap()
+                .is_stored()
+        );
+        assert!(a.get(b"short", false).await.unwrap().is_some());
+        sleep_until_dht_time(short + 0.05).await;
+        for n in &nodes {
+            assert_eq!(n.get(b"short", true).await.unwrap(), None);
+            assert_eq!(n.get(b"short", false).await.unwrap(), None);
+        }
+
+        // Subkeys: each writer its own; nil with a later expiration withdraws.
+        let key = b"group";
+        let e = expires_in(60.0);
+        for n in [a, b, c] {
+            assert!(
+                n.store(key, Some(&n.owner_subkey()), msgpack(&true), e)
+                    .await
+                    .unwrap()
+                    .is_stored()
+            );
+        }
+        assert!(
+            a.store(key, Some(&a.owner_subkey()), vec![0xc0], e + 0.001)
+                .await
+                .unwrap()
+                .is_stored()
+        );
+        let short = expires_in(1.5);
+        assert!(
+            b.store(key, Some(b"unowned-short"), msgpack(&1), short)
+                .await
+                .unwrap()
+                .is_stored()
+        );
+        let got = nodes[3].get(key, true).await.unwrap().unwrap();
+        let d = got.as_dictionary().unwrap();
+        assert_eq!(d.len(), 4);
+        assert_eq!(d[&a.owner_subkey()].value, vec![0xc0]);
+        assert_eq!(d[&b.owner_subkey()].value, msgpack(&true));
+        sleep_until_dht_time(short + 0.05).await;
+        let got = nodes[0].get(key, true).await.unwrap().unwrap();
+        assert_eq!(
+            got.as_dictionary().unwrap().len(),
+            3,
+            "expired subkey dropped"
+        );
+        for n in nodes.iter().chain(clients.iter()) {
+            n.shutdown().await;
+        }
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pubsub_and_streams() {
+    common::init_tracing();
+    tokio::time::timeout(T, async {
+        let (nodes, clients) = swarm(12, 4, 1).await;
+        let client = &clients[0];
+        let mut subs = Vec::new();
+        for n in nodes.iter().skip(1) {
+            subs.push(n.subscribe("progress").await.unwrap());
+        }
+        // Publishing fails until some peer's subscription is known; then
+        // gossipsub's flood publishing reaches every subscriber.
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match client.publish("progress", b"hello".to_vec()).await {
+                Ok(()) => {
+                    let mut all = true;
+                    for s in &mut subs {
+                        match tokio::time::timeout(Duration::from_millis(500), s.recv()).await {
+                            Ok(Some(m)) => {
+                                assert_eq!(m.data, b"hello");
+                                assert_eq!(m.source, Some(client.peer_id()));
+                            }
+                            _ => all = false,
+                        }
+                    }
+                    if all {
+                        break;
+                    }
+                }
+                Err(DhtError::PubSub { .. }) => {}
+                Err(e) => panic!("{e}"),
+            }
+            assert!(attempts < 40, "gossip never reached all subscribers");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let too_big = vec![0u8; DhtConfig::default().max_gossip_size + 1];
+        assert!(matches!(
+            client.publish("progress", too_big).await,
+            Err(DhtError::PubSub { .. })
+        ));
+
+        // Streams: the server accepts; the client (which dialed it) and a
+        // server found through the DHT open streams by peer id.
+        let protocol = StreamProtocol::new("/colony/test-echo/1");
+        let server = nodes[3].clone();
+        let mut incoming = server.accept_streams(protocol.clone(), 8).unwrap();
+        assert!(matches!(
+            server.accept_streams(protocol.clone(), 8),
+            Err(DhtError::AlreadyRegistered { .. })
+        ));
+        let echo = tokio::spawn(async move {
+            for _ in 0..2 {
+                let (_, mut s) = incoming.recv().await.expect("stream");
+                let mut buf = [0u8; 4];
+                s.read_exact(&mut buf).await.unwrap();
+                s.write_all(&buf).await.unwrap();
+                s.close().await.unwrap();
+            }
+        });
+        for opener in [client, &nodes[1]] {
+            let mut s = opener
+                .open_stream(server.peer_id(), protocol.clone())
+                .await
+                .unwrap();
+            s.write_all(b"ping").await.unwrap();
+            let mut buf = [0u8; 4];
+            s.read_exact(&mut buf).await.unwrap();
+            assert_eq!(&buf, b"ping");
+        }
+        echo.await.unwrap();
+
+        // The server can reach the client-mode peer over its inbound connection
+        // and knows the address it dialed from.
+        let addrs = server
+            .peer_addresses(client.peer_id())
+            .await
+            .unwrap()
+            .expect("connected");
+        assert!(
+            addrs
+                .connected
+                .iter()
+                .any(|a| a.to_string().starts_with("/ip4/127.0.0.1/tcp/"))
+        );
+        assert!(addrs.listen.is_empty(), "a client listens nowhere");
+        let back = StreamProtocol::new("/colony/test-back/1");
+        let mut at_client = client.accept_streams(back.clone(), 1).unwrap();
+        let mut s = server.open_stream(client.peer_id(), back).await.unwrap();
+        s.write_all(b"x").await.unwrap();
+        s.close().await.unwrap();
+        let (from, _) = tokio::time::timeout(Duration::from_secs(10), at_client.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(from, server.peer_id());
+        assert!(client.listen_addrs().is_empty());
+        assert!(
+            server.listen_addrs()[0]
+                .to_string()
+                .ends_with(&format!("/p2p/{}", server.peer_id()))
+        );
+
+        // Shutdown stops the node; clones see it.
+        let twin = nodes[2].clone();
+        nodes[2].shutdown().await;
+        assert!(matches!(
+            twin.get(b"x", false).await,
+            Err(DhtError::Shutdown)
+        ));
+        nodes[2].shutdown().await;
+        for n in nodes.iter().chain(clients.iter()) {
+            n.shutdown().await;
+        }
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_file_keeps_peer_id_and_bootstrap_failure_is_typed() {
+    common::init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("node.key");
+    let config = || DhtConfig {
+        identity: IdentitySource::File(path.clone()),
+        ..DhtConfig::default()
+    };
+    let first = Dht::new(config()).await.unwrap();
+    let id = first.peer_id();
+    first.shutdown().await;
+    let second = Dht::new(config()).await.unwrap();
+    assert_eq!(second.peer_id(), id);
+    second.shutdown().await;
+
+    // An initial peer that does not answer.
+    let config = DhtConfig {
+        initial_peers: vec![format!("/ip4/127.0.0.1/tcp/1/p2p/{id}").parse().unwrap()],
+        bootstrap_timeout: Duration::from_secs(5),
+        ..DhtConfig::default()
+    };
+    assert!(matches!(
+        Dht::new(config).await,
+        Err(DhtError::Bootstrap { .. })
+    ));
+    assert!(matches!(
+        Dht::new(DhtConfig {
+            replication: 0,
+            ..DhtConfig::default()
+        })
+        .await,
+        Err(DhtError::Config {
+            field: "replication",
+            ..
+        })
+    ));
+}
