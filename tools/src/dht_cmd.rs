@@ -1,0 +1,271 @@
+//! `colony dht serve|store|get`: run a DHT node, or poke at a swarm.
+
+use std::{collections::BTreeMap, io::Write, path::PathBuf, time::Duration};
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use colony_dht::{Dht, DhtConfig, DhtValue, IdentitySource, Multiaddr, dht_time};
+
+/// DHT commands.
+#[derive(Debug, Subcommand)]
+pub(crate) enum DhtCommand {
+    /// Run a DHT node (a bootstrap node, or a relay for client-mode peers)
+    /// until Ctrl-C / SIGTERM. Prints `listening on <multiaddr>` per address.
+    Serve(ServeArgs),
+    /// Store a value (debugging): VALUE is parsed as JSON (`42`, `"text"`,
+    /// `{"a": 1}`); anything that is not JSON is stored as a string.
+    Store(StoreArgs),
+    /// Get a value (debugging); exits non-zero if the key is not found.
+    Get(GetArgs),
+}
+
+/// Options of `colony dht serve`.
+#[derive(Debug, Args)]
+pub(crate) struct ServeArgs {
+    /// Address to listen on (repeatable). Default: /ip4/127.0.0.1/tcp/0.
+    #[arg(long = "listen")]
+    listen: Vec<Multiaddr>,
+    /// Peer to bootstrap from, with /p2p/<peer id> (repeatable).
+    #[arg(long = "initial-peers")]
+    initial_peers: Vec<Multiaddr>,
+    /// Identity file: loaded if it exists, created otherwise (keeps the peer id).
+    #[arg(long)]
+    identity: Option<PathBuf>,
+    /// Client mode: listen nowhere, never serve the DHT.
+    #[arg(long)]
+    client: bool,
+}
+
+/// Options of `colony dht store`.
+#[derive(Debug, Args)]
+pub(crate) struct StoreArgs {
+    /// Peer to bootstrap from, with /p2p/<peer id> (repeatable).
+    #[arg(long = "initial-peers", required = true)]
+    initial_peers: Vec<Multiaddr>,
+    /// The key (UTF-8).
+    key: String,
+    /// The value (JSON, or a plain string).
+    value: String,
+    /// Store under this subkey of a dictionary (UTF-8).
+    #[arg(long)]
+    subkey: Option<String>,
+    /// Lifetime in seconds.
+    #[arg(long, default_value_t = 600.0)]
+    ttl: f64,
+}
+
+/// Options of `colony dht get`.
+#[derive(Debug, Args)]
+pub(crate) struct GetArgs {
+    /// Peer to bootstrap from, with /p2p/<peer id> (repeatable).
+    #[arg(long = "initial-peers", required = true)]
+    initial_peers: Vec<Multiaddr>,
+    /// The key (UTF-8).
+    key: String,
+    /// Ask every replica and merge (instead of the first answer).
+    #[arg(long)]
+    latest: bool,
+    /// Print the value(s) and expirations as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs a `colony dht` command on a fresh tokio runtime.
+pub(crate) fn run(command: DhtCommand) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    runtime.block_on(async {
+        match command {
+            DhtCommand::Serve(args) => serve(args).await,
+            DhtCommand::Store(args) => store(args).await,
+            DhtCommand::Get(args) => get(args).await,
+        }
+    })
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let mut config = if args.client {
+        DhtConfig::client(args.initial_peers)
+    } else {
+        DhtConfig {
+            initial_peers: args.initial_peers,
+            ..DhtConfig::default()
+        }
+    };
+    if !args.listen.is_empty() {
+        config.listen_addrs = args.listen;
+    }
+    if let Some(path) = args.identity {
+        config.identity = IdentitySource::File(path);
+    }
+    let dht = Dht::new(config).await.context("starting the DHT node")?;
+    {
+        let mut out = std::io::stdout().lock();
+        for addr in dht.listen_addrs() {
+            writeln!(out, "listening on {addr}")?;
+        }
+        if dht.is_client() {
+            writeln!(out, "client mode: peer id {}", dht.peer_id())?;
+        }
+        out.flush()?;
+    }
+    wait_for_signal().await?;
+    tracing::info!("shutting down");
+    dht.shutdown().await;
+    Ok(())
+}
+
+#[cfg(unix)]
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("waiting for Ctrl-C")?,
+        _ = term.recv() => {}
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+async fn wait_for_signal() -> anyhow::Result<()> {
+    tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")
+}
+
+async fn client(initial_peers: Vec<Multiaddr>) -> anyhow::Result<Dht> {
+    let config = DhtConfig {
+        query_timeout: Duration::from_secs(10),
+        ..DhtConfig::client(initial_peers)
+    };
+    Dht::new(config).await.context("joining the swarm")
+}
+
+async fn store(args: StoreArgs) -> anyhow::Result<()> {
+    if !(args.ttl.is_finite() && args.ttl > 0.0) {
+        bail!("--ttl must be a positive number of seconds");
+    }
+    let json: serde_json::Value =
+        serde_json::from_str(&args.value).unwrap_or(serde_json::Value::String(args.value.clone()));
+    let value = rmp_serde::to_vec_named(&json).context("encoding the value as MessagePack")?;
+    let dht = client(args.initial_peers).await?;
+    let expiration = dht_time() + args.ttl;
+    let outcome = dht
+        .store(
+            args.key.as_bytes(),
+            args.subkey.as_deref().map(str::as_bytes),
+            value,
+            expiration,
+        )
+        .await;
+    dht.shutdown().await;
+    let outcome = outcome.context("store failed")?;
+    if !outcome.is_stored() {
+        bail!(
+            "key {:?} not stored (accepted: {}, replicas: {})",
+            args.key,
+            outcome.accepted,
+            outcome.replicas
+        );
+    }
+    println!(
+        "stored {:?} on {} replicas, expires at {expiration:.3}",
+        args.key, outcome.replicas
+    );
+    Ok(())
+}
+
+/// MessagePack bytes as JSON: binary becomes a hex string, undecodable bytes
+/// become `{"raw_hex": ...}`.
+fn to_json(bytes: &[u8]) -> serde_json::Value {
+    match rmpv::decode::read_value(&mut &bytes[..]) {
+        Ok(v) => rmpv_to_json(&v),
+        Err(_) => serde_json::json!({ "raw_hex": hex::encode(bytes) }),
+    }
+}
+
+fn rmpv_to_json(v: &rmpv::Value) -> serde_json::Value {
+    use rmpv::Value as M;
+    use serde_json::Value as J;
+    match v {
+        M::Nil => J::Null,
+        M::Boolean(b) => J::Bool(*b),
+        M::Integer(i) => i
+            .as_i64()
+            .map(J::from)
+            .or_else(|| i.as_u64().map(J::from))
+            .unwrap_or(J::Null),
+        M::F32(f) => serde_json::Number::from_f64(f64::from(*f)).map_or(J::Null, J::Number),
+        M::F64(f) => serde_json::Number::from_f64(*f).map_or(J::Null, J::Number),
+        M::String(s) => J::String(
+            s.as_str()
+                .map_or_else(|| hex::encode(s.as_bytes()), str::to_owned),
+        ),
+        M::Binary(b) => J::String(hex::encode(b)),
+        M::Array(a) => J::Array(a.iter().map(rmpv_to_json).collect()),
+        M::Map(m) => J::Object(
+            m.iter()
+                .map(|(k, v)| {
+                    let key = match k {
+                        M::String(s) => s
+                            .as_str()
+                            .map_or_else(|| hex::encode(s.as_bytes()), str::to_owned),
+                        other => other.to_string(),
+                    };
+                    (key, rmpv_to_json(v))
+                })
+                .collect(),
+        ),
+        M::Ext(tag, data) => serde_json::json!({ "ext": tag, "hex": hex::encode(data) }),
+    }
+}
+
+async fn get(args: GetArgs) -> anyhow::Result<()> {
+    let dht = client(args.initial_peers).await?;
+    let found = dht.get(args.key.as_bytes(), args.latest).await;
+    dht.shutdown().await;
+    let Some(found) = found.context("get failed")? else {
+        bail!("key {:?} not found", args.key);
+    };
+    let now = dht_time();
+    if args.json {
+        let out = match &found {
+            DhtValue::Regular { value, expiration } => serde_json::json!({
+                "key": args.key,
+                "type": "regular",
+                "value": to_json(value),
+                "expiration": expiration,
+            }),
+            DhtValue::Dictionary(entries) => {
+                let map: BTreeMap<String, serde_json::Value> = entries
+                    .iter()
+                    .map(|(k, v)| {
+                        (
+                            String::from_utf8_lossy(k).into_owned(),
+                            serde_json::json!({ "value": to_json(&v.value), "expiration": v.expiration }),
+                        )
+                    })
+                    .collect();
+                serde_json::json!({ "key": args.key, "type": "dictionary", "entries": map })
+            }
+        };
+        println!("{out}");
+    } else {
+        match &found {
+            DhtValue::Regular { value, expiration } => {
+                println!("{} (expires in {:.1} s)", to_json(value), expiration - now);
+            }
+            DhtValue::Dictionary(entries) => {
+                for (k, v) in entries {
+                    println!(
+                        "{}: {} (expires in {:.1} s)",
+                        String::from_utf8_lossy(k),
+                        to_json(&v.value),
+                        v.expiration - now
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}

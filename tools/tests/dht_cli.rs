@@ -1,0 +1,193 @@
+//! Multi-process test of `colony dht serve|store|get` on 127.0.0.1.
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_colony");
+
+struct Node {
+    child: Child,
+    addrs: Vec<String>,
+}
+
+/// Starts `colony dht serve` and waits (bounded) for its `listening on` line.
+fn serve(extra: &[&str]) -> Node {
+    let mut child = Command::new(BIN)
+        .args(["dht", "serve", "--listen", "/ip4/127.0.0.1/tcp/0"])
+        .args(extra)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn colony");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let line = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("no `listening on` line");
+    let addr = line
+        .strip_prefix("listening on ")
+        .expect("listening line")
+        .to_owned();
+    assert!(addr.contains("/p2p/12D3KooW"), "{addr}");
+    Node {
+        child,
+        addrs: vec![addr],
+    }
+}
+
+fn terminate(mut node: Node) {
+    let pid = node.child.id().to_string();
+    let status = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    for _ in 0..200 {
+        if let Some(status) = node.child.try_wait().expect("wait") {
+            assert!(status.success(), "serve exited with {status} after SIGTERM");
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    node.child.kill().ok();
+    panic!("serve did not exit within 10 s of SIGTERM");
+}
+
+fn colony(args: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run colony")
+}
+
+#[test]
+fn serve_store_get_across_processes() {
+    let dir = std::env::temp_dir().join(format!("colony-dht-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let identity = dir.join("bootstrap.key");
+    let identity = identity.to_str().unwrap();
+
+    let boot = serve(&["--identity", identity]);
+    let boot_addr = boot.addrs[0].clone();
+    let mut others = Vec::new();
+    for _ in 0..3 {
+        others.push(serve(&["--initial-peers", &boot_addr]));
+    }
+    let other_addr = others[2].addrs[0].clone();
+
+    let out = colony(&[
+        "dht",
+        "store",
+        "--initial-peers",
+        &boot_addr,
+        "greeting",
+        r#"{"hello": [1, 2.5, "x"]}"#,
+        "--ttl",
+        "60",
+    ]);
+    assert!(
+        out.status.success(),
+        "store: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = colony(&[
+        "dht",
+        "store",
+        "--initial-peers",
+        &other_addr,
+        "group",
+        "true",
+        "--subkey",
+        "peer-a",
+    ]);
+    assert!(
+        out.status.success(),
+        "store subkey: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = colony(&[
+        "dht",
+        "store",
+        "--initial-peers",
+        &boot_addr,
+        "group",
+        "plain text",
+        "--subkey",
+        "peer-b",
+    ]);
+    assert!(out.status.success());
+
+    let out = colony(&[
+        "dht",
+        "get",
+        "--initial-peers",
+        &other_addr,
+        "greeting",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "get: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(json["type"], "regular");
+    assert_eq!(json["value"], serde_json::json!({"hello": [1, 2.5, "x"]}));
+    assert!(json["expiration"].as_f64().unwrap() > 0.0);
+
+    let out = colony(&[
+        "dht",
+        "get",
+        "--initial-peers",
+        &boot_addr,
+        "group",
+        "--latest",
+        "--json",
+    ]);
+    assert!(out.status.success());
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(json["type"], "dictionary");
+    assert_eq!(json["entries"]["peer-a"]["value"], true);
+    assert_eq!(json["entries"]["peer-b"]["value"], "plain text");
+
+    let out = colony(&["dht", "get", "--initial-peers", &boot_addr, "no-such-key"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not found"));
+
+    // The bootstrap node restarts with the same peer id from its identity file.
+    let boot_peer = boot_addr.rsplit('/').next().unwrap().to_owned();
+    terminate(boot);
+    let again = serve(&["--identity", identity, "--initial-peers", &other_addr]);
+    assert!(again.addrs[0].ends_with(&boot_peer));
+    let out = colony(&[
+        "dht",
+        "get",
+        "--initial-peers",
+        &again.addrs[0],
+        "greeting",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "get after restart: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    terminate(again);
+    for n in others {
+        terminate(n);
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
