@@ -31,6 +31,9 @@ if [ -z "$lib" ]; then
 fi
 libdir="$(cd "$(dirname "$lib")" && pwd)"
 echo "using $lib"
+if [ "${NVRTC_CHECK_ONLY_INSTALL:-0}" = 1 ]; then
+  exit 0
+fi
 
 # shellcheck disable=SC2086
 LD_LIBRARY_PATH="$libdir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \

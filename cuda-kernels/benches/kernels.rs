@@ -8,7 +8,7 @@
 //! the same run and counted the same way (8 bytes per element), and the ratio.
 //!
 //! Env: `KERNELS_BENCH_SIZES_MB` (default "1,64,512"), `KERNELS_BENCH_MODEL=0`
-//! to skip the model case.
+//! to skip the model case, `KERNELS_BENCH_CPU=0` to skip the CPU.
 
 use std::{
     cell::RefCell,
@@ -297,7 +297,10 @@ fn sizes() -> Vec<usize> {
 }
 
 fn devices() -> Vec<Device> {
-    let mut d = vec![Device::Cpu];
+    let mut d = Vec::new();
+    if std::env::var("KERNELS_BENCH_CPU").map_or(true, |v| v != "0") {
+        d.push(Device::Cpu);
+    }
     if colony_kernels::cuda::is_available() {
         d.push(Device::Cuda(0));
     } else {

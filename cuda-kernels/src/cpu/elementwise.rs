@@ -2,7 +2,7 @@
 
 use rayon::prelude::*;
 
-use super::{CHUNK, PAR_MIN};
+use super::{CHUNK, PAR_MIN, avx2_twin};
 use crate::{
     KernelError, Result,
     error::{check_finite, check_len},
@@ -74,7 +74,6 @@ pub fn copy(dst: &mut [f32], src: &[f32]) -> Result<()> {
 pub fn all_finite(buf: &[f32]) -> bool {
     // For |x| the IEEE bit pattern orders like the value, and every NaN and
     // inf is >= the bits of +inf: one vectorisable integer max per chunk.
-    let max_abs_bits = |c: &[f32]| c.iter().fold(0u32, |m, x| m.max(x.to_bits() & 0x7fff_ffff));
     let max = if buf.len() < PAR_MIN {
         max_abs_bits(buf)
     } else {
@@ -83,6 +82,16 @@ pub fn all_finite(buf: &[f32]) -> bool {
             .reduce(|| 0, u32::max)
     };
     max < f32::INFINITY.to_bits()
+}
+
+#[inline(always)]
+fn max_abs_bits_impl(c: &[f32]) -> u32 {
+    c.iter().fold(0u32, |m, x| m.max(x.to_bits() & 0x7fff_ffff))
+}
+
+avx2_twin! {
+    /// Largest `|x|` bit pattern in `c` (an integer max: vectorises as such).
+    fn max_abs_bits(c: &[f32]) -> u32 = max_abs_bits_impl;
 }
 
 /// Validated weights: every weight finite and >= 0.
@@ -120,28 +129,41 @@ fn reduce_into(
     let kernel = |i: usize, o: &mut [f32]| {
         let start = i * REDUCE_CHUNK;
         let range = start..start + o.len();
-        for (k, (part, &w)) in parts.iter().zip(weights).enumerate() {
-            let p = &part[range.clone()];
-            if k == 0 {
-                for (o, p) in o.iter_mut().zip(p) {
-                    *o = w * p;
+        let p = |k: usize| &parts[k][range.clone()];
+        // Up to four parts in one pass (same summation order as one at a time),
+        // then any further parts accumulated into the L1-resident output.
+        match parts.len() {
+            1 => o.iter_mut().zip(p(0)).for_each(|(o, a)| *o = weights[0] * a),
+            2 => {
+                let (w0, w1) = (weights[0], weights[1]);
+                for ((o, a), b) in o.iter_mut().zip(p(0)).zip(p(1)) {
+                    *o = w0 * a + w1 * b;
                 }
-            } else {
-                for (o, p) in o.iter_mut().zip(p) {
-                    *o += w * p;
+            }
+            3 => {
+                let (w0, w1, w2) = (weights[0], weights[1], weights[2]);
+                for (((o, a), b), c) in o.iter_mut().zip(p(0)).zip(p(1)).zip(p(2)) {
+                    *o = w0 * a + w1 * b + w2 * c;
                 }
+            }
+            _ => {
+                let (w0, w1, w2, w3) = (weights[0], weights[1], weights[2], weights[3]);
+                for ((((o, a), b), c), d) in o.iter_mut().zip(p(0)).zip(p(1)).zip(p(2)).zip(p(3)) {
+                    *o = w0 * a + w1 * b + w2 * c + w3 * d;
+                }
+            }
+        }
+        for (k, &w) in weights.iter().enumerate().skip(4) {
+            for (o, a) in o.iter_mut().zip(p(k)) {
+                *o += w * a;
             }
         }
         finish(o, start);
     };
     if out.len() < PAR_MIN {
-        out.chunks_mut(REDUCE_CHUNK)
-            .enumerate()
-            .for_each(|(i, o)| kernel(i, o));
+        out.chunks_mut(REDUCE_CHUNK).enumerate().for_each(|(i, o)| kernel(i, o));
     } else {
-        out.par_chunks_mut(REDUCE_CHUNK)
-            .enumerate()
-            .for_each(|(i, o)| kernel(i, o));
+        out.par_chunks_mut(REDUCE_CHUNK).enumerate().for_each(|(i, o)| kernel(i, o));
     }
 }
 

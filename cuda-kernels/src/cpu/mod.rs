@@ -23,3 +23,42 @@ pub(crate) const CHUNK: usize = 1 << 15;
 
 /// Below this many elements an op runs on the calling thread.
 pub(crate) const PAR_MIN: usize = 1 << 16;
+
+/// True when the CPU has AVX2: the scalar kernels marked with
+/// `#[target_feature(enable = "avx2")]` twins then run with 8-wide vectors.
+/// Only integer/compare/convert width changes; no FMA is enabled, so results
+/// are bit-identical to the baseline build.
+#[inline]
+pub(crate) fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Defines `$name` running `$body_fn` compiled with AVX2 when available.
+macro_rules! avx2_twin {
+    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty = $imp:ident;) => {
+        $(#[$doc])*
+        #[inline]
+        fn $name($($arg: $ty),*) -> $ret {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2")]
+                fn avx2($($arg: $ty),*) -> $ret {
+                    $imp($($arg),*)
+                }
+                if $crate::cpu::has_avx2() {
+                    // SAFETY: AVX2 support was detected at run time just above.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            $imp($($arg),*)
+        }
+    };
+}
+pub(crate) use avx2_twin;

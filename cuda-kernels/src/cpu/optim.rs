@@ -148,36 +148,73 @@ struct LambK {
 }
 
 impl LambK {
-    #[inline]
+    #[inline(always)]
     fn direction(&self, p: f32, m: f32, v: f32) -> f32 {
         m * self.inv_bc1 / (v.sqrt() * self.inv_sqrt_bc2 + self.eps) + self.wd * p
     }
 
     /// Updates the moments; returns (sum p^2, sum u^2).
     fn moments(&self, pc: &mut Piece<'_>) -> (f64, f64) {
-        let (mut pp, mut uu) = (0f32, 0f32);
-        for (((p, g), m), v) in
-            pc.p.iter()
-                .zip(pc.g)
-                .zip(pc.m.iter_mut())
-                .zip(pc.v.iter_mut())
-        {
-            let nm = self.b1 * *m + (1.0 - self.b1) * g;
-            let nv = self.b2 * *v + (1.0 - self.b2) * g * g;
-            *m = nm;
-            *v = nv;
-            let u = self.direction(*p, nm, nv);
-            pp += p * p;
-            uu += u * u;
-        }
-        (f64::from(pp), f64::from(uu))
+        lamb_moments(self, pc.p, pc.g, pc.m, pc.v)
     }
 
     fn apply(&self, pc: &mut Piece<'_>, lr_trust: f32) {
-        for ((p, m), v) in pc.p.iter_mut().zip(pc.m.iter()).zip(pc.v.iter()) {
-            *p -= lr_trust * self.direction(*p, *m, *v);
+        lamb_apply(self, pc.p, pc.m, pc.v, lr_trust);
+    }
+
+    #[inline(always)]
+    fn moment(&self, p: f32, g: f32, m: &mut f32, v: &mut f32) -> (f32, f32) {
+        let nm = self.b1 * *m + (1.0 - self.b1) * g;
+        let nv = self.b2 * *v + (1.0 - self.b2) * g * g;
+        *m = nm;
+        *v = nv;
+        let u = self.direction(p, nm, nv);
+        (p * p, u * u)
+    }
+}
+
+/// Lanes of the norm sums: the compiler keeps them in one vector register.
+const LANES: usize = 8;
+
+#[inline(always)]
+fn lamb_moments_impl(k: &LambK, p: &[f32], g: &[f32], m: &mut [f32], v: &mut [f32]) -> (f64, f64) {
+    let (mut pp, mut uu) = ([0f32; LANES], [0f32; LANES]);
+    let mut it = p
+        .chunks_exact(LANES)
+        .zip(g.chunks_exact(LANES))
+        .zip(m.chunks_exact_mut(LANES).zip(v.chunks_exact_mut(LANES)));
+    for ((p, g), (m, v)) in &mut it {
+        for j in 0..LANES {
+            let (a, b) = k.moment(p[j], g[j], &mut m[j], &mut v[j]);
+            pp[j] += a;
+            uu[j] += b;
         }
     }
+    let tail = p.len() / LANES * LANES;
+    for i in tail..p.len() {
+        let (a, b) = k.moment(p[i], g[i], &mut m[i], &mut v[i]);
+        pp[0] += a;
+        uu[0] += b;
+    }
+    let sum = |l: [f32; LANES]| l.iter().map(|&x| f64::from(x)).sum::<f64>();
+    (sum(pp), sum(uu))
+}
+
+#[inline(always)]
+fn lamb_apply_impl(k: &LambK, p: &mut [f32], m: &[f32], v: &[f32], lr_trust: f32) {
+    for ((p, m), v) in p.iter_mut().zip(m).zip(v) {
+        *p -= lr_trust * k.direction(*p, *m, *v);
+    }
+}
+
+super::avx2_twin! {
+    /// LAMB pass 1 on one piece.
+    fn lamb_moments(k: &LambK, p: &[f32], g: &[f32], m: &mut [f32], v: &mut [f32]) -> (f64, f64) = lamb_moments_impl;
+}
+
+super::avx2_twin! {
+    /// LAMB pass 2 on one piece.
+    fn lamb_apply(k: &LambK, p: &mut [f32], m: &[f32], v: &[f32], lr_trust: f32) -> () = lamb_apply_impl;
 }
 
 pub(crate) fn trust_ratio(pp: f64, uu: f64, max: f32) -> f32 {

@@ -224,9 +224,13 @@ pub(crate) fn decode_into<S: ScaleSlot>(
     }
 }
 
-/// Quantizes one block; returns its scale.
-#[inline]
-fn encode_block(x: &[f32], q: &mut [i8]) -> f32 {
+super::avx2_twin! {
+    /// Quantizes one block; returns its scale.
+    fn encode_block(x: &[f32], q: &mut [i8]) -> f32 = encode_block_impl;
+}
+
+#[inline(always)]
+fn encode_block_impl(x: &[f32], q: &mut [i8]) -> f32 {
     let max_bits = x.iter().fold(0u32, |m, v| m.max(v.to_bits() & 0x7fff_ffff));
     if max_bits >= f32::INFINITY.to_bits() {
         q.fill(0);
