@@ -1,3 +1,37 @@
-//! `colony-averaging`: DHT matchmaking and butterfly all-reduce.
+//! `colony-averaging`: decentralized averaging of flat `f32` buffers.
 //!
-//! This crate is being built under the averaging issue; it exports nothing yet.
+//! * [`load_balance_peers`]: closed-form (water-filling) bandwidth balancing with
+//!   exact integer splits.
+//! * [`PartReducer`]: weighted accumulation of one span across senders, with
+//!   sender banning.
+//! * [`DataPlane`] and [`run_allreduce`]: the butterfly all-reduce over TCP,
+//!   frames sealed with AES-128-GCM under per-round X25519-agreed keys.
+//! * [`matchmaking`]: leader choice and join decisions as pure functions;
+//!   [`group_keys`]: `{prefix}.0b{bits}` keys and Moshpit bit rotation.
+
+mod allreduce;
+mod compression;
+mod crypto;
+mod dataplane;
+mod error;
+mod group;
+pub mod group_keys;
+mod load_balancing;
+pub mod matchmaking;
+mod partition;
+mod reducer;
+pub mod state;
+mod wire;
+
+pub use allreduce::{RoundOutcome, SpanResult, run_allreduce};
+pub use compression::{BLOCK_8BIT, Compression, all_finite};
+pub use crypto::{ConnectionKeys, FrameCipher, RoundKeyPair, TAG_LEN};
+pub use dataplane::DataPlane;
+pub use error::{AveragingError, PeerFault, Result};
+pub use group::{AllreduceConfig, AssembledGroup, AveragingMode, GroupMember, schema_hash};
+pub use load_balancing::load_balance_peers;
+pub use partition::{TensorLayout, part_ranges, spans_from_sizes};
+pub use reducer::{PartReducer, PartResult};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,740 @@
+//! One butterfly all-reduce round over the data plane, for an explicit group.
+//!
+//! Every member reduces the span the balancer gives it. Each sender opens one
+//! connection per remote reducer and streams its parts of that reducer's span
+//! while, on the same connection, reading back the averages of the parts the
+//! reducer has finished: sending, reducing and receiving overlap. All
+//! connections of a round are driven by one task.
+//!
+//! Faults: a reducer bans a sender that stalls or misbehaves and averages the
+//! remaining parts without it. A sender that loses a reducer keeps its local
+//! values for the parts of that span it did not get back. We chose keep-local over
+//! re-reducing the slice among survivors: re-reduction needs the survivors to
+//! agree on who failed and a second exchange inside the same deadline, while
+//! keep-local is always finite, bounded in time, and the next round (or the next
+//! Moshpit group) averages those values anyway.
+
+use std::{
+    ops::Range,
+    sync::{Arc, Mutex},
+};
+
+use futures::{StreamExt, stream::FuturesUnordered};
+use tokio::{
+    io::AsyncWriteExt,
+    net::{
+        TcpStream,
+        tcp::{OwnedReadHalf, OwnedWriteHalf},
+    },
+    sync::watch,
+};
+
+use crate::{
+    compression::{Compression, all_finite},
+    crypto::{FrameCipher, RoundKeyPair},
+    dataplane::{DataPlane, Incoming},
+    error::{AveragingError, PeerFault, Result},
+    group::{AllreduceConfig, AssembledGroup, AveragingMode, schema_hash},
+    load_balancing::load_balance_peers,
+    partition::{TensorLayout, part_ranges, spans_from_sizes},
+    reducer::{PartReducer, PartResult},
+    wire::{self, Hello, Kind, Preamble},
+};
+
+/// Results of one span as received by this peer.
+#[derive(Debug, Clone)]
+pub struct SpanResult {
+    /// Reducer position in the group.
+    pub reducer: usize,
+    /// The span in the flat vector.
+    pub span: Range<usize>,
+    parts: Vec<Range<usize>>,
+    values: Vec<f32>,
+    averaged: Vec<bool>,
+}
+
+impl SpanResult {
+    /// Number of elements of this span that were averaged.
+    pub fn averaged_elements(&self) -> usize {
+        self.parts
+            .iter()
+            .zip(&self.averaged)
+            .filter(|(_, a)| **a)
+            .map(|(p, _)| p.len())
+            .sum()
+    }
+}
+
+/// What a round produced; apply it with [`RoundOutcome::apply`].
+#[derive(Debug, Clone)]
+pub struct RoundOutcome {
+    /// This peer's position in the group.
+    pub my_index: usize,
+    /// Elements each member reduced.
+    pub span_sizes: Vec<usize>,
+    /// Per reducer span, what came back (empty for auxiliary peers).
+    pub spans: Vec<SpanResult>,
+    /// Reducers this peer gave up on, with the reason.
+    pub failed_reducers: Vec<(usize, PeerFault)>,
+    /// Senders this peer (as reducer) banned, with the reason.
+    pub banned_senders: Vec<(usize, PeerFault)>,
+    /// Bytes this peer wrote to the data plane.
+    pub bytes_sent: u64,
+}
+
+impl RoundOutcome {
+    /// Elements that were averaged (the rest keep local values).
+    pub fn averaged_elements(&self) -> usize {
+        self.spans.iter().map(SpanResult::averaged_elements).sum()
+    }
+
+    /// Apply `local += alpha · (average − local)` on every averaged element.
+    ///
+    /// # Errors
+    /// [`AveragingError::LayoutMismatch`] if `buffers` do not match `layout`.
+    pub fn apply<T: AsRef<[f32]> + AsMut<[f32]>>(
+        &self,
+        layout: &TensorLayout,
+        buffers: &mut [T],
+        alpha: f32,
+    ) -> Result<()> {
+        layout.check(buffers)?;
+        for s in &self.spans {
+            for (part, averaged) in s.parts.iter().zip(&s.averaged) {
+                if !*averaged {
+                    continue;
+                }
+                let local = part.start - s.span.start..part.end - s.span.start;
+                let values = &s.values[local];
+                layout.zip_mut(buffers, part.clone(), values, |dst, avg| {
+                    if alpha == 1.0 {
+                        dst.copy_from_slice(avg);
+                    } else {
+                        for (d, a) in dst.iter_mut().zip(avg) {
+                            *d += alpha * (a - *d);
+                        }
+                    }
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+struct Ctx<'a, T> {
+    group: &'a AssembledGroup,
+    me: usize,
+    keys: &'a RoundKeyPair,
+    layout: &'a TensorLayout,
+    tensors: &'a [T],
+    weight: f32,
+    cfg: &'a AllreduceConfig,
+    schema: [u8; 32],
+    spans: Vec<Range<usize>>,
+}
+
+/// Run one all-reduce round for `group` as member `my_index`, reading `tensors`
+/// (never writing them) and returning the averages to apply.
+///
+/// # Errors
+/// Typed errors for an invalid group or config, non-finite local tensors, the
+/// round deadline ([`AveragingError::AllreduceTimeout`]) and the loss of every
+/// remote reducer ([`AveragingError::AllReducersFailed`]). Misbehaving peers are
+/// reported in the outcome, not as errors.
+///
+/// # Cancel safety
+/// Cancel safe: dropping the future closes this round's connections and leaves
+/// the tensors untouched.
+#[allow(clippy::too_many_arguments)]
+pub async fn run_allreduce<T: AsRef<[f32]> + Sync>(
+    plane: &DataPlane,
+    group: &AssembledGroup,
+    my_index: usize,
+    keys: &RoundKeyPair,
+    layout: &TensorLayout,
+    tensors: &[T],
+    weight: f32,
+    cfg: &AllreduceConfig,
+) -> Result<RoundOutcome> {
+    cfg.validate()?;
+    group.validate()?;
+    layout.check(tensors)?;
+    let me_member = group
+        .members
+        .get(my_index)
+        .ok_or_else(|| AveragingError::InvalidGroup {
+            reason: format!("my index {my_index} is outside the group"),
+        })?;
+    if !weight.is_finite() || weight < 0.0 {
+        return Err(AveragingError::InvalidConfig {
+            field: "weight",
+            reason: format!("{weight} is not a finite non-negative number"),
+        });
+    }
+    let weight = if me_member.mode == AveragingMode::Aux {
+        0.0
+    } else {
+        weight
+    };
+    if me_member.mode.is_sender() && !tensors.iter().all(|t| all_finite(t.as_ref())) {
+        return Err(AveragingError::NonFiniteLocal);
+    }
+    let sizes = load_balance_peers(layout.total(), &group.bandwidths(), cfg.min_vector_size)?;
+    let ctx = Ctx {
+        group,
+        me: my_index,
+        keys,
+        layout,
+        tensors,
+        weight,
+        cfg,
+        schema: schema_hash(layout),
+        spans: spans_from_sizes(&sizes),
+    };
+    let timeout = cfg.allreduce_timeout;
+    match tokio::time::timeout(timeout, run_round(plane, &ctx)).await {
+        Ok(res) => res.map(|mut out| {
+            out.span_sizes = sizes;
+            out
+        }),
+        Err(_) => Err(AveragingError::AllreduceTimeout { timeout }),
+    }
+}
+
+async fn run_round<T: AsRef<[f32]> + Sync>(plane: &DataPlane, ctx: &Ctx<'_, T>) -> Result<RoundOutcome> {
+    let n = ctx.group.members.len();
+    let my_span = ctx.spans[ctx.me].clone();
+    let me_sender = ctx.group.members[ctx.me].mode.is_sender();
+    let part_len = ctx.cfg.part_len();
+
+    // Reducer side: this peer's span, with its own contribution added up front.
+    let reducer_side = if my_span.is_empty() {
+        None
+    } else {
+        let parts = part_ranges(0..my_span.len(), part_len);
+        let mut red = PartReducer::new(parts.clone(), n);
+        for (i, m) in ctx.group.members.iter().enumerate() {
+            if !m.mode.is_sender() {
+                red.ban(i);
+            }
+        }
+        if me_sender {
+            let mut scratch = vec![0.0f32; part_len];
+            for (p, r) in parts.iter().enumerate() {
+                let flat = my_span.start + r.start..my_span.start + r.end;
+                let buf = &mut scratch[..r.len()];
+                ctx.layout.gather(ctx.tensors, flat, buf);
+                red.accumulate(ctx.me, p, buf, ctx.weight)
+                    .map_err(|fault| AveragingError::Peer { peer: ctx.me, fault })?;
+            }
+        }
+        let finalized = red.advance();
+        let (tx, _) = watch::channel(finalized);
+        Some((Arc::new(Mutex::new(red)), tx))
+    };
+    let route = reducer_side
+        .as_ref()
+        .map(|_| plane.register(ctx.group.group_id, n));
+
+    let remote_senders: Vec<usize> = (0..n)
+        .filter(|&i| i != ctx.me && ctx.group.members[i].mode.is_sender())
+        .collect();
+    let remote_reducers: Vec<usize> = if me_sender {
+        (0..n)
+            .filter(|&r| r != ctx.me && !ctx.spans[r].is_empty())
+            .collect()
+    } else {
+        Vec::new()
+    };
+
+    let serve = async {
+        match (&reducer_side, route) {
+            (Some((red, tx)), Some(mut route)) => {
+                serve_span(ctx, red, tx, &mut route.rx, &remote_senders).await
+            }
+            _ => (Vec::new(), 0),
+        }
+    };
+    let send = async {
+        let futs: FuturesUnordered<_> = remote_reducers
+            .iter()
+            .map(|&r| send_to_reducer(ctx, r))
+            .collect();
+        futs.collect::<Vec<_>>().await
+    };
+    let ((banned_senders, served_bytes), sent) = tokio::join!(serve, send);
+
+    let mut spans = Vec::new();
+    let mut failed_reducers = Vec::new();
+    let mut bytes_sent = served_bytes;
+    let mut any_remote_result = false;
+    for (result, bytes, fault) in sent {
+        bytes_sent += bytes;
+        if result.averaged.iter().any(|a| *a) {
+            any_remote_result = true;
+        }
+        if let Some(f) = fault {
+            tracing::warn!(reducer = result.reducer, fault = %f, "averaging: reducer failed, keeping local values for the rest of its span");
+            failed_reducers.push((result.reducer, f));
+        }
+        spans.push(result);
+    }
+    if let Some((red, _)) = reducer_side {
+        if me_sender {
+            let red = Arc::try_unwrap(red)
+                .ok()
+                .and_then(|m| m.into_inner().ok())
+                .ok_or(AveragingError::InvalidGroup {
+                    reason: "reducer state still shared after the round".into(),
+                })?;
+            let parts = part_ranges(my_span.clone(), part_len);
+            let averaged = (0..parts.len())
+                .map(|p| matches!(red.part(p), Some((PartResult::Averaged, _))))
+                .collect();
+            let values = red.into_values();
+            spans.push(SpanResult {
+                reducer: ctx.me,
+                span: my_span.clone(),
+                parts,
+                values,
+                averaged,
+            });
+        }
+    }
+    if !remote_reducers.is_empty()
+        && !any_remote_result
+        && failed_reducers.len() == remote_reducers.len()
+        && my_span.is_empty()
+    {
+        return Err(AveragingError::AllReducersFailed {
+            failed: failed_reducers.len(),
+        });
+    }
+    spans.sort_by_key(|s| s.span.start);
+    Ok(RoundOutcome {
+        my_index: ctx.me,
+        span_sizes: Vec::new(),
+        spans,
+        failed_reducers,
+        banned_senders,
+        bytes_sent,
+    })
+}
+
+/// Accept the remote senders of this peer's span and serve them until every
+/// part is finalized and sent back. Returns banned senders and bytes written.
+async fn serve_span<T: AsRef<[f32]> + Sync>(
+    ctx: &Ctx<'_, T>,
+    red: &Arc<Mutex<PartReducer>>,
+    tx: &watch::Sender<usize>,
+    rx: &mut tokio::sync::mpsc::Receiver<Incoming>,
+    expected: &[usize],
+) -> (Vec<(usize, PeerFault)>, u64) {
+    let mut banned: Vec<(usize, PeerFault)> = Vec::new();
+    let mut connected = vec![false; ctx.group.members.len()];
+    let mut pending = expected.len();
+    let mut handlers = FuturesUnordered::new();
+    let mut bytes = 0u64;
+    let deadline = tokio::time::Instant::now() + ctx.cfg.sender_timeout;
+    let ban = |sender: usize, fault: PeerFault, banned: &mut Vec<(usize, PeerFault)>| {
+        tracing::warn!(sender, %fault, "averaging: banning sender");
+        if let Ok(mut r) = red.lock() {
+            r.ban(sender);
+            tx.send_replace(r.advance());
+        }
+        banned.push((sender, fault));
+    };
+    loop {
+        let accepting = pending > 0;
+        if !accepting && handlers.is_empty() {
+            break;
+        }
+        tokio::select! {
+            inc = rx.recv(), if accepting => {
+                let Some(inc) = inc else { pending = 0; continue };
+                let s = inc.preamble.sender as usize;
+                let valid = inc.preamble.reducer as usize == ctx.me
+                    && expected.contains(&s)
+                    && !connected[s];
+                if !valid {
+                    tracing::warn!(sender = s, "averaging: unexpected connection for this round");
+                    continue;
+                }
+                connected[s] = true;
+                pending -= 1;
+                handlers.push(serve_sender(ctx, red, tx, inc));
+            }
+            _ = tokio::time::sleep_until(deadline), if accepting => {
+                for &s in expected {
+                    if !connected[s] {
+                        connected[s] = true;
+                        ban(s, PeerFault::Stalled { timeout: ctx.cfg.sender_timeout }, &mut banned);
+                    }
+                }
+                pending = 0;
+            }
+            Some((s, res, written)) = handlers.next(), if !handlers.is_empty() => {
+                bytes += written;
+                if let Err(fault) = res {
+                    let already = red.lock().map(|r| r.is_banned(s)).unwrap_or(true);
+                    if !already {
+                        ban(s, fault, &mut banned);
+                    } else if !banned.iter().any(|(b, _)| *b == s) {
+                        tracing::warn!(sender = s, %fault, "averaging: banned sender");
+                        banned.push((s, fault));
+                    }
+                }
+            }
+        }
+    }
+    (banned, bytes)
+}
+
+/// Serve one sender: read its parts into the reducer and stream back averages.
+async fn serve_sender<T: AsRef<[f32]> + Sync>(
+    ctx: &Ctx<'_, T>,
+    red: &Arc<Mutex<PartReducer>>,
+    tx: &watch::Sender<usize>,
+    inc: Incoming,
+) -> (usize, std::result::Result<(), PeerFault>, u64) {
+    let s = inc.preamble.sender as usize;
+    let setup = || -> std::result::Result<_, PeerFault> {
+        let peer_key = &ctx.group.members[s].round_public_key;
+        let keys = ctx
+            .keys
+            .connection_keys(peer_key, &ctx.group.group_id, s as u32, ctx.me as u32)
+            .map_err(|_| PeerFault::ProtocolViolation {
+                reason: "bad round public key",
+            })?;
+        let up = FrameCipher::new(&keys.up).map_err(|_| PeerFault::ProtocolViolation {
+            reason: "bad key",
+        })?;
+        let down = FrameCipher::new(&keys.down).map_err(|_| PeerFault::ProtocolViolation {
+            reason: "bad key",
+        })?;
+        Ok((up, down))
+    };
+    let (mut up, mut down) = match setup() {
+        Ok(k) => k,
+        Err(f) => return (s, Err(f), 0),
+    };
+    let (mut rd, mut wr) = inc.stream.into_split();
+    let mut buf = Vec::new();
+    let nparts = red.lock().map(|r| r.num_parts()).unwrap_or(0);
+    let hello = async {
+        let (kind, _, payload) =
+            wire::read_frame(&mut rd, &mut up, &mut buf, ctx.cfg.max_frame(), ctx.cfg.request_timeout)
+                .await?;
+        if kind != Kind::Hello {
+            return Err(PeerFault::ProtocolViolation {
+                reason: "first frame is not hello",
+            });
+        }
+        let hello = Hello::decode(&buf[payload])?;
+        if hello.schema_hash != ctx.schema {
+            return Err(PeerFault::BadSchemaHash);
+        }
+        if hello.compression != ctx.cfg.compression.code() {
+            return Err(PeerFault::ProtocolViolation {
+                reason: "compression differs",
+            });
+        }
+        if hello.num_parts as usize != nparts {
+            return Err(PeerFault::UnexpectedPart {
+                expected: nparts,
+                got: hello.num_parts as usize,
+                count: nparts,
+            });
+        }
+        if !hello.weight.is_finite() || hello.weight < 0.0 {
+            return Err(PeerFault::NonFinite { part: 0 });
+        }
+        Ok(hello.weight)
+    };
+    let weight = match hello.await {
+        Ok(w) => w,
+        Err(f) => return (s, Err(f), 0),
+    };
+    let compression = ctx.cfg.compression;
+    let reader = async {
+        let mut scratch = vec![0.0f32; ctx.cfg.part_len()];
+        for p in 0..nparts {
+            let (kind, index, payload) =
+                wire::read_frame(&mut rd, &mut up, &mut buf, ctx.cfg.max_frame(), ctx.cfg.sender_timeout)
+                    .await?;
+            if kind != Kind::Part {
+                return Err(PeerFault::ProtocolViolation {
+                    reason: "expected a part frame",
+                });
+            }
+            let index = index as usize;
+            let mut r = red.lock().map_err(|_| PeerFault::ProtocolViolation {
+                reason: "reducer state poisoned",
+            })?;
+            let bytes = &buf[payload];
+            let expected = compression.encoded_len(r.part_len(p));
+            if bytes.len() != expected {
+                // Report the size in values when the codec allows it.
+                let got = (bytes.len() as f64 / compression.bytes_per_element()) as usize;
+                r.check(s, index, got)?;
+                return Err(PeerFault::WrongPartSize {
+                    part: p,
+                    expected: r.part_len(p),
+                    got,
+                });
+            }
+            let len = r.part_len(p);
+            let values: &[f32] = match (compression, bytemuck::try_cast_slice::<u8, f32>(bytes)) {
+                (Compression::None, Ok(v)) => v,
+                _ => {
+                    compression
+                        .decode_into(bytes, &mut scratch[..len])
+                        .map_err(|_| PeerFault::Garbage {
+                            reason: "undecodable part",
+                        })?;
+                    &scratch[..len]
+                }
+            };
+            r.accumulate(s, index, values, weight)?;
+            tx.send_replace(r.advance());
+        }
+        Ok::<(), PeerFault>(())
+    };
+    let writer = async {
+        let mut rx = tx.subscribe();
+        let mut frame = Vec::new();
+        let mut written = 0u64;
+        for p in 0..nparts {
+            // Wait until part p is finalized (or this sender is out of the round).
+            loop {
+                let (ready, gone) = {
+                    let r = red.lock().map_err(|_| PeerFault::ProtocolViolation {
+                        reason: "reducer state poisoned",
+                    })?;
+                    (r.finalized() > p, r.is_banned(s) && r.delivered(s) <= p)
+                };
+                if gone {
+                    return Ok(written);
+                }
+                if ready {
+                    break;
+                }
+                if rx.changed().await.is_err() {
+                    return Ok(written);
+                }
+            }
+            {
+                let r = red.lock().map_err(|_| PeerFault::ProtocolViolation {
+                    reason: "reducer state poisoned",
+                })?;
+                match r.part(p) {
+                    Some((PartResult::Averaged, values)) => {
+                        wire::begin_frame(&mut frame, Kind::Averaged, p as u32);
+                        compression.encode(values, &mut frame);
+                    }
+                    _ => wire::begin_frame(&mut frame, Kind::Empty, p as u32),
+                }
+            }
+            down.seal_frame(&mut frame).map_err(|_| PeerFault::ProtocolViolation {
+                reason: "seal failed",
+            })?;
+            wire::write_all_timeout(&mut wr, &frame, ctx.cfg.reducer_timeout).await?;
+            written += frame.len() as u64;
+        }
+        let _ = wr.shutdown().await;
+        Ok::<u64, PeerFault>(written)
+    };
+    let reader = async {
+        let res = reader.await;
+        if res.is_err() {
+            // Ban here, not after the join: this sender's own writer may be
+            // waiting for a part that only the ban can complete.
+            if let Ok(mut r) = red.lock() {
+                r.ban(s);
+                tx.send_replace(r.advance());
+            }
+        }
+        res
+    };
+    let (read_res, write_res) = tokio::join!(reader, writer);
+    let written = *write_res.as_ref().unwrap_or(&0);
+    if let Err(f) = &write_res {
+        tracing::debug!(sender = s, fault = %f, "averaging: could not return results");
+    }
+    (s, read_res, written)
+}
+
+/// Stream this peer's parts of reducer `r`'s span and collect the averages.
+async fn send_to_reducer<T: AsRef<[f32]> + Sync>(
+    ctx: &Ctx<'_, T>,
+    r: usize,
+) -> (SpanResult, u64, Option<PeerFault>) {
+    let span = ctx.spans[r].clone();
+    let parts = part_ranges(span.clone(), ctx.cfg.part_len());
+    let mut result = SpanResult {
+        reducer: r,
+        span: span.clone(),
+        averaged: vec![false; parts.len()],
+        values: vec![0.0; span.len()],
+        parts,
+    };
+    let mut bytes = 0u64;
+    let fault = match exchange(ctx, r, &mut result, &mut bytes).await {
+        Ok(()) => None,
+        Err(f) => Some(f),
+    };
+    (result, bytes, fault)
+}
+
+async fn exchange<T: AsRef<[f32]> + Sync>(
+    ctx: &Ctx<'_, T>,
+    r: usize,
+    result: &mut SpanResult,
+    bytes: &mut u64,
+) -> std::result::Result<(), PeerFault> {
+    let member = &ctx.group.members[r];
+    let addr = member.data_addr.ok_or(PeerFault::ProtocolViolation {
+        reason: "reducer has no data address",
+    })?;
+    let keys = ctx
+        .keys
+        .connection_keys(&member.round_public_key, &ctx.group.group_id, ctx.me as u32, r as u32)
+        .map_err(|_| PeerFault::ProtocolViolation {
+            reason: "bad round public key",
+        })?;
+    let bad_key = |_| PeerFault::ProtocolViolation { reason: "bad key" };
+    let mut up = FrameCipher::new(&keys.up).map_err(bad_key)?;
+    let mut down = FrameCipher::new(&keys.down).map_err(bad_key)?;
+    let stream = match tokio::time::timeout(ctx.cfg.request_timeout, TcpStream::connect(addr)).await {
+        Err(_) => {
+            return Err(PeerFault::Stalled {
+                timeout: ctx.cfg.request_timeout,
+            });
+        }
+        Ok(Err(e)) => {
+            return Err(PeerFault::Disconnected {
+                reason: e.to_string(),
+            });
+        }
+        Ok(Ok(s)) => s,
+    };
+    let _ = stream.set_nodelay(true);
+    let (rd, mut wr) = stream.into_split();
+    let preamble = Preamble {
+        group_id: ctx.group.group_id,
+        sender: ctx.me as u32,
+        reducer: r as u32,
+    };
+    let mut frame = Vec::with_capacity(ctx.cfg.max_frame() + 64);
+    frame.extend_from_slice(&preamble.encode());
+    let mut hello = Vec::new();
+    wire::begin_frame(&mut hello, Kind::Hello, 0);
+    Hello {
+        schema_hash: ctx.schema,
+        compression: ctx.cfg.compression.code(),
+        weight: ctx.weight,
+        num_parts: result.parts.len() as u32,
+    }
+    .encode(&mut hello);
+    up.seal_frame(&mut hello).map_err(bad_key_seal)?;
+    frame.extend_from_slice(&hello);
+    wire::write_all_timeout(&mut wr, &frame, ctx.cfg.request_timeout).await?;
+    *bytes += frame.len() as u64;
+
+    let parts = result.parts.clone();
+    let writer = write_parts(ctx, &parts, &mut up, &mut wr, frame);
+    let reader = read_results(ctx, rd, &mut down, result);
+    let (w, rres) = tokio::join!(writer, reader);
+    match w {
+        Ok(n) => *bytes += n,
+        Err(f) => {
+            tracing::debug!(reducer = r, fault = %f, "averaging: sending parts failed");
+        }
+    }
+    rres
+}
+
+fn bad_key_seal(_: AveragingError) -> PeerFault {
+    PeerFault::ProtocolViolation {
+        reason: "seal failed",
+    }
+}
+
+async fn write_parts<T: AsRef<[f32]> + Sync>(
+    ctx: &Ctx<'_, T>,
+    parts: &[Range<usize>],
+    up: &mut FrameCipher,
+    wr: &mut OwnedWriteHalf,
+    mut frame: Vec<u8>,
+) -> std::result::Result<u64, PeerFault> {
+    let compression = ctx.cfg.compression;
+    let mut scratch = Vec::new();
+    let mut written = 0u64;
+    for (p, range) in parts.iter().enumerate() {
+        wire::begin_frame(&mut frame, Kind::Part, p as u32);
+        match compression {
+            // Elementwise codecs encode piece by piece straight into the frame.
+            Compression::None | Compression::Float16 => {
+                for (i, local, _) in ctx.layout.pieces(range.clone()) {
+                    compression.encode(&ctx.tensors[i].as_ref()[local], &mut frame);
+                }
+            }
+            Compression::Blockwise8Bit => {
+                scratch.resize(range.len(), 0.0);
+                ctx.layout.gather(ctx.tensors, range.clone(), &mut scratch);
+                compression.encode(&scratch, &mut frame);
+            }
+        }
+        up.seal_frame(&mut frame).map_err(bad_key_seal)?;
+        wire::write_all_timeout(wr, &frame, ctx.cfg.reducer_timeout).await?;
+        written += frame.len() as u64;
+    }
+    Ok(written)
+}
+
+async fn read_results<T: AsRef<[f32]> + Sync>(
+    ctx: &Ctx<'_, T>,
+    mut rd: OwnedReadHalf,
+    down: &mut FrameCipher,
+    result: &mut SpanResult,
+) -> std::result::Result<(), PeerFault> {
+    let mut buf = Vec::new();
+    let compression = ctx.cfg.compression;
+    for p in 0..result.parts.len() {
+        let (kind, index, payload) =
+            wire::read_frame(&mut rd, down, &mut buf, ctx.cfg.max_frame(), ctx.cfg.reducer_timeout)
+                .await?;
+        if index as usize != p {
+            return Err(PeerFault::UnexpectedPart {
+                expected: p,
+                got: index as usize,
+                count: result.parts.len(),
+            });
+        }
+        let range = result.parts[p].clone();
+        let local = range.start - result.span.start..range.end - result.span.start;
+        match kind {
+            Kind::Averaged => {
+                let out = &mut result.values[local];
+                compression
+                    .decode_into(&buf[payload], out)
+                    .map_err(|_| PeerFault::WrongPartSize {
+                        part: p,
+                        expected: range.len(),
+                        got: buf.len() / 4,
+                    })?;
+                if !all_finite(out) {
+                    return Err(PeerFault::NonFinite { part: p });
+                }
+                result.averaged[p] = true;
+            }
+            Kind::Empty => {}
+            _ => {
+                return Err(PeerFault::ProtocolViolation {
+                    reason: "expected a result frame",
+                });
+            }
+        }
+    }
+    Ok(())
+}

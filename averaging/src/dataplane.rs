@@ -1,0 +1,184 @@
+//! The data plane: one TCP listener per averager that hands inbound connections
+//! to the round (group id) they name.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use tokio::{
+    io::AsyncReadExt,
+    net::{TcpListener, TcpStream},
+    sync::{Notify, mpsc},
+    task::JoinHandle,
+};
+
+use crate::{
+    error::{AveragingError, PeerFault, Result},
+    wire::{PREAMBLE_LEN, Preamble},
+};
+
+/// An inbound connection routed to a round.
+#[derive(Debug)]
+pub(crate) struct Incoming {
+    pub(crate) stream: TcpStream,
+    pub(crate) preamble: Preamble,
+}
+
+type Routes = Mutex<HashMap<[u8; 32], mpsc::Sender<Incoming>>>;
+
+#[derive(Debug, Default)]
+struct Shared {
+    routes: Routes,
+    registered: Notify,
+}
+
+/// A data-plane endpoint. Node and auxiliary peers listen; client-mode peers use
+/// [`DataPlane::client`] and only connect out.
+#[derive(Debug)]
+pub struct DataPlane {
+    shared: Arc<Shared>,
+    local_addr: Option<SocketAddr>,
+    accept_task: Option<JoinHandle<()>>,
+}
+
+impl Drop for DataPlane {
+    fn drop(&mut self) {
+        if let Some(t) = self.accept_task.take() {
+            t.abort();
+        }
+    }
+}
+
+impl DataPlane {
+    /// Listen on `addr` (use port 0 for any). A connection must send its preamble
+    /// within `preamble_timeout` and name a round registered within that time.
+    ///
+    /// # Errors
+    /// [`AveragingError::Io`] if the socket cannot be bound.
+    pub async fn bind(addr: SocketAddr, preamble_timeout: Duration) -> Result<Self> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| AveragingError::Io {
+                context: "binding the data-plane listener",
+                source,
+            })?;
+        let local_addr = listener.local_addr().map_err(|source| AveragingError::Io {
+            context: "reading the listener address",
+            source,
+        })?;
+        let shared = Arc::new(Shared::default());
+        let task_shared = shared.clone();
+        let accept_task = tokio::spawn(async move {
+            loop {
+                match listener.accept().await {
+                    Ok((stream, peer)) => {
+                        let shared = task_shared.clone();
+                        tokio::spawn(async move {
+                            if let Err(fault) = route(shared, stream, preamble_timeout).await {
+                                tracing::debug!(%peer, %fault, "rejected data-plane connection");
+                            }
+                        });
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "data-plane accept failed");
+                        // Transient (EMFILE etc.): back off instead of spinning.
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        });
+        Ok(Self {
+            shared,
+            local_addr: Some(local_addr),
+            accept_task: Some(accept_task),
+        })
+    }
+
+    /// An endpoint that accepts nothing (client mode).
+    pub fn client() -> Self {
+        Self {
+            shared: Arc::new(Shared::default()),
+            local_addr: None,
+            accept_task: None,
+        }
+    }
+
+    /// The listening address (`None` in client mode).
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.local_addr
+    }
+
+    /// Route connections for `group_id` into a channel until the guard drops.
+    pub(crate) fn register(&self, group_id: [u8; 32], capacity: usize) -> RouteGuard {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        if let Ok(mut routes) = self.shared.routes.lock() {
+            routes.insert(group_id, tx);
+        }
+        self.shared.registered.notify_waiters();
+        RouteGuard {
+            shared: self.shared.clone(),
+            group_id,
+            rx,
+        }
+    }
+}
+
+/// A registered round; unregisters on drop.
+#[derive(Debug)]
+pub(crate) struct RouteGuard {
+    shared: Arc<Shared>,
+    group_id: [u8; 32],
+    pub(crate) rx: mpsc::Receiver<Incoming>,
+}
+
+impl Drop for RouteGuard {
+    fn drop(&mut self) {
+        if let Ok(mut routes) = self.shared.routes.lock() {
+            routes.remove(&self.group_id);
+        }
+    }
+}
+
+async fn route(
+    shared: Arc<Shared>,
+    mut stream: TcpStream,
+    timeout: Duration,
+) -> std::result::Result<(), PeerFault> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut pre = [0u8; PREAMBLE_LEN];
+    match tokio::time::timeout_at(deadline, stream.read_exact(&mut pre)).await {
+        Err(_) => return Err(PeerFault::Stalled { timeout }),
+        Ok(Err(e)) => {
+            return Err(PeerFault::Disconnected {
+                reason: e.to_string(),
+            });
+        }
+        Ok(Ok(_)) => {}
+    }
+    let preamble = Preamble::decode(&pre)?;
+    let _ = stream.set_nodelay(true);
+    // A sender may connect before this peer has registered the round: wait for
+    // the registration until the deadline.
+    loop {
+        let notified = shared.registered.notified();
+        let tx = shared
+            .routes
+            .lock()
+            .ok()
+            .and_then(|r| r.get(&preamble.group_id).cloned());
+        if let Some(tx) = tx {
+            return tx
+                .send_timeout(Incoming { stream, preamble }, timeout)
+                .await
+                .map_err(|_| PeerFault::ProtocolViolation {
+                    reason: "round is not accepting connections",
+                });
+        }
+        if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            return Err(PeerFault::BadGroupId);
+        }
+    }
+}

@@ -1,0 +1,159 @@
+//! The crate's error type.
+
+use std::time::Duration;
+
+/// Why a remote peer was excluded from a round (a sender banned by a reducer, or a
+/// reducer whose results were abandoned by a sender).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum PeerFault {
+    /// The peer named a group this averager is not running.
+    #[error("unknown group id")]
+    BadGroupId,
+    /// The peer's tensor schema hash differs from ours.
+    #[error("tensor schema hash differs")]
+    BadSchemaHash,
+    /// A part decoded to the wrong number of values.
+    #[error("part {part} has {got} values, expected {expected}")]
+    WrongPartSize {
+        /// Part index within the reducer's span.
+        part: usize,
+        /// Number of values expected.
+        expected: usize,
+        /// Number of values received.
+        got: usize,
+    },
+    /// The peer sent a part index past the end of the span or out of order.
+    #[error("unexpected part index {got} (expected {expected} of {count})")]
+    UnexpectedPart {
+        /// Index the protocol expected next.
+        expected: usize,
+        /// Index received.
+        got: usize,
+        /// Number of parts in the span.
+        count: usize,
+    },
+    /// The peer sent NaN or infinite values.
+    #[error("part {part} holds non-finite values")]
+    NonFinite {
+        /// Part index within the reducer's span.
+        part: usize,
+    },
+    /// A frame failed authentication or could not be parsed.
+    #[error("garbage frame: {reason}")]
+    Garbage {
+        /// What was wrong.
+        reason: &'static str,
+    },
+    /// The peer sent nothing within the timeout.
+    #[error("stalled for {timeout:?}")]
+    Stalled {
+        /// The timeout that expired.
+        timeout: Duration,
+    },
+    /// The connection failed or closed early.
+    #[error("disconnected: {reason}")]
+    Disconnected {
+        /// The I/O error or reason.
+        reason: String,
+    },
+    /// The peer broke the protocol in some other way.
+    #[error("protocol violation: {reason}")]
+    ProtocolViolation {
+        /// What was wrong.
+        reason: &'static str,
+    },
+}
+
+/// Errors returned by this crate.
+#[derive(Debug, thiserror::Error)]
+pub enum AveragingError {
+    /// A configuration value is out of range.
+    #[error("invalid averaging config: {field}: {reason}")]
+    InvalidConfig {
+        /// Field name.
+        field: &'static str,
+        /// Why it is invalid.
+        reason: String,
+    },
+    /// A group description is inconsistent (no such member, no reducers, ...).
+    #[error("invalid group: {reason}")]
+    InvalidGroup {
+        /// What is wrong.
+        reason: String,
+    },
+    /// Matchmaking ended without a group.
+    #[error("could not find a group within {waited:?}")]
+    NoGroupFound {
+        /// How long matchmaking ran.
+        waited: Duration,
+    },
+    /// Fewer peers than the minimum group size.
+    #[error("group of {size} peers is below the minimum {min}")]
+    GroupTooSmall {
+        /// Peers found.
+        size: usize,
+        /// Minimum required.
+        min: usize,
+    },
+    /// The caller's buffers do not match the averager's tensor layout.
+    #[error("tensor layout mismatch: expected {expected} elements, got {got}")]
+    LayoutMismatch {
+        /// Elements expected.
+        expected: usize,
+        /// Elements given.
+        got: usize,
+    },
+    /// Local tensors hold NaN or infinity.
+    #[error("local tensors hold non-finite values")]
+    NonFiniteLocal,
+    /// The whole all-reduce exceeded its deadline; nothing was applied.
+    #[error("all-reduce timed out after {timeout:?}; local tensors unchanged")]
+    AllreduceTimeout {
+        /// The deadline that expired.
+        timeout: Duration,
+    },
+    /// Every remote reducer failed, so nothing was averaged.
+    #[error("all {failed} remote reducers failed; local tensors unchanged")]
+    AllReducersFailed {
+        /// Number of failed reducers.
+        failed: usize,
+    },
+    /// A compressed buffer could not be decoded.
+    #[error("decode error: {reason}")]
+    Decode {
+        /// What was wrong.
+        reason: &'static str,
+    },
+    /// A cryptographic operation failed.
+    #[error("crypto error: {context}")]
+    Crypto {
+        /// Which operation.
+        context: &'static str,
+    },
+    /// Socket-level failure on this peer.
+    #[error("i/o error while {context}: {source}")]
+    Io {
+        /// What was being done.
+        context: &'static str,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A peer misbehaved in a way that makes the operation impossible.
+    #[error("peer {peer}: {fault}")]
+    Peer {
+        /// Index of the peer in the group, or donor index.
+        peer: usize,
+        /// What it did.
+        fault: PeerFault,
+    },
+    /// State download found no usable donor.
+    #[error("no donor could provide state ({tried} tried)")]
+    NoStateDonor {
+        /// How many donors were tried.
+        tried: usize,
+    },
+}
+
+/// Shorthand result type.
+pub type Result<T, E = AveragingError> = std::result::Result<T, E>;

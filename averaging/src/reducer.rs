@@ -1,0 +1,256 @@
+//! Weighted accumulation of one reducer's span across senders.
+//!
+//! Senders deliver their parts in order; part `p` is complete when every sender
+//! that is still in the round has delivered it. A banned sender keeps its
+//! contribution to the parts it already delivered and is left out of the rest,
+//! as in the reference's `TensorPartReducer.on_sender_failed`.
+
+use std::ops::Range;
+
+use crate::error::PeerFault;
+
+/// Accumulator for the parts of one span.
+#[derive(Debug)]
+pub struct PartReducer {
+    parts: Vec<Range<usize>>,
+    acc: Vec<f32>,
+    weight_sum: Vec<f64>,
+    delivered: Vec<usize>,
+    banned: Vec<bool>,
+    finalized: usize,
+}
+
+/// The outcome of a completed part.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PartResult {
+    /// The weighted mean is available through [`PartReducer::part`].
+    Averaged,
+    /// No weight reached this part (every contributing sender was banned or had
+    /// weight 0): receivers keep their local values.
+    Empty,
+}
+
+impl PartReducer {
+    /// A reducer for `parts` (ranges relative to the start of the span, contiguous
+    /// from 0) and `senders` senders.
+    pub fn new(parts: Vec<Range<usize>>, senders: usize) -> Self {
+        let len = parts.last().map_or(0, |p| p.end);
+        Self {
+            acc: vec![0.0; len],
+            weight_sum: vec![0.0; parts.len()],
+            delivered: vec![0; senders],
+            banned: vec![false; senders],
+            finalized: 0,
+            parts,
+        }
+    }
+
+    /// Number of parts.
+    pub fn num_parts(&self) -> usize {
+        self.parts.len()
+    }
+
+    /// Number of values in part `p`.
+    pub fn part_len(&self, p: usize) -> usize {
+        self.parts.get(p).map_or(0, |r| r.len())
+    }
+
+    /// Whether `sender` has been banned.
+    pub fn is_banned(&self, sender: usize) -> bool {
+        self.banned.get(sender).copied().unwrap_or(true)
+    }
+
+    /// Parts delivered by `sender` so far.
+    pub fn delivered(&self, sender: usize) -> usize {
+        self.delivered.get(sender).copied().unwrap_or(0)
+    }
+
+    /// Validate a part before accumulating it: right index, right size.
+    ///
+    /// # Errors
+    /// The [`PeerFault`] that gets the sender banned.
+    pub fn check(&self, sender: usize, part: usize, len: usize) -> Result<(), PeerFault> {
+        let expected = self.delivered(sender);
+        if self.is_banned(sender) {
+            return Err(PeerFault::ProtocolViolation {
+                reason: "sender already banned",
+            });
+        }
+        if part != expected || part >= self.parts.len() {
+            return Err(PeerFault::UnexpectedPart {
+                expected,
+                got: part,
+                count: self.parts.len(),
+            });
+        }
+        if len != self.part_len(part) {
+            return Err(PeerFault::WrongPartSize {
+                part,
+                expected: self.part_len(part),
+                got: len,
+            });
+        }
+        Ok(())
+    }
+
+    /// Add `weight · values` for `sender`'s next part.
+    ///
+    /// # Errors
+    /// As [`Self::check`], plus [`PeerFault::NonFinite`] for NaN/inf values or
+    /// weight; the accumulator is untouched on error.
+    pub fn accumulate(
+        &mut self,
+        sender: usize,
+        part: usize,
+        values: &[f32],
+        weight: f32,
+    ) -> Result<(), PeerFault> {
+        self.check(sender, part, values.len())?;
+        if !weight.is_finite() || weight < 0.0 || !crate::compression::all_finite(values) {
+            return Err(PeerFault::NonFinite { part });
+        }
+        let range = self.parts[part].clone();
+        let acc = &mut self.acc[range];
+        if weight == 1.0 {
+            for (a, v) in acc.iter_mut().zip(values) {
+                *a += v;
+            }
+        } else if weight != 0.0 {
+            for (a, v) in acc.iter_mut().zip(values) {
+                *a += weight * v;
+            }
+        }
+        self.weight_sum[part] += f64::from(weight);
+        self.delivered[sender] += 1;
+        Ok(())
+    }
+
+    /// Exclude `sender` from every part it has not delivered yet.
+    pub fn ban(&mut self, sender: usize) {
+        if let Some(b) = self.banned.get_mut(sender) {
+            *b = true;
+        }
+    }
+
+    /// Number of parts completed and finalized so far.
+    pub fn finalized(&self) -> usize {
+        self.finalized
+    }
+
+    /// Finalize every part that is now complete; returns the new finalized count.
+    pub fn advance(&mut self) -> usize {
+        while self.finalized < self.parts.len() {
+            let p = self.finalized;
+            let ready = self
+                .delivered
+                .iter()
+                .zip(&self.banned)
+                .all(|(d, banned)| *banned || *d > p);
+            if !ready {
+                break;
+            }
+            let w = self.weight_sum[p];
+            if w > 0.0 {
+                let inv = (1.0 / w) as f32;
+                for a in &mut self.acc[self.parts[p].clone()] {
+                    *a *= inv;
+                }
+            }
+            self.finalized += 1;
+        }
+        self.finalized
+    }
+
+    /// The result of finalized part `p` (`None` if not finalized yet).
+    pub fn part(&self, p: usize) -> Option<(PartResult, &[f32])> {
+        if p >= self.finalized {
+            return None;
+        }
+        let values = &self.acc[self.parts[p].clone()];
+        if self.weight_sum[p] > 0.0 {
+            Some((PartResult::Averaged, values))
+        } else {
+            Some((PartResult::Empty, values))
+        }
+    }
+
+    /// The accumulator (averages for finalized parts), consuming the reducer.
+    pub fn into_values(self) -> Vec<f32> {
+        self.acc
+    }
+
+    /// Whether every part is finalized.
+    pub fn is_done(&self) -> bool {
+        self.finalized == self.parts.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::partition::part_ranges;
+
+    #[test]
+    fn weighted_mean_across_senders() {
+        let mut r = PartReducer::new(part_ranges(0..5, 2), 3);
+        for (s, w) in [(0, 1.0), (1, 2.0), (2, 0.0)] {
+            let base = s as f32;
+            r.accumulate(s, 0, &[base, base], w).unwrap();
+        }
+        assert_eq!(r.advance(), 1);
+        let (kind, v) = r.part(0).unwrap();
+        assert_eq!(kind, PartResult::Averaged);
+        assert_eq!(v, &[2.0 / 3.0, 2.0 / 3.0]);
+        assert!(r.part(1).is_none());
+    }
+
+    #[test]
+    fn banned_sender_keeps_delivered_parts_only() {
+        let mut r = PartReducer::new(part_ranges(0..3, 1), 2);
+        r.accumulate(0, 0, &[1.0], 1.0).unwrap();
+        r.accumulate(1, 0, &[3.0], 1.0).unwrap();
+        r.accumulate(0, 1, &[1.0], 1.0).unwrap();
+        r.accumulate(0, 2, &[1.0], 1.0).unwrap();
+        assert_eq!(r.advance(), 1);
+        r.ban(1);
+        assert_eq!(r.advance(), 3);
+        assert_eq!(r.part(0).unwrap().1, &[2.0]);
+        assert_eq!(r.part(1).unwrap().1, &[1.0]);
+        assert!(r.is_done());
+        assert!(r.accumulate(1, 1, &[5.0], 1.0).is_err());
+    }
+
+    #[test]
+    fn bad_parts_are_rejected_without_touching_state() {
+        let mut r = PartReducer::new(part_ranges(0..4, 2), 2);
+        assert!(matches!(
+            r.accumulate(0, 1, &[1.0, 1.0], 1.0),
+            Err(PeerFault::UnexpectedPart { .. })
+        ));
+        assert!(matches!(
+            r.accumulate(0, 0, &[1.0], 1.0),
+            Err(PeerFault::WrongPartSize { .. })
+        ));
+        assert!(matches!(
+            r.accumulate(0, 0, &[1.0, f32::NAN], 1.0),
+            Err(PeerFault::NonFinite { part: 0 })
+        ));
+        r.accumulate(0, 0, &[1.0, 1.0], 1.0).unwrap();
+        r.accumulate(0, 1, &[1.0, 1.0], 1.0).unwrap();
+        assert!(matches!(
+            r.accumulate(0, 2, &[1.0, 1.0], 1.0),
+            Err(PeerFault::UnexpectedPart { .. })
+        ));
+        r.ban(1);
+        assert_eq!(r.advance(), 2);
+        assert_eq!(r.part(1).unwrap().1, &[1.0, 1.0]);
+    }
+
+    #[test]
+    fn zero_total_weight_yields_empty_parts() {
+        let mut r = PartReducer::new(part_ranges(0..2, 2), 1);
+        r.accumulate(0, 0, &[4.0, 4.0], 0.0).unwrap();
+        r.advance();
+        assert_eq!(r.part(0).unwrap().0, PartResult::Empty);
+    }
+}

@@ -1,0 +1,257 @@
+use std::time::{Duration, Instant};
+
+use tokio::{io::AsyncWriteExt, net::TcpStream, sync::oneshot};
+
+use super::support::*;
+use crate::{
+    AssembledGroup, AveragingMode, Compression, FrameCipher, PeerFault, TensorLayout,
+    partition::part_ranges,
+    schema_hash,
+    wire::{self, Hello, Kind, Preamble},
+};
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Bad {
+    WrongPartSize,
+    WrongGroupId,
+    TooManyParts,
+    OutOfOrderPart,
+    NonFinite,
+    Garbage,
+    SchemaHash,
+    StallAfterFirstPart,
+    DieAfterFirstPart,
+}
+
+/// A client-mode sender (position `me`) that misbehaves towards reducer `r`.
+async fn bad_sender(
+    group: &AssembledGroup,
+    peers: &[Peer],
+    me: usize,
+    r: usize,
+    bad: Bad,
+    hold: oneshot::Receiver<()>,
+) {
+    let cfg = test_config(Compression::None);
+    let layout = TensorLayout::new(&LENGTHS);
+    let sizes = crate::load_balance_peers(layout.total(), &group.bandwidths(), 0).unwrap();
+    let spans = crate::spans_from_sizes(&sizes);
+    let parts = part_ranges(spans[r].clone(), cfg.part_len());
+    let addr = group.members[r].data_addr.unwrap();
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let gid = if bad == Bad::WrongGroupId { [0xEE; 32] } else { group.group_id };
+    let pre = Preamble {
+        group_id: gid,
+        sender: me as u32,
+        reducer: r as u32,
+    };
+    stream.write_all(&pre.encode()).await.unwrap();
+    if bad == Bad::Garbage {
+        let _ = stream.write_all(&[0x17; 4096]).await;
+        let _ = hold.await;
+        return;
+    }
+    let keys = peers[me]
+        .keys
+        .connection_keys(&group.members[r].round_public_key, &group.group_id, me as u32, r as u32)
+        .unwrap();
+    let mut up = FrameCipher::new(&keys.up).unwrap();
+    let mut frame = Vec::new();
+    wire::begin_frame(&mut frame, Kind::Hello, 0);
+    let mut schema = schema_hash(&layout);
+    if bad == Bad::SchemaHash {
+        schema[0] ^= 1;
+    }
+    let extra = u32::from(bad == Bad::TooManyParts);
+    Hello {
+        schema_hash: schema,
+        compression: 0,
+        weight: peers[me].weight,
+        num_parts: parts.len() as u32 + extra,
+    }
+    .encode(&mut frame);
+    up.seal_frame(&mut frame).unwrap();
+    let _ = stream.write_all(&frame).await;
+    let data = &peers[me].tensors;
+    let mut values = vec![0.0f32; parts[0].len()];
+    layout.gather(data, parts[0].clone(), &mut values);
+    match bad {
+        Bad::WrongPartSize => values.push(1.0),
+        Bad::NonFinite => values[1] = f32::INFINITY,
+        _ => {}
+    }
+    let index = if bad == Bad::OutOfOrderPart { 1 } else { 0 };
+    wire::begin_frame(&mut frame, Kind::Part, index);
+    Compression::None.encode(&values, &mut frame);
+    up.seal_frame(&mut frame).unwrap();
+    let _ = stream.write_all(&frame).await;
+    if bad == Bad::DieAfterFirstPart {
+        drop(stream);
+        let _ = hold.await;
+        return;
+    }
+    // Keep the connection open (stalled) until the test is over.
+    let _ = hold.await;
+    drop(stream);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_senders_are_banned_and_honest_peers_finish() {
+    use AveragingMode::{Client, Node};
+    let cases = [
+        (Bad::WrongPartSize, "wrong size"),
+        (Bad::WrongGroupId, "group id"),
+        (Bad::TooManyParts, "too many"),
+        (Bad::OutOfOrderPart, "order"),
+        (Bad::NonFinite, "nan"),
+        (Bad::Garbage, "garbage"),
+        (Bad::SchemaHash, "schema"),
+        (Bad::StallAfterFirstPart, "stall"),
+        (Bad::DieAfterFirstPart, "killed sender"),
+    ];
+    for (n, (bad, name)) in cases.into_iter().enumerate() {
+        let peers = make_peers(&[Node, Node, Node, Client], &[1.0, 2.0, 1.5, 4.0]).await;
+        let group = group_of(&peers, [0x40 + n as u8; 32], &[]);
+        let cfg = test_config(Compression::None);
+        let layout = TensorLayout::new(&LENGTHS);
+        let (hold_tx, holds): (Vec<_>, Vec<_>) = (0..3).map(|_| oneshot::channel::<()>()).unzip();
+        let started = Instant::now();
+        let honest = async {
+            let futs = (0..3).map(|i| {
+                let p = &peers[i];
+                let (layout, group, cfg) = (&layout, &group, &cfg);
+                async move {
+                    crate::run_allreduce(&p.plane, group, i, &p.keys, layout, &p.tensors, p.weight, cfg)
+                        .await
+                }
+            });
+            let out = futures::future::join_all(futs).await;
+            drop(hold_tx);
+            out
+        };
+        let liar = futures::future::join_all(
+            holds
+                .into_iter()
+                .enumerate()
+                .map(|(r, hold)| bad_sender(&group, &peers, 3, r, bad, hold)),
+        );
+        let (outcomes, _) = tokio::join!(honest, liar);
+        assert!(started.elapsed() < cfg.allreduce_timeout, "{name}: took too long");
+        let without = weighted_mean(&peers, &[0, 1, 2]);
+        let with = weighted_mean(&peers, &[0, 1, 2, 3]);
+        for (i, out) in outcomes.into_iter().enumerate() {
+            let out = out.unwrap_or_else(|e| panic!("{name}: peer {i} failed: {e}"));
+            assert!(out.failed_reducers.is_empty(), "{name}: {:?}", out.failed_reducers);
+            let fault = &out
+                .banned_senders
+                .iter()
+                .find(|(s, _)| *s == 3)
+                .unwrap_or_else(|| panic!("{name}: liar not banned by peer {i}"))
+                .1;
+            let kind_ok = match bad {
+                Bad::WrongPartSize => matches!(fault, PeerFault::WrongPartSize { .. }),
+                Bad::TooManyParts | Bad::OutOfOrderPart => {
+                    matches!(fault, PeerFault::UnexpectedPart { .. })
+                }
+                Bad::NonFinite => matches!(fault, PeerFault::NonFinite { .. }),
+                Bad::Garbage => matches!(fault, PeerFault::Garbage { .. }),
+                Bad::WrongGroupId | Bad::StallAfterFirstPart => {
+                    matches!(fault, PeerFault::Stalled { .. })
+                }
+                Bad::SchemaHash => matches!(fault, PeerFault::BadSchemaHash),
+                Bad::DieAfterFirstPart => matches!(fault, PeerFault::Disconnected { .. }),
+            };
+            assert!(kind_ok, "{name}: unexpected fault {fault:?}");
+            let mut mine = peers[i].tensors.clone();
+            out.apply(&layout, &mut mine, 1.0).unwrap();
+            let partial = matches!(bad, Bad::StallAfterFirstPart | Bad::DieAfterFirstPart);
+            for (t, buf) in mine.iter().enumerate() {
+                for (j, v) in buf.iter().enumerate() {
+                    let v = f64::from(*v);
+                    let ok = (v - without[t][j]).abs() < 1e-6
+                        || (partial && (v - with[t][j]).abs() < 1e-6);
+                    assert!(ok, "{name}: peer {i} tensor {t}[{j}] = {v}");
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum BadReducer {
+    DiesAfterFirstPart,
+    NeverAnswers,
+}
+
+/// Member `me` (a node) accepts its senders, reads a little, then dies or stalls.
+async fn bad_reducer(peers: &[Peer], group: &AssembledGroup, me: usize, senders: usize, how: BadReducer, hold: oneshot::Receiver<()>) {
+    let mut route = peers[me].plane.register(group.group_id, 8);
+    let mut conns = Vec::new();
+    for _ in 0..senders {
+        let Some(inc) = route.rx.recv().await else { break };
+        conns.push(inc.stream);
+    }
+    if how == BadReducer::DiesAfterFirstPart {
+        for c in &mut conns {
+            let mut buf = vec![0u8; 2048];
+            let _ = tokio::io::AsyncReadExt::read(c, &mut buf).await;
+        }
+        drop(conns);
+        let _ = hold.await;
+    } else {
+        let _ = hold.await;
+        drop(conns);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_or_silent_reducer_leaves_finite_averaged_or_local_values() {
+    use AveragingMode::Node;
+    for (n, how) in [BadReducer::DiesAfterFirstPart, BadReducer::NeverAnswers].into_iter().enumerate() {
+        let peers = make_peers(&[Node; 4], &[1.0, 2.0, 1.0, 1.0]).await;
+        let group = group_of(&peers, [0x70 + n as u8; 32], &[]);
+        let cfg = test_config(Compression::None);
+        let layout = TensorLayout::new(&LENGTHS);
+        let (hold_tx, hold_rx) = oneshot::channel::<()>();
+        let started = Instant::now();
+        let honest = async {
+            let futs = (0..3).map(|i| {
+                let p = &peers[i];
+                let (layout, group, cfg) = (&layout, &group, &cfg);
+                async move {
+                    crate::run_allreduce(&p.plane, group, i, &p.keys, layout, &p.tensors, p.weight, cfg)
+                        .await
+                }
+            });
+            let out = futures::future::join_all(futs).await;
+            drop(hold_tx);
+            out
+        };
+        let (outcomes, _) = tokio::join!(honest, bad_reducer(&peers, &group, 3, 3, how, hold_rx));
+        assert!(started.elapsed() < cfg.allreduce_timeout + Duration::from_secs(1));
+        let avg = weighted_mean(&peers, &[0, 1, 2]);
+        for (i, out) in outcomes.into_iter().enumerate() {
+            let out = out.unwrap_or_else(|e| panic!("{how:?}: peer {i}: {e}"));
+            assert_eq!(out.failed_reducers.len(), 1, "{how:?}");
+            assert_eq!(out.failed_reducers[0].0, 3);
+            assert!(out.banned_senders.iter().any(|(s, _)| *s == 3));
+            let mut mine = peers[i].tensors.clone();
+            out.apply(&layout, &mut mine, 1.0).unwrap();
+            let mut averaged = 0usize;
+            let mut local = 0usize;
+            for (t, buf) in mine.iter().enumerate() {
+                for (j, v) in buf.iter().enumerate() {
+                    assert!(v.is_finite());
+                    if (f64::from(*v) - avg[t][j]).abs() < 1e-6 {
+                        averaged += 1;
+                    } else {
+                        assert_eq!(*v, peers[i].tensors[t][j], "{how:?}: neither averaged nor local");
+                        local += 1;
+                    }
+                }
+            }
+            // Three of four spans are averaged; the dead reducer's quarter is local.
+            assert!(averaged > local * 2, "{how:?}: averaged {averaged}, local {local}");
+        }
+    }
+}

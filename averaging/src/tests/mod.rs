@@ -1,0 +1,6 @@
+//! Multi-peer tests of the data plane on 127.0.0.1, including adversarial peers
+//! that need the private wire format.
+
+mod adversarial;
+mod support;
+mod rounds;

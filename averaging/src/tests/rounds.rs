@@ -1,0 +1,112 @@
+use super::support::*;
+use crate::{AveragingError, AveragingMode, Compression, TensorLayout};
+
+fn modes(clients: usize, aux: usize) -> Vec<AveragingMode> {
+    (0..4)
+        .map(|i| {
+            if i < clients {
+                AveragingMode::Client
+            } else if i < clients + aux {
+                AveragingMode::Aux
+            } else {
+                AveragingMode::Node
+            }
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_peers_every_mode_mix_reach_the_weighted_mean() {
+    for clients in 0..=2 {
+        for aux in 0..=1 {
+            let modes = modes(clients, aux);
+            let weights = [1.0, 2.5, 0.5, 3.0];
+            let peers = make_peers(&modes, &weights).await;
+            let bandwidths = [None, Some(2.0), None, Some(1.0)];
+            let group = group_of(&peers, [clients as u8 * 2 + aux as u8; 32], &bandwidths);
+            let cfg = test_config(Compression::None);
+            let outcomes = run_all(&peers, &group, &cfg).await;
+            let senders: Vec<usize> = (0..4).filter(|&i| modes[i] != AveragingMode::Aux).collect();
+            let expected = weighted_mean(&peers, &senders);
+            let layout = TensorLayout::new(&LENGTHS);
+            for (i, (peer, out)) in peers.iter().zip(outcomes).enumerate() {
+                let out = out.unwrap_or_else(|e| panic!("peer {i} ({clients}c/{aux}a): {e}"));
+                assert!(out.failed_reducers.is_empty(), "{:?}", out.failed_reducers);
+                assert!(out.banned_senders.is_empty(), "{:?}", out.banned_senders);
+                for (m, size) in modes.iter().zip(&out.span_sizes) {
+                    if *m == AveragingMode::Client {
+                        assert_eq!(*size, 0);
+                    }
+                }
+                let mut mine = peer.tensors.clone();
+                out.apply(&layout, &mut mine, 1.0).unwrap();
+                if peer.mode == AveragingMode::Aux {
+                    assert_eq!(mine, peer.tensors, "aux peers receive nothing");
+                    continue;
+                }
+                let err = max_err(&mine, &expected);
+                assert!(err < 1e-6, "peer {i} ({clients}c/{aux}a): err {err}");
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compressed_rounds_stay_within_codec_error() {
+    for (compression, tol) in [(Compression::Float16, 2e-3), (Compression::Blockwise8Bit, 3e-2)] {
+        let modes = modes(1, 0);
+        let peers = make_peers(&modes, &[1.0, 1.0, 2.0, 1.0]).await;
+        let group = group_of(&peers, [9; 32], &[]);
+        let outcomes = run_all(&peers, &group, &test_config(compression)).await;
+        let expected = weighted_mean(&peers, &[0, 1, 2, 3]);
+        let layout = TensorLayout::new(&LENGTHS);
+        for (peer, out) in peers.iter().zip(outcomes) {
+            let mut mine = peer.tensors.clone();
+            out.unwrap().apply(&layout, &mut mine, 1.0).unwrap();
+            let err = max_err(&mine, &expected);
+            assert!(err < tol, "{compression:?}: err {err}");
+            assert!(err > 0.0, "{compression:?} should be lossy on random data");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alpha_moves_part_of_the_way() {
+    let peers = make_peers(&modes(0, 0), &[1.0; 4]).await;
+    let group = group_of(&peers, [3; 32], &[]);
+    let outcomes = run_all(&peers, &group, &test_config(Compression::None)).await;
+    let expected = weighted_mean(&peers, &[0, 1, 2, 3]);
+    let layout = TensorLayout::new(&LENGTHS);
+    let out = outcomes.into_iter().next().unwrap().unwrap();
+    let mut mine = peers[0].tensors.clone();
+    out.apply(&layout, &mut mine, 0.5).unwrap();
+    let halfway: Vec<Vec<f64>> = expected
+        .iter()
+        .zip(&peers[0].tensors)
+        .map(|(e, l)| e.iter().zip(l).map(|(e, l)| 0.5 * (e + f64::from(*l))).collect())
+        .collect();
+    assert!(max_err(&mine, &halfway) < 1e-6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_local_input_and_config_are_typed_errors() {
+    let mut peers = make_peers(&modes(0, 0), &[1.0; 4]).await;
+    peers[0].tensors[1][3] = f32::NAN;
+    let group = group_of(&peers, [4; 32], &[]);
+    let layout = TensorLayout::new(&LENGTHS);
+    let cfg = test_config(Compression::None);
+    let p = &peers[0];
+    let res = crate::run_allreduce(&p.plane, &group, 0, &p.keys, &layout, &p.tensors, 1.0, &cfg).await;
+    assert!(matches!(res, Err(AveragingError::NonFiniteLocal)));
+    let res = crate::run_allreduce(&p.plane, &group, 7, &p.keys, &layout, &p.tensors, 1.0, &cfg).await;
+    assert!(matches!(res, Err(AveragingError::InvalidGroup { .. })));
+    let bad_cfg = crate::AllreduceConfig {
+        reducer_timeout: cfg.sender_timeout,
+        ..cfg.clone()
+    };
+    let res = crate::run_allreduce(&p.plane, &group, 1, &p.keys, &layout, &peers[1].tensors, 1.0, &bad_cfg).await;
+    assert!(matches!(res, Err(AveragingError::InvalidConfig { .. })));
+    let wrong = vec![vec![0.0f32; 5]];
+    let res = crate::run_allreduce(&p.plane, &group, 1, &p.keys, &layout, &wrong, 1.0, &cfg).await;
+    assert!(matches!(res, Err(AveragingError::LayoutMismatch { .. })));
+}

@@ -1,0 +1,184 @@
+//! Data-plane wire format.
+//!
+//! A connection starts with a plaintext preamble, `MAGIC ‖ group id (32) ‖
+//! sender u32 ‖ reducer u32`, which lets the reducer pick the round and the key.
+//! Everything after it is frames: `len u32 (LE) ‖ AES-GCM(body) ‖ tag`, the
+//! length authenticated as associated data. Bodies start with an 8-byte header
+//! `kind u8 ‖ 0 0 0 ‖ index u32` so the payload stays 4-byte aligned.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::{
+    crypto::{FrameCipher, TAG_LEN},
+    error::PeerFault,
+};
+
+/// Connection magic and protocol version.
+pub(crate) const MAGIC: &[u8; 8] = b"COLNYAR1";
+/// Preamble length.
+pub(crate) const PREAMBLE_LEN: usize = 8 + 32 + 4 + 4;
+/// Frame body header length.
+pub(crate) const HEADER_LEN: usize = 8;
+
+/// Frame kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub(crate) enum Kind {
+    /// Sender → reducer, first frame: schema hash, compression, weight, part count.
+    Hello = 1,
+    /// Sender → reducer: a tensor part.
+    Part = 2,
+    /// Reducer → sender: the average of a part.
+    Averaged = 3,
+    /// Reducer → sender: no weight reached this part; keep local values.
+    Empty = 4,
+}
+
+impl Kind {
+    pub(crate) fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(Self::Hello),
+            2 => Some(Self::Part),
+            3 => Some(Self::Averaged),
+            4 => Some(Self::Empty),
+            _ => None,
+        }
+    }
+}
+
+/// The preamble fields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Preamble {
+    pub(crate) group_id: [u8; 32],
+    pub(crate) sender: u32,
+    pub(crate) reducer: u32,
+}
+
+impl Preamble {
+    pub(crate) fn encode(&self) -> [u8; PREAMBLE_LEN] {
+        let mut out = [0u8; PREAMBLE_LEN];
+        out[..8].copy_from_slice(MAGIC);
+        out[8..40].copy_from_slice(&self.group_id);
+        out[40..44].copy_from_slice(&self.sender.to_le_bytes());
+        out[44..48].copy_from_slice(&self.reducer.to_le_bytes());
+        out
+    }
+
+    pub(crate) fn decode(b: &[u8; PREAMBLE_LEN]) -> Result<Self, PeerFault> {
+        if &b[..8] != MAGIC {
+            return Err(PeerFault::Garbage {
+                reason: "bad magic",
+            });
+        }
+        let mut group_id = [0u8; 32];
+        group_id.copy_from_slice(&b[8..40]);
+        Ok(Self {
+            group_id,
+            sender: u32::from_le_bytes([b[40], b[41], b[42], b[43]]),
+            reducer: u32::from_le_bytes([b[44], b[45], b[46], b[47]]),
+        })
+    }
+}
+
+/// Hello body (after the header).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Hello {
+    pub(crate) schema_hash: [u8; 32],
+    pub(crate) compression: u8,
+    pub(crate) weight: f32,
+    pub(crate) num_parts: u32,
+}
+
+pub(crate) const HELLO_LEN: usize = 32 + 1 + 4 + 4;
+
+impl Hello {
+    pub(crate) fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.schema_hash);
+        out.push(self.compression);
+        out.extend_from_slice(&self.weight.to_le_bytes());
+        out.extend_from_slice(&self.num_parts.to_le_bytes());
+    }
+
+    pub(crate) fn decode(b: &[u8]) -> Result<Self, PeerFault> {
+        if b.len() != HELLO_LEN {
+            return Err(PeerFault::ProtocolViolation {
+                reason: "hello has the wrong length",
+            });
+        }
+        let mut schema_hash = [0u8; 32];
+        schema_hash.copy_from_slice(&b[..32]);
+        Ok(Self {
+            schema_hash,
+            compression: b[32],
+            weight: f32::from_le_bytes([b[33], b[34], b[35], b[36]]),
+            num_parts: u32::from_le_bytes([b[37], b[38], b[39], b[40]]),
+        })
+    }
+}
+
+/// Start a frame in `buf`: length placeholder plus header.
+pub(crate) fn begin_frame(buf: &mut Vec<u8>, kind: Kind, index: u32) {
+    buf.clear();
+    buf.extend_from_slice(&[0, 0, 0, 0, kind as u8, 0, 0, 0]);
+    buf.extend_from_slice(&index.to_le_bytes());
+}
+
+/// Write a whole buffer within `timeout`.
+pub(crate) async fn write_all_timeout<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    bytes: &[u8],
+    timeout: Duration,
+) -> Result<(), PeerFault> {
+    match tokio::time::timeout(timeout, w.write_all(bytes)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(PeerFault::Disconnected {
+            reason: e.to_string(),
+        }),
+        Err(_) => Err(PeerFault::Stalled { timeout }),
+    }
+}
+
+/// Read and open one frame into `buf`; returns `(kind, index, payload range)`.
+pub(crate) async fn read_frame<R: AsyncRead + Unpin>(
+    r: &mut R,
+    cipher: &mut FrameCipher,
+    buf: &mut Vec<u8>,
+    max_body: usize,
+    timeout: Duration,
+) -> Result<(Kind, u32, std::ops::Range<usize>), PeerFault> {
+    let fut = async {
+        let mut len_bytes = [0u8; 4];
+        r.read_exact(&mut len_bytes).await?;
+        let len = u32::from_le_bytes(len_bytes) as usize;
+        if !(HEADER_LEN + TAG_LEN..=max_body + TAG_LEN).contains(&len) {
+            return Ok(Err(PeerFault::Garbage {
+                reason: "frame length out of range",
+            }));
+        }
+        buf.resize(len, 0);
+        r.read_exact(&mut buf[..]).await?;
+        Ok::<_, std::io::Error>(Ok(len_bytes))
+    };
+    let len_bytes = match tokio::time::timeout(timeout, fut).await {
+        Err(_) => return Err(PeerFault::Stalled { timeout }),
+        Ok(Err(e)) => {
+            return Err(PeerFault::Disconnected {
+                reason: e.to_string(),
+            });
+        }
+        Ok(Ok(res)) => res?,
+    };
+    let plain_len = cipher
+        .open_frame(len_bytes, &mut buf[..])
+        .map_err(|_| PeerFault::Garbage {
+            reason: "frame failed authentication",
+        })?
+        .len();
+    let kind = Kind::from_u8(buf[0]).ok_or(PeerFault::Garbage {
+        reason: "unknown frame kind",
+    })?;
+    let index = u32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]);
+    Ok((kind, index, HEADER_LEN..plain_len))
+}
