@@ -1,9 +1,9 @@
 //! Bad input: typed errors, never panics; documented NaN/inf behaviour.
 
 use colony_kernels::{
-    AdamW, Buffer, Device, KernelError, Lamb, Layout, Q8Buffer, Sgd, accumulate, adamw_step, all_finite, cpu,
-    decode_f16, decode_q8, encode_f16, encode_q8, f16, lamb_step, scale, sgd_step, weighted_average,
-    weighted_delta, weighted_sum,
+    AdamW, Buffer, Device, KernelError, Lamb, Layout, Q8Buffer, Sgd, accumulate, adamw_step,
+    all_finite, cpu, decode_f16, decode_q8, encode_f16, encode_q8, f16, lamb_step, scale, sgd_step,
+    weighted_average, weighted_delta, weighted_sum,
 };
 
 fn buf(v: &[f32]) -> Buffer<f32> {
@@ -14,38 +14,93 @@ fn buf(v: &[f32]) -> Buffer<f32> {
 fn length_mismatches_are_errors_and_leave_outputs_alone() {
     let mut acc = buf(&[1.0, 2.0, 3.0]);
     let e = accumulate(&mut acc, &buf(&[1.0, 2.0]), 1.0);
-    assert!(matches!(e, Err(KernelError::LengthMismatch { op: "accumulate", expected: 3, actual: 2, .. })));
+    assert!(matches!(
+        e,
+        Err(KernelError::LengthMismatch {
+            op: "accumulate",
+            expected: 3,
+            actual: 2,
+            ..
+        })
+    ));
     assert_eq!(acc.as_slice().unwrap(), &[1.0, 2.0, 3.0]);
 
     let mut out = buf(&[0.0; 3]);
     let e = weighted_sum(&mut out, &[&buf(&[1.0; 3]), &buf(&[1.0; 4])], &[1.0, 1.0]);
-    assert!(matches!(e, Err(KernelError::LengthMismatch { what: "part", .. })));
+    assert!(matches!(
+        e,
+        Err(KernelError::LengthMismatch { what: "part", .. })
+    ));
     let e = weighted_delta(&mut out, &[&buf(&[1.0; 3])], &[1.0], &buf(&[1.0; 2]));
-    assert!(matches!(e, Err(KernelError::LengthMismatch { what: "own", .. })));
+    assert!(matches!(
+        e,
+        Err(KernelError::LengthMismatch { what: "own", .. })
+    ));
 
     let mut half = Buffer::<f16>::zeros(2, Device::Cpu).unwrap();
-    assert!(matches!(encode_f16(&out, &mut half), Err(KernelError::LengthMismatch { .. })));
-    assert!(matches!(decode_f16(&half, &mut out), Err(KernelError::LengthMismatch { .. })));
+    assert!(matches!(
+        encode_f16(&out, &mut half),
+        Err(KernelError::LengthMismatch { .. })
+    ));
+    assert!(matches!(
+        decode_f16(&half, &mut out),
+        Err(KernelError::LengthMismatch { .. })
+    ));
     let mut q = Q8Buffer::zeros(4, 2, Device::Cpu).unwrap();
-    assert!(matches!(encode_q8(&out, &mut q), Err(KernelError::LengthMismatch { .. })));
-    assert!(matches!(decode_q8(&q, &mut out), Err(KernelError::LengthMismatch { .. })));
+    assert!(matches!(
+        encode_q8(&out, &mut q),
+        Err(KernelError::LengthMismatch { .. })
+    ));
+    assert!(matches!(
+        decode_q8(&q, &mut out),
+        Err(KernelError::LengthMismatch { .. })
+    ));
 
     // Wire helpers: byte counts must match exactly (a truncated part is refused).
     let mut dst = vec![0.0f32; 4];
-    assert!(matches!(cpu::f16::decode(&[0u8; 7], &mut dst), Err(KernelError::LengthMismatch { .. })));
-    assert!(matches!(cpu::f16::encode(&dst, &mut [0u8; 9]), Err(KernelError::LengthMismatch { .. })));
+    assert!(matches!(
+        cpu::f16::decode(&[0u8; 7], &mut dst),
+        Err(KernelError::LengthMismatch { .. })
+    ));
+    assert!(matches!(
+        cpu::f16::encode(&dst, &mut [0u8; 9]),
+        Err(KernelError::LengthMismatch { .. })
+    ));
     let bytes = cpu::q8::encode_to_vec(&dst, 2).unwrap();
-    assert!(matches!(cpu::q8::decode(&bytes[1..], 2, &mut dst), Err(KernelError::LengthMismatch { .. })));
-    assert!(matches!(cpu::q8::decode_accumulate(&bytes, 4, &mut dst, 1.0), Err(KernelError::LengthMismatch { .. })));
-    assert!(matches!(cpu::q8::encode_to_vec(&dst, 0), Err(KernelError::InvalidBlockSize { block_size: 0 })));
-    assert!(matches!(Q8Buffer::zeros(4, 0, Device::Cpu), Err(KernelError::InvalidBlockSize { .. })));
+    assert!(matches!(
+        cpu::q8::decode(&bytes[1..], 2, &mut dst),
+        Err(KernelError::LengthMismatch { .. })
+    ));
+    assert!(matches!(
+        cpu::q8::decode_accumulate(&bytes, 4, &mut dst, 1.0),
+        Err(KernelError::LengthMismatch { .. })
+    ));
+    assert!(matches!(
+        cpu::q8::encode_to_vec(&dst, 0),
+        Err(KernelError::InvalidBlockSize { block_size: 0 })
+    ));
+    assert!(matches!(
+        Q8Buffer::zeros(4, 0, Device::Cpu),
+        Err(KernelError::InvalidBlockSize { .. })
+    ));
 
-    let (mut p, g, mut m, mut v) = (buf(&[1.0; 4]), buf(&[1.0; 4]), buf(&[0.0; 4]), buf(&[0.0; 3]));
+    let (mut p, g, mut m, mut v) = (
+        buf(&[1.0; 4]),
+        buf(&[1.0; 4]),
+        buf(&[0.0; 4]),
+        buf(&[0.0; 3]),
+    );
     assert!(matches!(
         adamw_step(&mut p, &g, &mut m, &mut v, &AdamW::default(), 1),
-        Err(KernelError::LengthMismatch { what: "exp_avg_sq", .. })
+        Err(KernelError::LengthMismatch {
+            what: "exp_avg_sq",
+            ..
+        })
     ));
-    assert!(matches!(sgd_step(&mut p, &g, &mut v, &Sgd::default()), Err(KernelError::LengthMismatch { .. })));
+    assert!(matches!(
+        sgd_step(&mut p, &g, &mut v, &Sgd::default()),
+        Err(KernelError::LengthMismatch { .. })
+    ));
     assert_eq!(p.as_slice().unwrap(), &[1.0; 4]);
 }
 
@@ -53,15 +108,34 @@ fn length_mismatches_are_errors_and_leave_outputs_alone() {
 fn weights_are_validated() {
     let (a, b) = (buf(&[1.0, 2.0]), buf(&[3.0, 4.0]));
     let mut out = buf(&[0.0, 0.0]);
-    assert!(matches!(weighted_sum(&mut out, &[], &[]), Err(KernelError::NoParts { .. })));
-    assert!(matches!(weighted_sum(&mut out, &[&a, &b], &[1.0]), Err(KernelError::WeightCount { parts: 2, weights: 1, .. })));
+    assert!(matches!(
+        weighted_sum(&mut out, &[], &[]),
+        Err(KernelError::NoParts { .. })
+    ));
+    assert!(matches!(
+        weighted_sum(&mut out, &[&a, &b], &[1.0]),
+        Err(KernelError::WeightCount {
+            parts: 2,
+            weights: 1,
+            ..
+        })
+    ));
     for bad in [-1.0, f32::NAN, f32::INFINITY, -0.0001] {
         let e = weighted_average(&mut out, &[&a, &b], &[1.0, bad]);
-        assert!(matches!(e, Err(KernelError::InvalidWeight { index: 1, .. })), "{bad}: {e:?}");
+        assert!(
+            matches!(e, Err(KernelError::InvalidWeight { index: 1, .. })),
+            "{bad}: {e:?}"
+        );
     }
     // Zero-sum weights: an average is undefined, a sum is zeros.
-    assert!(matches!(weighted_average(&mut out, &[&a, &b], &[0.0, 0.0]), Err(KernelError::ZeroWeightSum { .. })));
-    assert!(matches!(weighted_delta(&mut out, &[&a], &[0.0], &b), Err(KernelError::ZeroWeightSum { .. })));
+    assert!(matches!(
+        weighted_average(&mut out, &[&a, &b], &[0.0, 0.0]),
+        Err(KernelError::ZeroWeightSum { .. })
+    ));
+    assert!(matches!(
+        weighted_delta(&mut out, &[&a], &[0.0], &b),
+        Err(KernelError::ZeroWeightSum { .. })
+    ));
     weighted_sum(&mut out, &[&a, &b], &[0.0, 0.0]).unwrap();
     assert_eq!(out.as_slice().unwrap(), &[0.0, 0.0]);
     // A zero weight (auxiliary peer) is fine.
@@ -76,9 +150,18 @@ fn non_finite_scalars_are_errors() {
     let mut a = buf(&[1.0]);
     let g = buf(&[1.0]);
     for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
-        assert!(matches!(accumulate(&mut a, &g, bad), Err(KernelError::NonFiniteScalar { name: "alpha", .. })));
-        assert!(matches!(scale(&mut a, bad), Err(KernelError::NonFiniteScalar { .. })));
-        assert!(matches!(cpu::f16::decode_accumulate(&[0, 0], &mut [0.0], bad), Err(KernelError::NonFiniteScalar { .. })));
+        assert!(matches!(
+            accumulate(&mut a, &g, bad),
+            Err(KernelError::NonFiniteScalar { name: "alpha", .. })
+        ));
+        assert!(matches!(
+            scale(&mut a, bad),
+            Err(KernelError::NonFiniteScalar { .. })
+        ));
+        assert!(matches!(
+            cpu::f16::decode_accumulate(&[0, 0], &mut [0.0], bad),
+            Err(KernelError::NonFiniteScalar { .. })
+        ));
     }
     // Negative alpha is an ordinary scalar (subtracting a gradient).
     accumulate(&mut a, &g, -3.0).unwrap();
@@ -88,16 +171,31 @@ fn non_finite_scalars_are_errors() {
 #[test]
 fn hyperparameters_and_steps_are_validated() {
     let (mut p, g, mut m, mut v) = (buf(&[1.0]), buf(&[1.0]), buf(&[0.0]), buf(&[0.0]));
-    let bad = AdamW { beta1: 1.0, ..AdamW::default() };
+    let bad = AdamW {
+        beta1: 1.0,
+        ..AdamW::default()
+    };
     assert!(matches!(
         adamw_step(&mut p, &g, &mut m, &mut v, &bad, 1),
         Err(KernelError::InvalidHyperparameter { name: "beta1", .. })
     ));
-    assert!(matches!(adamw_step(&mut p, &g, &mut m, &mut v, &AdamW::default(), 0), Err(KernelError::ZeroStep { .. })));
-    let bad = Sgd { lr: f32::NAN, ..Sgd::default() };
-    assert!(matches!(sgd_step(&mut p, &g, &mut m, &bad), Err(KernelError::InvalidHyperparameter { name: "lr", .. })));
+    assert!(matches!(
+        adamw_step(&mut p, &g, &mut m, &mut v, &AdamW::default(), 0),
+        Err(KernelError::ZeroStep { .. })
+    ));
+    let bad = Sgd {
+        lr: f32::NAN,
+        ..Sgd::default()
+    };
+    assert!(matches!(
+        sgd_step(&mut p, &g, &mut m, &bad),
+        Err(KernelError::InvalidHyperparameter { name: "lr", .. })
+    ));
     let layout = Layout::packed([("a", vec![1])], 1).unwrap();
-    let bad = Lamb { eps: 0.0, ..Lamb::default() };
+    let bad = Lamb {
+        eps: 0.0,
+        ..Lamb::default()
+    };
     assert!(matches!(
         lamb_step(&mut p, &g, &mut m, &mut v, &layout, &bad, 1),
         Err(KernelError::InvalidHyperparameter { name: "eps", .. })
@@ -105,7 +203,11 @@ fn hyperparameters_and_steps_are_validated() {
     let wrong = Layout::packed([("a", vec![2])], 1).unwrap();
     assert!(matches!(
         lamb_step(&mut p, &g, &mut m, &mut v, &wrong, &Lamb::default(), 1),
-        Err(KernelError::LayoutMismatch { expected: 2, actual: 1, .. })
+        Err(KernelError::LayoutMismatch {
+            expected: 2,
+            actual: 1,
+            ..
+        })
     ));
     assert_eq!(p.as_slice().unwrap(), &[1.0]);
 }
@@ -121,13 +223,27 @@ fn nan_and_inf_propagate_and_all_finite_catches_them() {
     assert!(all_finite(&buf(&[f32::MAX, f32::MIN_POSITIVE, -0.0])).unwrap());
     // A poisoned part with weight 0 still poisons the sum (0 * inf = NaN).
     let mut out = buf(&[0.0]);
-    weighted_sum(&mut out, &[&buf(&[1.0]), &buf(&[f32::INFINITY])], &[1.0, 0.0]).unwrap();
+    weighted_sum(
+        &mut out,
+        &[&buf(&[1.0]), &buf(&[f32::INFINITY])],
+        &[1.0, 0.0],
+    )
+    .unwrap();
     assert!(out.as_slice().unwrap()[0].is_nan());
 }
 
 #[test]
 fn f16_saturates_finite_and_keeps_non_finite() {
-    let src = [1e6f32, -1e6, 65519.0, f32::INFINITY, f32::NEG_INFINITY, f32::NAN, 1e-30, 0.1];
+    let src = [
+        1e6f32,
+        -1e6,
+        65519.0,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        1e-30,
+        0.1,
+    ];
     let mut src_long = src.to_vec();
     src_long.extend_from_slice(&src); // 16 values: exercises the SIMD path too
     let bytes = cpu::f16::encode_to_vec(&src_long);
@@ -167,7 +283,13 @@ fn empty_buffers_are_fine_everywhere() {
     let mut e = buf(&[]);
     accumulate(&mut e, &buf(&[]), 1.0).unwrap();
     scale(&mut e, 2.0).unwrap();
-    weighted_delta(&mut e.to_device(Device::Cpu).unwrap(), &[&buf(&[])], &[1.0], &buf(&[])).unwrap();
+    weighted_delta(
+        &mut e.to_device(Device::Cpu).unwrap(),
+        &[&buf(&[])],
+        &[1.0],
+        &buf(&[]),
+    )
+    .unwrap();
     assert!(cpu::f16::encode_to_vec(&[]).is_empty());
     assert_eq!(cpu::q8::encode_to_vec(&[], 16).unwrap().len(), 0);
     let layout = Layout::packed([("none", vec![0])], 16).unwrap();
@@ -178,10 +300,19 @@ fn empty_buffers_are_fine_everywhere() {
 #[cfg(not(feature = "cuda"))]
 #[test]
 fn cuda_without_the_feature_is_a_typed_error() {
-    assert!(matches!(Buffer::<f32>::zeros(4, Device::Cuda(0)), Err(KernelError::NotCompiledWithCuda)));
-    assert!(matches!(Buffer::from_slice(&[1.0f32], Device::Cuda(0)), Err(KernelError::NotCompiledWithCuda)));
+    assert!(matches!(
+        Buffer::<f32>::zeros(4, Device::Cuda(0)),
+        Err(KernelError::NotCompiledWithCuda)
+    ));
+    assert!(matches!(
+        Buffer::from_slice(&[1.0f32], Device::Cuda(0)),
+        Err(KernelError::NotCompiledWithCuda)
+    ));
     assert!(!colony_kernels::cuda::is_available());
-    assert!(matches!(colony_kernels::cuda::device_count(), Err(KernelError::NotCompiledWithCuda)));
+    assert!(matches!(
+        colony_kernels::cuda::device_count(),
+        Err(KernelError::NotCompiledWithCuda)
+    ));
 }
 
 #[cfg(feature = "cuda")]
@@ -192,5 +323,11 @@ fn cuda_without_a_gpu_is_a_typed_error() {
         return;
     }
     let e = Buffer::<f32>::zeros(4, Device::Cuda(0));
-    assert!(matches!(e, Err(KernelError::CudaUnavailable { .. } | KernelError::Cuda { .. })), "{e:?}");
+    assert!(
+        matches!(
+            e,
+            Err(KernelError::CudaUnavailable { .. } | KernelError::Cuda { .. })
+        ),
+        "{e:?}"
+    );
 }

@@ -2,11 +2,13 @@
 //! printed) where no GPU, driver or NVRTC is available. Built and run on GPU
 //! machines by `scripts/gpu-check.sh`.
 #![cfg(feature = "cuda")]
+#![allow(clippy::unwrap_used)] // test helpers, not only #[test] fns
 
 use colony_kernels::{
-    AdamW, Buffer, Device, KernelError, Lamb, Layout, Q8Buffer, Sgd, accumulate, adamw_step, all_finite, copy,
-    cuda, decode_f16, decode_f16_accumulate, decode_q8, decode_q8_accumulate, encode_f16, encode_q8, f16,
-    lamb_step, scale, sgd_step, weighted_average, weighted_delta, weighted_sum,
+    AdamW, Buffer, Device, KernelError, Lamb, Layout, Q8Buffer, Sgd, accumulate, adamw_step,
+    all_finite, copy, cuda, decode_f16, decode_f16_accumulate, decode_q8, decode_q8_accumulate,
+    encode_f16, encode_q8, f16, lamb_step, scale, sgd_step, weighted_average, weighted_delta,
+    weighted_sum,
 };
 
 const GPU: Device = Device::Cuda(0);
@@ -29,18 +31,29 @@ fn gpu() -> bool {
 const SIZES: [usize; 7] = [0, 1, 7, 255, 4097, 65_537, 1_000_003];
 
 fn data(n: usize, seed: u32) -> Vec<f32> {
-    (0..n).map(|i| (((i as u32).wrapping_mul(2_654_435_761) ^ seed.wrapping_mul(40_503)) % 20_001) as f32 / 1000.0 - 10.0).collect()
+    (0..n)
+        .map(|i| {
+            (((i as u32).wrapping_mul(2_654_435_761) ^ seed.wrapping_mul(40_503)) % 20_001) as f32
+                / 1000.0
+                - 10.0
+        })
+        .collect()
 }
 
 fn pair(v: &[f32]) -> (Buffer<f32>, Buffer<f32>) {
-    (Buffer::from_slice(v, Device::Cpu).unwrap(), Buffer::from_slice(v, GPU).unwrap())
+    (
+        Buffer::from_slice(v, Device::Cpu).unwrap(),
+        Buffer::from_slice(v, GPU).unwrap(),
+    )
 }
 
 fn assert_close(cpu: &Buffer<f32>, gpu: &Buffer<f32>, rel: f32, what: &str) {
     let (a, b) = (cpu.to_vec().unwrap(), gpu.to_vec().unwrap());
     assert_eq!(a.len(), b.len(), "{what}");
     for (i, (x, y)) in a.iter().zip(&b).enumerate() {
-        let ok = (x.is_nan() && y.is_nan()) || x == y || (x - y).abs() <= rel * x.abs().max(y.abs()).max(1e-3);
+        let ok = (x.is_nan() && y.is_nan())
+            || x == y
+            || (x - y).abs() <= rel * x.abs().max(y.abs()).max(1e-3);
         assert!(ok, "{what}: element {i}: cpu {x} vs gpu {y}");
     }
 }
@@ -79,12 +92,16 @@ fn reduction_twins() {
         return;
     }
     for n in SIZES {
-        let parts: Vec<(Buffer<f32>, Buffer<f32>)> = (0..3).map(|k| pair(&data(n, 10 + k))).collect();
+        let parts: Vec<(Buffer<f32>, Buffer<f32>)> =
+            (0..3).map(|k| pair(&data(n, 10 + k))).collect();
         let pc: Vec<&Buffer<f32>> = parts.iter().map(|p| &p.0).collect();
         let pg: Vec<&Buffer<f32>> = parts.iter().map(|p| &p.1).collect();
         let w = [0.5, 0.0, 2.0];
         let (own_c, own_g) = pair(&data(n, 20));
-        let (mut oc, mut og) = (Buffer::zeros(n, Device::Cpu).unwrap(), Buffer::zeros(n, GPU).unwrap());
+        let (mut oc, mut og) = (
+            Buffer::zeros(n, Device::Cpu).unwrap(),
+            Buffer::zeros(n, GPU).unwrap(),
+        );
         weighted_sum(&mut oc, &pc, &w).unwrap();
         weighted_sum(&mut og, &pg, &w).unwrap();
         assert_close(&oc, &og, 1e-5, "weighted_sum");
@@ -116,12 +133,18 @@ fn codec_twins() {
             v[4100] = f32::NAN; // poisons the second 4096-block
         }
         let (src_c, src_g) = pair(&v);
-        let (mut hc, mut hg) = (Buffer::<f16>::zeros(n, Device::Cpu).unwrap(), Buffer::<f16>::zeros(n, GPU).unwrap());
+        let (mut hc, mut hg) = (
+            Buffer::<f16>::zeros(n, Device::Cpu).unwrap(),
+            Buffer::<f16>::zeros(n, GPU).unwrap(),
+        );
         encode_f16(&src_c, &mut hc).unwrap();
         encode_f16(&src_g, &mut hg).unwrap();
         let (a, b) = (hc.to_vec().unwrap(), hg.to_vec().unwrap());
         for (i, (x, y)) in a.iter().zip(&b).enumerate() {
-            assert!(x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan()), "encode_f16 {i}: {x} vs {y}");
+            assert!(
+                x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan()),
+                "encode_f16 {i}: {x} vs {y}"
+            );
         }
         let (mut dc, mut dg) = pair(&data(n, 6));
         decode_f16_accumulate(&hc, &mut dc, 0.5).unwrap();
@@ -137,7 +160,11 @@ fn codec_twins() {
             encode_q8(&src_c, &mut qc).unwrap();
             encode_q8(&src_g, &mut qg).unwrap();
             assert_eq!(qc.to_bytes().unwrap().len(), qg.to_bytes().unwrap().len());
-            assert_eq!(qc.codes().to_vec().unwrap(), qg.codes().to_vec().unwrap(), "q8 codes, block {block}");
+            assert_eq!(
+                qc.codes().to_vec().unwrap(),
+                qg.codes().to_vec().unwrap(),
+                "q8 codes, block {block}"
+            );
             assert_close(qc.scales(), qg.scales(), 0.0, "q8 scales");
             decode_q8_accumulate(&qc, &mut dc, -0.25).unwrap();
             decode_q8_accumulate(&qg, &mut dg, -0.25).unwrap();
@@ -155,7 +182,13 @@ fn optimizer_twins() {
         return;
     }
     let layout = Layout::packed(
-        [("emb", vec![1000, 300]), ("bias", vec![7]), ("empty", vec![0]), ("w", vec![129, 33]), ("scalar", vec![])],
+        [
+            ("emb", vec![1000, 300]),
+            ("bias", vec![7]),
+            ("empty", vec![0]),
+            ("w", vec![129, 33]),
+            ("scalar", vec![]),
+        ],
         16,
     )
     .unwrap();
@@ -166,7 +199,11 @@ fn optimizer_twins() {
     let (mut mc, mut mg) = pair(&zeros);
     let (mut vc, mut vg) = pair(&zeros);
     for step in 1..=3 {
-        let sgd = Sgd { nesterov: step == 2, weight_decay: 0.01, ..Sgd::default() };
+        let sgd = Sgd {
+            nesterov: step == 2,
+            weight_decay: 0.01,
+            ..Sgd::default()
+        };
         sgd_step(&mut pc, &gc, &mut mc, &sgd).unwrap();
         sgd_step(&mut pg, &gg, &mut mg, &sgd).unwrap();
     }
@@ -179,8 +216,26 @@ fn optimizer_twins() {
     assert_close(&pc, &pg, 1e-5, "adamw params");
     assert_close(&vc, &vg, 1e-5, "adamw exp_avg_sq");
     for step in 1..=3 {
-        lamb_step(&mut pc, &gc, &mut mc, &mut vc, &layout, &Lamb::default(), step).unwrap();
-        lamb_step(&mut pg, &gg, &mut mg, &mut vg, &layout, &Lamb::default(), step).unwrap();
+        lamb_step(
+            &mut pc,
+            &gc,
+            &mut mc,
+            &mut vc,
+            &layout,
+            &Lamb::default(),
+            step,
+        )
+        .unwrap();
+        lamb_step(
+            &mut pg,
+            &gg,
+            &mut mg,
+            &mut vg,
+            &layout,
+            &Lamb::default(),
+            step,
+        )
+        .unwrap();
     }
     assert_close(&pc, &pg, 1e-4, "lamb params");
     assert_close(&mc, &mg, 1e-5, "lamb exp_avg");
@@ -194,12 +249,34 @@ fn mixed_devices_are_typed_errors() {
     let mut on_gpu = Buffer::from_slice(&[1.0f32; 8], GPU).unwrap();
     let on_cpu = Buffer::from_slice(&[1.0f32; 8], Device::Cpu).unwrap();
     let e = accumulate(&mut on_gpu, &on_cpu, 1.0);
-    assert!(matches!(e, Err(KernelError::DeviceMismatch { expected: GPU, actual: Device::Cpu, .. })), "{e:?}");
+    assert!(
+        matches!(
+            e,
+            Err(KernelError::DeviceMismatch {
+                expected: GPU,
+                actual: Device::Cpu,
+                ..
+            })
+        ),
+        "{e:?}"
+    );
     let mut out = Buffer::zeros(8, Device::Cpu).unwrap();
     let e = weighted_sum(&mut out, &[&on_cpu, &on_gpu], &[1.0, 1.0]);
-    assert!(matches!(e, Err(KernelError::DeviceMismatch { .. })), "{e:?}");
-    assert!(matches!(on_gpu.as_slice(), Err(KernelError::NotOnHost { device: GPU })));
+    assert!(
+        matches!(e, Err(KernelError::DeviceMismatch { .. })),
+        "{e:?}"
+    );
+    assert!(matches!(
+        on_gpu.as_slice(),
+        Err(KernelError::NotOnHost { device: GPU })
+    ));
     let missing = Buffer::<f32>::zeros(1, Device::Cuda(1 << 20));
-    assert!(matches!(missing, Err(KernelError::CudaUnavailable { .. })), "{missing:?}");
-    assert_eq!(on_gpu.to_device(Device::Cpu).unwrap().as_slice().unwrap(), &[1.0; 8]);
+    assert!(
+        matches!(missing, Err(KernelError::CudaUnavailable { .. })),
+        "{missing:?}"
+    );
+    assert_eq!(
+        on_gpu.to_device(Device::Cpu).unwrap().as_slice().unwrap(),
+        &[1.0; 8]
+    );
 }

@@ -133,7 +133,10 @@ fn reduce_into(
         // Up to four parts in one pass (same summation order as one at a time),
         // then any further parts accumulated into the L1-resident output.
         match parts.len() {
-            1 => o.iter_mut().zip(p(0)).for_each(|(o, a)| *o = weights[0] * a),
+            1 => o
+                .iter_mut()
+                .zip(p(0))
+                .for_each(|(o, a)| *o = weights[0] * a),
             2 => {
                 let (w0, w1) = (weights[0], weights[1]);
                 for ((o, a), b) in o.iter_mut().zip(p(0)).zip(p(1)) {
@@ -161,9 +164,13 @@ fn reduce_into(
         finish(o, start);
     };
     if out.len() < PAR_MIN {
-        out.chunks_mut(REDUCE_CHUNK).enumerate().for_each(|(i, o)| kernel(i, o));
+        out.chunks_mut(REDUCE_CHUNK)
+            .enumerate()
+            .for_each(|(i, o)| kernel(i, o));
     } else {
-        out.par_chunks_mut(REDUCE_CHUNK).enumerate().for_each(|(i, o)| kernel(i, o));
+        out.par_chunks_mut(REDUCE_CHUNK)
+            .enumerate()
+            .for_each(|(i, o)| kernel(i, o));
     }
 }
 
