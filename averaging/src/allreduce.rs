@@ -201,7 +201,10 @@ pub async fn run_allreduce<T: AsRef<[f32]> + Sync>(
     }
 }
 
-async fn run_round<T: AsRef<[f32]> + Sync>(plane: &DataPlane, ctx: &Ctx<'_, T>) -> Result<RoundOutcome> {
+async fn run_round<T: AsRef<[f32]> + Sync>(
+    plane: &DataPlane,
+    ctx: &Ctx<'_, T>,
+) -> Result<RoundOutcome> {
     let n = ctx.group.members.len();
     let my_span = ctx.spans[ctx.me].clone();
     let me_sender = ctx.group.members[ctx.me].mode.is_sender();
@@ -225,7 +228,10 @@ async fn run_round<T: AsRef<[f32]> + Sync>(plane: &DataPlane, ctx: &Ctx<'_, T>) 
                 let buf = &mut scratch[..r.len()];
                 ctx.layout.gather(ctx.tensors, flat, buf);
                 red.accumulate(ctx.me, p, buf, ctx.weight)
-                    .map_err(|fault| AveragingError::Peer { peer: ctx.me, fault })?;
+                    .map_err(|fault| AveragingError::Peer {
+                        peer: ctx.me,
+                        fault,
+                    })?;
             }
         }
         let finalized = red.advance();
@@ -279,8 +285,10 @@ async fn run_round<T: AsRef<[f32]> + Sync>(plane: &DataPlane, ctx: &Ctx<'_, T>) 
         }
         spans.push(result);
     }
-    if let Some((red, _)) = reducer_side {
-        if me_sender {
+    if let Some((red, _)) = reducer_side
+        && me_sender
+    {
+        {
             let red = Arc::try_unwrap(red)
                 .ok()
                 .and_then(|m| m.into_inner().ok())
@@ -406,12 +414,10 @@ async fn serve_sender<T: AsRef<[f32]> + Sync>(
             .map_err(|_| PeerFault::ProtocolViolation {
                 reason: "bad round public key",
             })?;
-        let up = FrameCipher::new(&keys.up).map_err(|_| PeerFault::ProtocolViolation {
-            reason: "bad key",
-        })?;
-        let down = FrameCipher::new(&keys.down).map_err(|_| PeerFault::ProtocolViolation {
-            reason: "bad key",
-        })?;
+        let up = FrameCipher::new(&keys.up)
+            .map_err(|_| PeerFault::ProtocolViolation { reason: "bad key" })?;
+        let down = FrameCipher::new(&keys.down)
+            .map_err(|_| PeerFault::ProtocolViolation { reason: "bad key" })?;
         Ok((up, down))
     };
     let (mut up, mut down) = match setup() {
@@ -422,9 +428,14 @@ async fn serve_sender<T: AsRef<[f32]> + Sync>(
     let mut buf = Vec::new();
     let nparts = red.lock().map(|r| r.num_parts()).unwrap_or(0);
     let hello = async {
-        let (kind, _, payload) =
-            wire::read_frame(&mut rd, &mut up, &mut buf, ctx.cfg.max_frame(), ctx.cfg.request_timeout)
-                .await?;
+        let (kind, _, payload) = wire::read_frame(
+            &mut rd,
+            &mut up,
+            &mut buf,
+            ctx.cfg.max_frame(),
+            ctx.cfg.request_timeout,
+        )
+        .await?;
         if kind != Kind::Hello {
             return Err(PeerFault::ProtocolViolation {
                 reason: "first frame is not hello",
@@ -459,9 +470,14 @@ async fn serve_sender<T: AsRef<[f32]> + Sync>(
     let reader = async {
         let mut scratch = vec![0.0f32; ctx.cfg.part_len()];
         for p in 0..nparts {
-            let (kind, index, payload) =
-                wire::read_frame(&mut rd, &mut up, &mut buf, ctx.cfg.max_frame(), ctx.cfg.sender_timeout)
-                    .await?;
+            let (kind, index, payload) = wire::read_frame(
+                &mut rd,
+                &mut up,
+                &mut buf,
+                ctx.cfg.max_frame(),
+                ctx.cfg.sender_timeout,
+            )
+            .await?;
             if kind != Kind::Part {
                 return Err(PeerFault::ProtocolViolation {
                     reason: "expected a part frame",
@@ -535,9 +551,10 @@ async fn serve_sender<T: AsRef<[f32]> + Sync>(
                     _ => wire::begin_frame(&mut frame, Kind::Empty, p as u32),
                 }
             }
-            down.seal_frame(&mut frame).map_err(|_| PeerFault::ProtocolViolation {
-                reason: "seal failed",
-            })?;
+            down.seal_frame(&mut frame)
+                .map_err(|_| PeerFault::ProtocolViolation {
+                    reason: "seal failed",
+                })?;
             wire::write_all_timeout(&mut wr, &frame, ctx.cfg.reducer_timeout).await?;
             written += frame.len() as u64;
         }
@@ -579,10 +596,7 @@ async fn send_to_reducer<T: AsRef<[f32]> + Sync>(
         parts,
     };
     let mut bytes = 0u64;
-    let fault = match exchange(ctx, r, &mut result, &mut bytes).await {
-        Ok(()) => None,
-        Err(f) => Some(f),
-    };
+    let fault = exchange(ctx, r, &mut result, &mut bytes).await.err();
     (result, bytes, fault)
 }
 
@@ -598,14 +612,20 @@ async fn exchange<T: AsRef<[f32]> + Sync>(
     })?;
     let keys = ctx
         .keys
-        .connection_keys(&member.round_public_key, &ctx.group.group_id, ctx.me as u32, r as u32)
+        .connection_keys(
+            &member.round_public_key,
+            &ctx.group.group_id,
+            ctx.me as u32,
+            r as u32,
+        )
         .map_err(|_| PeerFault::ProtocolViolation {
             reason: "bad round public key",
         })?;
     let bad_key = |_| PeerFault::ProtocolViolation { reason: "bad key" };
     let mut up = FrameCipher::new(&keys.up).map_err(bad_key)?;
     let mut down = FrameCipher::new(&keys.down).map_err(bad_key)?;
-    let stream = match tokio::time::timeout(ctx.cfg.request_timeout, TcpStream::connect(addr)).await {
+    let stream = match tokio::time::timeout(ctx.cfg.request_timeout, TcpStream::connect(addr)).await
+    {
         Err(_) => {
             return Err(PeerFault::Stalled {
                 timeout: ctx.cfg.request_timeout,
@@ -701,9 +721,14 @@ async fn read_results<T: AsRef<[f32]> + Sync>(
     let mut buf = Vec::new();
     let compression = ctx.cfg.compression;
     for p in 0..result.parts.len() {
-        let (kind, index, payload) =
-            wire::read_frame(&mut rd, down, &mut buf, ctx.cfg.max_frame(), ctx.cfg.reducer_timeout)
-                .await?;
+        let (kind, index, payload) = wire::read_frame(
+            &mut rd,
+            down,
+            &mut buf,
+            ctx.cfg.max_frame(),
+            ctx.cfg.reducer_timeout,
+        )
+        .await?;
         if index as usize != p {
             return Err(PeerFault::UnexpectedPart {
                 expected: p,
@@ -716,13 +741,13 @@ async fn read_results<T: AsRef<[f32]> + Sync>(
         match kind {
             Kind::Averaged => {
                 let out = &mut result.values[local];
-                compression
-                    .decode_into(&buf[payload], out)
-                    .map_err(|_| PeerFault::WrongPartSize {
+                compression.decode_into(&buf[payload], out).map_err(|_| {
+                    PeerFault::WrongPartSize {
                         part: p,
                         expected: range.len(),
                         got: buf.len() / 4,
-                    })?;
+                    }
+                })?;
                 if !all_finite(out) {
                     return Err(PeerFault::NonFinite { part: p });
                 }

@@ -175,7 +175,9 @@ mod tests {
     use super::*;
 
     fn sample(n: usize) -> Vec<f32> {
-        (0..n).map(|i| ((i * 7919) % 2001) as f32 / 100.0 - 10.0).collect()
+        (0..n)
+            .map(|i| ((i * 7919) % 2001) as f32 / 100.0 - 10.0)
+            .collect()
     }
 
     #[test]
@@ -191,7 +193,11 @@ mod tests {
             assert_eq!(bytes.len(), 3 + c.encoded_len(v.len()));
             let mut out = vec![0.0; v.len()];
             c.decode_into(&bytes[3..], &mut out).unwrap();
-            let err = v.iter().zip(&out).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+            let err = v
+                .iter()
+                .zip(&out)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f32::max);
             assert!(err <= tol, "{c:?}: err {err}");
             assert_eq!(Compression::from_code(c.code()), Some(c));
         }

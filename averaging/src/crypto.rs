@@ -185,7 +185,11 @@ impl FrameCipher {
     /// # Errors
     /// [`AveragingError::Crypto`] when authentication fails (garbage, replay,
     /// wrong key).
-    pub fn open_frame<'a>(&mut self, len_bytes: [u8; 4], body: &'a mut [u8]) -> Result<&'a mut [u8]> {
+    pub fn open_frame<'a>(
+        &mut self,
+        len_bytes: [u8; 4],
+        body: &'a mut [u8],
+    ) -> Result<&'a mut [u8]> {
         let nonce = self.next_nonce()?;
         self.key
             .open_in_place(nonce, Aad::from(len_bytes), body)

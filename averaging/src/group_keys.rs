@@ -12,7 +12,9 @@ pub fn group_key(prefix: &str, bits: &str) -> String {
 pub fn is_group_key(key: &str) -> bool {
     match key.split_once(".0b") {
         Some((prefix, bits)) => {
-            !prefix.is_empty() && !prefix.contains('.') && bits.bytes().all(|b| b == b'0' || b == b'1')
+            !prefix.is_empty()
+                && !prefix.contains('.')
+                && bits.bytes().all(|b| b == b'0' || b == b'1')
         }
         None => false,
     }
@@ -73,7 +75,9 @@ mod tests {
     #[test]
     fn groupmates_move_to_distinct_buckets() {
         let gid = [7u8; 20];
-        let next: Vec<String> = (0..2).map(|p| next_group_bits("01", &gid, 2, p, Some(2))).collect();
+        let next: Vec<String> = (0..2)
+            .map(|p| next_group_bits("01", &gid, 2, p, Some(2)))
+            .collect();
         assert_eq!(next[0].len(), 2);
         assert_ne!(next[0], next[1]);
         // The old last bit shifts left; the new bit is the bucket.

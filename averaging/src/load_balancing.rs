@@ -37,7 +37,12 @@ pub fn load_balance_peers(
             });
         }
     }
-    let known: Vec<f64> = bandwidths.iter().flatten().copied().filter(|b| *b > 0.0).collect();
+    let known: Vec<f64> = bandwidths
+        .iter()
+        .flatten()
+        .copied()
+        .filter(|b| *b > 0.0)
+        .collect();
     let fill = if known.is_empty() {
         1.0
     } else {
@@ -106,7 +111,9 @@ pub(crate) fn largest_remainder(total: usize, fractions: &[f64]) -> Vec<usize> {
     let mut out: Vec<usize> = exact.iter().map(|x| x.floor() as usize).collect();
     let assigned: usize = out.iter().sum();
     let mut remaining = total.saturating_sub(assigned);
-    let mut order: Vec<usize> = (0..fractions.len()).filter(|&i| fractions[i] > 0.0).collect();
+    let mut order: Vec<usize> = (0..fractions.len())
+        .filter(|&i| fractions[i] > 0.0)
+        .collect();
     order.sort_by(|&x, &y| {
         let rx = exact[x] - exact[x].floor();
         let ry = exact[y] - exact[y].floor();
@@ -155,9 +162,8 @@ mod tests {
 
     #[test]
     fn min_vector_size_zeroes_small_shares() {
-        let split =
-            load_balance_peers(18_000, &[Some(1.0), Some(2.0), Some(3.0), Some(4.0)], 2000)
-                .unwrap();
+        let split = load_balance_peers(18_000, &[Some(1.0), Some(2.0), Some(3.0), Some(4.0)], 2000)
+            .unwrap();
         assert_eq!(split[0], 0);
         assert_eq!(split[1], 0);
         assert_eq!(split.iter().sum::<usize>(), 18_000);
@@ -202,6 +208,11 @@ mod tests {
                 }
             }
         }
-        assert!(cost(&ours) <= best + 1e-6, "ours {} best {}", cost(&ours), best);
+        assert!(
+            cost(&ours) <= best + 1e-6,
+            "ours {} best {}",
+            cost(&ours),
+            best
+        );
     }
 }

@@ -130,10 +130,10 @@ pub fn decide_join(view: &LeaderView<'_>, req: &JoinRequest) -> JoinCode {
     if view.followers.contains(&req.peer_id) {
         return JoinCode::DuplicatePeerId;
     }
-    if let Some(target) = view.target_group_size {
-        if view.followers.len() + 1 >= target {
-            return JoinCode::GroupIsFull;
-        }
+    if let Some(target) = view.target_group_size
+        && view.followers.len() + 1 >= target
+    {
+        return JoinCode::GroupIsFull;
     }
     JoinCode::Accepted
 }
@@ -206,8 +206,14 @@ mod tests {
             f(&mut r);
             decide_join(&view, &r)
         };
-        assert_eq!(with(&|r| r.schema_hash = b"x".to_vec()), JoinCode::BadSchemaHash);
-        assert_eq!(with(&|r| r.group_key = "p.0b1".into()), JoinCode::BadGroupKey);
+        assert_eq!(
+            with(&|r| r.schema_hash = b"x".to_vec()),
+            JoinCode::BadSchemaHash
+        );
+        assert_eq!(
+            with(&|r| r.group_key = "p.0b1".into()),
+            JoinCode::BadGroupKey
+        );
         assert_eq!(with(&|r| r.expiration = 9.0), JoinCode::BadExpirationTime);
         assert_eq!(with(&|r| r.peer_id = vec![7]), JoinCode::DuplicatePeerId);
         let full = LeaderView {

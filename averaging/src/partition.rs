@@ -153,7 +153,10 @@ mod tests {
                 *d += s;
             }
         });
-        assert_eq!(bufs, vec![vec![0.0, 11.0], vec![22.0, 33.0, 44.0], vec![55.0]]);
+        assert_eq!(
+            bufs,
+            vec![vec![0.0, 11.0], vec![22.0, 33.0, 44.0], vec![55.0]]
+        );
         assert!(layout.check(&bufs).is_ok());
         assert!(layout.check(&[vec![0.0f32; 6]]).is_err());
     }

@@ -131,25 +131,32 @@ pub async fn download_state<R: AsyncRead + Unpin>(
     chunk_timeout: Duration,
 ) -> Result<SharedState> {
     let fault = |fault| AveragingError::Peer { peer: donor, fault };
-    let len = read_timeout(stream, 4, chunk_timeout).await.map_err(fault)?;
+    let len = read_timeout(stream, 4, chunk_timeout)
+        .await
+        .map_err(fault)?;
     let len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
     if len > MAX_HEADER_BYTES {
         return Err(fault(PeerFault::ProtocolViolation {
             reason: "state header too large",
         }));
     }
-    let header = read_timeout(stream, len, chunk_timeout).await.map_err(fault)?;
+    let header = read_timeout(stream, len, chunk_timeout)
+        .await
+        .map_err(fault)?;
     let header: Header = rmp_serde::from_slice(&header).map_err(|_| {
         fault(PeerFault::Garbage {
             reason: "undecodable state header",
         })
     })?;
-    if let Some(expected) = expected_lengths {
-        if header.lengths.len() != expected.len()
-            || header.lengths.iter().zip(expected).any(|(a, b)| *a != *b as u64)
-        {
-            return Err(fault(PeerFault::BadSchemaHash));
-        }
+    if let Some(expected) = expected_lengths
+        && (header.lengths.len() != expected.len()
+            || header
+                .lengths
+                .iter()
+                .zip(expected)
+                .any(|(a, b)| *a != *b as u64))
+    {
+        return Err(fault(PeerFault::BadSchemaHash));
     }
     let mut tensors = Vec::with_capacity(header.lengths.len());
     for &n in &header.lengths {
@@ -158,11 +165,15 @@ pub async fn download_state<R: AsyncRead + Unpin>(
                 reason: "tensor too large",
             })
         })?;
-        let bytes = read_timeout(stream, n.checked_mul(4).ok_or_else(|| {
-            fault(PeerFault::ProtocolViolation {
-                reason: "tensor too large",
-            })
-        })?, chunk_timeout)
+        let bytes = read_timeout(
+            stream,
+            n.checked_mul(4).ok_or_else(|| {
+                fault(PeerFault::ProtocolViolation {
+                    reason: "tensor too large",
+                })
+            })?,
+            chunk_timeout,
+        )
         .await
         .map_err(fault)?;
         let values: Vec<f32> = bytes
@@ -170,7 +181,9 @@ pub async fn download_state<R: AsyncRead + Unpin>(
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect();
         if !all_finite(&values) {
-            return Err(fault(PeerFault::NonFinite { part: tensors.len() }));
+            return Err(fault(PeerFault::NonFinite {
+                part: tensors.len(),
+            }));
         }
         tensors.push(values);
     }
@@ -214,7 +227,9 @@ where
         };
         match res {
             Ok(state) => return Ok((i, state)),
-            Err(e) => tracing::warn!(donor = i, error = %e, "state download failed, trying the next donor"),
+            Err(e) => {
+                tracing::warn!(donor = i, error = %e, "state download failed, trying the next donor")
+            }
         }
     }
     Err(AveragingError::NoStateDonor { tried: donors })
@@ -296,21 +311,27 @@ mod tests {
         let res = download_state(&mut &bytes[..], 0, Some(&[5]), t).await;
         assert!(matches!(
             res,
-            Err(AveragingError::Peer { fault: PeerFault::BadSchemaHash, .. })
+            Err(AveragingError::Peer {
+                fault: PeerFault::BadSchemaHash,
+                ..
+            })
         ));
         // A donor that sends half its state then stalls.
         let (mut a, mut b) = tokio::io::duplex(1 << 20);
         a.write_all(&bytes[..100_000]).await.unwrap();
         let res = download_state(&mut b, 0, None, t).await;
-        assert!(matches!(res, Err(AveragingError::Peer { fault: PeerFault::Stalled { .. }, .. })));
+        assert!(matches!(
+            res,
+            Err(AveragingError::Peer {
+                fault: PeerFault::Stalled { .. },
+                ..
+            })
+        ));
         drop(a);
-        let res = download_from_donors(
-            0,
-            |_| async { Ok(&b""[..]) },
-            None,
-            t,
-        )
-        .await;
-        assert!(matches!(res, Err(AveragingError::NoStateDonor { tried: 0 })));
+        let res = download_from_donors(0, |_| async { Ok(&b""[..]) }, None, t).await;
+        assert!(matches!(
+            res,
+            Err(AveragingError::NoStateDonor { tried: 0 })
+        ));
     }
 }

@@ -39,7 +39,11 @@ async fn bad_sender(
     let parts = part_ranges(spans[r].clone(), cfg.part_len());
     let addr = group.members[r].data_addr.unwrap();
     let mut stream = TcpStream::connect(addr).await.unwrap();
-    let gid = if bad == Bad::WrongGroupId { [0xEE; 32] } else { group.group_id };
+    let gid = if bad == Bad::WrongGroupId {
+        [0xEE; 32]
+    } else {
+        group.group_id
+    };
     let pre = Preamble {
         group_id: gid,
         sender: me as u32,
@@ -53,7 +57,12 @@ async fn bad_sender(
     }
     let keys = peers[me]
         .keys
-        .connection_keys(&group.members[r].round_public_key, &group.group_id, me as u32, r as u32)
+        .connection_keys(
+            &group.members[r].round_public_key,
+            &group.group_id,
+            me as u32,
+            r as u32,
+        )
         .unwrap();
     let mut up = FrameCipher::new(&keys.up).unwrap();
     let mut frame = Vec::new();
@@ -121,8 +130,10 @@ async fn bad_senders_are_banned_and_honest_peers_finish() {
                 let p = &peers[i];
                 let (layout, group, cfg) = (&layout, &group, &cfg);
                 async move {
-                    crate::run_allreduce(&p.plane, group, i, &p.keys, layout, &p.tensors, p.weight, cfg)
-                        .await
+                    crate::run_allreduce(
+                        &p.plane, group, i, &p.keys, layout, &p.tensors, p.weight, cfg,
+                    )
+                    .await
                 }
             });
             let out = futures::future::join_all(futs).await;
@@ -136,12 +147,19 @@ async fn bad_senders_are_banned_and_honest_peers_finish() {
                 .map(|(r, hold)| bad_sender(&group, &peers, 3, r, bad, hold)),
         );
         let (outcomes, _) = tokio::join!(honest, liar);
-        assert!(started.elapsed() < cfg.allreduce_timeout, "{name}: took too long");
+        assert!(
+            started.elapsed() < cfg.allreduce_timeout,
+            "{name}: took too long"
+        );
         let without = weighted_mean(&peers, &[0, 1, 2]);
         let with = weighted_mean(&peers, &[0, 1, 2, 3]);
         for (i, out) in outcomes.into_iter().enumerate() {
             let out = out.unwrap_or_else(|e| panic!("{name}: peer {i} failed: {e}"));
-            assert!(out.failed_reducers.is_empty(), "{name}: {:?}", out.failed_reducers);
+            assert!(
+                out.failed_reducers.is_empty(),
+                "{name}: {:?}",
+                out.failed_reducers
+            );
             let fault = &out
                 .banned_senders
                 .iter()
@@ -184,11 +202,20 @@ enum BadReducer {
 }
 
 /// Member `me` (a node) accepts its senders, reads a little, then dies or stalls.
-async fn bad_reducer(peers: &[Peer], group: &AssembledGroup, me: usize, senders: usize, how: BadReducer, hold: oneshot::Receiver<()>) {
+async fn bad_reducer(
+    peers: &[Peer],
+    group: &AssembledGroup,
+    me: usize,
+    senders: usize,
+    how: BadReducer,
+    hold: oneshot::Receiver<()>,
+) {
     let mut route = peers[me].plane.register(group.group_id, 8);
     let mut conns = Vec::new();
     for _ in 0..senders {
-        let Some(inc) = route.rx.recv().await else { break };
+        let Some(inc) = route.rx.recv().await else {
+            break;
+        };
         conns.push(inc.stream);
     }
     if how == BadReducer::DiesAfterFirstPart {
@@ -207,7 +234,10 @@ async fn bad_reducer(peers: &[Peer], group: &AssembledGroup, me: usize, senders:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_or_silent_reducer_leaves_finite_averaged_or_local_values() {
     use AveragingMode::Node;
-    for (n, how) in [BadReducer::DiesAfterFirstPart, BadReducer::NeverAnswers].into_iter().enumerate() {
+    for (n, how) in [BadReducer::DiesAfterFirstPart, BadReducer::NeverAnswers]
+        .into_iter()
+        .enumerate()
+    {
         let peers = make_peers(&[Node; 4], &[1.0, 2.0, 1.0, 1.0]).await;
         let group = group_of(&peers, [0x70 + n as u8; 32], &[]);
         let cfg = test_config(Compression::None);
@@ -219,8 +249,10 @@ async fn dead_or_silent_reducer_leaves_finite_averaged_or_local_values() {
                 let p = &peers[i];
                 let (layout, group, cfg) = (&layout, &group, &cfg);
                 async move {
-                    crate::run_allreduce(&p.plane, group, i, &p.keys, layout, &p.tensors, p.weight, cfg)
-                        .await
+                    crate::run_allreduce(
+                        &p.plane, group, i, &p.keys, layout, &p.tensors, p.weight, cfg,
+                    )
+                    .await
                 }
             });
             let out = futures::future::join_all(futs).await;
@@ -245,13 +277,19 @@ async fn dead_or_silent_reducer_leaves_finite_averaged_or_local_values() {
                     if (f64::from(*v) - avg[t][j]).abs() < 1e-6 {
                         averaged += 1;
                     } else {
-                        assert_eq!(*v, peers[i].tensors[t][j], "{how:?}: neither averaged nor local");
+                        assert_eq!(
+                            *v, peers[i].tensors[t][j],
+                            "{how:?}: neither averaged nor local"
+                        );
                         local += 1;
                     }
                 }
             }
             // Three of four spans are averaged; the dead reducer's quarter is local.
-            assert!(averaged > local * 2, "{how:?}: averaged {averaged}, local {local}");
+            assert!(
+                averaged > local * 2,
+                "{how:?}: averaged {averaged}, local {local}"
+            );
         }
     }
 }

@@ -2,5 +2,5 @@
 //! that need the private wire format.
 
 mod adversarial;
-mod support;
 mod rounds;
+mod support;

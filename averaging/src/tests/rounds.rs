@@ -53,7 +53,10 @@ async fn four_peers_every_mode_mix_reach_the_weighted_mean() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compressed_rounds_stay_within_codec_error() {
-    for (compression, tol) in [(Compression::Float16, 2e-3), (Compression::Blockwise8Bit, 3e-2)] {
+    for (compression, tol) in [
+        (Compression::Float16, 2e-3),
+        (Compression::Blockwise8Bit, 3e-2),
+    ] {
         let modes = modes(1, 0);
         let peers = make_peers(&modes, &[1.0, 1.0, 2.0, 1.0]).await;
         let group = group_of(&peers, [9; 32], &[]);
@@ -83,7 +86,12 @@ async fn alpha_moves_part_of_the_way() {
     let halfway: Vec<Vec<f64>> = expected
         .iter()
         .zip(&peers[0].tensors)
-        .map(|(e, l)| e.iter().zip(l).map(|(e, l)| 0.5 * (e + f64::from(*l))).collect())
+        .map(|(e, l)| {
+            e.iter()
+                .zip(l)
+                .map(|(e, l)| 0.5 * (e + f64::from(*l)))
+                .collect()
+        })
         .collect();
     assert!(max_err(&mine, &halfway) < 1e-6);
 }
@@ -96,15 +104,27 @@ async fn bad_local_input_and_config_are_typed_errors() {
     let layout = TensorLayout::new(&LENGTHS);
     let cfg = test_config(Compression::None);
     let p = &peers[0];
-    let res = crate::run_allreduce(&p.plane, &group, 0, &p.keys, &layout, &p.tensors, 1.0, &cfg).await;
+    let res =
+        crate::run_allreduce(&p.plane, &group, 0, &p.keys, &layout, &p.tensors, 1.0, &cfg).await;
     assert!(matches!(res, Err(AveragingError::NonFiniteLocal)));
-    let res = crate::run_allreduce(&p.plane, &group, 7, &p.keys, &layout, &p.tensors, 1.0, &cfg).await;
+    let res =
+        crate::run_allreduce(&p.plane, &group, 7, &p.keys, &layout, &p.tensors, 1.0, &cfg).await;
     assert!(matches!(res, Err(AveragingError::InvalidGroup { .. })));
     let bad_cfg = crate::AllreduceConfig {
         reducer_timeout: cfg.sender_timeout,
         ..cfg.clone()
     };
-    let res = crate::run_allreduce(&p.plane, &group, 1, &p.keys, &layout, &peers[1].tensors, 1.0, &bad_cfg).await;
+    let res = crate::run_allreduce(
+        &p.plane,
+        &group,
+        1,
+        &p.keys,
+        &layout,
+        &peers[1].tensors,
+        1.0,
+        &bad_cfg,
+    )
+    .await;
     assert!(matches!(res, Err(AveragingError::InvalidConfig { .. })));
     let wrong = vec![vec![0.0f32; 5]];
     let res = crate::run_allreduce(&p.plane, &group, 1, &p.keys, &layout, &wrong, 1.0, &cfg).await;

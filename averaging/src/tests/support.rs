@@ -17,7 +17,8 @@ pub(super) struct Peer {
 
 /// Deterministic values in [-1, 1] per peer.
 pub(super) fn tensors_for(peer: usize, lengths: &[usize]) -> Vec<Vec<f32>> {
-    let mut state = 0x9E37_79B9_7F4A_7C15u64 ^ (peer as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03);
+    let mut state =
+        0x9E37_79B9_7F4A_7C15u64 ^ (peer as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03);
     lengths
         .iter()
         .map(|&n| {
@@ -66,7 +67,11 @@ pub(super) async fn make_peers(modes: &[AveragingMode], weights: &[f32]) -> Vec<
     peers
 }
 
-pub(super) fn group_of(peers: &[Peer], group_id: [u8; 32], bandwidths: &[Option<f64>]) -> AssembledGroup {
+pub(super) fn group_of(
+    peers: &[Peer],
+    group_id: [u8; 32],
+    bandwidths: &[Option<f64>],
+) -> AssembledGroup {
     AssembledGroup {
         group_id,
         members: peers
@@ -92,7 +97,12 @@ pub(super) async fn run_all(
     let layout = TensorLayout::new(&LENGTHS);
     let futs = peers.iter().enumerate().map(|(i, p)| {
         let layout = layout.clone();
-        async move { run_allreduce(&p.plane, group, i, &p.keys, &layout, &p.tensors, p.weight, cfg).await }
+        async move {
+            run_allreduce(
+                &p.plane, group, i, &p.keys, &layout, &p.tensors, p.weight, cfg,
+            )
+            .await
+        }
     });
     futures::future::join_all(futs).await
 }
