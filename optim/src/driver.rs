@@ -695,6 +695,7 @@ async fn report_loop<B: ProgressBoard>(
     mut progress: watch::Receiver<LocalProgress>,
 ) {
     let period = secs(config.metadata_expiration / 2.0);
+    let min_gap = secs(config.min_refresh_period / 2.0);
     let peer_id = board.peer_id();
     loop {
         tokio::select! {
@@ -719,5 +720,7 @@ async fn report_loop<B: ProgressBoard>(
             Ok(Err(e)) => tracing::debug!(error = %e, "progress report failed"),
             Err(_) => tracing::debug!("progress report timed out"),
         }
+        // Coalesce bursts of step() calls: at most two reports per refresh period.
+        tokio::time::sleep(min_gap).await;
     }
 }

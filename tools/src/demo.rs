@@ -1,0 +1,282 @@
+//! `colony demo`: a local swarm of peers (separate processes on 127.0.0.1) training the
+//! digits classifier together, with a live progress bar and a verdict.
+
+use std::{
+    path::PathBuf,
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    process::{Child, Command},
+    sync::mpsc,
+};
+
+use crate::train::Event;
+
+/// Options of `colony demo`.
+#[derive(Debug, Args)]
+pub(crate) struct DemoArgs {
+    /// Number of peers (processes); the first is the bootstrap node.
+    #[arg(long, default_value_t = 4)]
+    peers: usize,
+    /// Samples the swarm accumulates per global step.
+    #[arg(long, default_value_t = 256)]
+    target_batch_size: u64,
+    /// Samples per local micro-batch.
+    #[arg(long, default_value_t = 32)]
+    batch_size: u64,
+    /// Stop after this many global steps.
+    #[arg(long, default_value_t = 150)]
+    max_steps: u64,
+    /// Held-out accuracy at which training stops (the demo passes at >= 95%).
+    #[arg(long, default_value_t = 0.96)]
+    target_accuracy: f64,
+    /// Accuracy the demo requires to pass.
+    #[arg(long, default_value_t = 0.95)]
+    pass_accuracy: f64,
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 175.0)]
+    timeout_s: f64,
+    /// Emulated compute per micro-batch (ms), so peers leave CPU to the network.
+    #[arg(long, default_value_t = 2.0)]
+    compute_ms: f64,
+    /// Folder for the peers' logs (default: a temporary folder).
+    #[arg(long)]
+    log_dir: Option<PathBuf>,
+}
+
+struct Peer {
+    child: Child,
+    done: Option<(u64, f64, String, f64, u64)>,
+}
+
+/// Runs the demo; returns whether it converged with identical parameters on all peers.
+pub(crate) fn run(args: DemoArgs) -> anyhow::Result<bool> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(demo(args))
+}
+
+fn spawn_peer(
+    args: &DemoArgs,
+    index: usize,
+    run_id: &str,
+    bootstrap: Option<&str>,
+    log_dir: &std::path::Path,
+) -> anyhow::Result<Child> {
+    let exe = std::env::current_exe().context("locating the colony binary")?;
+    let log = std::fs::File::create(log_dir.join(format!("peer-{index}.log")))?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("train")
+        .args(["--json", "--run-id", run_id])
+        .args(["--shard", &format!("{index}/{}", args.peers)])
+        .args(["--target-batch-size", &args.target_batch_size.to_string()])
+        .args(["--batch-size", &args.batch_size.to_string()])
+        .args(["--max-steps", &args.max_steps.to_string()])
+        .args(["--target-accuracy", &args.target_accuracy.to_string()])
+        .args(["--max-seconds", &args.timeout_s.to_string()])
+        .args(["--compute-ms", &args.compute_ms.to_string()]);
+    if let Some(addr) = bootstrap {
+        cmd.args(["--initial-peers", addr]);
+    }
+    cmd.stdout(Stdio::piped())
+        .stderr(Stdio::from(log))
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    if std::env::var_os("RUST_LOG").is_none() {
+        cmd.env("RUST_LOG", "info");
+    }
+    Ok(cmd.spawn()?)
+}
+
+fn forward_lines(
+    index: usize,
+    child: &mut Child,
+    tx: mpsc::Sender<(usize, Event)>,
+) -> anyhow::Result<()> {
+    let stdout = child.stdout.take().context("peer stdout")?;
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(stdout).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Ok(event) = serde_json::from_str::<Event>(&line)
+                && tx.send((index, event)).await.is_err()
+            {
+                break;
+            }
+        }
+    });
+    Ok(())
+}
+
+async fn demo(args: DemoArgs) -> anyhow::Result<bool> {
+    anyhow::ensure!(args.peers >= 1, "--peers must be at least 1");
+    let started = Instant::now();
+    let run_id = format!("demo{}", std::process::id());
+    let log_dir = match &args.log_dir {
+        Some(d) => d.clone(),
+        None => std::env::temp_dir().join(format!("colony-demo-{}", std::process::id())),
+    };
+    std::fs::create_dir_all(&log_dir)?;
+    eprintln!(
+        "colony demo: {} peers on 127.0.0.1 train a 64-{}-10 MLP on the 8x8 digits, target batch {} (logs in {})",
+        args.peers,
+        64,
+        args.target_batch_size,
+        log_dir.display()
+    );
+    let (tx, mut rx) = mpsc::channel::<(usize, Event)>(1024);
+    let deadline = Duration::from_secs_f64(args.timeout_s);
+
+    let mut first = spawn_peer(&args, 0, &run_id, None, &log_dir)?;
+    forward_lines(0, &mut first, tx.clone())?;
+    let bootstrap = loop {
+        match tokio::time::timeout(Duration::from_secs(30), rx.recv()).await {
+            Ok(Some((0, Event::Listening { addrs }))) => {
+                break addrs
+                    .into_iter()
+                    .next()
+                    .context("bootstrap peer listens nowhere")?;
+            }
+            Ok(Some(_)) => continue,
+            Ok(None) | Err(_) => bail!(
+                "the bootstrap peer did not start (see {})",
+                log_dir.display()
+            ),
+        }
+    };
+    let mut peers = vec![Peer {
+        child: first,
+        done: None,
+    }];
+    for i in 1..args.peers {
+        let mut child = spawn_peer(&args, i, &run_id, Some(&bootstrap), &log_dir)?;
+        forward_lines(i, &mut child, tx.clone())?;
+        peers.push(Peer { child, done: None });
+    }
+    drop(tx);
+
+    let bar = ProgressBar::new(args.target_batch_size);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} step {prefix:>3} [{bar:30}] {pos}/{len} samples {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    let mut remaining = args.peers;
+    while remaining > 0 {
+        let left = deadline.saturating_sub(started.elapsed());
+        match tokio::time::timeout(left, rx.recv()).await {
+            Ok(Some((
+                i,
+                Event::Progress {
+                    step,
+                    global_step,
+                    samples,
+                    target,
+                    peers: n,
+                    loss,
+                },
+            ))) => {
+                bar.set_prefix(global_step.to_string());
+                bar.set_length(target);
+                bar.set_position(samples.min(target));
+                bar.set_message(format!(
+                    "| {n} peers | loss {loss:.3} | peer {i} at step {step}"
+                ));
+                bar.tick();
+            }
+            Ok(Some((
+                i,
+                Event::Done {
+                    step,
+                    accuracy,
+                    hash,
+                    wall_s,
+                    averaged_steps,
+                },
+            ))) => {
+                bar.println(format!(
+                    "peer {i} done at step {step}: accuracy {:.2}%, {averaged_steps} averaged steps",
+                    accuracy * 100.0
+                ));
+                peers[i].done = Some((step, accuracy, hash, wall_s, averaged_steps));
+                remaining -= 1;
+            }
+            Ok(Some((_, Event::Listening { .. }))) => {}
+            Ok(None) => break,
+            Err(_) => {
+                bar.println("timed out");
+                break;
+            }
+        }
+    }
+    bar.finish_and_clear();
+    let mut failures = Vec::new();
+    for (i, p) in peers.iter_mut().enumerate() {
+        let left = deadline
+            .saturating_sub(started.elapsed())
+            .max(Duration::from_secs(5));
+        match tokio::time::timeout(left, p.child.wait()).await {
+            Ok(Ok(status)) if status.success() => {}
+            Ok(Ok(status)) => failures.push(format!("peer {i} exited with {status}")),
+            Ok(Err(e)) => failures.push(format!("peer {i}: {e}")),
+            Err(_) => {
+                let _ = p.child.start_kill();
+                failures.push(format!("peer {i} did not exit in time"));
+            }
+        }
+    }
+    let wall = started.elapsed().as_secs_f64();
+    println!("\n peer | step | held-out accuracy | averaged steps | parameters sha256");
+    for (i, p) in peers.iter().enumerate() {
+        match &p.done {
+            Some((step, acc, hash, _, avg)) => {
+                println!(
+                    " {i:>4} | {step:>4} | {:>16.2}% | {avg:>14} | {hash}",
+                    acc * 100.0
+                )
+            }
+            None => println!(" {i:>4} |    - |                 - |              - | (no result)"),
+        }
+    }
+    let done: Vec<_> = peers.iter().filter_map(|p| p.done.as_ref()).collect();
+    if done.len() < peers.len() {
+        failures.push(format!("{} of {} peers finished", done.len(), peers.len()));
+    }
+    if let Some(first) = done.first() {
+        if done.iter().any(|d| d.2 != first.2) {
+            failures.push("peers hold different parameters".to_owned());
+        }
+        if let Some(d) = done.iter().find(|d| d.1 < args.pass_accuracy) {
+            failures.push(format!(
+                "accuracy {:.2}% is below {:.0}%",
+                d.1 * 100.0,
+                args.pass_accuracy * 100.0
+            ));
+        }
+        println!(
+            "\n{} global steps, {:.1} s wall time, {} peers",
+            first.0,
+            wall,
+            peers.len()
+        );
+    }
+    if failures.is_empty() {
+        println!("converged: all peers hold identical parameters");
+        Ok(true)
+    } else {
+        for f in &failures {
+            println!("FAILED: {f}");
+        }
+        println!("peer logs: {}", log_dir.display());
+        Ok(false)
+    }
+}

@@ -1,0 +1,305 @@
+//! `colony train`: one peer of a collaborative run on the built-in digits classifier.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Args;
+use colony_dht::{Dht, DhtConfig, Multiaddr};
+use colony_optim::{
+    CollaborativeOptimizer, DhtProgressBoard, LocalOptimizer, LocalOptimizerKind, LrSchedule,
+    OptimConfig, OptimError, Sgd, StepOutcome, SwarmAverager,
+};
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use crate::{
+    model::{Digits, Mlp, Rng, params_hash},
+    swarm_averager,
+};
+
+/// Options of `colony train` (also used by `colony demo` for its peers).
+#[derive(Debug, Clone, Args)]
+pub(crate) struct TrainArgs {
+    /// A peer of the run to join, with /p2p/<peer id> (repeatable). None: start a run.
+    #[arg(long = "initial-peers")]
+    pub(crate) initial_peers: Vec<Multiaddr>,
+    /// The run's name: peers with the same run id train together.
+    #[arg(long, default_value = "colony-digits")]
+    pub(crate) run_id: String,
+    /// Address to listen on (repeatable). Default: /ip4/127.0.0.1/tcp/0.
+    #[arg(long = "listen")]
+    pub(crate) listen: Vec<Multiaddr>,
+    /// Samples the whole swarm accumulates per global step.
+    #[arg(long, default_value_t = 256)]
+    pub(crate) target_batch_size: u64,
+    /// Samples per local micro-batch.
+    #[arg(long, default_value_t = 32)]
+    pub(crate) batch_size: u64,
+    /// Hidden units of the MLP.
+    #[arg(long, default_value_t = 64)]
+    pub(crate) hidden: usize,
+    /// Learning rate (constant).
+    #[arg(long, default_value_t = 0.3)]
+    pub(crate) lr: f64,
+    /// SGD momentum.
+    #[arg(long, default_value_t = 0.9)]
+    pub(crate) momentum: f32,
+    /// Stop after this many global steps.
+    #[arg(long, default_value_t = 150)]
+    pub(crate) max_steps: u64,
+    /// Stop once held-out accuracy reaches this (checked after every global step).
+    #[arg(long, default_value_t = 0.96)]
+    pub(crate) target_accuracy: f64,
+    /// This peer's data shard, `INDEX/COUNT`.
+    #[arg(long, default_value = "0/1")]
+    pub(crate) shard: String,
+    /// Seed of the initial parameters (must match across the run) and of sampling.
+    #[arg(long, default_value_t = 42)]
+    pub(crate) seed: u64,
+    /// Client mode: no inbound connections; contributes samples, not the global step.
+    #[arg(long)]
+    pub(crate) client: bool,
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 600.0)]
+    pub(crate) max_seconds: f64,
+    /// Emulated compute time per micro-batch (ms), to pace the demo on small machines.
+    #[arg(long, default_value_t = 0.0)]
+    pub(crate) compute_ms: f64,
+    /// Print machine-readable JSON lines on stdout (used by `colony demo`).
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+/// One line of `--json` output.
+#[derive(Debug, Serialize, serde::Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub(crate) enum Event {
+    /// The peer is up.
+    Listening {
+        /// Its multiaddrs.
+        addrs: Vec<String>,
+    },
+    /// Progress after a `step()` that changed something (or periodically).
+    Progress {
+        /// Local step.
+        step: u64,
+        /// Global step.
+        global_step: u64,
+        /// Samples accumulated swarm-wide toward the next step.
+        samples: u64,
+        /// Target batch size.
+        target: u64,
+        /// Live peers.
+        peers: usize,
+        /// Last micro-batch loss.
+        loss: f32,
+    },
+    /// Training finished.
+    Done {
+        /// Final step.
+        step: u64,
+        /// Held-out accuracy.
+        accuracy: f64,
+        /// SHA-256 of the parameters.
+        hash: String,
+        /// Seconds of training.
+        wall_s: f64,
+        /// Global steps this peer took with a full group / alone / by loading state.
+        averaged_steps: u64,
+    },
+}
+
+pub(crate) fn emit(json: bool, event: &Event) {
+    if json {
+        if let Ok(line) = serde_json::to_string(event) {
+            println!("{line}");
+        }
+    } else {
+        match event {
+            Event::Listening { addrs } => {
+                for a in addrs {
+                    println!("listening on {a}");
+                }
+            }
+            Event::Progress {
+                step,
+                global_step,
+                samples,
+                target,
+                peers,
+                loss,
+            } => {
+                println!(
+                    "step {step} (global {global_step}) {samples}/{target} samples, {peers} peers, loss {loss:.4}"
+                )
+            }
+            Event::Done {
+                step,
+                accuracy,
+                hash,
+                wall_s,
+                averaged_steps,
+            } => println!(
+                "done: step {step}, held-out accuracy {:.2}%, {wall_s:.1} s, {averaged_steps} averaged steps, params sha256 {hash}",
+                accuracy * 100.0
+            ),
+        }
+    }
+}
+
+fn parse_shard(s: &str) -> anyhow::Result<(usize, usize)> {
+    let (i, n) = s.split_once('/').context("--shard must be INDEX/COUNT")?;
+    let (i, n): (usize, usize) = (i.parse()?, n.parse()?);
+    anyhow::ensure!(n > 0 && i < n, "--shard index must be below the count");
+    Ok((i, n))
+}
+
+pub(crate) fn optim_config(args: &TrainArgs) -> OptimConfig {
+    OptimConfig {
+        batch_size_per_step: Some(args.batch_size),
+        min_refresh_period: 0.1,
+        max_refresh_period: 2.0,
+        default_refresh_period: 0.5,
+        metadata_expiration: 10.0,
+        averaging_timeout: 15.0,
+        load_state_timeout: 30.0,
+        client_mode: args.client,
+        lr_schedule: LrSchedule::Constant { lr: args.lr },
+        ..OptimConfig::new(args.run_id.clone(), args.target_batch_size)
+    }
+}
+
+/// Runs `colony train`.
+pub(crate) fn run(args: TrainArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(train(args))
+}
+
+async fn train(args: TrainArgs) -> anyhow::Result<()> {
+    let (shard, shards) = parse_shard(&args.shard)?;
+    let mut dht_config = DhtConfig {
+        initial_peers: args.initial_peers.clone(),
+        client_mode: args.client,
+        ..DhtConfig::default()
+    };
+    if !args.listen.is_empty() {
+        dht_config.listen_addrs = args.listen.clone();
+    }
+    let dht = Dht::new(dht_config)
+        .await
+        .context("starting the DHT node")?;
+    emit(
+        args.json,
+        &Event::Listening {
+            addrs: dht.listen_addrs().iter().map(|a| a.to_string()).collect(),
+        },
+    );
+    let config = optim_config(&args);
+    let averager = swarm_averager::build(&dht, &config).await?;
+    let result = train_with(args, dht.clone(), config, averager, shard, shards).await;
+    dht.shutdown().await;
+    result
+}
+
+async fn train_with<A: SwarmAverager>(
+    args: TrainArgs,
+    dht: Dht,
+    config: OptimConfig,
+    averager: A,
+    shard: usize,
+    shards: usize,
+) -> anyhow::Result<()> {
+    let digits = Digits::load(0.2, 0)?;
+    let mlp = Mlp::new(args.hidden);
+    let sgd = Sgd {
+        momentum: args.momentum,
+        ..Sgd::default()
+    };
+    let local = LocalOptimizer::new(LocalOptimizerKind::Sgd(sgd), mlp.layout()?)?;
+    let (wake_tx, wake_rx) = mpsc::channel(1);
+    let board = DhtProgressBoard::new(dht, &config.prefix, Some(wake_tx)).await?;
+    let mut opt = CollaborativeOptimizer::new(
+        config,
+        mlp.init(args.seed),
+        local,
+        board,
+        averager,
+        Some(wake_rx),
+    )
+    .await?;
+    let indices = digits.shard(shard, shards);
+    anyhow::ensure!(!indices.is_empty(), "shard {shard}/{shards} is empty");
+    let mut rng = Rng::new(args.seed.wrapping_add(1 + shard as u64));
+    let start = Instant::now();
+    let mut grads = vec![0.0; mlp.num_params()];
+    let mut averaged_steps = 0;
+    let mut last_report = Instant::now();
+    loop {
+        anyhow::ensure!(
+            start.elapsed().as_secs_f64() < args.max_seconds,
+            "no convergence within {} s (step {})",
+            args.max_seconds,
+            opt.local_step()
+        );
+        let batch: Vec<usize> = (0..args.batch_size)
+            .map(|_| indices[rng.below(indices.len())])
+            .collect();
+        let (x, y) = digits.batch(&batch);
+        let last_loss = mlp.loss_and_grad(opt.params(), &x, &y, &mut grads);
+        if args.compute_ms > 0.0 {
+            tokio::time::sleep(Duration::from_secs_f64(args.compute_ms / 1000.0)).await;
+        }
+        opt.grads_mut().copy_from_slice(&grads);
+        let outcome = match opt.step(Some(args.batch_size)).await {
+            Ok(o) => o,
+            Err(OptimError::NonFiniteGradients { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        let stepped = match outcome {
+            StepOutcome::Stepped { group_size, .. } => {
+                if group_size > 1 {
+                    averaged_steps += 1;
+                }
+                true
+            }
+            StepOutcome::LoadedState { .. } => true,
+            StepOutcome::Accumulated | StepOutcome::OutOfSync => false,
+        };
+        if stepped || last_report.elapsed() > Duration::from_millis(250) {
+            last_report = Instant::now();
+            let state = opt.collaboration_state();
+            emit(
+                args.json,
+                &Event::Progress {
+                    step: opt.local_step(),
+                    global_step: state.optimizer_step.max(opt.local_step()),
+                    samples: state.samples_accumulated.max(opt.local_samples()),
+                    target: state.target_batch_size,
+                    peers: state.num_peers,
+                    loss: last_loss,
+                },
+            );
+        }
+        if stepped {
+            let accuracy = mlp.accuracy(opt.params(), &digits.test_x, &digits.test_y);
+            if accuracy >= args.target_accuracy || opt.local_step() >= args.max_steps {
+                emit(
+                    args.json,
+                    &Event::Done {
+                        step: opt.local_step(),
+                        accuracy,
+                        hash: params_hash(opt.params()),
+                        wall_s: start.elapsed().as_secs_f64(),
+                        averaged_steps,
+                    },
+                );
+                break;
+            }
+        }
+    }
+    opt.shutdown().await?;
+    Ok(())
+}
