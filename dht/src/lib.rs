@@ -13,7 +13,40 @@
 //! - Validators ([`RecordValidator`], e.g. [`SchemaRecordValidator`]) run on
 //!   every storing node (`StoreInserts::FilterBoth`) and on every reader.
 //!
-//! The record wire format is documented in [`record`](crate::encode_wire).
+//! # Wire format (version 1)
+//!
+//! The value of every libp2p-kad record this crate puts or serves is a
+//! MessagePack array `[1, [[subkey: bin | nil, value: bin, expiration: float64], ...]]`
+//! ([`encode_wire`] / [`decode_wire`]). The kad record key is the raw DHT key.
+//! A regular value is one entry with a nil subkey; a dictionary is one or more
+//! entries with distinct binary subkeys. A put carries only the entries being
+//! written; a get answer carries every unexpired entry the node holds. `value`
+//! is the signed value: MessagePack payload followed by validator trailers
+//! (ed25519: `[signature:` + 64 bytes + `]` over
+//! `"colony-dht/record/v1" || msgpack([key, subkey, value, expiration])`).
+//! The kad record's `publisher` and `expires` fields are ignored.
+//!
+//! # Example
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), colony_dht::DhtError> {
+//! use colony_dht::{Dht, DhtConfig, dht_time};
+//!
+//! let first = Dht::new(DhtConfig::default()).await?;
+//! let second = Dht::new(DhtConfig {
+//!     initial_peers: first.listen_addrs(),
+//!     ..DhtConfig::default()
+//! })
+//! .await?;
+//! // A signed subkey only `second` can overwrite; the value is MessagePack.
+//! second
+//!     .store(b"run_progress", Some(&second.owner_subkey()), vec![0x2a], dht_time() + 60.0)
+//!     .await?;
+//! let found = first.get(b"run_progress", true).await?;
+//! assert!(found.is_some());
+//! # Ok(())
+//! # }
+//! ```
 
 mod behaviour;
 mod config;

@@ -244,6 +244,27 @@ async fn identity_file_keeps_peer_id_and_bootstrap_failure_is_typed() {
     assert_eq!(second.peer_id(), id);
     second.shutdown().await;
 
+    // Dropping the last handle stops the node: its port stops accepting.
+    let node = Dht::new(DhtConfig::default()).await.unwrap();
+    let addr = node.listen_addrs()[0].to_string();
+    let port: u16 = addr.split('/').nth(4).unwrap().parse().unwrap();
+    assert!(
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+    );
+    drop(node);
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("node still listening after its last handle was dropped");
+
     // An initial peer that does not answer.
     let config = DhtConfig {
         initial_peers: vec![format!("/ip4/127.0.0.1/tcp/1/p2p/{id}").parse().unwrap()],
