@@ -19,6 +19,8 @@
 mod accumulator;
 mod averager;
 mod board;
+#[cfg(feature = "candle")]
+mod candle_adapter;
 mod config;
 mod driver;
 mod ema;
@@ -31,6 +33,8 @@ pub mod tracker;
 pub use accumulator::GradAccumulator;
 pub use averager::{AveragingRole, PeerState, SwarmAverager};
 pub use board::{DhtProgressBoard, ProgressBoard, TrainingProgressSchema};
+#[cfg(feature = "candle")]
+pub use candle_adapter::CandleParams;
 pub use colony_kernels::{AdamW, Lamb, Layout, Sgd};
 pub use config::OptimConfig;
 pub use driver::{CollaborativeOptimizer, StepOutcome};
