@@ -10,7 +10,9 @@
 //!   [`group_keys`]: `{prefix}.0b{bits}` keys and Moshpit bit rotation.
 
 mod allreduce;
+mod averager;
 mod compression;
+mod control;
 mod crypto;
 mod dataplane;
 mod error;
@@ -24,6 +26,7 @@ pub mod state;
 mod wire;
 
 pub use allreduce::{RoundOutcome, SpanResult, run_allreduce};
+pub use averager::{AveragerConfig, DecentralizedAverager, StepOutcome};
 pub use compression::{BLOCK_8BIT, Compression, all_finite};
 pub use crypto::{ConnectionKeys, FrameCipher, RoundKeyPair, TAG_LEN};
 pub use dataplane::DataPlane;
