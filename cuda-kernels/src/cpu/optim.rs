@@ -161,43 +161,57 @@ impl LambK {
     fn apply(&self, pc: &mut Piece<'_>, lr_trust: f32) {
         lamb_apply(self, pc.p, pc.m, pc.v, lr_trust);
     }
-
-    #[inline(always)]
-    fn moment(&self, p: f32, g: f32, m: &mut f32, v: &mut f32) -> (f32, f32) {
-        let nm = self.b1 * *m + (1.0 - self.b1) * g;
-        let nv = self.b2 * *v + (1.0 - self.b2) * g * g;
-        *m = nm;
-        *v = nv;
-        let u = self.direction(p, nm, nv);
-        (p * p, u * u)
-    }
 }
 
 /// Lanes of the norm sums: the compiler keeps them in one vector register.
 const LANES: usize = 8;
 
+/// Values per pass of the moment update; `u` for them lives on the stack.
+const SCRATCH: usize = 1024;
+
+/// Sum of squares with `LANES` independent partial sums (a plain sequential
+/// float sum cannot be vectorised: the compiler may not reassociate it).
 #[inline(always)]
-fn lamb_moments_impl(k: &LambK, p: &[f32], g: &[f32], m: &mut [f32], v: &mut [f32]) -> (f64, f64) {
-    let (mut pp, mut uu) = ([0f32; LANES], [0f32; LANES]);
-    let mut it = p
-        .chunks_exact(LANES)
-        .zip(g.chunks_exact(LANES))
-        .zip(m.chunks_exact_mut(LANES).zip(v.chunks_exact_mut(LANES)));
-    for ((p, g), (m, v)) in &mut it {
+#[allow(clippy::needless_range_loop)] // lane-indexed loops are what the SLP vectoriser recognises
+fn sum_squares(x: &[f32]) -> f64 {
+    let mut acc = [0f32; LANES];
+    let mut it = x.chunks_exact(LANES);
+    for c in &mut it {
         for j in 0..LANES {
-            let (a, b) = k.moment(p[j], g[j], &mut m[j], &mut v[j]);
-            pp[j] += a;
-            uu[j] += b;
+            acc[j] += c[j] * c[j];
         }
     }
-    let tail = p.len() / LANES * LANES;
-    for i in tail..p.len() {
-        let (a, b) = k.moment(p[i], g[i], &mut m[i], &mut v[i]);
-        pp[0] += a;
-        uu[0] += b;
+    for (a, r) in acc.iter_mut().zip(it.remainder()) {
+        *a += r * r;
     }
-    let sum = |l: [f32; LANES]| l.iter().map(|&x| f64::from(x)).sum::<f64>();
-    (sum(pp), sum(uu))
+    acc.iter().map(|&a| f64::from(a)).sum()
+}
+
+#[inline(always)]
+fn lamb_moments_impl(k: &LambK, p: &[f32], g: &[f32], m: &mut [f32], v: &mut [f32]) -> (f64, f64) {
+    let mut scratch = [0f32; SCRATCH];
+    let (mut pp, mut uu) = (0f64, 0f64);
+    let pieces = p
+        .chunks(SCRATCH)
+        .zip(g.chunks(SCRATCH))
+        .zip(m.chunks_mut(SCRATCH).zip(v.chunks_mut(SCRATCH)));
+    for ((p, g), (m, v)) in pieces {
+        let u = &mut scratch[..p.len()];
+        for ((u, (p, g)), (m, v)) in u
+            .iter_mut()
+            .zip(p.iter().zip(g))
+            .zip(m.iter_mut().zip(v.iter_mut()))
+        {
+            let nm = k.b1 * *m + (1.0 - k.b1) * g;
+            let nv = k.b2 * *v + (1.0 - k.b2) * g * g;
+            *m = nm;
+            *v = nv;
+            *u = k.direction(*p, nm, nv);
+        }
+        pp += sum_squares(p);
+        uu += sum_squares(u);
+    }
+    (pp, uu)
 }
 
 #[inline(always)]
