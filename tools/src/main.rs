@@ -1,6 +1,11 @@
 //! `colony`: the command line for running a Colony swarm.
 
+mod demo;
 mod dht_cmd;
+mod model;
+mod monitor;
+mod swarm_averager;
+mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -18,6 +23,12 @@ enum Command {
     /// DHT node and debugging tools.
     #[command(subcommand)]
     Dht(dht_cmd::DhtCommand),
+    /// Start a local swarm of peers that train a digits classifier together (try this first).
+    Demo(demo::DemoArgs),
+    /// Run one peer of a collaborative run on the built-in digits classifier.
+    Train(train::TrainArgs),
+    /// Show a run's live state (peers, throughput, global step, ETA) without training.
+    Monitor(monitor::MonitorArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -31,5 +42,13 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Dht(command) => dht_cmd::run(command),
+        Command::Demo(args) => {
+            if !demo::run(args)? {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+        Command::Train(args) => train::run(args),
+        Command::Monitor(args) => monitor::run(args),
     }
 }
