@@ -1,0 +1,215 @@
+//! `DecentralizedAverager` over real `colony-dht` swarms in one process.
+
+use std::time::Duration;
+
+use colony_averaging::{AveragerConfig, AveragingError, DecentralizedAverager};
+use colony_dht::{Dht, DhtConfig, dht_time};
+
+const T: Duration = Duration::from_secs(90);
+
+async fn swarm(n: usize) -> Vec<Dht> {
+    let first = Dht::new(DhtConfig {
+        query_timeout: Duration::from_secs(3),
+        ..DhtConfig::default()
+    })
+    .await
+    .unwrap();
+    let initial = first.listen_addrs();
+    let mut nodes = vec![first];
+    for _ in 1..n {
+        nodes.push(
+            Dht::new(DhtConfig {
+                initial_peers: initial.clone(),
+                query_timeout: Duration::from_secs(3),
+                ..DhtConfig::default()
+            })
+            .await
+            .unwrap(),
+        );
+    }
+    nodes
+}
+
+fn config(prefix: &str) -> AveragerConfig {
+    let mut c = AveragerConfig::new(prefix);
+    c.min_matchmaking_time = Duration::from_secs(2);
+    c.request_timeout = Duration::from_secs(1);
+    c.allreduce.part_size_bytes = 4096;
+    c.allreduce.sender_timeout = Duration::from_secs(2);
+    c.allreduce.reducer_timeout = Duration::from_secs(4);
+    c.allreduce.allreduce_timeout = Duration::from_secs(20);
+    c
+}
+
+fn values(i: usize) -> Vec<Vec<f32>> {
+    vec![
+        (0..3000).map(|j| (i * 31 + j % 97) as f32 * 0.01).collect(),
+        vec![i as f32; 5],
+    ]
+}
+
+fn max_dev(all: &[Vec<Vec<f32>>], mean: &[Vec<f64>]) -> f64 {
+    all.iter()
+        .flat_map(|t| t.iter().zip(mean).flat_map(|(a, m)| a.iter().zip(m)))
+        .map(|(a, m)| (f64::from(*a) - m).abs())
+        .fold(0.0, f64::max)
+}
+
+fn mean_of(init: &[Vec<Vec<f32>>], weights: &[f64]) -> Vec<Vec<f64>> {
+    let ws: f64 = weights.iter().sum();
+    (0..init[0].len())
+        .map(|t| {
+            (0..init[0][t].len())
+                .map(|j| {
+                    init.iter()
+                        .zip(weights)
+                        .map(|(v, w)| w * f64::from(v[t][j]))
+                        .sum::<f64>()
+                        / ws
+                })
+                .collect()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_averagers_find_each_other_and_average() {
+    tokio::time::timeout(T, async {
+        let nodes = swarm(4).await;
+        let mut avgs = Vec::new();
+        for (i, n) in nodes.iter().enumerate() {
+            let mut c = config("four");
+            c.target_group_size = Some(4);
+            avgs.push(
+                DecentralizedAverager::new(n.clone(), values(i), c)
+                    .await
+                    .unwrap(),
+            );
+        }
+        let weights = [1.0, 2.0, 3.0, 4.0];
+        let init: Vec<_> = (0..4).map(values).collect();
+        let outs = futures::future::join_all(
+            avgs.iter()
+                .zip(weights)
+                .map(|(a, w)| a.step(Some(w as f32), Duration::from_secs(20))),
+        )
+        .await;
+        for o in &outs {
+            let o = o.as_ref().unwrap();
+            assert_eq!(o.group.members.len(), 4);
+            assert!(o.round.failed_reducers.is_empty() && o.round.banned_senders.is_empty());
+        }
+        let mean = mean_of(&init, &weights);
+        let mut finals = Vec::new();
+        for a in &avgs {
+            finals.push(a.tensors().await.clone());
+        }
+        assert!(
+            max_dev(&finals, &mean) < 1e-5,
+            "dev {}",
+            max_dev(&finals, &mean)
+        );
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moshpit_grid_of_eight_converges_to_the_global_mean() {
+    tokio::time::timeout(Duration::from_secs(150), async {
+        let nodes = swarm(8).await;
+        let mut avgs = Vec::new();
+        for (i, n) in nodes.iter().enumerate() {
+            let mut c = config("grid");
+            c.target_group_size = Some(2);
+            c.initial_group_bits = format!("{:02b}", i % 4);
+            avgs.push(
+                DecentralizedAverager::new(n.clone(), values(i), c)
+                    .await
+                    .unwrap(),
+            );
+        }
+        let init: Vec<_> = (0..8).map(values).collect();
+        let mean = mean_of(&init, &[1.0; 8]);
+        let mut devs = Vec::new();
+        for _round in 0..3 {
+            let outs = futures::future::join_all(
+                avgs.iter().map(|a| a.step(None, Duration::from_secs(20))),
+            )
+            .await;
+            for o in &outs {
+                assert_eq!(o.as_ref().unwrap().group.members.len(), 2);
+            }
+            let mut finals = Vec::new();
+            for a in &avgs {
+                finals.push(a.tensors().await.clone());
+            }
+            devs.push(max_dev(&finals, &mean));
+        }
+        // Pairs, then fours, then everyone: exact after three rounds.
+        assert!(devs[0] > devs[1] && devs[1] > devs[2], "{devs:?}");
+        assert!(devs[2] < 1e-4, "{devs:?}");
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alone_is_no_group_and_late_joiner_copies_state() {
+    tokio::time::timeout(T, async {
+        let nodes = swarm(3).await;
+        let donor = DecentralizedAverager::new(nodes[0].clone(), values(7), config("state"))
+            .await
+            .unwrap();
+        let res = donor.step(None, Duration::from_secs(3)).await;
+        assert!(
+            matches!(res, Err(AveragingError::NoGroupFound { .. })),
+            "{res:?}"
+        );
+
+        let mut weak_cfg = config("state");
+        weak_cfg.allow_state_sharing = Some(true);
+        let weak = DecentralizedAverager::new(nodes[1].clone(), values(1), weak_cfg)
+            .await
+            .unwrap();
+        donor
+            .declare_state(10.0, b"step 10".to_vec(), dht_time() + 60.0)
+            .await
+            .unwrap();
+        weak.declare_state(1.0, b"step 1".to_vec(), dht_time() + 60.0)
+            .await
+            .unwrap();
+
+        let late = DecentralizedAverager::new(
+            nodes[2].clone(),
+            vec![vec![0.0; 3000], vec![0.0; 5]],
+            config("state"),
+        )
+        .await
+        .unwrap();
+        let meta = late
+            .load_state_from_peers(Duration::from_secs(20))
+            .await
+            .unwrap();
+        assert_eq!(meta, b"step 10");
+        let got = late.tensors().await.clone();
+        let want = donor.tensors().await.clone();
+        assert_eq!(got.len(), want.len());
+        for (a, b) in got.iter().zip(&want) {
+            assert!(a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()));
+        }
+        // A joiner with a different tensor layout accepts no one's state.
+        let mut other_cfg = config("state");
+        other_cfg.mode = colony_averaging::AveragingMode::Client;
+        let other = DecentralizedAverager::new(nodes[2].clone(), vec![vec![0.0; 10]], other_cfg)
+            .await
+            .unwrap();
+        let res = other.load_state_from_peers(Duration::from_secs(10)).await;
+        assert!(
+            matches!(res, Err(AveragingError::NoStateDonor { .. })),
+            "{res:?}"
+        );
+    })
+    .await
+    .expect("test timed out");
+}
