@@ -13,7 +13,7 @@ async fn swarm(n: usize) -> Vec<Dht> {
         ..DhtConfig::default()
     })
     .await
-    .unwrap();
+    .expect("first dht node");
     let initial = first.listen_addrs();
     let mut nodes = vec![first];
     for _ in 1..n {
@@ -24,7 +24,7 @@ async fn swarm(n: usize) -> Vec<Dht> {
                 ..DhtConfig::default()
             })
             .await
-            .unwrap(),
+            .expect("dht node"),
         );
     }
     nodes
