@@ -14,7 +14,10 @@
 //!   records are ignored; a peer's samples count at most up to the target; extrapolation
 //!   is limited to `metadata_expiration`; throughput outliers are capped at a multiple of
 //!   the median; a step claimed by a single peer among several does not move the global
-//!   step (`step_quorum`).
+//!   step (`step_quorum`);
+//! * the averaging weight is the number of local samples, not
+//!   `local_samples / (target / num_peers)`, which depends on each peer's view of the
+//!   swarm size (see [`StepPlan::Average`]).
 
 use validator::Validate;
 
@@ -274,20 +277,14 @@ pub enum StepPlan {
     LoadState,
     /// Average parameters and gradients with the swarm, with this weight, then step.
     Average {
-        /// `local_samples / (target / num_peers)` (0 for a peer without samples).
+        /// This peer's accumulated samples. The reference used
+        /// `local_samples / (target / num_peers)`, which biases the mean whenever peers
+        /// disagree on `num_peers` (one has not yet seen a record another has); the raw
+        /// count gives the exact sample-weighted mean whatever the views.
         weight: f64,
     },
     /// Alone in the swarm: step on local gradients.
     StepAlone,
-}
-
-/// The averaging weight of a peer that accumulated `local_samples`: its share relative to
-/// an equal split of the target among `num_peers`.
-pub fn averaging_weight(local_samples: u64, target_batch_size: u64, num_peers: usize) -> f64 {
-    if target_batch_size == 0 || num_peers == 0 {
-        return 0.0;
-    }
-    local_samples as f64 / (target_batch_size as f64 / num_peers as f64)
 }
 
 /// Decides what a ready peer does with a freshly estimated `state`.
@@ -301,7 +298,7 @@ pub fn plan_step(
         StepPlan::LoadState
     } else if state.num_peers > 1 {
         StepPlan::Average {
-            weight: averaging_weight(local_samples, config.target_batch_size, state.num_peers),
+            weight: local_samples as f64,
         }
     } else {
         StepPlan::StepAlone

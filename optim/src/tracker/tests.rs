@@ -90,9 +90,7 @@ fn samples_of_peers_at_the_global_step_are_summed_with_extrapolation() {
     assert!((s.next_fetch_time - (NOW + 0.5)).abs() < 1e-9);
     assert_eq!(
         plan_step(&config(), 3, 10, &s),
-        StepPlan::Average {
-            weight: 10.0 / (100.0 / 3.0)
-        }
+        StepPlan::Average { weight: 10.0 }
     );
 }
 
@@ -291,12 +289,17 @@ fn register_step_resets_samples_and_eta() {
 }
 
 #[test]
-fn averaging_weight_is_the_share_of_an_equal_split() {
-    assert_eq!(averaging_weight(25, 100, 4), 1.0);
-    assert_eq!(averaging_weight(50, 100, 4), 2.0);
-    assert_eq!(averaging_weight(0, 100, 4), 0.0);
-    assert_eq!(averaging_weight(10, 0, 4), 0.0);
-    assert_eq!(averaging_weight(10, 100, 0), 0.0);
+fn averaging_weight_is_the_raw_sample_count_whatever_the_view() {
+    // Two peers with different views of the swarm size still weight by samples alone.
+    let small = estimate_collaboration_state(&config(), &local(0, 30, 1.0), ME, &[], NOW);
+    let records = [peer("a", 0, 10, 1.0, NOW), peer("b", 0, 10, 1.0, NOW)];
+    let large = estimate_collaboration_state(&config(), &local(0, 30, 1.0), ME, &records, NOW);
+    assert_eq!(small.num_peers, 1);
+    assert_eq!(plan_step(&config(), 0, 30, &small), StepPlan::StepAlone);
+    assert_eq!(
+        plan_step(&config(), 0, 30, &large),
+        StepPlan::Average { weight: 30.0 }
+    );
 }
 
 #[test]

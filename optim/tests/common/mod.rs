@@ -1,0 +1,268 @@
+//! Test doubles shared by the driver tests: an in-memory board, an in-process averaging
+//! hub, a least-squares problem, and a helper that takes one global step.
+
+#![allow(clippy::unwrap_used, dead_code, unreachable_pub)] // test helpers
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use colony_optim::{
+    CollaborativeOptimizer, Layout, LocalOptimizer, LocalOptimizerKind, LrSchedule, OptimConfig,
+    OptimError, PeerRecord, PeerState, ProgressBoard, Result, Sgd, StepOutcome, SwarmAverager,
+    TrainingProgress,
+};
+use tokio::sync::Notify;
+
+pub fn now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+pub type Records = Arc<Mutex<BTreeMap<Vec<u8>, (Option<TrainingProgress>, f64)>>>;
+
+#[derive(Clone)]
+pub struct MemoryBoard {
+    pub me: Vec<u8>,
+    pub records: Records,
+}
+
+impl ProgressBoard for MemoryBoard {
+    fn self_key(&self) -> Vec<u8> {
+        self.me.clone()
+    }
+    fn peer_id(&self) -> String {
+        String::from_utf8_lossy(&self.me).into_owned()
+    }
+    fn now(&self) -> f64 {
+        now()
+    }
+    async fn publish(&self, progress: Option<TrainingProgress>, expiration: f64) -> Result<()> {
+        self.records
+            .lock()
+            .unwrap()
+            .insert(self.me.clone(), (progress, expiration));
+        Ok(())
+    }
+    async fn fetch(&self) -> Result<Vec<PeerRecord>> {
+        let t = now();
+        Ok(self
+            .records
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, (_, e))| *e > t)
+            .map(|(k, (p, e))| PeerRecord {
+                key: k.clone(),
+                progress: p.clone(),
+                expiration: *e,
+            })
+            .collect())
+    }
+}
+
+/// One averaging round per step: it closes when `expected` peers joined or `window`
+/// after the first arrival, and averages what it has.
+#[derive(Default)]
+pub struct Round {
+    parts: Vec<(Vec<f32>, f64)>,
+    first: Option<Instant>,
+    result: Option<Vec<f32>>,
+    members: usize,
+}
+
+#[derive(Default)]
+pub struct Hub {
+    pub rounds: Mutex<BTreeMap<u64, Round>>,
+    pub states: Mutex<BTreeMap<String, PeerState>>,
+    pub changed: Notify,
+    pub expected: Mutex<usize>,
+}
+
+pub struct MemoryAverager {
+    pub name: String,
+    pub hub: Arc<Hub>,
+}
+
+pub const WINDOW: Duration = Duration::from_secs(3);
+
+impl SwarmAverager for MemoryAverager {
+    async fn average(
+        &mut self,
+        tensors: &mut [f32],
+        weight: f64,
+        step: u64,
+        timeout: Duration,
+    ) -> Result<usize> {
+        let deadline = Instant::now() + timeout;
+        {
+            let mut rounds = self.hub.rounds.lock().unwrap();
+            let round = rounds.entry(step).or_default();
+            if round.result.is_some() {
+                return Err(OptimError::Averaging {
+                    operation: "join",
+                    message: "round closed".into(),
+                });
+            }
+            round.first.get_or_insert_with(Instant::now);
+            round.parts.push((tensors.to_vec(), weight));
+        }
+        self.hub.changed.notify_waiters();
+        loop {
+            let notified = self.hub.changed.notified();
+            {
+                let expected = *self.hub.expected.lock().unwrap();
+                let mut rounds = self.hub.rounds.lock().unwrap();
+                let round = rounds.get_mut(&step).expect("round exists");
+                let full = round.parts.len() >= expected;
+                let late = round.first.is_some_and(|f| f.elapsed() >= WINDOW);
+                if round.result.is_none() && (full || late) {
+                    let total: f64 = round.parts.iter().map(|(_, w)| w).sum();
+                    let mut out = vec![0.0f64; tensors.len()];
+                    for (part, w) in &round.parts {
+                        for (o, v) in out.iter_mut().zip(part) {
+                            *o += w / total * f64::from(*v);
+                        }
+                    }
+                    round.members = round.parts.len();
+                    round.result = Some(out.into_iter().map(|v| v as f32).collect());
+                    self.hub.changed.notify_waiters();
+                }
+                if let Some(result) = &round.result {
+                    tensors.copy_from_slice(result);
+                    return Ok(round.members);
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(OptimError::Averaging {
+                    operation: "round",
+                    message: "timeout".into(),
+                });
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(100), notified).await;
+        }
+    }
+    async fn assist(&mut self, _len: usize, _step: u64, _timeout: Duration) -> Result<usize> {
+        Ok(1)
+    }
+    async fn share_state(&mut self, state: PeerState) -> Result<()> {
+        self.hub
+            .states
+            .lock()
+            .unwrap()
+            .insert(self.name.clone(), state);
+        Ok(())
+    }
+    async fn load_state(&mut self, _timeout: Duration) -> Result<Option<PeerState>> {
+        let states = self.hub.states.lock().unwrap();
+        Ok(states.values().max_by_key(|s| s.step).cloned())
+    }
+    async fn shutdown(&mut self) {
+        self.hub.states.lock().unwrap().remove(&self.name);
+    }
+}
+
+pub struct Swarm {
+    pub records: Records,
+    pub hub: Arc<Hub>,
+}
+
+impl Swarm {
+    pub fn new(expected: usize) -> Self {
+        let hub = Arc::new(Hub::default());
+        *hub.expected.lock().unwrap() = expected;
+        Self {
+            records: Records::default(),
+            hub,
+        }
+    }
+
+    pub async fn peer(&self, name: &str, config: OptimConfig, params: Vec<f32>) -> Opt {
+        let layout = Layout::packed([("w", vec![params.len()])], 1).unwrap();
+        let sgd = Sgd {
+            momentum: 0.0,
+            ..Sgd::default()
+        };
+        let local = LocalOptimizer::new(LocalOptimizerKind::Sgd(sgd), layout).unwrap();
+        let board = MemoryBoard {
+            me: name.as_bytes().to_vec(),
+            records: self.records.clone(),
+        };
+        let averager = MemoryAverager {
+            name: name.into(),
+            hub: self.hub.clone(),
+        };
+        CollaborativeOptimizer::new(config, params, local, board, averager, None)
+            .await
+            .unwrap()
+    }
+}
+
+pub type Opt = CollaborativeOptimizer<MemoryBoard, MemoryAverager>;
+
+pub fn config(target: u64) -> OptimConfig {
+    OptimConfig {
+        min_refresh_period: 0.02,
+        max_refresh_period: 0.2,
+        default_refresh_period: 0.1,
+        averaging_timeout: 10.0,
+        lr_schedule: LrSchedule::Constant { lr: 0.1 },
+        ..OptimConfig::new("test", target)
+    }
+}
+
+/// Linear least squares: loss = mean (w·x - y)^2 / 2; its gradient over `rows`.
+pub fn gradient(w: &[f32], rows: &[(Vec<f32>, f32)]) -> Vec<f32> {
+    let mut g = vec![0.0f32; w.len()];
+    for (x, y) in rows {
+        let err: f32 = w.iter().zip(x).map(|(a, b)| a * b).sum::<f32>() - y;
+        for (gi, xi) in g.iter_mut().zip(x) {
+            *gi += err * xi / rows.len() as f32;
+        }
+    }
+    g
+}
+
+pub fn dataset(n: usize, dim: usize) -> Vec<(Vec<f32>, f32)> {
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+    };
+    (0..n)
+        .map(|_| {
+            let x: Vec<f32> = (0..dim).map(|_| next()).collect();
+            let y = x
+                .iter()
+                .enumerate()
+                .map(|(i, v)| v * (i as f32 + 1.0))
+                .sum::<f32>()
+                + 0.1 * next();
+            (x, y)
+        })
+        .collect()
+}
+
+/// Contributes one micro-batch, then polls until the global step is taken.
+pub async fn one_global_step<B: ProgressBoard>(
+    opt: &mut CollaborativeOptimizer<B, MemoryAverager>,
+    rows: &[(Vec<f32>, f32)],
+) -> StepOutcome {
+    let g = gradient(opt.params(), rows);
+    opt.grads_mut().copy_from_slice(&g);
+    let mut outcome = opt.step(Some(rows.len() as u64)).await.unwrap();
+    for _ in 0..500 {
+        if !matches!(outcome, StepOutcome::Accumulated) {
+            return outcome;
+        }
+        opt.state_changed(Duration::from_millis(50)).await;
+        outcome = opt.poll_step().await.unwrap();
+    }
+    panic!("no global step within the bound");
+}
