@@ -1,0 +1,164 @@
+//! Multi-process tests of `colony train` and `colony monitor` on 127.0.0.1: a peer
+//! killed mid-run, a client-mode peer that contributes samples, a monitor that sees them.
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_colony");
+
+struct Peer {
+    child: Child,
+    events: mpsc::Receiver<Value>,
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn train(run: &str, extra: &[&str]) -> Peer {
+    let mut child = Command::new(BIN)
+        .args([
+            "train",
+            "--json",
+            "--run-id",
+            run,
+            "--max-steps",
+            "100000",
+            "--target-accuracy",
+            "2",
+        ])
+        .args([
+            "--target-batch-size",
+            "128",
+            "--compute-ms",
+            "5",
+            "--max-seconds",
+            "120",
+        ])
+        .args(extra)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn colony train");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, events) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str::<Value>(&line)
+                && tx.send(v).is_err()
+            {
+                break;
+            }
+        }
+    });
+    Peer { child, events }
+}
+
+impl Peer {
+    /// Waits (bounded) for an event matching `pred`.
+    fn wait_for(&self, what: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.events.recv_timeout(left) {
+                Ok(v) if pred(&v) => return v,
+                Ok(_) => {}
+                Err(_) => panic!("timed out waiting for {what}"),
+            }
+        }
+    }
+
+    fn addr(&self) -> String {
+        let v = self.wait_for("listening", Duration::from_secs(60), |v| {
+            v["event"] == "listening"
+        });
+        v["addrs"][0].as_str().expect("addr").to_owned()
+    }
+
+    fn step_at_least(&self, step: u64, timeout: Duration) -> u64 {
+        let v = self.wait_for(&format!("step {step}"), timeout, |v| {
+            v["event"] == "progress" && v["step"].as_u64().is_some_and(|s| s >= step)
+        });
+        v["step"].as_u64().unwrap_or(0)
+    }
+}
+
+fn monitor(addr: &str, run: &str) -> String {
+    let out = Command::new(BIN)
+        .args([
+            "monitor",
+            "--initial-peers",
+            addr,
+            "--run-id",
+            run,
+            "--target-batch-size",
+            "128",
+        ])
+        .args(["--count", "1"])
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run colony monitor");
+    assert!(
+        out.status.success(),
+        "monitor failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn a_killed_peer_does_not_stop_the_others() {
+    let run = "killtest";
+    let a = train(run, &["--shard", "0/3"]);
+    let addr = a.addr();
+    let b = train(run, &["--shard", "1/3", "--initial-peers", &addr]);
+    let mut c = train(run, &["--shard", "2/3", "--initial-peers", &addr]);
+    let reached = c.step_at_least(3, Duration::from_secs(90));
+    assert!(reached >= 3);
+    c.child.kill().expect("kill peer c");
+    let _ = c.child.wait();
+    // The survivors keep taking global steps after the kill.
+    let a_now = a.step_at_least(0, Duration::from_secs(30));
+    let b_now = b.step_at_least(0, Duration::from_secs(30));
+    a.step_at_least(a_now + 3, Duration::from_secs(90));
+    b.step_at_least(b_now + 3, Duration::from_secs(90));
+    let view = monitor(&addr, run);
+    assert!(view.contains("global step"), "{view}");
+}
+
+#[test]
+fn a_client_peer_contributes_samples_and_the_monitor_sees_it() {
+    let run = "clienttest";
+    let a = train(run, &["--shard", "0/2"]);
+    let addr = a.addr();
+    let client = train(
+        run,
+        &["--shard", "1/2", "--client", "--initial-peers", &addr],
+    );
+    client.step_at_least(2, Duration::from_secs(90));
+    // Poll the monitor (bounded) until it shows the client with its samples counted.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let view = monitor(&addr, run);
+        let client_line = view.lines().find(|l| l.ends_with("| client"));
+        if view.contains("(1 clients)") && client_line.is_some() {
+            assert!(view.contains("2 peers"), "{view}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "monitor never showed the client:\n{view}"
+        );
+    }
+    a.step_at_least(2, Duration::from_secs(60));
+}
