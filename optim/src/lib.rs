@@ -10,7 +10,8 @@
 //! * [`PerformanceEma`], [`LrSchedule`], [`GradAccumulator`]: pure building blocks;
 //! * [`OptimConfig`]: every knob, with the reference's defaults;
 //! * [`CollaborativeOptimizer`]: the async driver over a [`ProgressBoard`] (the DHT,
-//!   [`DhtProgressBoard`]) and a [`SwarmAverager`] (the averaging layer);
+//!   [`DhtProgressBoard`]) and a [`SwarmAverager`] (the averaging layer,
+//!   [`NetworkAverager`] over `colony-averaging`);
 //! * [`LocalOptimizer`]: SGD with momentum, AdamW, LAMB from `colony-kernels`.
 //!
 //! Re-exports of the kernels' hyperparameter types: [`Sgd`], [`AdamW`], [`Lamb`],
@@ -26,6 +27,7 @@ mod driver;
 mod ema;
 mod error;
 mod local;
+mod network_averager;
 mod progress;
 mod schedule;
 pub mod tracker;
@@ -35,12 +37,14 @@ pub use averager::{AveragingRole, PeerState, SwarmAverager};
 pub use board::{DhtProgressBoard, ProgressBoard, TrainingProgressSchema};
 #[cfg(feature = "candle")]
 pub use candle_adapter::CandleParams;
+pub use colony_averaging::AveragerConfig;
 pub use colony_kernels::{AdamW, Lamb, Layout, Sgd};
 pub use config::OptimConfig;
 pub use driver::{CollaborativeOptimizer, StepOutcome};
 pub use ema::PerformanceEma;
 pub use error::{OptimError, Result};
 pub use local::{LocalOptimizer, LocalOptimizerKind};
+pub use network_averager::NetworkAverager;
 pub use progress::{MAX_SAMPLES_PER_SECOND, TrainingProgress};
 pub use schedule::LrSchedule;
 pub use tracker::{CollaborationState, LocalProgress, PeerRecord, StepPlan};

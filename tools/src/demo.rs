@@ -42,6 +42,9 @@ pub(crate) struct DemoArgs {
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 175.0)]
     timeout_s: f64,
+    /// How long a peer waits for others to join an averaging round (s).
+    #[arg(long, default_value_t = 0.5)]
+    matchmaking_time: f64,
     /// Emulated compute per micro-batch (ms), so peers leave CPU to the network.
     #[arg(long, default_value_t = 2.0)]
     compute_ms: f64,
@@ -82,7 +85,8 @@ fn spawn_peer(
         .args(["--max-steps", &args.max_steps.to_string()])
         .args(["--target-accuracy", &args.target_accuracy.to_string()])
         .args(["--max-seconds", &args.timeout_s.to_string()])
-        .args(["--compute-ms", &args.compute_ms.to_string()]);
+        .args(["--compute-ms", &args.compute_ms.to_string()])
+        .args(["--matchmaking-time", &args.matchmaking_time.to_string()]);
     if let Some(addr) = bootstrap {
         cmd.args(["--initial-peers", addr]);
     }

@@ -4,7 +4,6 @@ mod demo;
 mod dht_cmd;
 mod model;
 mod monitor;
-mod swarm_averager;
 mod train;
 
 use clap::{Parser, Subcommand};

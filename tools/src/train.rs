@@ -6,16 +6,13 @@ use anyhow::Context;
 use clap::Args;
 use colony_dht::{Dht, DhtConfig, Multiaddr};
 use colony_optim::{
-    CollaborativeOptimizer, DhtProgressBoard, LocalOptimizer, LocalOptimizerKind, LrSchedule,
-    OptimConfig, OptimError, Sgd, StepOutcome, SwarmAverager,
+    AveragerConfig, AveragingRole, CollaborativeOptimizer, DhtProgressBoard, LocalOptimizer,
+    LocalOptimizerKind, LrSchedule, NetworkAverager, OptimConfig, OptimError, Sgd, StepOutcome,
 };
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use crate::{
-    model::{Digits, Mlp, Rng, params_hash},
-    swarm_averager,
-};
+use crate::model::{Digits, Mlp, Rng, params_hash};
 
 /// Options of `colony train` (also used by `colony demo` for its peers).
 #[derive(Debug, Clone, Args)]
@@ -62,6 +59,9 @@ pub(crate) struct TrainArgs {
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 600.0)]
     pub(crate) max_seconds: f64,
+    /// How long a peer waits for others to join an averaging round (s).
+    #[arg(long, default_value_t = 2.0)]
+    pub(crate) matchmaking_time: f64,
     /// Emulated compute time per micro-batch (ms), to pace the demo on small machines.
     #[arg(long, default_value_t = 0.0)]
     pub(crate) compute_ms: f64,
@@ -198,17 +198,15 @@ async fn train(args: TrainArgs) -> anyhow::Result<()> {
         },
     );
     let config = optim_config(&args);
-    let averager = swarm_averager::build(&dht, &config).await?;
-    let result = train_with(args, dht.clone(), config, averager, shard, shards).await;
+    let result = train_with(args, dht.clone(), config, shard, shards).await;
     dht.shutdown().await;
     result
 }
 
-async fn train_with<A: SwarmAverager>(
+async fn train_with(
     args: TrainArgs,
     dht: Dht,
     config: OptimConfig,
-    averager: A,
     shard: usize,
     shards: usize,
 ) -> anyhow::Result<()> {
@@ -219,6 +217,25 @@ async fn train_with<A: SwarmAverager>(
         ..Sgd::default()
     };
     let local = LocalOptimizer::new(LocalOptimizerKind::Sgd(sgd), mlp.layout()?)?;
+    anyhow::ensure!(
+        args.matchmaking_time.is_finite() && args.matchmaking_time > 0.0,
+        "--matchmaking-time must be > 0"
+    );
+    let mut averaging = AveragerConfig::new(config.averaging_prefix());
+    averaging.min_matchmaking_time = Duration::from_secs_f64(args.matchmaking_time);
+    let role = if args.client {
+        AveragingRole::Client
+    } else {
+        AveragingRole::Node
+    };
+    let averager = NetworkAverager::new(
+        dht.clone(),
+        averaging,
+        role,
+        mlp.num_params(),
+        local.state().len(),
+    )
+    .await?;
     let (wake_tx, wake_rx) = mpsc::channel(1);
     let board = DhtProgressBoard::new(dht, &config.prefix, Some(wake_tx)).await?;
     let mut opt = CollaborativeOptimizer::new(

@@ -1,0 +1,169 @@
+//! [`SwarmAverager`] over `colony-averaging`'s [`DecentralizedAverager`]: DHT
+//! matchmaking, butterfly all-reduce on the encrypted data plane, state sharing.
+
+use std::time::Duration;
+
+use colony_averaging::{AveragerConfig, AveragingMode, DecentralizedAverager};
+use colony_dht::{Dht, dht_time};
+
+use crate::{
+    averager::{AveragingRole, PeerState, SwarmAverager},
+    error::{OptimError, Result},
+};
+
+/// How long a state-donor declaration lives (s); re-declared after every step.
+const DONOR_TTL: f64 = 600.0;
+
+fn averaging_err(
+    operation: &'static str,
+) -> impl Fn(colony_averaging::AveragingError) -> OptimError {
+    move |e| OptimError::Averaging {
+        operation,
+        message: e.to_string(),
+    }
+}
+
+/// The optimizer's averaging layer on a real swarm.
+///
+/// The averager holds one flat buffer laid out as the optimizer sends it: parameters,
+/// gradients, optimizer state. A round copies the optimizer's buffer in, averages, and
+/// copies the result out only on success. Between rounds the buffer holds this peer's
+/// latest state (parameters and optimizer state after the step), which it serves to late
+/// joiners under `{prefix}.all_averagers` with its step as priority.
+#[derive(Debug)]
+pub struct NetworkAverager {
+    averager: DecentralizedAverager,
+    num_params: usize,
+    state_len: usize,
+}
+
+impl NetworkAverager {
+    /// Starts an averager for a model of `num_params` parameters and `state_len`
+    /// optimizer-state values. `config.prefix` should be the optimizer's
+    /// [`averaging_prefix`](crate::OptimConfig::averaging_prefix); `config.mode` is set
+    /// from `role`.
+    ///
+    /// # Errors
+    /// [`OptimError::Averaging`] if the averager cannot start.
+    pub async fn new(
+        dht: Dht,
+        mut config: AveragerConfig,
+        role: AveragingRole,
+        num_params: usize,
+        state_len: usize,
+    ) -> Result<Self> {
+        config.mode = match role {
+            AveragingRole::Node => AveragingMode::Node,
+            AveragingRole::Client => AveragingMode::Client,
+            AveragingRole::Auxiliary => AveragingMode::Aux,
+        };
+        let len = 2 * num_params + state_len;
+        let averager = DecentralizedAverager::new(dht, vec![vec![0.0; len]], config)
+            .await
+            .map_err(averaging_err("start"))?;
+        Ok(Self {
+            averager,
+            num_params,
+            state_len,
+        })
+    }
+
+    /// The underlying averager.
+    pub fn inner(&self) -> &DecentralizedAverager {
+        &self.averager
+    }
+
+    fn len(&self) -> usize {
+        2 * self.num_params + self.state_len
+    }
+}
+
+impl SwarmAverager for NetworkAverager {
+    async fn average(
+        &mut self,
+        tensors: &mut [f32],
+        weight: f64,
+        _step: u64,
+        timeout: Duration,
+    ) -> Result<usize> {
+        if tensors.len() != self.len() {
+            return Err(OptimError::LengthMismatch {
+                what: "averaged tensors",
+                expected: self.len(),
+                actual: tensors.len(),
+            });
+        }
+        self.averager.tensors().await[0].copy_from_slice(tensors);
+        let outcome = self
+            .averager
+            .step(Some(weight as f32), timeout)
+            .await
+            .map_err(averaging_err("step"))?;
+        tensors.copy_from_slice(&self.averager.tensors().await[0]);
+        Ok(outcome.group.members.len())
+    }
+
+    async fn assist(&mut self, _len: usize, _step: u64, timeout: Duration) -> Result<usize> {
+        let outcome = self
+            .averager
+            .step(None, timeout)
+            .await
+            .map_err(averaging_err("assist"))?;
+        Ok(outcome.group.members.len())
+    }
+
+    async fn share_state(&mut self, state: PeerState) -> Result<()> {
+        let n = self.num_params;
+        if state.params.len() != n || state.optimizer_state.len() != self.state_len {
+            return Err(OptimError::LengthMismatch {
+                what: "shared state",
+                expected: n + self.state_len,
+                actual: state.params.len() + state.optimizer_state.len(),
+            });
+        }
+        {
+            let mut tensors = self.averager.tensors().await;
+            let buf = &mut tensors[0];
+            buf[..n].copy_from_slice(&state.params);
+            buf[n..2 * n].fill(0.0);
+            buf[2 * n..].copy_from_slice(&state.optimizer_state);
+        }
+        let metadata =
+            colony_schema::to_msgpack(&state.step).map_err(|e| OptimError::Averaging {
+                operation: "share state",
+                message: e.to_string(),
+            })?;
+        self.averager
+            .declare_state(state.step as f64, metadata, dht_time() + DONOR_TTL)
+            .await
+            .map_err(averaging_err("declare state"))
+    }
+
+    async fn load_state(&mut self, timeout: Duration) -> Result<Option<PeerState>> {
+        let metadata = match self.averager.load_state_from_peers(timeout).await {
+            Ok(m) => m,
+            Err(colony_averaging::AveragingError::NoStateDonor { tried }) => {
+                tracing::info!(tried, "no state donor");
+                return Ok(None);
+            }
+            Err(e) => return Err(averaging_err("load state")(e)),
+        };
+        let step: u64 =
+            colony_schema::from_msgpack_strict(&metadata).map_err(|e| OptimError::Averaging {
+                operation: "load state",
+                message: e.to_string(),
+            })?;
+        let n = self.num_params;
+        let tensors = self.averager.tensors().await;
+        let buf = &tensors[0];
+        Ok(Some(PeerState {
+            step,
+            params: buf[..n].to_vec(),
+            optimizer_state: buf[2 * n..].to_vec(),
+        }))
+    }
+
+    async fn shutdown(&mut self) {
+        self.averager.shutdown();
+    }
+}
