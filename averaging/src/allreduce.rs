@@ -32,7 +32,7 @@ use tokio::{
 use crate::{
     compression::{Compression, all_finite},
     crypto::{FrameCipher, RoundKeyPair},
-    dataplane::{DataPlane, Incoming},
+    dataplane::{BufferPool, DataPlane, Incoming},
     error::{AveragingError, PeerFault, Result},
     group::{AllreduceConfig, AssembledGroup, AveragingMode, schema_hash},
     load_balancing::load_balance_peers,
@@ -65,9 +65,11 @@ impl SpanResult {
     }
 }
 
-/// What a round produced; apply it with [`RoundOutcome::apply`].
+/// What a round produced; apply it with [`RoundOutcome::apply`]. Its buffers
+/// go back to the data plane's pool when it is dropped.
 #[derive(Debug, Clone)]
 pub struct RoundOutcome {
+    pool: Option<Arc<BufferPool>>,
     /// This peer's position in the group.
     pub my_index: usize,
     /// Elements each member reduced.
@@ -80,6 +82,16 @@ pub struct RoundOutcome {
     pub banned_senders: Vec<(usize, PeerFault)>,
     /// Bytes this peer wrote to the data plane.
     pub bytes_sent: u64,
+}
+
+impl Drop for RoundOutcome {
+    fn drop(&mut self) {
+        if let Some(pool) = self.pool.take() {
+            for s in self.spans.drain(..) {
+                pool.give(s.values);
+            }
+        }
+    }
 }
 
 impl RoundOutcome {
@@ -215,19 +227,20 @@ async fn run_round<T: AsRef<[f32]> + Sync>(
         None
     } else {
         let parts = part_ranges(0..my_span.len(), part_len);
-        let mut red = PartReducer::new(parts.clone(), n);
+        let mut red = PartReducer::with_buffer(parts.clone(), n, plane.take_buffer(my_span.len()));
         for (i, m) in ctx.group.members.iter().enumerate() {
             if !m.mode.is_sender() {
                 red.ban(i);
             }
         }
         if me_sender {
-            let mut scratch = vec![0.0f32; part_len];
             for (p, r) in parts.iter().enumerate() {
                 let flat = my_span.start + r.start..my_span.start + r.end;
-                let buf = &mut scratch[..r.len()];
-                ctx.layout.gather(ctx.tensors, flat, buf);
-                red.accumulate(ctx.me, p, buf, ctx.weight)
+                let pieces = ctx
+                    .layout
+                    .pieces(flat)
+                    .map(|(i, local, _)| &ctx.tensors[i].as_ref()[local]);
+                red.accumulate_pieces(ctx.me, p, pieces, ctx.weight)
                     .map_err(|fault| AveragingError::Peer {
                         peer: ctx.me,
                         fault,
@@ -264,7 +277,7 @@ async fn run_round<T: AsRef<[f32]> + Sync>(
     let send = async {
         let futs: FuturesUnordered<_> = remote_reducers
             .iter()
-            .map(|&r| send_to_reducer(ctx, r))
+            .map(|&r| send_to_reducer(plane, ctx, r))
             .collect();
         futs.collect::<Vec<_>>().await
     };
@@ -320,6 +333,7 @@ async fn run_round<T: AsRef<[f32]> + Sync>(
     }
     spans.sort_by_key(|s| s.span.start);
     Ok(RoundOutcome {
+        pool: Some(plane.pool.clone()),
         my_index: ctx.me,
         span_sizes: Vec::new(),
         spans,
@@ -583,6 +597,7 @@ async fn serve_sender<T: AsRef<[f32]> + Sync>(
 
 /// Stream this peer's parts of reducer `r`'s span and collect the averages.
 async fn send_to_reducer<T: AsRef<[f32]> + Sync>(
+    plane: &DataPlane,
     ctx: &Ctx<'_, T>,
     r: usize,
 ) -> (SpanResult, u64, Option<PeerFault>) {
@@ -592,7 +607,7 @@ async fn send_to_reducer<T: AsRef<[f32]> + Sync>(
         reducer: r,
         span: span.clone(),
         averaged: vec![false; parts.len()],
-        values: vec![0.0; span.len()],
+        values: plane.take_buffer(span.len()),
         parts,
     };
     let mut bytes = 0u64;

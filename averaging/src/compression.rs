@@ -162,6 +162,33 @@ impl Compression {
     }
 }
 
+impl Compression {
+    /// [`Self::decode_into`] that also checks finiteness chunk by chunk while
+    /// the values are hot in cache. Returns `Ok(false)` on NaN/inf.
+    ///
+    /// # Errors
+    /// As [`Self::decode_into`].
+    pub fn decode_into_checked(self, bytes: &[u8], out: &mut [f32]) -> Result<bool> {
+        if bytes.len() != self.encoded_len(out.len()) {
+            return Err(AveragingError::Decode {
+                reason: "encoded length does not match the part size",
+            });
+        }
+        if self == Self::None {
+            let mut ok = true;
+            for (o, b) in out.chunks_mut(4096).zip(bytes.chunks(4 * 4096)) {
+                for (d, s) in o.iter_mut().zip(b.chunks_exact(4)) {
+                    *d = f32::from_le_bytes([s[0], s[1], s[2], s[3]]);
+                }
+                ok &= all_finite(o);
+            }
+            return Ok(ok);
+        }
+        self.decode_into(bytes, out)?;
+        Ok(all_finite(out))
+    }
+}
+
 /// True when every value is finite.
 pub fn all_finite(values: &[f32]) -> bool {
     // Chunked so the compiler vectorises the reduction.

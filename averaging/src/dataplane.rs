@@ -35,11 +35,55 @@ struct Shared {
     registered: Notify,
 }
 
+/// Reusable `f32` buffers, so rounds do not fault in fresh pages every time.
+#[derive(Debug, Default)]
+pub(crate) struct BufferPool {
+    free: Mutex<Vec<Vec<f32>>>,
+}
+
+/// Most buffers kept for reuse.
+const POOL_BUFFERS: usize = 16;
+
+impl BufferPool {
+    /// A buffer of length `n` (contents unspecified).
+    pub(crate) fn take(&self, n: usize) -> Vec<f32> {
+        let found = self.free.lock().ok().and_then(|mut free| {
+            let i = free
+                .iter()
+                .enumerate()
+                .filter(|(_, v)| v.capacity() >= n)
+                .min_by_key(|(_, v)| v.capacity())
+                .map(|(i, _)| i)?;
+            Some(free.swap_remove(i))
+        });
+        let mut v = found.unwrap_or_default();
+        if v.len() >= n {
+            v.truncate(n);
+        } else {
+            v.resize(n, 0.0);
+        }
+        v
+    }
+
+    /// Return a buffer for reuse.
+    pub(crate) fn give(&self, v: Vec<f32>) {
+        if v.capacity() == 0 {
+            return;
+        }
+        if let Ok(mut free) = self.free.lock() {
+            if free.len() < POOL_BUFFERS {
+                free.push(v);
+            }
+        }
+    }
+}
+
 /// A data-plane endpoint. Node and auxiliary peers listen; client-mode peers use
 /// [`DataPlane::client`] and only connect out.
 #[derive(Debug)]
 pub struct DataPlane {
     shared: Arc<Shared>,
+    pub(crate) pool: Arc<BufferPool>,
     local_addr: Option<SocketAddr>,
     accept_task: Option<JoinHandle<()>>,
 }
@@ -92,6 +136,7 @@ impl DataPlane {
         });
         Ok(Self {
             shared,
+            pool: Arc::default(),
             local_addr: Some(local_addr),
             accept_task: Some(accept_task),
         })
@@ -101,6 +146,7 @@ impl DataPlane {
     pub fn client() -> Self {
         Self {
             shared: Arc::new(Shared::default()),
+            pool: Arc::default(),
             local_addr: None,
             accept_task: None,
         }
@@ -109,6 +155,11 @@ impl DataPlane {
     /// The listening address (`None` in client mode).
     pub fn local_addr(&self) -> Option<SocketAddr> {
         self.local_addr
+    }
+
+    /// A scratch buffer of `n` values from the pool.
+    pub(crate) fn take_buffer(&self, n: usize) -> Vec<f32> {
+        self.pool.take(n)
     }
 
     /// Route connections for `group_id` into a channel until the guard drops.

@@ -63,7 +63,7 @@ impl TensorLayout {
     pub fn pieces(
         &self,
         flat: Range<usize>,
-    ) -> impl Iterator<Item = (usize, Range<usize>, Range<usize>)> + '_ {
+    ) -> impl Iterator<Item = (usize, Range<usize>, Range<usize>)> + Clone + '_ {
         self.offsets
             .iter()
             .zip(&self.lengths)

@@ -35,8 +35,18 @@ impl PartReducer {
     /// from 0) and `senders` senders.
     pub fn new(parts: Vec<Range<usize>>, senders: usize) -> Self {
         let len = parts.last().map_or(0, |p| p.end);
+        Self::with_buffer(parts, senders, vec![0.0; len])
+    }
+
+    /// Like [`Self::new`], accumulating into `acc` (resized to the span and
+    /// zeroed), so callers can reuse allocations across rounds.
+    pub fn with_buffer(parts: Vec<Range<usize>>, senders: usize, mut acc: Vec<f32>) -> Self {
+        let len = parts.last().map_or(0, |p| p.end);
+        acc.truncate(len);
+        acc.fill(0.0);
+        acc.resize(len, 0.0);
         Self {
-            acc: vec![0.0; len],
+            acc,
             weight_sum: vec![0.0; parts.len()],
             delivered: vec![0; senders],
             banned: vec![false; senders],
@@ -90,6 +100,39 @@ impl PartReducer {
                 got: len,
             });
         }
+        Ok(())
+    }
+
+    /// Add `weight · values` for `sender`'s next part, given as pieces that
+    /// concatenate to the part (so local tensors need no gathering copy).
+    ///
+    /// # Errors
+    /// As [`Self::accumulate`].
+    pub fn accumulate_pieces<'a>(
+        &mut self,
+        sender: usize,
+        part: usize,
+        pieces: impl Iterator<Item = &'a [f32]> + Clone,
+        weight: f32,
+    ) -> Result<(), PeerFault> {
+        let len: usize = pieces.clone().map(<[f32]>::len).sum();
+        self.check(sender, part, len)?;
+        if !weight.is_finite()
+            || weight < 0.0
+            || !pieces.clone().all(crate::compression::all_finite)
+        {
+            return Err(PeerFault::NonFinite { part });
+        }
+        let mut at = self.parts[part].start;
+        for piece in pieces {
+            let acc = &mut self.acc[at..at + piece.len()];
+            for (a, v) in acc.iter_mut().zip(piece) {
+                *a += weight * v;
+            }
+            at += piece.len();
+        }
+        self.weight_sum[part] += f64::from(weight);
+        self.delivered[sender] += 1;
         Ok(())
     }
 
