@@ -17,7 +17,8 @@ use crate::error::{OptimError, Result};
 /// divides that sum by the number of calls, as the reference does.
 ///
 /// Gradients containing NaN or infinity are refused and not counted, so they never reach
-/// the swarm.
+/// the swarm. The passes over memory are `colony-kernels`' multi-threaded, vectorised CPU
+/// ops (`all_finite`, `accumulate`).
 #[derive(Debug, Clone)]
 pub struct GradAccumulator {
     acc: Option<Vec<f32>>,
@@ -100,14 +101,13 @@ impl GradAccumulator {
             });
         }
         let batch = self.resolve_batch_size(batch_size)?;
-        if !grads.iter().all(|g| g.is_finite()) {
+        if !colony_kernels::cpu::all_finite(grads) {
             return Err(OptimError::NonFiniteGradients { batch_size: batch });
         }
         if let (Some(acc), Some(per_step)) = (self.acc.as_mut(), self.batch_size_per_step) {
             let alpha = batch as f32 / per_step as f32;
-            for (a, g) in acc.iter_mut().zip(grads) {
-                *a += alpha * g;
-            }
+            colony_kernels::cpu::accumulate(acc, grads, alpha)
+                .map_err(|e| OptimError::Kernel(e.to_string()))?;
         }
         self.local_samples = self.local_samples.saturating_add(batch);
         self.local_steps = self.local_steps.saturating_add(1);

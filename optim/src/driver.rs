@@ -21,8 +21,8 @@ use crate::{
     local::LocalOptimizer,
     progress::TrainingProgress,
     tracker::{
-        CollaborationState, LocalProgress, PeerRecord, StepPlan, estimate_collaboration_state,
-        next_local_step, plan_step,
+        CollaborationState, LocalProgress, PeerRecord, StepPlan, catch_up,
+        estimate_collaboration_state, next_local_step, plan_step,
     },
 };
 
@@ -262,7 +262,7 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
     /// # Errors
     /// As [`step`](Self::step).
     pub async fn poll_step(&mut self) -> Result<StepOutcome> {
-        if !self.is_synchronized() {
+        if !self.synchronize() {
             return self.resync().await;
         }
         self.report();
@@ -274,10 +274,24 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
         &mut self.averager
     }
 
-    fn is_synchronized(&self) -> bool {
-        lock(&self.shared)
-            .state
-            .is_synchronized(self.local_step, self.config.step_tolerance)
+    /// Whether this peer may train at the current global step; a peer behind within
+    /// `step_tolerance` jumps to the global step first.
+    fn synchronize(&mut self) -> bool {
+        let global = lock(&self.shared).state.optimizer_step;
+        match catch_up(self.local_step, global, self.config.step_tolerance) {
+            Some(step) => {
+                if step != self.local_step {
+                    tracing::debug!(
+                        from = self.local_step,
+                        to = step,
+                        "catching up with the global step"
+                    );
+                    self.local_step = step;
+                }
+                true
+            }
+            None => false,
+        }
     }
 
     fn report(&self) {
@@ -336,7 +350,7 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
                 reason: "auxiliary peers call step_aux, not step".to_owned(),
             });
         }
-        if !self.is_synchronized() {
+        if !self.synchronize() {
             tracing::info!(local_step = self.local_step, "peer is out of sync");
             return self.resync().await;
         }
@@ -467,7 +481,7 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
         if !self.accumulator.reuses_grad_buffers() {
             self.grads.fill(0.0);
         }
-        self.local_step = next_local_step(self.local_step, state.optimizer_step, group_size > 1);
+        self.local_step = next_local_step(self.local_step, state.optimizer_step);
         lock(&self.shared).state.register_step(self.local_step);
         self.state_updated.notify_one();
         self.report();

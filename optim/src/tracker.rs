@@ -305,14 +305,24 @@ pub fn plan_step(
     }
 }
 
-/// The local step after a global step: a peer that averaged with the swarm joins the
-/// swarm's step (so a peer lagging within tolerance catches up); one that stepped alone
-/// only advances its own counter.
-pub fn next_local_step(local_step: u64, global_step: u64, averaged: bool) -> u64 {
-    if averaged {
-        local_step.max(global_step).saturating_add(1)
+/// The local step after a global step: one past the local step, or the global step if
+/// that is further (a peer that stepped alone after the swarm moved on lands on the
+/// swarm's step rather than behind it). `hivemind.Optimizer` uses the same rule.
+pub fn next_local_step(local_step: u64, global_step: u64) -> u64 {
+    local_step.saturating_add(1).max(global_step)
+}
+
+/// The step a peer should train at: a peer behind the global step by no more than
+/// `tolerance` jumps to it (its accumulated samples then count toward the swarm's current
+/// step instead of being ignored forever, the reference's step-tolerance livelock); one
+/// further behind must load the state instead (`None`).
+pub fn catch_up(local_step: u64, global_step: u64, tolerance: u64) -> Option<u64> {
+    if local_step >= global_step {
+        Some(local_step)
+    } else if local_step.saturating_add(tolerance) >= global_step {
+        Some(global_step)
     } else {
-        local_step.saturating_add(1)
+        None
     }
 }
 

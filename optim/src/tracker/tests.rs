@@ -142,9 +142,16 @@ fn local_peer_behind_within_tolerance_stays_synchronized_and_is_ready() {
     assert!(
         matches!(plan_step(&config(), 5, 0, &s), StepPlan::Average { weight } if weight == 0.0)
     );
-    // After averaging it joins the swarm's step; alone it only advances its own.
-    assert_eq!(next_local_step(5, 6, true), 7);
-    assert_eq!(next_local_step(5, 6, false), 6);
+    // It jumps to the swarm's step, so its samples count there; after the step it is one
+    // past it. Stepping alone behind the swarm lands on the swarm's step.
+    assert_eq!(catch_up(5, 6, 1), Some(6));
+    assert_eq!(catch_up(6, 6, 1), Some(6));
+    assert_eq!(catch_up(7, 6, 1), Some(7));
+    assert_eq!(catch_up(4, 6, 1), None);
+    assert_eq!(catch_up(4, 6, 2), Some(6));
+    assert_eq!(next_local_step(6, 6), 7);
+    assert_eq!(next_local_step(5, 7), 7);
+    assert_eq!(next_local_step(u64::MAX, 0), u64::MAX);
 }
 
 #[test]
