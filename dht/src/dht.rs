@@ -455,7 +455,8 @@ impl Dht {
 /// Listens, dials the initial peers and runs the first lookup, driving the
 /// swarm in place before the node task exists.
 async fn start(node: &mut Node, config: &DhtConfig) -> Result<(), DhtError> {
-    let deadline = tokio::time::Instant::now() + config.bootstrap_timeout;
+    let started = tokio::time::Instant::now();
+    let deadline = started + config.bootstrap_timeout;
     for addr in &config.listen_addrs {
         let id = node
             .swarm
@@ -482,17 +483,16 @@ async fn start(node: &mut Node, config: &DhtConfig) -> Result<(), DhtError> {
             reason: Err(e),
             ..
         } = &event
+            && node.unready_listeners.contains(listener_id)
         {
-            if node.unready_listeners.contains(listener_id) {
-                return Err(DhtError::Listen {
-                    addr: config
-                        .listen_addrs
-                        .first()
-                        .cloned()
-                        .unwrap_or_else(Multiaddr::empty),
-                    reason: e.to_string(),
-                });
-            }
+            return Err(DhtError::Listen {
+                addr: config
+                    .listen_addrs
+                    .first()
+                    .cloned()
+                    .unwrap_or_else(Multiaddr::empty),
+                reason: e.to_string(),
+            });
         }
         node.on_swarm_event(event);
     }
@@ -547,6 +547,10 @@ async fn start(node: &mut Node, config: &DhtConfig) -> Result<(), DhtError> {
         tracing::warn!(tried, "no initial peer answered; starting alone");
         return Ok(());
     }
+    tracing::debug!(
+        elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+        "connected to an initial peer"
+    );
     node.bootstrap_query = Some(node.swarm.behaviour_mut().kad.get_closest_peers(own));
     while node.bootstrap_query.is_some() {
         match next_event(node, deadline).await {
@@ -557,6 +561,10 @@ async fn start(node: &mut Node, config: &DhtConfig) -> Result<(), DhtError> {
             }
         }
     }
+    tracing::debug!(
+        elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+        "bootstrap lookup done"
+    );
     Ok(())
 }
 

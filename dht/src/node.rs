@@ -596,10 +596,10 @@ impl Node {
                         let _ = reply.send(Ok(StoreOutcome { accepted, replicas }));
                     }
                 }
-                QueryResult::GetClosestPeers(_) | QueryResult::Bootstrap(_) => {
-                    if self.bootstrap_query == Some(id) && step.last {
-                        self.bootstrap_query = None;
-                    }
+                QueryResult::GetClosestPeers(_) | QueryResult::Bootstrap(_)
+                    if self.bootstrap_query == Some(id) && step.last =>
+                {
+                    self.bootstrap_query = None;
                 }
                 _ => {}
             },

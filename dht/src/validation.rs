@@ -261,13 +261,13 @@ impl RecordLimits {
                 limit: self.max_key_size,
             });
         }
-        if let Some(subkey) = &record.subkey {
-            if subkey.len() > self.max_key_size {
-                return Err(ValidationError::BadKey {
-                    size: subkey.len(),
-                    limit: self.max_key_size,
-                });
-            }
+        if let Some(subkey) = &record.subkey
+            && subkey.len() > self.max_key_size
+        {
+            return Err(ValidationError::BadKey {
+                size: subkey.len(),
+                limit: self.max_key_size,
+            });
         }
         if record.value.len() > self.max_value_size {
             return Err(ValidationError::ValueTooLarge {

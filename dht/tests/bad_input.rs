@@ -1,5 +1,6 @@
 //! Bad input: every kind is rejected (locally, on storing nodes, and on
 //! readers) with a log line, the nodes keep serving, nothing valid is lost.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

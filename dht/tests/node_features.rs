@@ -1,4 +1,5 @@
 //! Expiration, withdrawal, pub/sub, streams, identity files, shutdown.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! Acceptance: 64 server + 8 client nodes in one process; every node reads
 //! every key; 32 signed subkeys under one key merge for every reader.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

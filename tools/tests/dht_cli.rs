@@ -1,4 +1,5 @@
 //! Multi-process test of `colony dht serve|store|get` on 127.0.0.1.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{
     io::{BufRead, BufReader},

@@ -50,22 +50,23 @@ pub async fn swarm(seed: u64, servers: usize, clients: usize) -> (Vec<Dht>, Vec<
         .await
         .expect("first node");
     let initial = first.listen_addrs();
+    // Start in batches: bootstraps run concurrently, which keeps the 72-node
+    // test short on 2 cores.
     let mut server_nodes = vec![first];
-    for i in 1..servers {
-        server_nodes.push(
-            Dht::new(server_config(seed, i, initial.clone()))
-                .await
-                .expect("server"),
-        );
+    for batch in (1..servers).collect::<Vec<_>>().chunks(8) {
+        let started = futures::future::join_all(
+            batch
+                .iter()
+                .map(|&i| Dht::new(server_config(seed, i, initial.clone()))),
+        )
+        .await;
+        server_nodes.extend(started.into_iter().map(|r| r.expect("server")));
     }
-    let mut client_nodes = Vec::new();
-    for i in 0..clients {
-        client_nodes.push(
-            Dht::new(client_config(seed, servers + i, initial.clone()))
-                .await
-                .expect("client"),
-        );
-    }
+    let started = futures::future::join_all(
+        (0..clients).map(|i| Dht::new(client_config(seed, servers + i, initial.clone()))),
+    )
+    .await;
+    let client_nodes: Vec<Dht> = started.into_iter().map(|r| r.expect("client")).collect();
     (server_nodes, client_nodes)
 }
 
