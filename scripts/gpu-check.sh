@@ -25,26 +25,28 @@ build)
   mkdir -p "$out/tests" "$out/benches" "$out/nvrtc"
   # NVRTC for machines that have only the driver: reuse the wheel nvrtc-check installs.
   NVRTC_CHECK_ONLY_INSTALL=1 scripts/nvrtc-check.sh >/dev/null
-  find "$target/nvrtc-wheel" -name 'libnvrtc*.so*' -exec cp {} "$out/nvrtc/" \;
+  find "$target/nvrtc-wheel" \( -name 'libnvrtc.so.*' -o -name 'libnvrtc-builtins.so.*' \) -exec cp {} "$out/nvrtc/" \;
+  # $1: the target kinds to keep, as JSON (["bench"]); unit tests are ["lib"].
   list_executables() {
-    python3 -c '
-import json, sys
+    KINDS="$1" python3 -c '
+import json, os, sys
+keep = json.loads(os.environ["KINDS"])
 for line in sys.stdin:
     try:
         m = json.loads(line)
     except ValueError:
         continue
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] != ["example"]:
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] in keep:
         print(m["executable"])
 '
   }
   cargo test -p colony-kernels --features cuda --release --no-run --message-format=json |
-    list_executables | while read -r exe; do cp "$exe" "$out/tests/"; done
+    list_executables '[["lib"], ["test"]]' | while read -r exe; do cp "$exe" "$out/tests/"; done
   cargo bench -p colony-kernels --features cuda --no-run --message-format=json |
-    list_executables | while read -r exe; do cp "$exe" "$out/benches/"; done
+    list_executables '[["bench"]]' | while read -r exe; do cp "$exe" "$out/benches/"; done
   cp "$0" "$out/gpu-check.sh"
   tar -C "$(dirname "$out")" -czf "$out.tar.gz" "$(basename "$out")"
-  echo "built: $out ($(ls "$out/tests" | wc -l) test binaries, $(ls "$out/benches" | wc -l) bench binary)"
+  echo "built: $out ($(ls "$out/tests" | wc -l) test binaries, $(ls "$out/benches" | wc -l) bench binaries)"
   echo "copy $out.tar.gz to the GPU machine, unpack, run: ./gpu-check/gpu-check.sh run"
   ;;
 run)
