@@ -355,6 +355,9 @@ async fn serve_span<T: AsRef<[f32]> + Sync>(
     let mut banned: Vec<(usize, PeerFault)> = Vec::new();
     let mut connected = vec![false; ctx.group.members.len()];
     let mut pending = expected.len();
+    // Compressed averages are encoded once and copied into each recipient's
+    // frame (raw f32 "encoding" is already a copy, so it is not cached).
+    let encoded: EncodedCache = Mutex::new(std::collections::HashMap::new());
     let mut handlers = FuturesUnordered::new();
     let mut bytes = 0u64;
     let deadline = tokio::time::Instant::now() + ctx.cfg.sender_timeout;
@@ -384,7 +387,7 @@ async fn serve_span<T: AsRef<[f32]> + Sync>(
                 }
                 connected[s] = true;
                 pending -= 1;
-                handlers.push(serve_sender(ctx, red, tx, inc));
+                handlers.push(serve_sender(ctx, red, tx, &encoded, inc));
             }
             _ = tokio::time::sleep_until(deadline), if accepting => {
                 for &s in expected {
@@ -413,10 +416,13 @@ async fn serve_span<T: AsRef<[f32]> + Sync>(
 }
 
 /// Serve one sender: read its parts into the reducer and stream back averages.
+type EncodedCache = Mutex<std::collections::HashMap<usize, Arc<Vec<u8>>>>;
+
 async fn serve_sender<T: AsRef<[f32]> + Sync>(
     ctx: &Ctx<'_, T>,
     red: &Arc<Mutex<PartReducer>>,
     tx: &watch::Sender<usize>,
+    encoded: &EncodedCache,
     inc: Incoming,
 ) -> (usize, std::result::Result<(), PeerFault>, u64) {
     let s = inc.preamble.sender as usize;
@@ -514,18 +520,20 @@ async fn serve_sender<T: AsRef<[f32]> + Sync>(
                 });
             }
             let len = r.part_len(p);
-            let values: &[f32] = match (compression, bytemuck::try_cast_slice::<u8, f32>(bytes)) {
-                (Compression::None, Ok(v)) => v,
+            match (compression, bytemuck::try_cast_slice::<u8, f32>(bytes)) {
+                (Compression::None, Ok(values)) => r.accumulate(s, index, values, weight)?,
                 _ => {
-                    compression
-                        .decode_into(bytes, &mut scratch[..len])
+                    let finite = compression
+                        .decode_into_checked(bytes, &mut scratch[..len])
                         .map_err(|_| PeerFault::Garbage {
                             reason: "undecodable part",
                         })?;
-                    &scratch[..len]
+                    if !finite {
+                        return Err(PeerFault::NonFinite { part: index });
+                    }
+                    r.accumulate_checked_values(s, index, &scratch[..len], weight)?;
                 }
-            };
-            r.accumulate(s, index, values, weight)?;
+            }
             tx.send_replace(r.advance());
         }
         Ok::<(), PeerFault>(())
@@ -558,9 +566,27 @@ async fn serve_sender<T: AsRef<[f32]> + Sync>(
                     reason: "reducer state poisoned",
                 })?;
                 match r.part(p) {
-                    Some((PartResult::Averaged, values)) => {
+                    Some((PartResult::Averaged, values)) if compression == Compression::None => {
                         wire::begin_frame(&mut frame, Kind::Averaged, p as u32);
                         compression.encode(values, &mut frame);
+                    }
+                    Some((PartResult::Averaged, values)) => {
+                        let cached = encoded.lock().ok().and_then(|c| c.get(&p).cloned());
+                        let bytes = match cached {
+                            Some(b) => b,
+                            None => {
+                                let mut b =
+                                    Vec::with_capacity(compression.encoded_len(values.len()));
+                                compression.encode(values, &mut b);
+                                let b = Arc::new(b);
+                                if let Ok(mut c) = encoded.lock() {
+                                    c.insert(p, b.clone());
+                                }
+                                b
+                            }
+                        };
+                        wire::begin_frame(&mut frame, Kind::Averaged, p as u32);
+                        frame.extend_from_slice(&bytes);
                     }
                     _ => wire::begin_frame(&mut frame, Kind::Empty, p as u32),
                 }

@@ -148,8 +148,23 @@ impl PartReducer {
         values: &[f32],
         weight: f32,
     ) -> Result<(), PeerFault> {
+        if !crate::compression::all_finite(values) {
+            return Err(PeerFault::NonFinite { part });
+        }
+        self.accumulate_checked_values(sender, part, values, weight)
+    }
+
+    /// [`Self::accumulate`] for values the caller has already checked to be
+    /// finite (for example while decoding them).
+    pub(crate) fn accumulate_checked_values(
+        &mut self,
+        sender: usize,
+        part: usize,
+        values: &[f32],
+        weight: f32,
+    ) -> Result<(), PeerFault> {
         self.check(sender, part, values.len())?;
-        if !weight.is_finite() || weight < 0.0 || !crate::compression::all_finite(values) {
+        if !weight.is_finite() || weight < 0.0 {
             return Err(PeerFault::NonFinite { part });
         }
         let range = self.parts[part].clone();
