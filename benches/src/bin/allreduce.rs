@@ -1,0 +1,443 @@
+//! Multi-process butterfly all-reduce benchmark on 127.0.0.1.
+//!
+//! `cargo run --release -p colony-benches --bin allreduce -- --peers 4 --floats 100000000 --rounds 5 [--compression fp16] [--json]`
+//!
+//! The parent spawns `--peers` worker processes and coordinates them over a small
+//! JSON-lines control channel (standing in for the libp2p control plane: it hands
+//! out per-round group ids and X25519 public keys). In the same run it measures
+//! this machine's limit for the round's traffic: every worker streams the same
+//! number of bytes to every other worker at once, over TCP with the same
+//! AES-128-GCM framing, and the aggregate rate A gives the lower bound
+//! `bytes all peers send in a round / A`.
+
+use std::{
+    net::SocketAddr,
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use colony_averaging::{
+    AllreduceConfig, AssembledGroup, AveragingMode, Compression, DataPlane, FrameCipher,
+    GroupMember, RoundKeyPair, TensorLayout, run_allreduce,
+};
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    net::{TcpListener, TcpStream, tcp::OwnedWriteHalf},
+};
+
+#[derive(Parser, Debug, Clone)]
+#[command(about = "Multi-process butterfly all-reduce benchmark")]
+struct Args {
+    /// Number of peer processes.
+    #[arg(long, default_value_t = 4)]
+    peers: usize,
+    /// Floats per peer.
+    #[arg(long, default_value_t = 100_000_000)]
+    floats: usize,
+    /// Timed rounds.
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    /// Wire compression: none, fp16, 8bit.
+    #[arg(long, default_value = "none")]
+    compression: String,
+    /// Part size in bytes on the wire.
+    #[arg(long, default_value_t = 4 << 20)]
+    part_size: usize,
+    /// Print one JSON object instead of lines.
+    #[arg(long)]
+    json: bool,
+    /// Internal: run as worker with this index.
+    #[arg(long, hide = true)]
+    worker: Option<usize>,
+    /// Internal: coordinator address.
+    #[arg(long, hide = true)]
+    coord: Option<SocketAddr>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+enum Msg {
+    Hello { index: usize, data_addr: SocketAddr, stream_addr: SocketAddr },
+    StreamTest { peers: Vec<SocketAddr>, bytes_per_target: u64 },
+    StreamDone { seconds: f64, cpu: f64 },
+    NewRound,
+    RoundKey { key: [u8; 32] },
+    Group { group: AssembledGroup },
+    RoundDone { seconds: f64, cpu: f64, bytes_sent: u64, failed: usize },
+    Verify,
+    Verified { max_abs_err: f64, peak_rss_bytes: u64 },
+}
+
+struct Line {
+    reader: BufReader<tokio::net::tcp::OwnedReadHalf>,
+    writer: OwnedWriteHalf,
+    buf: String,
+}
+
+impl Line {
+    fn new(s: TcpStream) -> Self {
+        let (r, w) = s.into_split();
+        Self { reader: BufReader::new(r), writer: w, buf: String::new() }
+    }
+    async fn send(&mut self, m: &Msg) -> Result<()> {
+        let mut s = serde_json::to_string(m)?;
+        s.push('\n');
+        self.writer.write_all(s.as_bytes()).await?;
+        Ok(())
+    }
+    async fn recv(&mut self) -> Result<Msg> {
+        self.buf.clear();
+        let n = tokio::time::timeout(Duration::from_secs(600), self.reader.read_line(&mut self.buf))
+            .await
+            .context("control channel timed out")??;
+        if n == 0 {
+            bail!("control channel closed");
+        }
+        Ok(serde_json::from_str(&self.buf)?)
+    }
+}
+
+fn value(peer: usize, j: usize) -> f32 {
+    ((j % 1021) as f32) * 0.001 * (peer as f32 + 1.0) + peer as f32
+}
+
+fn weight(peer: usize) -> f32 {
+    peer as f32 + 1.0
+}
+
+fn fill(buf: &mut [f32], peer: usize) {
+    for (j, v) in buf.iter_mut().enumerate() {
+        *v = value(peer, j);
+    }
+}
+
+/// CPU seconds (user + system) this process has used.
+fn cpu_seconds() -> f64 {
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            let rest = s.rsplit_once(')')?.1.to_string();
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let ut: f64 = f.get(11)?.parse().ok()?;
+            let st: f64 = f.get(12)?.parse().ok()?;
+            Some((ut + st) / 100.0)
+        })
+        .unwrap_or(0.0)
+}
+
+fn peak_rss() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+fn config(args: &Args, compression: Compression) -> AllreduceConfig {
+    AllreduceConfig {
+        part_size_bytes: args.part_size,
+        compression,
+        sender_timeout: Duration::from_secs(20),
+        reducer_timeout: Duration::from_secs(40),
+        allreduce_timeout: Duration::from_secs(300),
+        ..AllreduceConfig::default()
+    }
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    match args.worker {
+        Some(i) => rt.block_on(worker(args.clone(), i)),
+        None => rt.block_on(parent(args)),
+    }
+}
+
+async fn worker(args: Args, index: usize) -> Result<()> {
+    let compression = Compression::parse(&args.compression).context("unknown compression")?;
+    let coord = args.coord.context("--coord missing")?;
+    let mut ctl = Line::new(TcpStream::connect(coord).await?);
+    let plane = DataPlane::bind("127.0.0.1:0".parse()?, Duration::from_secs(10)).await?;
+    let data_addr = plane.local_addr().context("no data address")?;
+    let stream_listener = TcpListener::bind("127.0.0.1:0").await?;
+    let stream_addr = stream_listener.local_addr()?;
+    ctl.send(&Msg::Hello { index, data_addr, stream_addr }).await?;
+    let cfg = config(&args, compression);
+    let layout = TensorLayout::new(&[args.floats]);
+    let mut tensors = vec![vec![0.0f32; args.floats]];
+    loop {
+        match ctl.recv().await? {
+            Msg::StreamTest { peers, bytes_per_target } => {
+                let c0 = cpu_seconds();
+                let t = stream_test(index, &stream_listener, &peers, bytes_per_target, &cfg, compression).await?;
+                ctl.send(&Msg::StreamDone { seconds: t, cpu: cpu_seconds() - c0 }).await?;
+            }
+            Msg::NewRound => {
+                fill(&mut tensors[0], index);
+                let keys = RoundKeyPair::generate()?;
+                ctl.send(&Msg::RoundKey { key: keys.public() }).await?;
+                let Msg::Group { group } = ctl.recv().await? else { bail!("expected group") };
+                let start = Instant::now();
+                let c0 = cpu_seconds();
+                let out = run_allreduce(&plane, &group, index, &keys, &layout, &tensors, weight(index), &cfg).await?;
+                out.apply(&layout, &mut tensors, 1.0)?;
+                let seconds = start.elapsed().as_secs_f64();
+                let cpu = cpu_seconds() - c0;
+                ctl.send(&Msg::RoundDone { seconds, cpu, bytes_sent: out.bytes_sent, failed: out.failed_reducers.len() + out.banned_senders.len() })
+                    .await?;
+            }
+            Msg::Verify => {
+                let n = args.peers;
+                let wsum: f64 = (0..n).map(|p| f64::from(weight(p))).sum();
+                let mut err = 0.0f64;
+                for (j, v) in tensors[0].iter().enumerate() {
+                    let exp: f64 = (0..n).map(|p| f64::from(weight(p)) * f64::from(value(p, j))).sum::<f64>() / wsum;
+                    err = err.max((f64::from(*v) - exp).abs());
+                }
+                ctl.send(&Msg::Verified { max_abs_err: err, peak_rss_bytes: peak_rss() }).await?;
+                return Ok(());
+            }
+            other => bail!("unexpected message {other:?}"),
+        }
+    }
+}
+
+/// Every worker streams `bytes_per_target` to every other worker at once, in
+/// sealed frames of the all-reduce's size; returns seconds until this worker has
+/// sent and received everything.
+async fn stream_test(
+    index: usize,
+    listener: &TcpListener,
+    peers: &[SocketAddr],
+    bytes_per_target: u64,
+    cfg: &AllreduceConfig,
+    compression: Compression,
+) -> Result<f64> {
+    let frame_payload = compression.encoded_len(cfg.part_len());
+    let others: Vec<usize> = (0..peers.len()).filter(|&p| p != index).collect();
+    let start = Instant::now();
+    let key = [7u8; 16];
+    let send = futures::future::try_join_all(others.iter().map(|&p| {
+        let addr = peers[p];
+        async move {
+            let mut s = TcpStream::connect(addr).await?;
+            s.set_nodelay(true)?;
+            let mut cipher = FrameCipher::new(&key)?;
+            let src = vec![1u8; frame_payload];
+            let mut frame = Vec::with_capacity(frame_payload + 64);
+            let mut left = bytes_per_target;
+            while left > 0 {
+                let n = (left as usize).min(frame_payload);
+                frame.clear();
+                frame.extend_from_slice(&[0u8; 12]);
+                frame.extend_from_slice(&src[..n]);
+                cipher.seal_frame(&mut frame)?;
+                s.write_all(&frame).await?;
+                left -= n as u64;
+            }
+            anyhow::Ok(())
+        }
+    }));
+    let recv = futures::future::try_join_all(others.iter().map(|_| async {
+        let (mut s, _) = listener.accept().await?;
+        let mut cipher = FrameCipher::new(&key)?;
+        let mut buf = Vec::new();
+        loop {
+            let mut len = [0u8; 4];
+            if s.read_exact(&mut len).await.is_err() {
+                break;
+            }
+            buf.resize(u32::from_le_bytes(len) as usize, 0);
+            s.read_exact(&mut buf).await?;
+            cipher.open_frame(len, &mut buf)?;
+        }
+        anyhow::Ok(())
+    }));
+    tokio::try_join!(send, recv)?;
+    Ok(start.elapsed().as_secs_f64())
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n == 0 {
+        0.0
+    } else if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        0.5 * (v[n / 2 - 1] + v[n / 2])
+    }
+}
+
+async fn parent(args: Args) -> Result<()> {
+    let compression = Compression::parse(&args.compression).context("unknown compression")?;
+    let n = args.peers;
+    if n < 2 {
+        bail!("need at least 2 peers");
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let coord = listener.local_addr()?;
+    let exe = std::env::current_exe()?;
+    let mut children = Vec::new();
+    for i in 0..n {
+        children.push(
+            tokio::process::Command::new(&exe)
+                .args(["--worker", &i.to_string(), "--coord", &coord.to_string()])
+                .args(["--peers", &n.to_string(), "--floats", &args.floats.to_string()])
+                .args(["--compression", &args.compression, "--part-size", &args.part_size.to_string()])
+                .stdin(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()?,
+        );
+    }
+    let mut ctls: Vec<Option<(Line, SocketAddr, SocketAddr)>> = (0..n).map(|_| None).collect();
+    for _ in 0..n {
+        let (s, _) = tokio::time::timeout(Duration::from_secs(60), listener.accept()).await??;
+        let mut l = Line::new(s);
+        let Msg::Hello { index, data_addr, stream_addr } = l.recv().await? else { bail!("expected hello") };
+        ctls[index] = Some((l, data_addr, stream_addr));
+    }
+    let mut ctls: Vec<(Line, SocketAddr, SocketAddr)> = ctls.into_iter().map(|c| c.context("worker missing")).collect::<Result<_>>()?;
+
+    // Bytes one peer sends per round: its parts to the other reducers plus the
+    // averages of its own span back to the other senders: 2 (N-1)/N of the buffer.
+    let per_peer_payload = compression.encoded_len(args.floats) as u64;
+    let bytes_per_target = per_peer_payload * 2 / n as u64;
+
+    // Physical limit: all-to-all sealed streaming, same bytes as a round.
+    let stream_addrs: Vec<SocketAddr> = ctls.iter().map(|c| c.2).collect();
+    let mut stream_times = Vec::new();
+    let mut stream_cpu = f64::INFINITY;
+    for _ in 0..2 {
+        let start = Instant::now();
+        for c in ctls.iter_mut() {
+            c.0.send(&Msg::StreamTest { peers: stream_addrs.clone(), bytes_per_target }).await?;
+        }
+        let mut cpu_sum = 0.0;
+        for c in ctls.iter_mut() {
+            let Msg::StreamDone { cpu, .. } = c.0.recv().await? else { bail!("expected stream done") };
+            cpu_sum += cpu;
+        }
+        stream_cpu = stream_cpu.min(cpu_sum);
+        stream_times.push(start.elapsed().as_secs_f64());
+    }
+    let stream_seconds = stream_times.iter().copied().fold(f64::INFINITY, f64::min);
+    let total_stream_bytes = bytes_per_target * (n as u64) * (n as u64 - 1);
+    let aggregate = total_stream_bytes as f64 / stream_seconds;
+
+    let mut round_secs = Vec::new();
+    let mut round_cpu = Vec::new();
+    let mut bytes_sent = 0u64;
+    let mut failures = 0usize;
+    for _ in 0..args.rounds {
+        let mut members = Vec::new();
+        for (i, c) in ctls.iter_mut().enumerate() {
+            c.0.send(&Msg::NewRound).await?;
+            let Msg::RoundKey { key } = c.0.recv().await? else { bail!("expected key") };
+            members.push(GroupMember {
+                peer_id: vec![i as u8],
+                data_addr: Some(c.1),
+                mode: AveragingMode::Node,
+                bandwidth: None,
+                round_public_key: key,
+            });
+        }
+        let group = AssembledGroup { group_id: rand_group_id(), members };
+        for c in ctls.iter_mut() {
+            c.0.send(&Msg::Group { group: group.clone() }).await?;
+        }
+        let mut worst = 0.0f64;
+        let mut cpu_sum = 0.0;
+        for c in ctls.iter_mut() {
+            let Msg::RoundDone { seconds, cpu, bytes_sent: b, failed } = c.0.recv().await? else { bail!("expected round done") };
+            worst = worst.max(seconds);
+            cpu_sum += cpu;
+            bytes_sent = bytes_sent.max(b);
+            failures += failed;
+        }
+        round_secs.push(worst);
+        round_cpu.push(cpu_sum);
+    }
+    let cpu_per_round = median(&mut round_cpu.clone());
+    let mut max_err = 0.0f64;
+    let mut peak = 0u64;
+    for c in ctls.iter_mut() {
+        c.0.send(&Msg::Verify).await?;
+        let Msg::Verified { max_abs_err, peak_rss_bytes } = c.0.recv().await? else { bail!("expected verified") };
+        max_err = max_err.max(max_abs_err);
+        peak = peak.max(peak_rss_bytes);
+    }
+    for mut c in children {
+        let _ = tokio::time::timeout(Duration::from_secs(30), c.wait()).await;
+    }
+    let all_rounds = round_secs.clone();
+    let spr = median(&mut round_secs);
+    let size_bytes = 4.0 * args.floats as f64;
+    let bus = size_bytes / spr * 2.0 * (n as f64 - 1.0) / n as f64;
+    // Bytes all peers send in a round (payload plus framing, as measured).
+    let round_bytes = (bytes_sent * n as u64) as f64;
+    let lower_bound = round_bytes / aggregate;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "peers": n,
+                "floats": args.floats,
+                "compression": compression.name(),
+                "max_abs_err": max_err,
+                "seconds_per_round": spr,
+                "round_seconds": all_rounds,
+                "bytes_sent_per_peer": bytes_sent,
+                "bus_bandwidth_bytes_per_s": bus,
+                "aggregate_stream_bytes_per_s": aggregate,
+                "lower_bound_seconds": lower_bound,
+                "ratio_to_lower_bound": spr / lower_bound,
+                "peak_rss_bytes": peak,
+                "buffer_bytes": size_bytes,
+                "excluded_peers": failures,
+                "cpu_seconds_per_round_all_peers": cpu_per_round,
+                "cpu_seconds_stream_test_all_peers": stream_cpu,
+                "machine_cores": std::thread::available_parallelism().map_or(0, |n| n.get()),
+            })
+        );
+    } else {
+        println!("peers                         {n}");
+        println!("floats per peer               {}", args.floats);
+        println!("compression                   {}", compression.name());
+        println!("max_abs_err                   {max_err:.3e}");
+        println!("seconds_per_round (median)    {spr:.3}  (all: {all_rounds:.3?})");
+        println!("bytes_sent_per_peer           {bytes_sent}");
+        println!("bus_bandwidth                 {:.3} GB/s", bus / 1e9);
+        println!("aggregate_stream (limit A)    {:.3} GB/s", aggregate / 1e9);
+        println!("lower_bound_seconds           {lower_bound:.3}");
+        println!("ratio to lower bound          {:.2}", spr / lower_bound);
+        println!("peak_rss (largest peer)       {:.1} MB ({:.2}x buffer)", peak as f64 / 1e6, peak as f64 / size_bytes);
+        println!("excluded peers                {failures}");
+        println!("cpu-s per round (all peers)   {cpu_per_round:.3}  (stream test: {stream_cpu:.3})");
+    }
+    if failures > 0 {
+        bail!("{failures} peers were excluded during the benchmark");
+    }
+    if compression == Compression::None && max_err > 1e-5 {
+        bail!("max_abs_err {max_err} exceeds 1e-5");
+    }
+    Ok(())
+}
+
+fn rand_group_id() -> [u8; 32] {
+    let mut id = [0u8; 32];
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    id[..16].copy_from_slice(&t.to_le_bytes());
+    id[16..24].copy_from_slice(&u64::from(std::process::id()).to_le_bytes());
+    id
+}
