@@ -70,10 +70,10 @@ impl BufferPool {
         if v.capacity() == 0 {
             return;
         }
-        if let Ok(mut free) = self.free.lock() {
-            if free.len() < POOL_BUFFERS {
-                free.push(v);
-            }
+        if let Ok(mut free) = self.free.lock()
+            && free.len() < POOL_BUFFERS
+        {
+            free.push(v);
         }
     }
 }
