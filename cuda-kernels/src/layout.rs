@@ -117,15 +117,19 @@ impl Layout {
             tensors.push(TensorEntry { spec, len });
         }
         tensors.sort_by_key(|t| (t.offset(), t.len));
-        for pair in tensors.windows(2) {
-            let (a, b) = (&pair[0], &pair[1]);
-            // Empty tensors own no elements and cannot overlap anything.
-            if !a.is_empty() && !b.is_empty() && b.offset() < a.range().end {
+        // Empty tensors own no elements and cannot overlap anything; compare
+        // each non-empty tensor with the previous non-empty one.
+        let mut prev: Option<&TensorEntry> = None;
+        for b in tensors.iter().filter(|t| !t.is_empty()) {
+            if let Some(a) = prev
+                && b.offset() < a.range().end
+            {
                 return Err(KernelError::OverlappingTensors {
                     first: a.name().to_owned(),
                     second: b.name().to_owned(),
                 });
             }
+            prev = Some(b);
         }
         Ok(Self {
             tensors,
@@ -247,6 +251,20 @@ mod tests {
         assert!(
             matches!(overlap, Err(KernelError::OverlappingTensors { .. })),
             "{overlap:?}"
+        );
+        // An empty tensor between two overlapping ones must not hide the overlap.
+        let hidden = Layout::new(
+            vec![
+                TensorSpec::new("a", [10], 0),
+                TensorSpec::new("e", [0], 4),
+                TensorSpec::new("c", [4], 8),
+            ],
+            32,
+            4,
+        );
+        assert!(
+            matches!(hidden, Err(KernelError::OverlappingTensors { .. })),
+            "{hidden:?}"
         );
         let mis = Layout::new(vec![TensorSpec::new("a", [10], 3)], 32, 4);
         assert!(matches!(
