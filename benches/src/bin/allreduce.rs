@@ -59,15 +59,37 @@ struct Args {
 
 #[derive(Debug, Serialize, Deserialize)]
 enum Msg {
-    Hello { index: usize, data_addr: SocketAddr, stream_addr: SocketAddr },
-    StreamTest { peers: Vec<SocketAddr>, bytes_per_target: u64 },
-    StreamDone { seconds: f64, cpu: f64 },
+    Hello {
+        index: usize,
+        data_addr: SocketAddr,
+        stream_addr: SocketAddr,
+    },
+    StreamTest {
+        peers: Vec<SocketAddr>,
+        bytes_per_target: u64,
+    },
+    StreamDone {
+        seconds: f64,
+        cpu: f64,
+    },
     NewRound,
-    RoundKey { key: [u8; 32] },
-    Group { group: AssembledGroup },
-    RoundDone { seconds: f64, cpu: f64, bytes_sent: u64, failed: usize },
+    RoundKey {
+        key: [u8; 32],
+    },
+    Group {
+        group: AssembledGroup,
+    },
+    RoundDone {
+        seconds: f64,
+        cpu: f64,
+        bytes_sent: u64,
+        failed: usize,
+    },
     Verify,
-    Verified { max_abs_err: f64, peak_rss_bytes: u64 },
+    Verified {
+        max_abs_err: f64,
+        peak_rss_bytes: u64,
+    },
 }
 
 struct Line {
@@ -79,7 +101,11 @@ struct Line {
 impl Line {
     fn new(s: TcpStream) -> Self {
         let (r, w) = s.into_split();
-        Self { reader: BufReader::new(r), writer: w, buf: String::new() }
+        Self {
+            reader: BufReader::new(r),
+            writer: w,
+            buf: String::new(),
+        }
     }
     async fn send(&mut self, m: &Msg) -> Result<()> {
         let mut s = serde_json::to_string(m)?;
@@ -89,9 +115,12 @@ impl Line {
     }
     async fn recv(&mut self) -> Result<Msg> {
         self.buf.clear();
-        let n = tokio::time::timeout(Duration::from_secs(600), self.reader.read_line(&mut self.buf))
-            .await
-            .context("control channel timed out")??;
+        let n = tokio::time::timeout(
+            Duration::from_secs(600),
+            self.reader.read_line(&mut self.buf),
+        )
+        .await
+        .context("control channel timed out")??;
         if n == 0 {
             bail!("control channel closed");
         }
@@ -131,9 +160,11 @@ fn peak_rss() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<u64>().ok())
+            })
         })
         .map_or(0, |kb| kb * 1024)
 }
@@ -169,40 +200,84 @@ async fn worker(args: Args, index: usize) -> Result<()> {
     let data_addr = plane.local_addr().context("no data address")?;
     let stream_listener = TcpListener::bind("127.0.0.1:0").await?;
     let stream_addr = stream_listener.local_addr()?;
-    ctl.send(&Msg::Hello { index, data_addr, stream_addr }).await?;
+    ctl.send(&Msg::Hello {
+        index,
+        data_addr,
+        stream_addr,
+    })
+    .await?;
     let cfg = config(&args, compression);
     let layout = TensorLayout::new(&[args.floats]);
     let mut tensors = vec![vec![0.0f32; args.floats]];
     loop {
         match ctl.recv().await? {
-            Msg::StreamTest { peers, bytes_per_target } => {
+            Msg::StreamTest {
+                peers,
+                bytes_per_target,
+            } => {
                 let c0 = cpu_seconds();
-                let t = stream_test(index, &stream_listener, &peers, bytes_per_target, &cfg, compression).await?;
-                ctl.send(&Msg::StreamDone { seconds: t, cpu: cpu_seconds() - c0 }).await?;
+                let t = stream_test(
+                    index,
+                    &stream_listener,
+                    &peers,
+                    bytes_per_target,
+                    &cfg,
+                    compression,
+                )
+                .await?;
+                ctl.send(&Msg::StreamDone {
+                    seconds: t,
+                    cpu: cpu_seconds() - c0,
+                })
+                .await?;
             }
             Msg::NewRound => {
                 fill(&mut tensors[0], index);
                 let keys = RoundKeyPair::generate()?;
                 ctl.send(&Msg::RoundKey { key: keys.public() }).await?;
-                let Msg::Group { group } = ctl.recv().await? else { bail!("expected group") };
+                let Msg::Group { group } = ctl.recv().await? else {
+                    bail!("expected group")
+                };
                 let start = Instant::now();
                 let c0 = cpu_seconds();
-                let out = run_allreduce(&plane, &group, index, &keys, &layout, &tensors, weight(index), &cfg).await?;
+                let out = run_allreduce(
+                    &plane,
+                    &group,
+                    index,
+                    &keys,
+                    &layout,
+                    &tensors,
+                    weight(index),
+                    &cfg,
+                )
+                .await?;
                 out.apply(&layout, &mut tensors, 1.0)?;
                 let seconds = start.elapsed().as_secs_f64();
                 let cpu = cpu_seconds() - c0;
-                ctl.send(&Msg::RoundDone { seconds, cpu, bytes_sent: out.bytes_sent, failed: out.failed_reducers.len() + out.banned_senders.len() })
-                    .await?;
+                ctl.send(&Msg::RoundDone {
+                    seconds,
+                    cpu,
+                    bytes_sent: out.bytes_sent,
+                    failed: out.failed_reducers.len() + out.banned_senders.len(),
+                })
+                .await?;
             }
             Msg::Verify => {
                 let n = args.peers;
                 let wsum: f64 = (0..n).map(|p| f64::from(weight(p))).sum();
                 let mut err = 0.0f64;
                 for (j, v) in tensors[0].iter().enumerate() {
-                    let exp: f64 = (0..n).map(|p| f64::from(weight(p)) * f64::from(value(p, j))).sum::<f64>() / wsum;
+                    let exp: f64 = (0..n)
+                        .map(|p| f64::from(weight(p)) * f64::from(value(p, j)))
+                        .sum::<f64>()
+                        / wsum;
                     err = err.max((f64::from(*v) - exp).abs());
                 }
-                ctl.send(&Msg::Verified { max_abs_err: err, peak_rss_bytes: peak_rss() }).await?;
+                ctl.send(&Msg::Verified {
+                    max_abs_err: err,
+                    peak_rss_bytes: peak_rss(),
+                })
+                .await?;
                 return Ok(());
             }
             other => bail!("unexpected message {other:?}"),
@@ -291,8 +366,18 @@ async fn parent(args: Args) -> Result<()> {
         children.push(
             tokio::process::Command::new(&exe)
                 .args(["--worker", &i.to_string(), "--coord", &coord.to_string()])
-                .args(["--peers", &n.to_string(), "--floats", &args.floats.to_string()])
-                .args(["--compression", &args.compression, "--part-size", &args.part_size.to_string()])
+                .args([
+                    "--peers",
+                    &n.to_string(),
+                    "--floats",
+                    &args.floats.to_string(),
+                ])
+                .args([
+                    "--compression",
+                    &args.compression,
+                    "--part-size",
+                    &args.part_size.to_string(),
+                ])
                 .stdin(Stdio::null())
                 .kill_on_drop(true)
                 .spawn()?,
@@ -302,10 +387,20 @@ async fn parent(args: Args) -> Result<()> {
     for _ in 0..n {
         let (s, _) = tokio::time::timeout(Duration::from_secs(60), listener.accept()).await??;
         let mut l = Line::new(s);
-        let Msg::Hello { index, data_addr, stream_addr } = l.recv().await? else { bail!("expected hello") };
+        let Msg::Hello {
+            index,
+            data_addr,
+            stream_addr,
+        } = l.recv().await?
+        else {
+            bail!("expected hello")
+        };
         ctls[index] = Some((l, data_addr, stream_addr));
     }
-    let mut ctls: Vec<(Line, SocketAddr, SocketAddr)> = ctls.into_iter().map(|c| c.context("worker missing")).collect::<Result<_>>()?;
+    let mut ctls: Vec<(Line, SocketAddr, SocketAddr)> = ctls
+        .into_iter()
+        .map(|c| c.context("worker missing"))
+        .collect::<Result<_>>()?;
 
     // Bytes one peer sends per round: its parts to the other reducers plus the
     // averages of its own span back to the other senders: 2 (N-1)/N of the buffer.
@@ -319,11 +414,17 @@ async fn parent(args: Args) -> Result<()> {
     for _ in 0..2 {
         let start = Instant::now();
         for c in ctls.iter_mut() {
-            c.0.send(&Msg::StreamTest { peers: stream_addrs.clone(), bytes_per_target }).await?;
+            c.0.send(&Msg::StreamTest {
+                peers: stream_addrs.clone(),
+                bytes_per_target,
+            })
+            .await?;
         }
         let mut cpu_sum = 0.0;
         for c in ctls.iter_mut() {
-            let Msg::StreamDone { cpu, .. } = c.0.recv().await? else { bail!("expected stream done") };
+            let Msg::StreamDone { cpu, .. } = c.0.recv().await? else {
+                bail!("expected stream done")
+            };
             cpu_sum += cpu;
         }
         stream_cpu = stream_cpu.min(cpu_sum);
@@ -341,7 +442,9 @@ async fn parent(args: Args) -> Result<()> {
         let mut members = Vec::new();
         for (i, c) in ctls.iter_mut().enumerate() {
             c.0.send(&Msg::NewRound).await?;
-            let Msg::RoundKey { key } = c.0.recv().await? else { bail!("expected key") };
+            let Msg::RoundKey { key } = c.0.recv().await? else {
+                bail!("expected key")
+            };
             members.push(GroupMember {
                 peer_id: vec![i as u8],
                 data_addr: Some(c.1),
@@ -350,14 +453,28 @@ async fn parent(args: Args) -> Result<()> {
                 round_public_key: key,
             });
         }
-        let group = AssembledGroup { group_id: rand_group_id(), members };
+        let group = AssembledGroup {
+            group_id: rand_group_id(),
+            members,
+        };
         for c in ctls.iter_mut() {
-            c.0.send(&Msg::Group { group: group.clone() }).await?;
+            c.0.send(&Msg::Group {
+                group: group.clone(),
+            })
+            .await?;
         }
         let mut worst = 0.0f64;
         let mut cpu_sum = 0.0;
         for c in ctls.iter_mut() {
-            let Msg::RoundDone { seconds, cpu, bytes_sent: b, failed } = c.0.recv().await? else { bail!("expected round done") };
+            let Msg::RoundDone {
+                seconds,
+                cpu,
+                bytes_sent: b,
+                failed,
+            } = c.0.recv().await?
+            else {
+                bail!("expected round done")
+            };
             worst = worst.max(seconds);
             cpu_sum += cpu;
             bytes_sent = bytes_sent.max(b);
@@ -371,7 +488,13 @@ async fn parent(args: Args) -> Result<()> {
     let mut peak = 0u64;
     for c in ctls.iter_mut() {
         c.0.send(&Msg::Verify).await?;
-        let Msg::Verified { max_abs_err, peak_rss_bytes } = c.0.recv().await? else { bail!("expected verified") };
+        let Msg::Verified {
+            max_abs_err,
+            peak_rss_bytes,
+        } = c.0.recv().await?
+        else {
+            bail!("expected verified")
+        };
         max_err = max_err.max(max_abs_err);
         peak = peak.max(peak_rss_bytes);
     }
@@ -419,9 +542,15 @@ async fn parent(args: Args) -> Result<()> {
         println!("aggregate_stream (limit A)    {:.3} GB/s", aggregate / 1e9);
         println!("lower_bound_seconds           {lower_bound:.3}");
         println!("ratio to lower bound          {:.2}", spr / lower_bound);
-        println!("peak_rss (largest peer)       {:.1} MB ({:.2}x buffer)", peak as f64 / 1e6, peak as f64 / size_bytes);
+        println!(
+            "peak_rss (largest peer)       {:.1} MB ({:.2}x buffer)",
+            peak as f64 / 1e6,
+            peak as f64 / size_bytes
+        );
         println!("excluded peers                {failures}");
-        println!("cpu-s per round (all peers)   {cpu_per_round:.3}  (stream test: {stream_cpu:.3})");
+        println!(
+            "cpu-s per round (all peers)   {cpu_per_round:.3}  (stream test: {stream_cpu:.3})"
+        );
     }
     if failures > 0 {
         bail!("{failures} peers were excluded during the benchmark");
