@@ -8,7 +8,7 @@ use std::{
 };
 
 use colony_dht::{Dht, DhtConfig, IdentitySource, dht_time};
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{Criterion, Throughput, criterion_main};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -138,5 +138,8 @@ fn bench_dht(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, bench_dht);
-criterion_main!(benches);
+#[allow(missing_docs)]
+mod harness {
+    criterion::criterion_group!(benches, super::bench_dht);
+}
+criterion_main!(harness::benches);
