@@ -72,3 +72,67 @@ impl RecordValidator for SchemaRecordValidator {
         self
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::BTreeMap, sync::Arc};
+
+    use colony_schema::{OwnerKey, to_msgpack};
+    use serde::{Deserialize, Serialize};
+    use validator::Validate;
+
+    use super::*;
+    use crate::{CompositeValidator, Ed25519SignatureValidator};
+
+    #[derive(Debug, Default, Serialize, Deserialize, Validate)]
+    #[serde(default, deny_unknown_fields)]
+    struct A {
+        progress: BTreeMap<OwnerKey, Option<u64>>,
+    }
+
+    #[derive(Debug, Default, Serialize, Deserialize, Validate)]
+    #[serde(default, deny_unknown_fields)]
+    struct B {
+        step: Option<u64>,
+    }
+
+    #[test]
+    fn runs_after_signatures_on_stripped_values_and_merges() {
+        let signer = Ed25519SignatureValidator::new(&[3; 32]);
+        let mut pipeline = CompositeValidator::new();
+        pipeline.extend(Arc::new(SchemaRecordValidator::new(
+            SchemaValidator::for_schema::<A>(Some("run")).unwrap(),
+        )));
+        pipeline.extend(Arc::new(Ed25519SignatureValidator::new(&[3; 32])));
+        pipeline.extend(Arc::new(SchemaRecordValidator::new(
+            SchemaValidator::for_schema::<B>(Some("run")).unwrap(),
+        )));
+        assert_eq!(pipeline.len(), 2, "schemas merged, one signature validator");
+
+        let mut record = DhtRecord {
+            key: b"run_progress".to_vec(),
+            subkey: Some(signer.owner_marker()),
+            value: to_msgpack(&7u64).unwrap(),
+            expiration: 1e9,
+        };
+        record.value = pipeline.sign_value(&record).unwrap();
+        pipeline.validate(&record).unwrap();
+        assert_eq!(pipeline.strip_value(&record), to_msgpack(&7u64).unwrap());
+
+        let step = DhtRecord {
+            key: b"run_step".to_vec(),
+            subkey: None,
+            value: to_msgpack(&"seven").unwrap(),
+            expiration: 1e9,
+        };
+        assert!(matches!(
+            pipeline.validate(&step),
+            Err(ValidationError::Schema(_))
+        ));
+        let step = DhtRecord {
+            value: to_msgpack(&7u64).unwrap(),
+            ..step
+        };
+        pipeline.validate(&step).unwrap();
+    }
+}
