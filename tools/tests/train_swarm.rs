@@ -25,25 +25,14 @@ impl Drop for Peer {
 }
 
 fn train(run: &str, extra: &[&str]) -> Peer {
+    train_until(run, "100000", extra)
+}
+
+fn train_until(run: &str, max_steps: &str, extra: &[&str]) -> Peer {
     let mut child = Command::new(BIN)
-        .args([
-            "train",
-            "--json",
-            "--run-id",
-            run,
-            "--max-steps",
-            "100000",
-            "--target-accuracy",
-            "2",
-        ])
-        .args([
-            "--target-batch-size",
-            "128",
-            "--compute-ms",
-            "5",
-            "--max-seconds",
-            "120",
-        ])
+        .args(["train", "--json", "--run-id", run, "--max-steps", max_steps])
+        .args(["--target-accuracy", "2", "--target-batch-size", "128", "--compute-ms", "5"])
+        .args(["--max-seconds", "150", "--matchmaking-time", "0.5"])
         .args(extra)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
@@ -161,4 +150,29 @@ fn a_client_peer_contributes_samples_and_the_monitor_sees_it() {
         );
     }
     a.step_at_least(2, Duration::from_secs(60));
+}
+
+#[test]
+fn a_late_joiner_loads_the_state_and_then_steps_in_sync() {
+    let run = "latetest";
+    let a = train_until(run, "14", &["--shard", "0/3"]);
+    let addr = a.addr();
+    let b = train_until(run, "14", &["--shard", "1/3", "--initial-peers", &addr]);
+    a.step_at_least(5, Duration::from_secs(120));
+    let late = train_until(run, "14", &["--shard", "2/3", "--initial-peers", &addr]);
+    // Its first global step is the download of the swarm's state (step >= 5).
+    let first = late.wait_for("first step", Duration::from_secs(60), |v| {
+        v["event"] == "progress" && v["step"].as_u64().is_some_and(|s| s > 0)
+    });
+    assert!(first["step"].as_u64().unwrap_or(0) >= 5, "{first}");
+    let done = |p: &Peer| p.wait_for("done", Duration::from_secs(120), |v| v["event"] == "done");
+    let (da, db, dl) = (done(&a), done(&b), done(&late));
+    for d in [&da, &db, &dl] {
+        assert_eq!(d["step"], 14, "{d}");
+    }
+    assert_eq!(
+        da["hash"], dl["hash"],
+        "the late joiner holds the swarm's parameters"
+    );
+    assert_eq!(da["hash"], db["hash"]);
 }
