@@ -85,19 +85,17 @@ impl Compression {
         match self {
             Self::None => out.extend_from_slice(bytemuck::cast_slice(values)),
             Self::Float16 => {
-                let start = out.len();
-                out.resize(start + 2 * values.len(), 0);
+                out.reserve(2 * values.len());
                 let mut clamped = [0.0f32; 1024];
                 let mut halves = [f16::ZERO; 1024];
-                for (i, chunk) in values.chunks(1024).enumerate() {
+                for chunk in values.chunks(1024) {
                     let c = &mut clamped[..chunk.len()];
                     for (d, s) in c.iter_mut().zip(chunk) {
                         *d = s.clamp(-65504.0, 65504.0);
                     }
                     let h = &mut halves[..chunk.len()];
                     h.convert_from_f32_slice(c);
-                    let at = start + 2 * 1024 * i;
-                    out[at..at + 2 * chunk.len()].copy_from_slice(bytemuck::cast_slice(h));
+                    out.extend_from_slice(bytemuck::cast_slice(h));
                 }
             }
             Self::Blockwise8Bit => {
@@ -137,13 +135,17 @@ impl Compression {
                 }
             }
             Self::Float16 => {
-                let mut halves = [f16::ZERO; 1024];
-                for (o, src) in out.chunks_mut(1024).zip(bytes.chunks(2048)) {
-                    let h = &mut halves[..o.len()];
-                    for (d, s) in h.iter_mut().zip(src.chunks_exact(2)) {
-                        *d = f16::from_bits(u16::from_le_bytes([s[0], s[1]]));
+                if let Ok(halves) = bytemuck::try_cast_slice::<u8, f16>(bytes) {
+                    halves.convert_to_f32_slice(out);
+                } else {
+                    let mut halves = [f16::ZERO; 1024];
+                    for (o, src) in out.chunks_mut(1024).zip(bytes.chunks(2048)) {
+                        let h = &mut halves[..o.len()];
+                        for (d, s) in h.iter_mut().zip(src.chunks_exact(2)) {
+                            *d = f16::from_bits(u16::from_le_bytes([s[0], s[1]]));
+                        }
+                        h.convert_to_f32_slice(o);
                     }
-                    h.convert_to_f32_slice(o);
                 }
             }
             Self::Blockwise8Bit => {
@@ -173,6 +175,16 @@ impl Compression {
             return Err(AveragingError::Decode {
                 reason: "encoded length does not match the part size",
             });
+        }
+        if self == Self::Float16
+            && let Ok(halves) = bytemuck::try_cast_slice::<u8, f16>(bytes)
+        {
+            let mut ok = true;
+            for (o, h) in out.chunks_mut(4096).zip(halves.chunks(4096)) {
+                h.convert_to_f32_slice(o);
+                ok &= all_finite(o);
+            }
+            return Ok(ok);
         }
         if self == Self::None {
             let mut ok = true;

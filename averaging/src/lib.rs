@@ -38,3 +38,7 @@ pub use reducer::{PartReducer, PartResult};
 
 #[cfg(test)]
 mod tests;
+
+// Tensor bytes go on the wire in host order through zero-copy casts.
+#[cfg(target_endian = "big")]
+compile_error!("colony-averaging's wire format assumes a little-endian host");
