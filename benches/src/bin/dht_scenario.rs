@@ -39,6 +39,12 @@ struct Args {
     /// Fraction of peers killed midway (after the stores of the middle round).
     #[arg(long, default_value_t = 0.1)]
     failure_rate: f64,
+    /// Kademlia replication factor `k`.
+    #[arg(long, default_value_t = DhtConfig::default().replication)]
+    replication: usize,
+    /// Kademlia lookup parallelism `alpha`.
+    #[arg(long, default_value_t = DhtConfig::default().parallelism)]
+    parallelism: usize,
     /// Random seed.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -96,6 +102,8 @@ async fn main() -> anyhow::Result<()> {
         let config = DhtConfig {
             initial_peers: initial,
             identity: IdentitySource::Secret(secret(&mut rng)),
+            replication: args.replication,
+            parallelism: args.parallelism,
             ..DhtConfig::default()
         };
         peers.push(
@@ -180,8 +188,15 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     println!(
-        "peers {}, rounds {}, store peers {}, get peers {}, latest {}, failure rate {}",
-        args.peers, args.rounds, args.store_peers, args.get_peers, args.latest, args.failure_rate
+        "peers {}, rounds {}, store peers {}, get peers {}, latest {}, failure rate {}, k {}, alpha {}",
+        args.peers,
+        args.rounds,
+        args.store_peers,
+        args.get_peers,
+        args.latest,
+        args.failure_rate,
+        args.replication,
+        args.parallelism
     );
     stores.report("store");
     gets.report("get (no peers killed)");
