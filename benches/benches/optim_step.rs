@@ -68,8 +68,15 @@ struct InstantAverager {
 
 impl SwarmAverager for InstantAverager {
     async fn average(&mut self, _: &mut [f32], _: f64, _: u64, _: Duration) -> Result<usize> {
-        if let Some(b) = &self.barrier {
-            b.wait().await;
+        if let Some(b) = &self.barrier
+            && tokio::time::timeout(Duration::from_secs(10), b.wait())
+                .await
+                .is_err()
+        {
+            return Err(colony_optim::OptimError::Averaging {
+                operation: "bench round",
+                message: "peers missing".into(),
+            });
         }
         Ok(self.group)
     }
@@ -202,58 +209,60 @@ async fn swarm(peers: usize, target: u64) -> (Vec<Dht>, Vec<Peer>) {
     (dhts, opts)
 }
 
-/// One global step: peers 1.. contribute first; peer 0's call completes the target.
-/// Returns the time from that call to the last peer having stepped.
+/// One global step, peers running concurrently: peers 1.. contribute first (a peer may
+/// already enter the round on its ETA and wait there, as in a real swarm); peer 0's call
+/// completes the target. Returns the time from that call to the last peer having stepped.
 async fn one_round(opts: Vec<Peer>) -> (Vec<Peer>, Duration) {
-    let mut opts = opts;
-    for opt in opts.iter_mut().skip(1) {
-        opt.step(None).await.expect("step");
-    }
-    // Let the first contributions reach the DHT so that peer 0's call is the one that
-    // completes the target (not part of the measured latency).
-    for _ in 0..500 {
-        let s = opts[0].collaboration_state();
-        if s.samples_accumulated + opts[0].config().batch_size_per_step.unwrap_or(0)
-            >= s.target_batch_size
-        {
-            break;
-        }
-        opts[0].state_changed(Duration::from_millis(20)).await;
-    }
     let step = opts[0].local_step();
-    let start = Instant::now();
+    let start: Arc<std::sync::OnceLock<Instant>> = Arc::default();
     let tasks: Vec<_> = opts
         .into_iter()
         .enumerate()
         .map(|(i, mut opt)| {
+            let start = start.clone();
             tokio::spawn(async move {
                 let mut outcome = if i == 0 {
+                    // Wait (bounded) until the others' samples are visible, so that this
+                    // call is the one that completes the target.
+                    for _ in 0..500 {
+                        let s = opt.collaboration_state();
+                        let mine = opt.config().batch_size_per_step.unwrap_or(0);
+                        if s.samples_accumulated + mine >= s.target_batch_size {
+                            break;
+                        }
+                        opt.state_changed(Duration::from_millis(20)).await;
+                    }
+                    let _ = start.set(Instant::now());
                     opt.step(None).await
                 } else {
-                    opt.poll_step().await
+                    opt.step(None).await
                 }
                 .expect("step");
-                let deadline = Instant::now() + Duration::from_secs(10);
+                let deadline = Instant::now() + Duration::from_secs(20);
                 while !matches!(outcome, StepOutcome::Stepped { .. }) && Instant::now() < deadline {
                     opt.state_changed(Duration::from_millis(5)).await;
                     outcome = opt.poll_step().await.expect("poll");
                 }
-                (opt, start.elapsed())
+                (opt, Instant::now())
             })
         })
         .collect();
     let mut opts = Vec::new();
-    let mut latency = Duration::ZERO;
+    let mut last = None::<Instant>;
     for t in tasks {
-        let (opt, elapsed) = t.await.expect("peer task");
-        latency = latency.max(elapsed);
+        let (opt, finished) = t.await.expect("peer task");
+        last = Some(last.map_or(finished, |l| l.max(finished)));
         opts.push(opt);
     }
     assert!(
         opts.iter().all(|o| o.local_step() == step + 1),
         "every peer stepped"
     );
-    (opts, latency)
+    let start = start.get().copied().unwrap_or_else(Instant::now);
+    (
+        opts,
+        last.map_or(Duration::ZERO, |l| l.saturating_duration_since(start)),
+    )
 }
 
 fn step_latency(c: &mut Criterion) {

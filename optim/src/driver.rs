@@ -515,12 +515,14 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
                 reason: "only auxiliary peers call step_aux".to_owned(),
             });
         }
+        // An auxiliary peer has no state to keep in sync: it simply follows the global step,
+        // and helps when the swarm (not itself) is about to step.
+        let global = lock(&self.shared).state.optimizer_step;
+        self.local_step = self.local_step.max(global);
         let now = self.board.now();
-        // The cached estimate may predate this peer's latest samples.
-        let ready = self.accumulator.local_samples() >= self.config.target_batch_size
-            || lock(&self.shared)
-                .state
-                .ready_for_step(self.local_step, now);
+        let ready = lock(&self.shared)
+            .state
+            .ready_for_step(self.local_step, now);
         if !ready {
             return Ok(StepOutcome::Accumulated);
         }
@@ -538,7 +540,13 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
                 1
             }
         };
-        self.local_step = step.saturating_add(1);
+        // Only a round that happened moves the auxiliary peer on: it never runs ahead of
+        // the swarm (the reference advanced it even when no group formed).
+        self.local_step = if group_size > 1 {
+            next_local_step(step, state.optimizer_step)
+        } else {
+            step
+        };
         lock(&self.shared).state.register_step(self.local_step);
         self.state_updated.notify_one();
         Ok(StepOutcome::Stepped {

@@ -186,3 +186,44 @@ async fn goodbye_removes_a_peer_and_clients_contribute_samples() {
     }
     assert!(gone, "the goodbye removed the client at once");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_auxiliary_peer_follows_the_swarm_and_assists_when_it_is_ready() {
+    let swarm = Swarm::new(1);
+    let mut a = swarm.peer("a", config(8), vec![0.0; 2]).await;
+    let mut aux_config = config(8);
+    aux_config.auxiliary = true;
+    let mut aux = swarm.peer("aux", aux_config, vec![0.0; 2]).await;
+    assert!(matches!(
+        aux.step(Some(1)).await,
+        Err(OptimError::InvalidConfig { .. })
+    ));
+    assert!(matches!(
+        a.step_aux().await,
+        Err(OptimError::InvalidConfig { .. })
+    ));
+    // Nothing accumulated yet: the auxiliary peer waits.
+    assert_eq!(aux.step_aux().await.unwrap(), StepOutcome::Accumulated);
+    // The trainer accumulates most of the target; once the auxiliary peer sees it
+    // reached (ETA passed or samples at the target), it assists and moves on.
+    a.grads_mut().copy_from_slice(&[1.0, 1.0]);
+    assert_eq!(a.step(Some(4)).await.unwrap(), StepOutcome::Accumulated);
+    a.grads_mut().copy_from_slice(&[1.0, 1.0]);
+    assert_eq!(
+        a.step(Some(4)).await.unwrap(),
+        StepOutcome::Stepped {
+            step: 1,
+            group_size: 1
+        }
+    );
+    let mut outcome = StepOutcome::Accumulated;
+    for _ in 0..200 {
+        aux.state_changed(Duration::from_millis(50)).await;
+        outcome = aux.step_aux().await.unwrap();
+        if aux.local_step() >= 1 {
+            break;
+        }
+    }
+    // It followed the swarm to step 1 (and never ran ahead of it).
+    assert_eq!(aux.local_step(), 1, "{outcome:?}");
+}
