@@ -499,7 +499,8 @@ fn my_member(inner: &Inner, keys: &RoundKeyPair) -> GroupMember {
 
 async fn declare(inner: &Inner, key: &str, expiration: f64, active: bool) -> Result<()> {
     let value = if active {
-        rmp_serde::to_vec(&serde_bytes::Bytes::new(&inner.peer_id)).map_err(|_| {
+        let client = inner.cfg.mode == AveragingMode::Client;
+        rmp_serde::to_vec(&(serde_bytes::Bytes::new(&inner.peer_id), client)).map_err(|_| {
             AveragingError::Decode {
                 reason: "cannot encode declaration",
             }
@@ -526,10 +527,12 @@ async fn declared_averagers(inner: &Inner, key: &str) -> Vec<Declared> {
     };
     d.values()
         .filter_map(|v| {
-            let peer = rmp_serde::from_slice::<serde_bytes::ByteBuf>(&v.value).ok()?;
+            let (peer, client_mode) =
+                rmp_serde::from_slice::<(serde_bytes::ByteBuf, bool)>(&v.value).ok()?;
             Some(Declared {
                 peer_id: peer.into_vec(),
                 expiration: v.expiration,
+                client_mode,
             })
         })
         .collect()
@@ -637,15 +640,17 @@ async fn matchmake(
             .lock()
             .map(|m| !m.followers.is_empty())
             .unwrap_or(false);
-        if !has_followers && cfg.mode != AveragingMode::Aux || cfg.mode == AveragingMode::Client {
+        if !has_followers {
             let mine = Declared {
                 peer_id: inner.peer_id.clone(),
                 expiration,
+                client_mode: cfg.mode == AveragingMode::Client,
             };
             let all = declared_averagers(inner, &key).await;
             if let Some(leader) = leader_candidates(&mine, &all, &tried).into_iter().next() {
                 tried.push((leader.peer_id.clone(), leader.expiration));
-                match follow(inner, &me, &key, expiration, &leader.peer_id, 2).await {
+                let wait_until = expiration.max(leader.expiration);
+                match follow(inner, &me, &key, expiration, wait_until, &leader.peer_id, 2).await {
                     Ok(group) => break Ok(group),
                     Err(e) => {
                         tracing::debug!(error = %e, "join attempt failed");
@@ -671,6 +676,7 @@ async fn follow(
     me: &GroupMember,
     key: &str,
     expiration: f64,
+    wait_until: f64,
     leader: &[u8],
     redirects_left: usize,
 ) -> Result<AssembledGroup> {
@@ -724,6 +730,7 @@ async fn follow(
                 me,
                 key,
                 expiration,
+                wait_until,
                 &next,
                 redirects_left - 1,
             ))
@@ -758,7 +765,7 @@ async fn follow(
         )
         .await;
     }
-    let wait = Duration::from_secs_f64((expiration - dht_time()).max(0.0)) + cfg.request_timeout;
+    let wait = Duration::from_secs_f64((wait_until - dht_time()).max(0.0)) + cfg.request_timeout;
     let msg = control::recv(&mut s, wait).await;
     if let Ok(mut m) = inner.matching.lock() {
         m.following = None;
@@ -781,6 +788,7 @@ async fn follow(
                 me,
                 key,
                 expiration,
+                wait_until,
                 &next,
                 redirects_left - 1,
             ))

@@ -10,10 +10,15 @@ pub struct Declared {
     pub peer_id: Vec<u8>,
     /// Declared expiration (absolute DHT time).
     pub expiration: f64,
+    /// Client-mode peers never lead; they may ask any leader.
+    #[serde(default)]
+    pub client_mode: bool,
 }
 
-/// Peers this peer may ask to lead it: those with a smaller `(expiration, peer id)`
-/// than its own, best first; `already_tried` `(peer, expiration)` pairs are skipped.
+/// Peers this peer may ask to lead it: non-client peers with a smaller
+/// `(expiration, peer id)` than its own, best first; `already_tried`
+/// `(peer, expiration)` pairs are skipped. A client never leads, so it may ask
+/// any non-client peer without risking a cycle.
 pub fn leader_candidates(
     me: &Declared,
     declared: &[Declared],
@@ -23,10 +28,10 @@ pub fn leader_candidates(
     let mine = key(me);
     let mut out: Vec<Declared> = declared
         .iter()
-        .filter(|d| d.peer_id != me.peer_id)
+        .filter(|d| d.peer_id != me.peer_id && !d.client_mode)
         .filter(|d| {
             let k = key(d);
-            k.0 < mine.0 || (k.0 == mine.0 && k.1 < mine.1)
+            me.client_mode || k.0 < mine.0 || (k.0 == mine.0 && k.1 < mine.1)
         })
         .filter(|d| {
             !already_tried
@@ -121,7 +126,9 @@ pub fn decide_join(view: &LeaderView<'_>, req: &JoinRequest) -> JoinCode {
     let Some(my_exp) = view.declared_expiration else {
         return JoinCode::NotDeclared;
     };
-    if my_exp > req.expiration {
+    // A client never leads, so it cannot form a cycle: it may join a leader
+    // whose deadline is later than its own (it waits for that deadline).
+    if my_exp > req.expiration && !req.client_mode {
         return JoinCode::BadExpirationTime;
     }
     if view.following.is_some() {
@@ -165,6 +172,7 @@ mod tests {
         Declared {
             peer_id: vec![id],
             expiration: e,
+            client_mode: false,
         }
     }
 
@@ -178,6 +186,13 @@ mod tests {
         assert_eq!(c, vec![d(2, 10.0)]);
         // Two peers never ask each other: the order is total.
         assert!(leader_candidates(&d(2, 10.0), &[d(5, 10.0)], &[]).is_empty());
+        // Clients are never asked, and ask anyone.
+        let client = Declared {
+            client_mode: true,
+            ..d(0, 1.0)
+        };
+        assert!(leader_candidates(&d(5, 10.0), std::slice::from_ref(&client), &[]).is_empty());
+        assert_eq!(leader_candidates(&client, &all, &[]).len(), all.len());
     }
 
     #[test]

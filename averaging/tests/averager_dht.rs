@@ -213,3 +213,59 @@ async fn alone_is_no_group_and_late_joiner_copies_state() {
     .await
     .expect("test timed out");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_and_aux_peers_join_through_the_dht() {
+    use colony_averaging::AveragingMode::{Aux, Client, Node};
+    tokio::time::timeout(T, async {
+        let nodes = swarm(4).await;
+        let modes = [Client, Aux, Node, Node];
+        let mut avgs = Vec::new();
+        for (i, (n, mode)) in nodes.iter().zip(modes).enumerate() {
+            let mut c = config("modes");
+            c.target_group_size = Some(4);
+            c.mode = mode;
+            avgs.push(
+                DecentralizedAverager::new(n.clone(), values(i), c)
+                    .await
+                    .unwrap(),
+            );
+        }
+        let init: Vec<_> = (0..4).map(values).collect();
+        let weights = [2.0, 0.0, 1.0, 3.0];
+        let outs = futures::future::join_all(
+            avgs.iter()
+                .zip(weights)
+                .map(|(a, w)| a.step(Some(w as f32), Duration::from_secs(20))),
+        )
+        .await;
+        let errs: Vec<String> = outs
+            .iter()
+            .enumerate()
+            .filter_map(|(i, o)| o.as_ref().err().map(|e| format!("{i}: {e}")))
+            .collect();
+        assert!(errs.is_empty(), "{errs:?}");
+        for o in &outs {
+            let o = o.as_ref().unwrap();
+            assert_eq!(o.group.members.len(), 4);
+            let client = o
+                .group
+                .members
+                .iter()
+                .position(|m| m.mode == Client)
+                .unwrap();
+            assert_eq!(o.round.span_sizes[client], 0, "clients reduce nothing");
+        }
+        let mean = mean_of(&init, &weights);
+        for (i, a) in avgs.iter().enumerate() {
+            let got = a.tensors().await.clone();
+            if modes[i] == Aux {
+                assert_eq!(got, init[i], "aux peers keep their tensors");
+            } else {
+                assert!(max_dev(&[got], &mean) < 1e-5);
+            }
+        }
+    })
+    .await
+    .expect("test timed out");
+}
