@@ -1,5 +1,8 @@
 //! `colony-averaging`: decentralized averaging of flat `f32` buffers.
 //!
+//! * [`DecentralizedAverager`]: matchmaking through `{prefix}.0b{bits}` DHT keys
+//!   and a join protocol over libp2p streams, then a butterfly all-reduce;
+//!   `step(weight, timeout)`, `load_state_from_peers(timeout)`, `declare_state`.
 //! * [`load_balance_peers`]: closed-form (water-filling) bandwidth balancing with
 //!   exact integer splits.
 //! * [`PartReducer`]: weighted accumulation of one span across senders, with
@@ -8,6 +11,7 @@
 //!   frames sealed with AES-128-GCM under per-round X25519-agreed keys.
 //! * [`matchmaking`]: leader choice and join decisions as pure functions;
 //!   [`group_keys`]: `{prefix}.0b{bits}` keys and Moshpit bit rotation.
+//! * [`state`]: serving and downloading averager state with verification.
 
 mod allreduce;
 mod averager;
