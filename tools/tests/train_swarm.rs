@@ -31,7 +31,14 @@ fn train(run: &str, extra: &[&str]) -> Peer {
 fn train_until(run: &str, max_steps: &str, extra: &[&str]) -> Peer {
     let mut child = Command::new(BIN)
         .args(["train", "--json", "--run-id", run, "--max-steps", max_steps])
-        .args(["--target-accuracy", "2", "--target-batch-size", "128", "--compute-ms", "5"])
+        .args([
+            "--target-accuracy",
+            "2",
+            "--target-batch-size",
+            "128",
+            "--compute-ms",
+            "5",
+        ])
         .args(["--max-seconds", "150", "--matchmaking-time", "0.5"])
         .args(extra)
         .env("RUST_LOG", "warn")
