@@ -338,29 +338,58 @@ impl Dht {
     }
 
     /// Opens a stream to `peer` for `protocol`, dialing it first if needed
-    /// (with addresses from the routing table, identify, or open connections).
+    /// with the addresses the routing table knows; if there are none, the
+    /// peer is looked up in the DHT (Kademlia FIND_NODE) and dialed.
     ///
     /// # Errors
     ///
     /// [`DhtError::Stream`] if the peer cannot be reached or does not speak
-    /// `protocol`; [`DhtError::Timeout`] after the query timeout.
+    /// `protocol`; [`DhtError::Timeout`] after twice the query timeout.
     pub async fn open_stream(
         &self,
         peer: PeerId,
         protocol: StreamProtocol,
     ) -> Result<Stream, DhtError> {
-        let mut control = self.inner.control.clone();
         let timeout = self.inner.query_timeout;
-        tokio::time::timeout(timeout, control.open_stream(peer, protocol))
+        let attempt = async {
+            let mut control = self.inner.control.clone();
+            match control.open_stream(peer, protocol.clone()).await {
+                Ok(stream) => Ok(stream),
+                // Not connected and no known address: look the peer up in
+                // the DHT (FIND_NODE), then try once more.
+                Err(libp2p_stream::OpenStreamError::Io(first)) => {
+                    let found = self
+                        .request("find_peer", timeout, |reply| Command::FindPeer {
+                            peer,
+                            reply,
+                        })
+                        .await?;
+                    if !found {
+                        return Err(DhtError::Stream {
+                            peer,
+                            reason: format!("{first}; the peer was not found in the DHT"),
+                        });
+                    }
+                    control
+                        .open_stream(peer, protocol)
+                        .await
+                        .map_err(|e| DhtError::Stream {
+                            peer,
+                            reason: e.to_string(),
+                        })
+                }
+                Err(e) => Err(DhtError::Stream {
+                    peer,
+                    reason: e.to_string(),
+                }),
+            }
+        };
+        tokio::time::timeout(timeout * 2, attempt)
             .await
             .map_err(|_| DhtError::Timeout {
                 operation: "open_stream",
-                timeout_s: timeout.as_secs_f64(),
+                timeout_s: (timeout * 2).as_secs_f64(),
             })?
-            .map_err(|e| DhtError::Stream {
-                peer,
-                reason: e.to_string(),
-            })
     }
 
     /// Accepts inbound streams for `protocol`. A dedicated task drains them

@@ -85,6 +85,10 @@ pub(crate) enum Command {
     RoutingTable {
         reply: Reply<Vec<PeerId>>,
     },
+    FindPeer {
+        peer: PeerId,
+        reply: Reply<bool>,
+    },
     Shutdown {
         reply: oneshot::Sender<()>,
     },
@@ -118,6 +122,7 @@ pub(crate) struct Node {
     listen_addrs: Arc<RwLock<Vec<Multiaddr>>>,
     pending_puts: HashMap<QueryId, (bool, Reply<StoreOutcome>)>,
     pending_gets: HashMap<QueryId, PendingGet>,
+    pending_finds: HashMap<QueryId, (PeerId, Reply<bool>)>,
     subscriptions: HashMap<TopicHash, Vec<mpsc::Sender<GossipMessage>>>,
     peers: HashMap<PeerId, PeerAddresses>,
     replication: usize,
@@ -164,6 +169,7 @@ impl Node {
             listen_addrs,
             pending_puts: HashMap::new(),
             pending_gets: HashMap::new(),
+            pending_finds: HashMap::new(),
             subscriptions: HashMap::new(),
             peers: HashMap::new(),
             replication,
@@ -199,6 +205,9 @@ impl Node {
         }
         for (_, pending) in self.pending_gets.drain() {
             let _ = pending.reply.send(Err(DhtError::Shutdown));
+        }
+        for (_, (_, reply)) in self.pending_finds.drain() {
+            let _ = reply.send(Err(DhtError::Shutdown));
         }
         drop(self.swarm);
         tracing::debug!(%peer, "DHT node stopped");
@@ -263,6 +272,10 @@ impl Node {
                 stats.connected_peers = self.swarm.connected_peers().count();
                 stats.stored_keys = self.swarm.behaviour_mut().kad.store_mut().storage.len();
                 let _ = reply.send(Ok(stats));
+            }
+            Command::FindPeer { peer, reply } => {
+                let id = self.swarm.behaviour_mut().kad.get_closest_peers(peer);
+                self.pending_finds.insert(id, (peer, reply));
             }
             Command::RoutingTable { reply } => {
                 let peers = self
@@ -594,6 +607,26 @@ impl Node {
                     };
                     if let Some((accepted, reply)) = self.pending_puts.remove(&id) {
                         let _ = reply.send(Ok(StoreOutcome { accepted, replicas }));
+                    }
+                }
+                QueryResult::GetClosestPeers(result) if self.pending_finds.contains_key(&id) => {
+                    let peers = match result {
+                        Ok(ok) => ok.peers,
+                        Err(kad::GetClosestPeersError::Timeout { peers, .. }) => peers,
+                    };
+                    if let Some((wanted, reply)) = self.pending_finds.remove(&id) {
+                        let found = peers.into_iter().find(|p| p.peer_id == wanted);
+                        // Put the addresses where the dialer looks for them:
+                        // the routing table (kad answers the swarm's address
+                        // requests from it).
+                        let kad = &mut self.swarm.behaviour_mut().kad;
+                        let known = found.is_some_and(|info| {
+                            info.addrs.into_iter().fold(false, |ok, addr| {
+                                let update = kad.add_address(&wanted, addr);
+                                ok || matches!(update, kad::RoutingUpdate::Success)
+                            })
+                        }) || self.swarm.is_connected(&wanted);
+                        let _ = reply.send(Ok(known));
                     }
                 }
                 QueryResult::GetClosestPeers(_) | QueryResult::Bootstrap(_)

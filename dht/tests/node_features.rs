@@ -174,7 +174,7 @@ async fn pubsub_and_streams() {
             let mut s = opener
                 .open_stream(server.peer_id(), protocol.clone())
                 .await
-                .unwrap();
+                .unwrap_or_else(|e| panic!("open_stream from {}: {e:?}", opener.peer_id()));
             s.write_all(b"ping").await.unwrap();
             let mut buf = [0u8; 4];
             s.read_exact(&mut buf).await.unwrap();
