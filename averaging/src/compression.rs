@@ -3,12 +3,12 @@
 //! Encoders append to a byte buffer (the frame being built, so encoding is fused
 //! with the copy that sends it); decoders write into an `f32` slice.
 
-use half::{f16, slice::HalfFloatSliceExt};
+use colony_kernels::cpu as kernels;
 
 use crate::error::{AveragingError, Result};
 
 /// Elements per block of the blockwise 8-bit codec (one `f32` scale per block).
-pub const BLOCK_8BIT: usize = 4096;
+pub const BLOCK_8BIT: usize = colony_kernels::cpu::q8::DEFAULT_BLOCK_SIZE;
 
 /// Compression applied to tensor parts on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -18,8 +18,8 @@ pub enum Compression {
     None,
     /// IEEE half precision, values clamped to ±65504 first.
     Float16,
-    /// Blockwise absmax 8-bit: per block of [`BLOCK_8BIT`] values an `f32` scale
-    /// followed by one signed byte per value (`round(x / scale · 127)`).
+    /// Blockwise absmax 8-bit (`colony_kernels::cpu::q8`): per block of
+    /// [`BLOCK_8BIT`] values an `f32` scale, then one signed byte per value.
     Blockwise8Bit,
 }
 
@@ -80,42 +80,27 @@ impl Compression {
         }
     }
 
-    /// Append the encoding of `values` to `out`.
+    /// Append the encoding of `values` to `out` (the frame being built, so
+    /// encoding is fused with the copy that sends it). The codecs are
+    /// `colony-kernels`' CPU wire codecs; this only frames them.
     pub fn encode(self, values: &[f32], out: &mut Vec<u8>) {
-        match self {
-            Self::None => out.extend_from_slice(bytemuck::cast_slice(values)),
-            Self::Float16 => {
-                out.reserve(2 * values.len());
-                let mut clamped = [0.0f32; 1024];
-                let mut halves = [f16::ZERO; 1024];
-                for chunk in values.chunks(1024) {
-                    let c = &mut clamped[..chunk.len()];
-                    for (d, s) in c.iter_mut().zip(chunk) {
-                        *d = s.clamp(-65504.0, 65504.0);
-                    }
-                    let h = &mut halves[..chunk.len()];
-                    h.convert_from_f32_slice(c);
-                    out.extend_from_slice(bytemuck::cast_slice(h));
-                }
+        let start = out.len();
+        out.resize(start + self.encoded_len(values.len()), 0);
+        let dst = &mut out[start..];
+        // The destination is sized by `encoded_len` and the block size is a
+        // non-zero constant, the only two things the kernels check.
+        let encoded = match self {
+            Self::None => {
+                dst.copy_from_slice(bytemuck::cast_slice(values));
+                Ok(())
             }
-            Self::Blockwise8Bit => {
-                let nblocks = values.len().div_ceil(BLOCK_8BIT);
-                let start = out.len();
-                out.resize(start + 4 * nblocks + values.len(), 0);
-                let (scales, codes) = out[start..].split_at_mut(4 * nblocks);
-                for (b, block) in values.chunks(BLOCK_8BIT).enumerate() {
-                    let absmax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-                    scales[4 * b..4 * b + 4].copy_from_slice(&absmax.to_le_bytes());
-                    let inv = if absmax > 0.0 { 127.0 / absmax } else { 0.0 };
-                    for (d, v) in codes[b * BLOCK_8BIT..b * BLOCK_8BIT + block.len()]
-                        .iter_mut()
-                        .zip(block)
-                    {
-                        *d = ((v * inv).round().clamp(-127.0, 127.0) as i8) as u8;
-                    }
-                }
-            }
-        }
+            Self::Float16 => kernels::f16::encode(values, dst),
+            Self::Blockwise8Bit => kernels::q8::encode(values, BLOCK_8BIT, dst),
+        };
+        debug_assert!(
+            encoded.is_ok(),
+            "encode into an exactly sized buffer: {encoded:?}"
+        );
     }
 
     /// Decode `bytes` into `out`, which must hold exactly the encoded count.
@@ -128,85 +113,36 @@ impl Compression {
                 reason: "encoded length does not match the part size",
             });
         }
-        match self {
+        let decoded = match self {
             Self::None => {
                 for (d, s) in out.iter_mut().zip(bytes.chunks_exact(4)) {
                     *d = f32::from_le_bytes([s[0], s[1], s[2], s[3]]);
                 }
+                Ok(())
             }
-            Self::Float16 => {
-                if let Ok(halves) = bytemuck::try_cast_slice::<u8, f16>(bytes) {
-                    halves.convert_to_f32_slice(out);
-                } else {
-                    let mut halves = [f16::ZERO; 1024];
-                    for (o, src) in out.chunks_mut(1024).zip(bytes.chunks(2048)) {
-                        let h = &mut halves[..o.len()];
-                        for (d, s) in h.iter_mut().zip(src.chunks_exact(2)) {
-                            *d = f16::from_bits(u16::from_le_bytes([s[0], s[1]]));
-                        }
-                        h.convert_to_f32_slice(o);
-                    }
-                }
-            }
-            Self::Blockwise8Bit => {
-                let nblocks = out.len().div_ceil(BLOCK_8BIT);
-                let (scales, codes) = bytes.split_at(4 * nblocks);
-                for (b, block) in out.chunks_mut(BLOCK_8BIT).enumerate() {
-                    let s = &scales[4 * b..4 * b + 4];
-                    let scale = f32::from_le_bytes([s[0], s[1], s[2], s[3]]) / 127.0;
-                    for (d, c) in block.iter_mut().zip(&codes[b * BLOCK_8BIT..]) {
-                        *d = (*c as i8) as f32 * scale;
-                    }
-                }
-            }
-        }
-        Ok(())
+            Self::Float16 => kernels::f16::decode(bytes, out),
+            Self::Blockwise8Bit => kernels::q8::decode(bytes, BLOCK_8BIT, out),
+        };
+        decoded.map_err(|_| AveragingError::Decode {
+            reason: "codec refused the part",
+        })
     }
-}
 
-impl Compression {
-    /// [`Self::decode_into`] that also checks finiteness chunk by chunk while
-    /// the values are hot in cache. Returns `Ok(false)` on NaN/inf.
+    /// [`Self::decode_into`] followed by a finiteness check while the values
+    /// are hot in cache. Returns `Ok(false)` on NaN/inf (an 8-bit block with a
+    /// non-finite value decodes to all NaN, so poison stays visible).
     ///
     /// # Errors
     /// As [`Self::decode_into`].
     pub fn decode_into_checked(self, bytes: &[u8], out: &mut [f32]) -> Result<bool> {
-        if bytes.len() != self.encoded_len(out.len()) {
-            return Err(AveragingError::Decode {
-                reason: "encoded length does not match the part size",
-            });
-        }
-        if self == Self::Float16
-            && let Ok(halves) = bytemuck::try_cast_slice::<u8, f16>(bytes)
-        {
-            let mut ok = true;
-            for (o, h) in out.chunks_mut(4096).zip(halves.chunks(4096)) {
-                h.convert_to_f32_slice(o);
-                ok &= all_finite(o);
-            }
-            return Ok(ok);
-        }
-        if self == Self::None {
-            let mut ok = true;
-            for (o, b) in out.chunks_mut(4096).zip(bytes.chunks(4 * 4096)) {
-                for (d, s) in o.iter_mut().zip(b.chunks_exact(4)) {
-                    *d = f32::from_le_bytes([s[0], s[1], s[2], s[3]]);
-                }
-                ok &= all_finite(o);
-            }
-            return Ok(ok);
-        }
         self.decode_into(bytes, out)?;
         Ok(all_finite(out))
     }
 }
 
-/// True when every value is finite.
+/// True when every value is finite (`colony-kernels`' vectorised check).
 pub fn all_finite(values: &[f32]) -> bool {
-    // Chunked so the compiler vectorises the reduction.
-    values
-        .chunks(64)
-        .all(|c| c.iter().fold(true, |ok, v| ok & v.is_finite()))
+    kernels::all_finite(values)
 }
 
 #[cfg(test)]
