@@ -9,8 +9,9 @@ use std::{sync::Arc, time::Duration};
 
 use colony_dht::{Dht, DhtConfig, dht_time};
 use colony_optim::{
-    CollaborativeOptimizer, DhtProgressBoard, Layout, LocalOptimizer, LocalOptimizerKind,
-    ProgressBoard, Sgd, StepOutcome, TrainingProgress,
+    AveragerConfig, AveragingRole, CollaborativeOptimizer, DhtProgressBoard, Layout,
+    LocalOptimizer, LocalOptimizerKind, NetworkAverager, ProgressBoard, Sgd, StepOutcome,
+    TrainingProgress,
 };
 use common::{Hub, MemoryAverager, config, dataset, gradient, one_global_step};
 use tokio::sync::mpsc;
@@ -219,6 +220,91 @@ async fn three_peers_over_the_dht_match_union_batch_sgd() {
                 assert!((a - b).abs() <= 1e-5, "{params:?} vs {w:?}");
             }
         }
+        for d in &dhts {
+            d.shutdown().await;
+        }
+    })
+    .await
+    .unwrap();
+}
+
+/// The acceptance equivalence test on the real stack: 4 peers, each with its own DHT node
+/// and `colony-averaging` averager (matchmaking, encrypted all-reduce) on 127.0.0.1, fixed
+/// data shards, plain SGD: after 10 global steps every peer holds the parameters of one
+/// process doing SGD on the union batch (within 1e-5).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_peers_with_real_averaging_match_union_batch_sgd_after_10_steps() {
+    tokio::time::timeout(Duration::from_secs(150), async {
+        const PEERS: usize = 4;
+        const BATCH: usize = 8;
+        const STEPS: usize = 10;
+        const DIM: usize = 6;
+        let data = dataset(PEERS * BATCH * STEPS, DIM);
+        let dhts = nodes(PEERS).await;
+        let mut handles = Vec::new();
+        for (p, dht) in dhts.iter().enumerate() {
+            let (tx, rx) = mpsc::channel(1);
+            let mut cfg = config((PEERS * BATCH) as u64);
+            cfg.prefix = "realavg".into();
+            cfg.averaging_timeout = 30.0;
+            let board = DhtProgressBoard::new(dht.clone(), &cfg.prefix, Some(tx))
+                .await
+                .unwrap();
+            let layout = Layout::packed([("w", vec![DIM])], 1).unwrap();
+            let sgd = Sgd {
+                momentum: 0.0,
+                ..Sgd::default()
+            };
+            let local = LocalOptimizer::new(LocalOptimizerKind::Sgd(sgd), layout).unwrap();
+            let mut acfg = AveragerConfig::new(cfg.averaging_prefix());
+            acfg.target_group_size = Some(PEERS);
+            acfg.min_matchmaking_time = Duration::from_secs(3);
+            let state_len = local.state().len();
+            let averager =
+                NetworkAverager::new(dht.clone(), acfg, AveragingRole::Node, DIM, state_len)
+                    .await
+                    .unwrap();
+            let mut opt =
+                CollaborativeOptimizer::new(cfg, vec![0.0; DIM], local, board, averager, Some(rx))
+                    .await
+                    .unwrap();
+            let data = data.clone();
+            handles.push(tokio::spawn(async move {
+                for s in 0..STEPS {
+                    let start = (s * PEERS + p) * BATCH;
+                    let outcome = one_global_step(&mut opt, &data[start..start + BATCH]).await;
+                    assert_eq!(
+                        outcome,
+                        StepOutcome::Stepped {
+                            step: s as u64 + 1,
+                            group_size: PEERS
+                        },
+                        "peer {p} step {s}"
+                    );
+                }
+                let params = opt.params().to_vec();
+                opt.shutdown().await.unwrap();
+                params
+            }));
+        }
+        let mut finals = Vec::new();
+        for h in handles {
+            finals.push(h.await.unwrap());
+        }
+        let mut w = vec![0.0f32; DIM];
+        for s in 0..STEPS {
+            let g = gradient(&w, &data[s * PEERS * BATCH..(s + 1) * PEERS * BATCH]);
+            for (wi, gi) in w.iter_mut().zip(g) {
+                *wi -= 0.1 * gi;
+            }
+        }
+        for params in &finals {
+            for (a, b) in params.iter().zip(&w) {
+                assert!((a - b).abs() <= 1e-5, "{params:?} vs {w:?}");
+            }
+        }
+        // The all-reduce hands every member the same averaged values: bit-identical.
+        assert!(finals.iter().all(|f| f == &finals[0]));
         for d in &dhts {
             d.shutdown().await;
         }

@@ -250,8 +250,8 @@ pub fn dataset(n: usize, dim: usize) -> Vec<(Vec<f32>, f32)> {
 }
 
 /// Contributes one micro-batch, then polls until the global step is taken.
-pub async fn one_global_step<B: ProgressBoard>(
-    opt: &mut CollaborativeOptimizer<B, MemoryAverager>,
+pub async fn one_global_step<B: ProgressBoard, A: SwarmAverager>(
+    opt: &mut CollaborativeOptimizer<B, A>,
     rows: &[(Vec<f32>, f32)],
 ) -> StepOutcome {
     let g = gradient(opt.params(), rows);
