@@ -249,74 +249,85 @@ async fn train_with(
     .await?;
     let indices = digits.shard(shard, shards);
     anyhow::ensure!(!indices.is_empty(), "shard {shard}/{shards} is empty");
-    let mut rng = Rng::new(args.seed.wrapping_add(1 + shard as u64));
-    let start = Instant::now();
-    let mut grads = vec![0.0; mlp.num_params()];
-    let mut averaged_steps = 0;
-    let mut last_report = Instant::now();
-    loop {
-        anyhow::ensure!(
-            start.elapsed().as_secs_f64() < args.max_seconds,
-            "no convergence within {} s (step {})",
-            args.max_seconds,
-            opt.local_step()
-        );
-        let batch: Vec<usize> = (0..args.batch_size)
-            .map(|_| indices[rng.below(indices.len())])
-            .collect();
-        let (x, y) = digits.batch(&batch);
-        let last_loss = mlp.loss_and_grad(opt.params(), &x, &y, &mut grads);
-        if args.compute_ms > 0.0 {
-            tokio::time::sleep(Duration::from_secs_f64(args.compute_ms / 1000.0)).await;
-        }
-        opt.grads_mut().copy_from_slice(&grads);
-        let outcome = match opt.step(Some(args.batch_size)).await {
-            Ok(o) => o,
-            Err(OptimError::NonFiniteGradients { .. }) => continue,
-            Err(e) => return Err(e.into()),
-        };
-        let stepped = match outcome {
-            StepOutcome::Stepped { group_size, .. } => {
-                if group_size > 1 {
-                    averaged_steps += 1;
-                }
-                true
-            }
-            StepOutcome::LoadedState { .. } => true,
-            StepOutcome::Accumulated | StepOutcome::OutOfSync => false,
-        };
-        if stepped || last_report.elapsed() > Duration::from_millis(250) {
-            last_report = Instant::now();
-            let state = opt.collaboration_state();
-            emit(
-                args.json,
-                &Event::Progress {
-                    step: opt.local_step(),
-                    global_step: state.optimizer_step.max(opt.local_step()),
-                    samples: state.samples_accumulated.max(opt.local_samples()),
-                    target: state.target_batch_size,
-                    peers: state.num_peers,
-                    loss: last_loss,
-                },
+    let training = async {
+        let mut rng = Rng::new(args.seed.wrapping_add(1 + shard as u64));
+        let start = Instant::now();
+        let mut grads = vec![0.0; mlp.num_params()];
+        let mut averaged_steps = 0;
+        let mut last_report = Instant::now();
+        loop {
+            anyhow::ensure!(
+                start.elapsed().as_secs_f64() < args.max_seconds,
+                "no convergence within {} s (step {})",
+                args.max_seconds,
+                opt.local_step()
             );
-        }
-        if stepped {
-            let accuracy = mlp.accuracy(opt.params(), &digits.test_x, &digits.test_y);
-            if accuracy >= args.target_accuracy || opt.local_step() >= args.max_steps {
+            let batch: Vec<usize> = (0..args.batch_size)
+                .map(|_| indices[rng.below(indices.len())])
+                .collect();
+            let (x, y) = digits.batch(&batch);
+            let last_loss = mlp.loss_and_grad(opt.params(), &x, &y, &mut grads);
+            if args.compute_ms > 0.0 {
+                tokio::time::sleep(Duration::from_secs_f64(args.compute_ms / 1000.0)).await;
+            }
+            opt.grads_mut().copy_from_slice(&grads);
+            let outcome = match opt.step(Some(args.batch_size)).await {
+                Ok(o) => o,
+                Err(OptimError::NonFiniteGradients { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            let stepped = match outcome {
+                StepOutcome::Stepped { group_size, .. } => {
+                    if group_size > 1 {
+                        averaged_steps += 1;
+                    }
+                    true
+                }
+                StepOutcome::LoadedState { .. } => true,
+                StepOutcome::Accumulated | StepOutcome::OutOfSync => false,
+            };
+            if stepped || last_report.elapsed() > Duration::from_millis(250) {
+                last_report = Instant::now();
+                let state = opt.collaboration_state();
                 emit(
                     args.json,
-                    &Event::Done {
+                    &Event::Progress {
                         step: opt.local_step(),
-                        accuracy,
-                        hash: params_hash(opt.params()),
-                        wall_s: start.elapsed().as_secs_f64(),
-                        averaged_steps,
+                        global_step: state.optimizer_step.max(opt.local_step()),
+                        samples: state.samples_accumulated.max(opt.local_samples()),
+                        target: state.target_batch_size,
+                        peers: state.num_peers,
+                        loss: last_loss,
                     },
                 );
-                break;
+            }
+            if stepped {
+                let accuracy = mlp.accuracy(opt.params(), &digits.test_x, &digits.test_y);
+                if accuracy >= args.target_accuracy || opt.local_step() >= args.max_steps {
+                    emit(
+                        args.json,
+                        &Event::Done {
+                            step: opt.local_step(),
+                            accuracy,
+                            hash: params_hash(opt.params()),
+                            wall_s: start.elapsed().as_secs_f64(),
+                            averaged_steps,
+                        },
+                    );
+                    break;
+                }
             }
         }
-    }
+        anyhow::Ok(())
+    };
+    // Ctrl-C / SIGTERM: stop training and say goodbye so peers stop counting this one.
+    let result = tokio::select! {
+        r = training => r,
+        _ = tokio::signal::ctrl_c() => {
+            tracing::info!("interrupted; leaving the run");
+            Ok(())
+        }
+    };
     opt.shutdown().await?;
-    Ok(())
+    result
 }
