@@ -666,7 +666,12 @@ async fn matchmake(
             .min(deadline);
         let _ = tokio::time::timeout_at(wake, inner.changed.notified()).await;
     };
-    let _ = declare(inner, &key, expiration + 1e-3, false).await;
+    // Withdraw the declaration (nil with a later expiration wins). Once it has
+    // expired there is nothing to withdraw, and storers would refuse a record
+    // that expires in the past.
+    if expiration > dht_time() {
+        let _ = declare(inner, &key, expiration + 1e-3, false).await;
+    }
     result
 }
 

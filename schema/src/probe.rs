@@ -41,7 +41,7 @@ const STOP: &str = "probe finished";
 /// The field names of schema `S`, which must be a struct with named fields.
 pub(crate) fn field_names<S: DeserializeOwned>() -> Result<&'static [&'static str], String> {
     let found: Cell<Option<&'static [&'static str]>> = Cell::new(None);
-    let _ = S::deserialize(NamesProbe { found: &found });
+    let _ = S::deserialize(StructProbe::Names(&found));
     found.get().ok_or_else(|| {
         format!(
             "schema `{}` must be a struct with named fields",
@@ -53,12 +53,19 @@ pub(crate) fn field_names<S: DeserializeOwned>() -> Result<&'static [&'static st
 /// Whether field `field` of schema `S` holds a dictionary.
 pub(crate) fn field_kind<S: DeserializeOwned>(field: &'static str) -> FieldKind {
     let kind = Cell::new(FieldKind::Regular);
-    let _ = S::deserialize(OneFieldProbe { field, kind: &kind });
+    let _ = S::deserialize(StructProbe::Field { field, kind: &kind });
     kind.get()
 }
 
-struct NamesProbe<'p> {
-    found: &'p Cell<Option<&'static [&'static str]>>,
+/// Presents itself to the schema's `Deserialize` impl as a struct: either
+/// records the field names serde passes to `deserialize_struct`, or offers a
+/// map with the single key `field` whose value is a [`KindProbe`].
+enum StructProbe<'p> {
+    Names(&'p Cell<Option<&'static [&'static str]>>),
+    Field {
+        field: &'static str,
+        kind: &'p Cell<FieldKind>,
+    },
 }
 
 macro_rules! refuse_all {
@@ -111,7 +118,7 @@ macro_rules! refuse_rest {
     };
 }
 
-impl<'de> Deserializer<'de> for NamesProbe<'_> {
+impl<'de> Deserializer<'de> for StructProbe<'_> {
     type Error = ProbeError;
 
     refuse_rest!();
@@ -129,44 +136,18 @@ impl<'de> Deserializer<'de> for NamesProbe<'_> {
         self,
         _name: &'static str,
         fields: &'static [&'static str],
-        _visitor: V,
-    ) -> Result<V::Value, ProbeError> {
-        self.found.set(Some(fields));
-        Err(ProbeError(STOP.into()))
-    }
-}
-
-/// Presents the schema a map with the single key `field`, whose value is a
-/// [`KindProbe`].
-struct OneFieldProbe<'p> {
-    field: &'static str,
-    kind: &'p Cell<FieldKind>,
-}
-
-impl<'de> Deserializer<'de> for OneFieldProbe<'_> {
-    type Error = ProbeError;
-
-    refuse_rest!();
-    refuse_all!(deserialize_option deserialize_map);
-
-    fn deserialize_newtype_struct<V: Visitor<'de>>(
-        self,
-        _name: &'static str,
-        _visitor: V,
-    ) -> Result<V::Value, ProbeError> {
-        Err(ProbeError(STOP.into()))
-    }
-
-    fn deserialize_struct<V: Visitor<'de>>(
-        self,
-        _name: &'static str,
-        _fields: &'static [&'static str],
         visitor: V,
     ) -> Result<V::Value, ProbeError> {
-        visitor.visit_map(OneEntry {
-            field: Some(self.field),
-            kind: self.kind,
-        })
+        match self {
+            Self::Names(found) => {
+                found.set(Some(fields));
+                Err(ProbeError(STOP.into()))
+            }
+            Self::Field { field, kind } => visitor.visit_map(OneEntry {
+                field: Some(field),
+                kind,
+            }),
+        }
     }
 }
 

@@ -5,31 +5,13 @@
 
 #![allow(clippy::unwrap_used)] // tests fail loudly on unexpected errors
 
-use std::collections::BTreeMap;
-
 use colony_schema::{Checked, OwnerKey, SchemaValidator, from_msgpack_strict, to_msgpack};
 use proptest::prelude::*;
 use rmpv::Value;
-use serde::{Deserialize, Serialize};
-use validator::Validate;
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Validate)]
-#[serde(deny_unknown_fields)]
-struct TrainingProgress {
-    step: u64,
-    #[validate(range(min = 0))]
-    samples_accumulated: i64,
-    #[validate(range(min = 0.0))]
-    samples_per_second: f64,
-    time: f64,
-    client_mode: bool,
-}
+mod common;
 
-#[derive(Debug, Default, Serialize, Deserialize, Validate)]
-#[serde(default, deny_unknown_fields)]
-struct TrainingProgressSchema {
-    progress: BTreeMap<OwnerKey, Option<Checked<TrainingProgress>>>,
-}
+use common::{TrainingProgress, TrainingProgressSchema};
 
 const CASES: u32 = 10_000;
 
