@@ -25,10 +25,11 @@ impl Drop for Peer {
 }
 
 fn train(run: &str, extra: &[&str]) -> Peer {
-    train_until(run, "100000", extra)
+    train_until(run, "100000", "0.5", extra)
 }
 
-fn train_until(run: &str, max_steps: &str, extra: &[&str]) -> Peer {
+/// Starts `colony train`; `matchmaking` is the averaging window in seconds.
+fn train_until(run: &str, max_steps: &str, matchmaking: &str, extra: &[&str]) -> Peer {
     let mut child = Command::new(BIN)
         .args(["train", "--json", "--run-id", run, "--max-steps", max_steps])
         .args([
@@ -39,7 +40,7 @@ fn train_until(run: &str, max_steps: &str, extra: &[&str]) -> Peer {
             "--compute-ms",
             "5",
         ])
-        .args(["--max-seconds", "150", "--matchmaking-time", "0.5"])
+        .args(["--max-seconds", "150", "--matchmaking-time", matchmaking])
         .args(extra)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
@@ -162,11 +163,25 @@ fn a_client_peer_contributes_samples_and_the_monitor_sees_it() {
 #[test]
 fn a_late_joiner_loads_the_state_and_then_steps_in_sync() {
     let run = "latetest";
-    let a = train_until(run, "14", &["--shard", "0/3"]);
+    // Identical final parameters need every peer in the last averaging round.
+    // A round assembles whoever joined within the matchmaking window, so the
+    // window is wide enough for a peer slowed by a loaded 2-core CI box.
+    let window = "2";
+    let a = train_until(run, "14", window, &["--shard", "0/3"]);
     let addr = a.addr();
-    let b = train_until(run, "14", &["--shard", "1/3", "--initial-peers", &addr]);
+    let b = train_until(
+        run,
+        "14",
+        window,
+        &["--shard", "1/3", "--initial-peers", &addr],
+    );
     a.step_at_least(5, Duration::from_secs(120));
-    let late = train_until(run, "14", &["--shard", "2/3", "--initial-peers", &addr]);
+    let late = train_until(
+        run,
+        "14",
+        window,
+        &["--shard", "2/3", "--initial-peers", &addr],
+    );
     // Its first global step is the download of the swarm's state (step >= 5).
     let first = late.wait_for("first step", Duration::from_secs(60), |v| {
         v["event"] == "progress" && v["step"].as_u64().is_some_and(|s| s > 0)
