@@ -7,6 +7,8 @@
 
 use std::ops::Range;
 
+use colony_kernels::cpu as kernels;
+
 use crate::error::PeerFault;
 
 /// Accumulator for the parts of one span.
@@ -126,9 +128,9 @@ impl PartReducer {
         let mut at = self.parts[part].start;
         for piece in pieces {
             let acc = &mut self.acc[at..at + piece.len()];
-            for (a, v) in acc.iter_mut().zip(piece) {
-                *a += weight * v;
-            }
+            // Lengths were checked above and the weight is finite: the only
+            // conditions the kernel refuses.
+            kernels::accumulate(acc, piece, weight).map_err(|_| PeerFault::NonFinite { part })?;
             at += piece.len();
         }
         self.weight_sum[part] += f64::from(weight);
@@ -168,16 +170,8 @@ impl PartReducer {
             return Err(PeerFault::NonFinite { part });
         }
         let range = self.parts[part].clone();
-        let acc = &mut self.acc[range];
-        if weight == 1.0 {
-            for (a, v) in acc.iter_mut().zip(values) {
-                *a += v;
-            }
-        } else if weight != 0.0 {
-            for (a, v) in acc.iter_mut().zip(values) {
-                *a += weight * v;
-            }
-        }
+        kernels::accumulate(&mut self.acc[range], values, weight)
+            .map_err(|_| PeerFault::NonFinite { part })?;
         self.weight_sum[part] += f64::from(weight);
         self.delivered[sender] += 1;
         Ok(())
