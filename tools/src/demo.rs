@@ -42,8 +42,11 @@ pub(crate) struct DemoArgs {
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 175.0)]
     timeout_s: f64,
-    /// How long a peer waits for others to join an averaging round (s).
-    #[arg(long, default_value_t = 0.5)]
+    /// How long a peer waits for others to join an averaging round (s). A
+    /// round assembles as soon as all peers have joined, so this only bounds
+    /// the wait for a slow or vanished peer; a peer that misses the last round
+    /// would end with different parameters.
+    #[arg(long, default_value_t = 4.0)]
     matchmaking_time: f64,
     /// Emulated compute per micro-batch (ms), so peers leave CPU to the network.
     #[arg(long, default_value_t = 2.0)]
@@ -86,7 +89,8 @@ fn spawn_peer(
         .args(["--target-accuracy", &args.target_accuracy.to_string()])
         .args(["--max-seconds", &args.timeout_s.to_string()])
         .args(["--compute-ms", &args.compute_ms.to_string()])
-        .args(["--matchmaking-time", &args.matchmaking_time.to_string()]);
+        .args(["--matchmaking-time", &args.matchmaking_time.to_string()])
+        .args(["--target-group-size", &args.peers.to_string()]);
     if let Some(addr) = bootstrap {
         cmd.args(["--initial-peers", addr]);
     }

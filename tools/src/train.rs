@@ -62,6 +62,10 @@ pub(crate) struct TrainArgs {
     /// How long a peer waits for others to join an averaging round (s).
     #[arg(long, default_value_t = 2.0)]
     pub(crate) matchmaking_time: f64,
+    /// Assemble an averaging group as soon as it has this many peers, without
+    /// waiting out the matchmaking window (default: wait out the window).
+    #[arg(long)]
+    pub(crate) target_group_size: Option<usize>,
     /// Emulated compute time per micro-batch (ms), to pace the demo on small machines.
     #[arg(long, default_value_t = 0.0)]
     pub(crate) compute_ms: f64,
@@ -223,6 +227,10 @@ async fn train_with(
     );
     let mut averaging = AveragerConfig::new(config.averaging_prefix());
     averaging.min_matchmaking_time = Duration::from_secs_f64(args.matchmaking_time);
+    if let Some(size) = args.target_group_size {
+        anyhow::ensure!(size >= 2, "--target-group-size must be at least 2");
+        averaging.target_group_size = Some(size);
+    }
     let role = if args.client {
         AveragingRole::Client
     } else {
