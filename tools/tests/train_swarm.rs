@@ -163,24 +163,43 @@ fn a_client_peer_contributes_samples_and_the_monitor_sees_it() {
 #[test]
 fn a_late_joiner_loads_the_state_and_then_steps_in_sync() {
     let run = "latetest";
-    // Identical final parameters need every peer in the last averaging round.
-    // A round assembles whoever joined within the matchmaking window, so the
-    // window is wide enough for a peer slowed by a loaded 2-core CI box.
-    let window = "2";
-    let a = train_until(run, "14", window, &["--shard", "0/3"]);
+    // Identical final parameters need every peer in the last averaging round:
+    // with a target group size of 3 a round of all three assembles at once,
+    // and the window only bounds the wait for a peer slowed by a loaded box.
+    let window = "3";
+    let a = train_until(
+        run,
+        "14",
+        window,
+        &["--shard", "0/3", "--target-group-size", "3"],
+    );
     let addr = a.addr();
     let b = train_until(
         run,
         "14",
         window,
-        &["--shard", "1/3", "--initial-peers", &addr],
+        &[
+            "--shard",
+            "1/3",
+            "--initial-peers",
+            &addr,
+            "--target-group-size",
+            "3",
+        ],
     );
     a.step_at_least(5, Duration::from_secs(120));
     let late = train_until(
         run,
         "14",
         window,
-        &["--shard", "2/3", "--initial-peers", &addr],
+        &[
+            "--shard",
+            "2/3",
+            "--initial-peers",
+            &addr,
+            "--target-group-size",
+            "3",
+        ],
     );
     // Its first global step is the download of the swarm's state (step >= 5).
     let first = late.wait_for("first step", Duration::from_secs(60), |v| {
