@@ -38,7 +38,7 @@ use crate::{
     load_balancing::load_balance_peers,
     partition::{TensorLayout, part_ranges, spans_from_sizes},
     reducer::{PartReducer, PartResult},
-    wire::{self, Hello, Kind, Preamble},
+    wire::{self, FrameBuf, Hello, Kind, Preamble},
 };
 
 /// Results of one span as received by this peer.
@@ -240,7 +240,8 @@ async fn run_round<T: AsRef<[f32]> + Sync>(
                     .layout
                     .pieces(flat)
                     .map(|(i, local, _)| &ctx.tensors[i].as_ref()[local]);
-                red.accumulate_pieces(ctx.me, p, pieces, ctx.weight)
+                // Our tensors were checked finite when the round started.
+                red.accumulate_finite_pieces(ctx.me, p, pieces, ctx.weight)
                     .map_err(|fault| AveragingError::Peer {
                         peer: ctx.me,
                         fault,
@@ -489,7 +490,7 @@ async fn serve_sender<T: AsRef<[f32]> + Sync>(
     let compression = ctx.cfg.compression;
     let reader = async {
         let mut scratch = vec![0.0f32; ctx.cfg.part_len()];
-        for p in 0..nparts {
+        for _ in 0..nparts {
             let (kind, index, payload) = wire::read_frame(
                 &mut rd,
                 &mut up,
@@ -507,40 +508,14 @@ async fn serve_sender<T: AsRef<[f32]> + Sync>(
             let mut r = red.lock().map_err(|_| PeerFault::ProtocolViolation {
                 reason: "reducer state poisoned",
             })?;
-            let bytes = &buf[payload];
-            let expected = compression.encoded_len(r.part_len(p));
-            if bytes.len() != expected {
-                // Report the size in values when the codec allows it.
-                let got = (bytes.len() as f64 / compression.bytes_per_element()) as usize;
-                r.check(s, index, got)?;
-                return Err(PeerFault::WrongPartSize {
-                    part: p,
-                    expected: r.part_len(p),
-                    got,
-                });
-            }
-            let len = r.part_len(p);
-            match (compression, bytemuck::try_cast_slice::<u8, f32>(bytes)) {
-                (Compression::None, Ok(values)) => r.accumulate(s, index, values, weight)?,
-                _ => {
-                    let finite = compression
-                        .decode_into_checked(bytes, &mut scratch[..len])
-                        .map_err(|_| PeerFault::Garbage {
-                            reason: "undecodable part",
-                        })?;
-                    if !finite {
-                        return Err(PeerFault::NonFinite { part: index });
-                    }
-                    r.accumulate_checked_values(s, index, &scratch[..len], weight)?;
-                }
-            }
+            r.accumulate_encoded(s, index, &buf[payload], compression, weight, &mut scratch)?;
             tx.send_replace(r.advance());
         }
         Ok::<(), PeerFault>(())
     };
     let writer = async {
         let mut rx = tx.subscribe();
-        let mut frame = Vec::new();
+        let mut frame = FrameBuf::default();
         let mut written = 0u64;
         for p in 0..nparts {
             // Wait until part p is finalized (or this sender is out of the round).
@@ -567,8 +542,8 @@ async fn serve_sender<T: AsRef<[f32]> + Sync>(
                 })?;
                 match r.part(p) {
                     Some((PartResult::Averaged, values)) if compression == Compression::None => {
-                        wire::begin_frame(&mut frame, Kind::Averaged, p as u32);
-                        compression.encode(values, &mut frame);
+                        let payload = frame.start(Kind::Averaged, p as u32, 4 * values.len());
+                        payload.copy_from_slice(bytemuck::cast_slice(values));
                     }
                     Some((PartResult::Averaged, values)) => {
                         let cached = encoded.lock().ok().and_then(|c| c.get(&p).cloned());
@@ -585,18 +560,18 @@ async fn serve_sender<T: AsRef<[f32]> + Sync>(
                                 b
                             }
                         };
-                        wire::begin_frame(&mut frame, Kind::Averaged, p as u32);
-                        frame.extend_from_slice(&bytes);
+                        frame
+                            .start(Kind::Averaged, p as u32, bytes.len())
+                            .copy_from_slice(&bytes);
                     }
-                    _ => wire::begin_frame(&mut frame, Kind::Empty, p as u32),
+                    _ => {
+                        frame.start(Kind::Empty, p as u32, 0);
+                    }
                 }
             }
-            down.seal_frame(&mut frame)
-                .map_err(|_| PeerFault::ProtocolViolation {
-                    reason: "seal failed",
-                })?;
-            wire::write_all_timeout(&mut wr, &frame, ctx.cfg.reducer_timeout).await?;
-            written += frame.len() as u64;
+            let sealed = frame.seal(&mut down)?;
+            wire::write_all_timeout(&mut wr, sealed, ctx.cfg.reducer_timeout).await?;
+            written += sealed.len() as u64;
         }
         let _ = wr.shutdown().await;
         Ok::<u64, PeerFault>(written)
@@ -703,7 +678,7 @@ async fn exchange<T: AsRef<[f32]> + Sync>(
     *bytes += frame.len() as u64;
 
     let parts = result.parts.clone();
-    let writer = write_parts(ctx, &parts, &mut up, &mut wr, frame);
+    let writer = write_parts(ctx, &parts, &mut up, &mut wr);
     let reader = read_results(ctx, rd, &mut down, result);
     let (w, rres) = tokio::join!(writer, reader);
     match w {
@@ -726,29 +701,45 @@ async fn write_parts<T: AsRef<[f32]> + Sync>(
     parts: &[Range<usize>],
     up: &mut FrameCipher,
     wr: &mut OwnedWriteHalf,
-    mut frame: Vec<u8>,
 ) -> std::result::Result<u64, PeerFault> {
     let compression = ctx.cfg.compression;
+    let mut frame = FrameBuf::with_payload_capacity(
+        parts
+            .iter()
+            .map(|r| compression.encoded_len(r.len()))
+            .max()
+            .unwrap_or(0),
+    );
     let mut scratch = Vec::new();
     let mut written = 0u64;
+    let refused = |_| PeerFault::ProtocolViolation {
+        reason: "local part does not encode",
+    };
     for (p, range) in parts.iter().enumerate() {
-        wire::begin_frame(&mut frame, Kind::Part, p as u32);
+        let payload = frame.start(Kind::Part, p as u32, compression.encoded_len(range.len()));
         match compression {
             // Elementwise codecs encode piece by piece straight into the frame.
             Compression::None | Compression::Float16 => {
+                let mut at = 0;
                 for (i, local, _) in ctx.layout.pieces(range.clone()) {
-                    compression.encode(&ctx.tensors[i].as_ref()[local], &mut frame);
+                    let n = compression.encoded_len(local.len());
+                    compression
+                        .encode_into(&ctx.tensors[i].as_ref()[local], &mut payload[at..at + n])
+                        .map_err(refused)?;
+                    at += n;
                 }
             }
             Compression::Blockwise8Bit => {
                 scratch.resize(range.len(), 0.0);
                 ctx.layout.gather(ctx.tensors, range.clone(), &mut scratch);
-                compression.encode(&scratch, &mut frame);
+                compression
+                    .encode_into(&scratch, payload)
+                    .map_err(refused)?;
             }
         }
-        up.seal_frame(&mut frame).map_err(bad_key_seal)?;
-        wire::write_all_timeout(wr, &frame, ctx.cfg.reducer_timeout).await?;
-        written += frame.len() as u64;
+        let sealed = frame.seal(up)?;
+        wire::write_all_timeout(wr, sealed, ctx.cfg.reducer_timeout).await?;
+        written += sealed.len() as u64;
     }
     Ok(written)
 }
@@ -782,14 +773,15 @@ async fn read_results<T: AsRef<[f32]> + Sync>(
         match kind {
             Kind::Averaged => {
                 let out = &mut result.values[local];
-                compression.decode_into(&buf[payload], out).map_err(|_| {
+                let bytes = &buf[payload];
+                let finite = compression.decode_into_checked(bytes, out).map_err(|_| {
                     PeerFault::WrongPartSize {
                         part: p,
                         expected: range.len(),
-                        got: buf.len() / 4,
+                        got: (bytes.len() as f64 / compression.bytes_per_element()) as usize,
                     }
                 })?;
-                if !all_finite(out) {
+                if !finite {
                     return Err(PeerFault::NonFinite { part: p });
                 }
                 result.averaged[p] = true;

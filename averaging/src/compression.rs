@@ -80,15 +80,30 @@ impl Compression {
         }
     }
 
-    /// Append the encoding of `values` to `out` (the frame being built, so
-    /// encoding is fused with the copy that sends it). The codecs are
+    /// Append the encoding of `values` to `out`. The codecs are
     /// `colony-kernels`' CPU wire codecs; this only frames them.
     pub fn encode(self, values: &[f32], out: &mut Vec<u8>) {
         let start = out.len();
         out.resize(start + self.encoded_len(values.len()), 0);
-        let dst = &mut out[start..];
-        // The destination is sized by `encoded_len` and the block size is a
-        // non-zero constant, the only two things the kernels check.
+        let encoded = self.encode_into(values, &mut out[start..]);
+        debug_assert!(
+            encoded.is_ok(),
+            "encode into an exactly sized buffer: {encoded:?}"
+        );
+    }
+
+    /// Encode `values` into `dst`, which must be exactly
+    /// [`Self::encoded_len`] bytes (a frame's payload, so encoding is fused
+    /// with the copy that sends it).
+    ///
+    /// # Errors
+    /// [`AveragingError::Decode`] when `dst` has the wrong length.
+    pub fn encode_into(self, values: &[f32], dst: &mut [u8]) -> Result<()> {
+        if dst.len() != self.encoded_len(values.len()) {
+            return Err(AveragingError::Decode {
+                reason: "encode buffer does not match the part size",
+            });
+        }
         let encoded = match self {
             Self::None => {
                 dst.copy_from_slice(bytemuck::cast_slice(values));
@@ -97,10 +112,9 @@ impl Compression {
             Self::Float16 => kernels::f16::encode(values, dst),
             Self::Blockwise8Bit => kernels::q8::encode(values, BLOCK_8BIT, dst),
         };
-        debug_assert!(
-            encoded.is_ok(),
-            "encode into an exactly sized buffer: {encoded:?}"
-        );
+        encoded.map_err(|_| AveragingError::Decode {
+            reason: "codec refused the part",
+        })
     }
 
     /// Decode `bytes` into `out`, which must hold exactly the encoded count.
@@ -115,8 +129,13 @@ impl Compression {
         }
         let decoded = match self {
             Self::None => {
-                for (d, s) in out.iter_mut().zip(bytes.chunks_exact(4)) {
-                    *d = f32::from_le_bytes([s[0], s[1], s[2], s[3]]);
+                match bytemuck::try_cast_slice::<u8, f32>(bytes) {
+                    Ok(values) => out.copy_from_slice(values),
+                    Err(_) => {
+                        for (d, s) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                            *d = f32::from_le_bytes([s[0], s[1], s[2], s[3]]);
+                        }
+                    }
                 }
                 Ok(())
             }
@@ -128,15 +147,111 @@ impl Compression {
         })
     }
 
-    /// [`Self::decode_into`] followed by a finiteness check while the values
-    /// are hot in cache. Returns `Ok(false)` on NaN/inf (an 8-bit block with a
-    /// non-finite value decodes to all NaN, so poison stays visible).
+    /// [`Self::decode_into`] with a finiteness check. Returns `Ok(false)` on
+    /// NaN/inf (an 8-bit block with a non-finite value decodes to all NaN, so
+    /// poison stays visible). fp16 is checked on the wire form (half the bytes)
+    /// and raw `f32` chunk by chunk while each chunk is still in cache.
     ///
     /// # Errors
     /// As [`Self::decode_into`].
     pub fn decode_into_checked(self, bytes: &[u8], out: &mut [f32]) -> Result<bool> {
-        self.decode_into(bytes, out)?;
-        Ok(all_finite(out))
+        match self {
+            Self::None => {
+                if bytes.len() != self.encoded_len(out.len()) {
+                    return Err(AveragingError::Decode {
+                        reason: "encoded length does not match the part size",
+                    });
+                }
+                let mut finite = true;
+                for (o, b) in out
+                    .chunks_mut(CHECK_CHUNK)
+                    .zip(bytes.chunks(4 * CHECK_CHUNK))
+                {
+                    self.decode_into(b, o)?;
+                    finite &= all_finite(o);
+                }
+                Ok(finite)
+            }
+            Self::Float16 => {
+                let finite = f16_wire_all_finite(bytes);
+                self.decode_into(bytes, out)?;
+                Ok(finite)
+            }
+            Self::Blockwise8Bit => {
+                self.decode_into(bytes, out)?;
+                Ok(all_finite(out))
+            }
+        }
+    }
+
+    /// `acc += weight · decode(bytes)` for a part whose wire values are all
+    /// finite, without materialising the decoded values where the codec allows
+    /// (fp16 is checked on the wire form, then decoded and accumulated in one
+    /// pass). `scratch` must hold at least `acc.len()` values; it is used by
+    /// codecs that decode first. Returns `Ok(false)` and leaves `acc`
+    /// untouched when a value is NaN/inf.
+    ///
+    /// # Errors
+    /// [`AveragingError::Decode`] for a length mismatch or a non-finite weight.
+    pub fn accumulate_checked(
+        self,
+        bytes: &[u8],
+        acc: &mut [f32],
+        weight: f32,
+        scratch: &mut [f32],
+    ) -> Result<bool> {
+        if bytes.len() != self.encoded_len(acc.len()) || scratch.len() < acc.len() {
+            return Err(AveragingError::Decode {
+                reason: "encoded length does not match the part size",
+            });
+        }
+        let refused = |_| AveragingError::Decode {
+            reason: "codec refused the part",
+        };
+        match self {
+            Self::Float16 => {
+                if !f16_wire_all_finite(bytes) {
+                    return Ok(false);
+                }
+                kernels::f16::decode_accumulate(bytes, acc, weight).map_err(refused)?;
+                Ok(true)
+            }
+            Self::None | Self::Blockwise8Bit => {
+                let values: &[f32] = match (self, bytemuck::try_cast_slice::<u8, f32>(bytes)) {
+                    (Self::None, Ok(values)) => values,
+                    _ => {
+                        let tmp = &mut scratch[..acc.len()];
+                        self.decode_into(bytes, tmp)?;
+                        tmp
+                    }
+                };
+                if !all_finite(values) {
+                    return Ok(false);
+                }
+                kernels::accumulate(acc, values, weight).map_err(refused)?;
+                Ok(true)
+            }
+        }
+    }
+}
+
+/// Values per chunk when decoding and checking raw `f32` (64 KiB: the chunk is
+/// checked while it is still in L1/L2).
+const CHECK_CHUNK: usize = 16 * 1024;
+
+/// Whether every little-endian fp16 value in `bytes` is finite (exponent bits
+/// not all ones). A trailing odd byte is ignored (length checks reject it).
+fn f16_wire_all_finite(bytes: &[u8]) -> bool {
+    const EXP: u16 = 0x7C00;
+    match bytemuck::try_cast_slice::<u8, u16>(&bytes[..bytes.len() & !1]) {
+        // Branch-free per block so the loop vectorises; little-endian wire =
+        // native order on every target we build for, checked below.
+        Ok(halves) if cfg!(target_endian = "little") => halves
+            .chunks(1024)
+            .all(|c| !c.iter().fold(false, |bad, &h| bad | (h & EXP == EXP))),
+        _ => bytes
+            .chunks_exact(2)
+            .all(|c| u16::from_le_bytes([c[0], c[1]]) & EXP != EXP),
     }
 }
 
@@ -185,6 +300,65 @@ mod tests {
         let mut out = [0.0; 2];
         Compression::Float16.decode_into(&bytes, &mut out).unwrap();
         assert_eq!(out, [65504.0, -65504.0]);
+    }
+
+    #[test]
+    fn checked_paths_agree_with_decode_and_catch_poison() {
+        let v = sample(70_001);
+        for c in [
+            Compression::None,
+            Compression::Float16,
+            Compression::Blockwise8Bit,
+        ] {
+            let mut bytes = Vec::new();
+            c.encode(&v, &mut bytes);
+            // encode_into is the same bytes as encode.
+            let mut direct = vec![0u8; c.encoded_len(v.len())];
+            c.encode_into(&v, &mut direct).unwrap();
+            assert_eq!(direct, bytes);
+            let mut plain = vec![0.0; v.len()];
+            c.decode_into(&bytes, &mut plain).unwrap();
+            let mut checked = vec![0.0; v.len()];
+            assert!(c.decode_into_checked(&bytes, &mut checked).unwrap());
+            assert_eq!(plain, checked);
+            // Fused accumulate equals decode then accumulate.
+            let mut acc = vec![1.0f32; v.len()];
+            let mut scratch = vec![0.0; v.len()];
+            assert!(
+                c.accumulate_checked(&bytes, &mut acc, 0.5, &mut scratch)
+                    .unwrap()
+            );
+            for (a, p) in acc.iter().zip(&plain) {
+                assert!(
+                    (a - (1.0 + 0.5 * p)).abs() <= 1e-6 * (1.0 + p.abs()),
+                    "{c:?}"
+                );
+            }
+            // One poisoned value anywhere is caught and leaves acc untouched.
+            for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                let mut w = v.clone();
+                w[v.len() - 3] = bad;
+                let mut bytes = Vec::new();
+                c.encode(&w, &mut bytes);
+                assert!(
+                    !c.decode_into_checked(&bytes, &mut checked).unwrap(),
+                    "{c:?}"
+                );
+                let before = acc.clone();
+                assert!(
+                    !c.accumulate_checked(&bytes, &mut acc, 1.0, &mut scratch)
+                        .unwrap()
+                );
+                assert_eq!(acc, before, "{c:?} touched acc");
+            }
+            // Wrong sizes are typed errors.
+            assert!(c.encode_into(&v, &mut direct[1..]).is_err());
+            assert!(c.decode_into_checked(&bytes[1..], &mut checked).is_err());
+            assert!(
+                c.accumulate_checked(&bytes, &mut acc[1..], 1.0, &mut scratch)
+                    .is_err()
+            );
+        }
     }
 
     #[test]

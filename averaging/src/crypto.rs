@@ -7,20 +7,21 @@
 //! A key is used for exactly one direction of one connection, and the nonce is
 //! that direction's frame counter, so a nonce is never reused under a key.
 
-use aws_lc_rs::{
+use ring::{
     aead::{AES_128_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey},
-    agreement::{self, PrivateKey, UnparsedPublicKey, X25519},
     hkdf::{HKDF_SHA256, KeyType, Salt},
+    rand::{SecureRandom, SystemRandom},
 };
+use x25519_dalek::{PublicKey, StaticSecret};
 
 use crate::error::{AveragingError, Result};
 
 /// AES-GCM tag length in bytes.
 pub const TAG_LEN: usize = 16;
 
-/// One peer's key pair for one round.
+/// One peer's key pair for one round. The secret is zeroized on drop.
 pub struct RoundKeyPair {
-    private: PrivateKey,
+    secret: StaticSecret,
     public: [u8; 32],
 }
 
@@ -38,22 +39,16 @@ impl RoundKeyPair {
     /// # Errors
     /// [`AveragingError::Crypto`] if the system RNG fails.
     pub fn generate() -> Result<Self> {
-        let private = PrivateKey::generate(&X25519).map_err(|_| AveragingError::Crypto {
-            context: "generating an X25519 key",
-        })?;
-        let public_key = private
-            .compute_public_key()
+        let mut bytes = [0u8; 32];
+        SystemRandom::new()
+            .fill(&mut bytes)
             .map_err(|_| AveragingError::Crypto {
-                context: "computing an X25519 public key",
+                context: "generating an X25519 key",
             })?;
-        let mut public = [0u8; 32];
-        if public_key.as_ref().len() != 32 {
-            return Err(AveragingError::Crypto {
-                context: "unexpected X25519 public key length",
-            });
-        }
-        public.copy_from_slice(public_key.as_ref());
-        Ok(Self { private, public })
+        let secret = StaticSecret::from(bytes);
+        bytes.fill(0);
+        let public = PublicKey::from(&secret).to_bytes();
+        Ok(Self { secret, public })
     }
 
     /// The public half, to publish to the group.
@@ -65,7 +60,8 @@ impl RoundKeyPair {
     /// (`self` being one of the two, `peer_public` the other's key).
     ///
     /// # Errors
-    /// [`AveragingError::Crypto`] for an invalid peer key.
+    /// [`AveragingError::Crypto`] for a peer key of small order (the shared
+    /// secret would not depend on our key).
     pub fn connection_keys(
         &self,
         peer_public: &[u8; 32],
@@ -73,28 +69,30 @@ impl RoundKeyPair {
         sender: u32,
         reducer: u32,
     ) -> Result<ConnectionKeys> {
-        let err = AveragingError::Crypto {
-            context: "X25519 agreement",
+        let shared = self.secret.diffie_hellman(&PublicKey::from(*peer_public));
+        if !shared.was_contributory() {
+            return Err(AveragingError::Crypto {
+                context: "X25519 agreement with a small-order key",
+            });
+        }
+        let salt = Salt::new(HKDF_SHA256, group_id);
+        let prk = salt.extract(shared.as_bytes());
+        let derive = |dir: &[u8]| -> Result<[u8; 16]> {
+            let s = sender.to_le_bytes();
+            let r = reducer.to_le_bytes();
+            let info: [&[u8]; 4] = [b"colony-averaging-dataplane-v1", &s, &r, dir];
+            let mut key = [0u8; 16];
+            prk.expand(&info, Len16)
+                .and_then(|okm| okm.fill(&mut key))
+                .map_err(|_| AveragingError::Crypto {
+                    context: "HKDF expand",
+                })?;
+            Ok(key)
         };
-        let peer = UnparsedPublicKey::new(&X25519, peer_public);
-        let (up, down) = agreement::agree(&self.private, peer, err, |secret| {
-            let salt = Salt::new(HKDF_SHA256, group_id);
-            let prk = salt.extract(secret);
-            let derive = |dir: &[u8]| -> Result<[u8; 16]> {
-                let s = sender.to_le_bytes();
-                let r = reducer.to_le_bytes();
-                let info: [&[u8]; 4] = [b"colony-averaging-dataplane-v1", &s, &r, dir];
-                let mut key = [0u8; 16];
-                prk.expand(&info, Len16)
-                    .and_then(|okm| okm.fill(&mut key))
-                    .map_err(|_| AveragingError::Crypto {
-                        context: "HKDF expand",
-                    })?;
-                Ok(key)
-            };
-            Ok((derive(b"up")?, derive(b"down")?))
-        })?;
-        Ok(ConnectionKeys { up, down })
+        Ok(ConnectionKeys {
+            up: derive(b"up")?,
+            down: derive(b"down")?,
+        })
     }
 }
 
@@ -165,19 +163,38 @@ impl FrameCipher {
     /// # Errors
     /// [`AveragingError::Crypto`] on failure.
     pub fn seal_frame(&mut self, frame: &mut Vec<u8>) -> Result<()> {
-        let body_len = frame.len() - 4 + TAG_LEN;
-        let len = u32::try_from(body_len).map_err(|_| AveragingError::Crypto {
+        let body_len = frame.len().saturating_sub(4);
+        frame.resize(4 + body_len + TAG_LEN, 0);
+        self.seal_in_buffer(frame, body_len).map(|_| ())
+    }
+
+    /// Seal a frame laid out in a reusable buffer, `len (4) ‖ body (body_len) ‖
+    /// room for the tag (16)`, without growing or clearing it: fills the length
+    /// prefix (authenticated as associated data), encrypts the body in place,
+    /// writes the tag after it and returns the frame's total length.
+    ///
+    /// # Errors
+    /// [`AveragingError::Crypto`] if `buf` is too short or the frame too large.
+    pub fn seal_in_buffer(&mut self, buf: &mut [u8], body_len: usize) -> Result<usize> {
+        let total = 4 + body_len + TAG_LEN;
+        if buf.len() < total {
+            return Err(AveragingError::Crypto {
+                context: "frame buffer too short",
+            });
+        }
+        let len = u32::try_from(body_len + TAG_LEN).map_err(|_| AveragingError::Crypto {
             context: "frame too large",
         })?;
         let len_bytes = len.to_le_bytes();
-        frame[..4].copy_from_slice(&len_bytes);
+        buf[..4].copy_from_slice(&len_bytes);
         let nonce = self.next_nonce()?;
+        let (body, rest) = buf[4..].split_at_mut(body_len);
         let tag = self
             .key
-            .seal_in_place_separate_tag(nonce, Aad::from(len_bytes), &mut frame[4..])
+            .seal_in_place_separate_tag(nonce, Aad::from(len_bytes), body)
             .map_err(|_| AveragingError::Crypto { context: "seal" })?;
-        frame.extend_from_slice(tag.as_ref());
-        Ok(())
+        rest[..TAG_LEN].copy_from_slice(tag.as_ref());
+        Ok(total)
     }
 
     /// Open a frame body (`len_bytes` is its length prefix); returns the plaintext.
@@ -214,6 +231,20 @@ mod tests {
         assert_ne!(ka.up, ka.down);
         let other = a.connection_keys(&b.public(), b"gid", 1, 0).unwrap();
         assert_ne!(ka, other);
+    }
+
+    #[test]
+    fn small_order_peer_keys_are_refused() {
+        let a = RoundKeyPair::generate().unwrap();
+        // u = 0 and u = 1 have small order (2 and 4): the shared secret is all zero.
+        let mut order2 = [0u8; 32];
+        order2[0] = 1;
+        for bad in [[0u8; 32], order2] {
+            assert!(matches!(
+                a.connection_keys(&bad, b"gid", 0, 1),
+                Err(AveragingError::Crypto { .. })
+            ));
+        }
     }
 
     #[test]

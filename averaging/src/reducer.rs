@@ -117,12 +117,24 @@ impl PartReducer {
         pieces: impl Iterator<Item = &'a [f32]> + Clone,
         weight: f32,
     ) -> Result<(), PeerFault> {
+        if !pieces.clone().all(crate::compression::all_finite) {
+            return Err(PeerFault::NonFinite { part });
+        }
+        self.accumulate_finite_pieces(sender, part, pieces, weight)
+    }
+
+    /// [`Self::accumulate_pieces`] for pieces the caller has already checked to
+    /// be finite (a peer's own tensors, checked once at the start of a round).
+    pub(crate) fn accumulate_finite_pieces<'a>(
+        &mut self,
+        sender: usize,
+        part: usize,
+        pieces: impl Iterator<Item = &'a [f32]> + Clone,
+        weight: f32,
+    ) -> Result<(), PeerFault> {
         let len: usize = pieces.clone().map(<[f32]>::len).sum();
         self.check(sender, part, len)?;
-        if !weight.is_finite()
-            || weight < 0.0
-            || !pieces.clone().all(crate::compression::all_finite)
-        {
+        if !weight.is_finite() || weight < 0.0 {
             return Err(PeerFault::NonFinite { part });
         }
         let mut at = self.parts[part].start;
@@ -172,6 +184,52 @@ impl PartReducer {
         let range = self.parts[part].clone();
         kernels::accumulate(&mut self.acc[range], values, weight)
             .map_err(|_| PeerFault::NonFinite { part })?;
+        self.weight_sum[part] += f64::from(weight);
+        self.delivered[sender] += 1;
+        Ok(())
+    }
+
+    /// Add `weight · decode(bytes)` for `sender`'s next part, straight from its
+    /// wire encoding (fp16 is decoded and accumulated in one pass). `scratch`
+    /// holds at least the part's length for codecs that decode first.
+    ///
+    /// # Errors
+    /// As [`Self::check`]; [`PeerFault::WrongPartSize`] if the bytes do not
+    /// encode the part's length, [`PeerFault::NonFinite`] for NaN/inf values
+    /// or weight. The accumulator is untouched on error.
+    pub(crate) fn accumulate_encoded(
+        &mut self,
+        sender: usize,
+        part: usize,
+        bytes: &[u8],
+        compression: crate::compression::Compression,
+        weight: f32,
+        scratch: &mut [f32],
+    ) -> Result<(), PeerFault> {
+        let len = self.part_len(part);
+        if bytes.len() != compression.encoded_len(len) {
+            // Report the size in values when the codec allows it.
+            let got = (bytes.len() as f64 / compression.bytes_per_element()) as usize;
+            self.check(sender, part, got)?;
+            return Err(PeerFault::WrongPartSize {
+                part,
+                expected: len,
+                got,
+            });
+        }
+        self.check(sender, part, len)?;
+        if !weight.is_finite() || weight < 0.0 {
+            return Err(PeerFault::NonFinite { part });
+        }
+        let range = self.parts[part].clone();
+        let finite = compression
+            .accumulate_checked(bytes, &mut self.acc[range], weight, scratch)
+            .map_err(|_| PeerFault::Garbage {
+                reason: "undecodable part",
+            })?;
+        if !finite {
+            return Err(PeerFault::NonFinite { part });
+        }
         self.weight_sum[part] += f64::from(weight);
         self.delivered[sender] += 1;
         Ok(())

@@ -125,6 +125,49 @@ pub(crate) fn begin_frame(buf: &mut Vec<u8>, kind: Kind, index: u32) {
     buf.extend_from_slice(&index.to_le_bytes());
 }
 
+/// A reusable outgoing frame, `len (4) ‖ header (8) ‖ payload ‖ tag (16)`. The
+/// buffer only grows (zero-filled once, when a larger frame than any before is
+/// built), so building a frame never clears or reallocates memory: the payload
+/// is encoded straight into it, sealed in place and written out.
+#[derive(Debug, Default)]
+pub(crate) struct FrameBuf {
+    buf: Vec<u8>,
+    body: usize,
+}
+
+impl FrameBuf {
+    /// A buffer sized for payloads of up to `payload` bytes.
+    pub(crate) fn with_payload_capacity(payload: usize) -> Self {
+        Self {
+            buf: vec![0; 4 + HEADER_LEN + payload + TAG_LEN],
+            body: 0,
+        }
+    }
+
+    /// Start a frame of `kind` with a payload of `payload_len` bytes and return
+    /// the payload, which the caller must fill completely.
+    pub(crate) fn start(&mut self, kind: Kind, index: u32, payload_len: usize) -> &mut [u8] {
+        let total = 4 + HEADER_LEN + payload_len + TAG_LEN;
+        if self.buf.len() < total {
+            self.buf.resize(total, 0);
+        }
+        let i = index.to_le_bytes();
+        self.buf[4..4 + HEADER_LEN].copy_from_slice(&[kind as u8, 0, 0, 0, i[0], i[1], i[2], i[3]]);
+        self.body = HEADER_LEN + payload_len;
+        &mut self.buf[4 + HEADER_LEN..4 + self.body]
+    }
+
+    /// Seal the frame started last and return its bytes, ready to write.
+    pub(crate) fn seal(&mut self, cipher: &mut FrameCipher) -> Result<&[u8], PeerFault> {
+        let n = cipher
+            .seal_in_buffer(&mut self.buf, self.body)
+            .map_err(|_| PeerFault::ProtocolViolation {
+                reason: "seal failed",
+            })?;
+        Ok(&self.buf[..n])
+    }
+}
+
 /// Write a whole buffer within `timeout`.
 pub(crate) async fn write_all_timeout<W: AsyncWrite + Unpin>(
     w: &mut W,
@@ -140,7 +183,8 @@ pub(crate) async fn write_all_timeout<W: AsyncWrite + Unpin>(
     }
 }
 
-/// Read and open one frame into `buf`; returns `(kind, index, payload range)`.
+/// Read and open one frame into the front of `buf` (grown as needed, never
+/// shrunk); returns `(kind, index, payload range)`.
 pub(crate) async fn read_frame<R: AsyncRead + Unpin>(
     r: &mut R,
     cipher: &mut FrameCipher,
@@ -157,11 +201,15 @@ pub(crate) async fn read_frame<R: AsyncRead + Unpin>(
                 reason: "frame length out of range",
             }));
         }
-        buf.resize(len, 0);
-        r.read_exact(&mut buf[..]).await?;
-        Ok::<_, std::io::Error>(Ok(len_bytes))
+        // Grow only: a shorter frame reuses the front of the buffer, so a
+        // connection zero-fills its receive buffer once.
+        if buf.len() < len {
+            buf.resize(len, 0);
+        }
+        r.read_exact(&mut buf[..len]).await?;
+        Ok::<_, std::io::Error>(Ok((len_bytes, len)))
     };
-    let len_bytes = match tokio::time::timeout(timeout, fut).await {
+    let (len_bytes, len) = match tokio::time::timeout(timeout, fut).await {
         Err(_) => return Err(PeerFault::Stalled { timeout }),
         Ok(Err(e)) => {
             return Err(PeerFault::Disconnected {
@@ -171,7 +219,7 @@ pub(crate) async fn read_frame<R: AsyncRead + Unpin>(
         Ok(Ok(res)) => res?,
     };
     let plain_len = cipher
-        .open_frame(len_bytes, &mut buf[..])
+        .open_frame(len_bytes, &mut buf[..len])
         .map_err(|_| PeerFault::Garbage {
             reason: "frame failed authentication",
         })?
