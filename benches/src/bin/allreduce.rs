@@ -20,7 +20,7 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use colony_averaging::{
     AllreduceConfig, AssembledGroup, AveragingMode, Compression, DataPlane, FrameCipher,
-    GroupMember, RoundKeyPair, TensorLayout, run_allreduce,
+    GroupMember, RoundKeyPair, TAG_LEN, TensorLayout, run_allreduce,
 };
 use serde::{Deserialize, Serialize};
 use tokio::{
@@ -67,6 +67,7 @@ enum Msg {
     StreamTest {
         peers: Vec<SocketAddr>,
         bytes_per_target: u64,
+        sealed: bool,
     },
     StreamDone {
         seconds: f64,
@@ -214,6 +215,7 @@ async fn worker(args: Args, index: usize) -> Result<()> {
             Msg::StreamTest {
                 peers,
                 bytes_per_target,
+                sealed,
             } => {
                 let c0 = cpu_seconds();
                 let t = stream_test(
@@ -223,6 +225,7 @@ async fn worker(args: Args, index: usize) -> Result<()> {
                     bytes_per_target,
                     &cfg,
                     compression,
+                    sealed,
                 )
                 .await?;
                 ctl.send(&Msg::StreamDone {
@@ -286,8 +289,9 @@ async fn worker(args: Args, index: usize) -> Result<()> {
 }
 
 /// Every worker streams `bytes_per_target` to every other worker at once, in
-/// sealed frames of the all-reduce's size; returns seconds until this worker has
-/// sent and received everything.
+/// frames of the all-reduce's size (sealed with AES-128-GCM, or, with `sealed`
+/// false, the same framing and copies without the AEAD); returns seconds until
+/// this worker has sent and received everything.
 async fn stream_test(
     index: usize,
     listener: &TcpListener,
@@ -295,6 +299,7 @@ async fn stream_test(
     bytes_per_target: u64,
     cfg: &AllreduceConfig,
     compression: Compression,
+    sealed: bool,
 ) -> Result<f64> {
     let frame_payload = compression.encoded_len(cfg.part_len());
     let others: Vec<usize> = (0..peers.len()).filter(|&p| p != index).collect();
@@ -314,7 +319,13 @@ async fn stream_test(
                 frame.clear();
                 frame.extend_from_slice(&[0u8; 12]);
                 frame.extend_from_slice(&src[..n]);
-                cipher.seal_frame(&mut frame)?;
+                if sealed {
+                    cipher.seal_frame(&mut frame)?;
+                } else {
+                    let len = u32::try_from(frame.len() - 4 + TAG_LEN)?;
+                    frame[..4].copy_from_slice(&len.to_le_bytes());
+                    frame.extend_from_slice(&[0u8; TAG_LEN]);
+                }
                 s.write_all(&frame).await?;
                 left -= n as u64;
             }
@@ -332,7 +343,9 @@ async fn stream_test(
             }
             buf.resize(u32::from_le_bytes(len) as usize, 0);
             s.read_exact(&mut buf).await?;
-            cipher.open_frame(len, &mut buf)?;
+            if sealed {
+                cipher.open_frame(len, &mut buf)?;
+            }
         }
         anyhow::Ok(())
     }));
@@ -407,32 +420,38 @@ async fn parent(args: Args) -> Result<()> {
     let per_peer_payload = compression.encoded_len(args.floats) as u64;
     let bytes_per_target = per_peer_payload * 2 / n as u64;
 
-    // Physical limit: all-to-all sealed streaming, same bytes as a round.
+    // Physical limit: all-to-all sealed streaming, same bytes as a round. The
+    // same traffic unsealed (plain TCP) is measured too, for reference: it is
+    // what an unencrypted transport could reach on this machine.
     let stream_addrs: Vec<SocketAddr> = ctls.iter().map(|c| c.2).collect();
-    let mut stream_times = Vec::new();
-    let mut stream_cpu = f64::INFINITY;
-    for _ in 0..2 {
-        let start = Instant::now();
-        for c in ctls.iter_mut() {
-            c.0.send(&Msg::StreamTest {
-                peers: stream_addrs.clone(),
-                bytes_per_target,
-            })
-            .await?;
-        }
-        let mut cpu_sum = 0.0;
-        for c in ctls.iter_mut() {
-            let Msg::StreamDone { cpu, .. } = c.0.recv().await? else {
-                bail!("expected stream done")
-            };
-            cpu_sum += cpu;
-        }
-        stream_cpu = stream_cpu.min(cpu_sum);
-        stream_times.push(start.elapsed().as_secs_f64());
-    }
-    let stream_seconds = stream_times.iter().copied().fold(f64::INFINITY, f64::min);
     let total_stream_bytes = bytes_per_target * (n as u64) * (n as u64 - 1);
-    let aggregate = total_stream_bytes as f64 / stream_seconds;
+    let mut limits = [(0.0f64, 0.0f64); 2];
+    for (sealed, limit) in [true, false].into_iter().zip(limits.iter_mut()) {
+        let mut best_seconds = f64::INFINITY;
+        let mut best_cpu = f64::INFINITY;
+        for _ in 0..2 {
+            let start = Instant::now();
+            for c in ctls.iter_mut() {
+                c.0.send(&Msg::StreamTest {
+                    peers: stream_addrs.clone(),
+                    bytes_per_target,
+                    sealed,
+                })
+                .await?;
+            }
+            let mut cpu_sum = 0.0;
+            for c in ctls.iter_mut() {
+                let Msg::StreamDone { cpu, .. } = c.0.recv().await? else {
+                    bail!("expected stream done")
+                };
+                cpu_sum += cpu;
+            }
+            best_cpu = best_cpu.min(cpu_sum);
+            best_seconds = best_seconds.min(start.elapsed().as_secs_f64());
+        }
+        *limit = (total_stream_bytes as f64 / best_seconds, best_cpu);
+    }
+    let [(aggregate, stream_cpu), (aggregate_plain, plain_cpu)] = limits;
 
     let mut round_secs = Vec::new();
     let mut round_cpu = Vec::new();
@@ -508,6 +527,7 @@ async fn parent(args: Args) -> Result<()> {
     // Bytes all peers send in a round (payload plus framing, as measured).
     let round_bytes = (bytes_sent * n as u64) as f64;
     let lower_bound = round_bytes / aggregate;
+    let lower_bound_plain = round_bytes / aggregate_plain;
     if args.json {
         println!(
             "{}",
@@ -528,6 +548,9 @@ async fn parent(args: Args) -> Result<()> {
                 "excluded_peers": failures,
                 "cpu_seconds_per_round_all_peers": cpu_per_round,
                 "cpu_seconds_stream_test_all_peers": stream_cpu,
+                "aggregate_plain_tcp_bytes_per_s": aggregate_plain,
+                "lower_bound_plain_tcp_seconds": lower_bound_plain,
+                "cpu_seconds_plain_tcp_test_all_peers": plain_cpu,
                 "machine_cores": std::thread::available_parallelism().map_or(0, |n| n.get()),
             })
         );
@@ -542,6 +565,10 @@ async fn parent(args: Args) -> Result<()> {
         println!("aggregate_stream (limit A)    {:.3} GB/s", aggregate / 1e9);
         println!("lower_bound_seconds           {lower_bound:.3}");
         println!("ratio to lower bound          {:.2}", spr / lower_bound);
+        println!(
+            "plain TCP, no AEAD (reference) {:.3} GB/s, bound {lower_bound_plain:.3} s, {plain_cpu:.3} cpu-s",
+            aggregate_plain / 1e9
+        );
         println!(
             "peak_rss (largest peer)       {:.1} MB ({:.2}x buffer)",
             peak as f64 / 1e6,
