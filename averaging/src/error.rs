@@ -130,6 +130,15 @@ pub enum AveragingError {
         /// Which operation.
         context: &'static str,
     },
+    /// Moving tensors to or from a device buffer failed.
+    #[error("device error while {context}: {source}")]
+    Device {
+        /// What was being done.
+        context: &'static str,
+        /// The kernels' error.
+        #[source]
+        source: colony_kernels::KernelError,
+    },
     /// Socket-level failure on this peer.
     #[error("i/o error while {context}: {source}")]
     Io {

@@ -12,6 +12,8 @@
 //! * [`matchmaking`]: leader choice and join decisions as pure functions;
 //!   [`group_keys`]: `{prefix}.0b{bits}` keys and Moshpit bit rotation.
 //! * [`state`]: serving and downloading averager state with verification.
+//! * Buffers on any `colony-kernels` device (CPU or CUDA) are averaged with
+//!   [`DecentralizedAverager::step_buffers`], staged through host memory.
 
 mod allreduce;
 mod averager;
@@ -19,6 +21,7 @@ mod compression;
 mod control;
 mod crypto;
 mod dataplane;
+mod device;
 mod error;
 mod group;
 pub mod group_keys;
