@@ -513,6 +513,10 @@ async fn serve_sender<T: AsRef<[f32]> + Sync>(
         }
         Ok::<(), PeerFault>(())
     };
+    // A client-mode sender gets results only once it has sent all its parts
+    // (the reference's `should_delay_results`): on asymmetric links, results
+    // flowing down while parts go up compress the sender's ACKs and slow both.
+    let delay_results = ctx.group.members[s].mode == AveragingMode::Client;
     let writer = async {
         let mut rx = tx.subscribe();
         let mut frame = FrameBuf::default();
@@ -524,7 +528,12 @@ async fn serve_sender<T: AsRef<[f32]> + Sync>(
                     let r = red.lock().map_err(|_| PeerFault::ProtocolViolation {
                         reason: "reducer state poisoned",
                     })?;
-                    (r.finalized() > p, r.is_banned(s) && r.delivered(s) <= p)
+                    // A banned client gets what it delivered, then the writer ends.
+                    let sent_all = !delay_results || r.delivered(s) == nparts || r.is_banned(s);
+                    (
+                        r.finalized() > p && sent_all,
+                        r.is_banned(s) && r.delivered(s) <= p,
+                    )
                 };
                 if gone {
                     return Ok(written);

@@ -2,5 +2,6 @@
 //! that need the private wire format.
 
 mod adversarial;
+mod client_delay;
 mod rounds;
 mod support;
