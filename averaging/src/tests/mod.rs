@@ -2,5 +2,6 @@
 //! that need the private wire format.
 
 mod adversarial;
+mod matchmaking;
 mod rounds;
 mod support;
