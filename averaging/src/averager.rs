@@ -2,14 +2,15 @@
 //! all-reduce over the data plane, and state sharing for late joiners.
 
 use std::{
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex as StdMutex},
     time::Duration,
 };
 
 use colony_dht::{Dht, DhtValue, PeerId, Stream, StreamProtocol, dht_time};
+use futures::FutureExt;
 use rand::{RngCore, seq::SliceRandom};
-use tokio::sync::{Mutex, MutexGuard, Notify};
+use tokio::sync::{Mutex, MutexGuard, Notify, watch};
 use tokio_util::compat::FuturesAsyncReadCompatExt;
 
 use crate::{
@@ -53,6 +54,18 @@ pub struct AveragerConfig {
     pub allow_state_sharing: Option<bool>,
     /// Data-plane listen address. Default `127.0.0.1:0`.
     pub data_listen_addr: SocketAddr,
+    /// Data-plane address announced to group members, when it differs from the
+    /// bound one (port forwarding, NAT: bind `0.0.0.0:7000`, announce
+    /// `203.0.113.5:7000`). Must name a concrete IP and a non-zero port; not
+    /// allowed in client mode (clients accept no connections). Default `None`:
+    /// announce the bound address, or, when bound to an unspecified IP
+    /// (`0.0.0.0` / `::`), the bound port on an IP this peer's DHT node
+    /// advertises (non-loopback first); construction fails if there is none.
+    pub data_announce_addr: Option<SocketAddr>,
+    /// How often a state donor re-declares itself (see
+    /// [`DecentralizedAverager::declare_state`]). Default 30 s (reference
+    /// `declare_state_period`).
+    pub declare_state_period: Duration,
 }
 
 impl AveragerConfig {
@@ -70,6 +83,8 @@ impl AveragerConfig {
             mode: AveragingMode::Node,
             allow_state_sharing: None,
             data_listen_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            data_announce_addr: None,
+            declare_state_period: Duration::from_secs(30),
         }
     }
 
@@ -102,6 +117,28 @@ impl AveragerConfig {
         if self.request_timeout.is_zero() || self.min_matchmaking_time.is_zero() {
             return bad("request_timeout", "timeouts must be positive");
         }
+        if self.declare_state_period.is_zero() {
+            return bad("declare_state_period", "must be positive");
+        }
+        if let Some(a) = self.data_announce_addr {
+            if self.mode == AveragingMode::Client {
+                return bad(
+                    "data_announce_addr",
+                    "client-mode peers accept no data-plane connections",
+                );
+            }
+            if a.ip().is_unspecified() || a.ip().is_multicast() || a.port() == 0 {
+                return bad(
+                    "data_announce_addr",
+                    "must be a concrete unicast IP with a non-zero port",
+                );
+            }
+            if let IpAddr::V4(v4) = a.ip()
+                && v4.is_broadcast()
+            {
+                return bad("data_announce_addr", "must not be a broadcast address");
+            }
+        }
         self.allreduce.validate()
     }
 }
@@ -124,6 +161,64 @@ struct MatchState {
     declared_expiration: Option<f64>,
     following: Option<Vec<u8>>,
     followers: Vec<(GroupMember, Stream)>,
+    /// Joiners accepted whose `Accepted` reply is still on its way: their slots
+    /// are reserved so that concurrent joins never overfill the group.
+    pending: Vec<Vec<u8>>,
+}
+
+/// What the state-donor task keeps in the DHT.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum DonorCommand {
+    /// Nothing declared.
+    Idle,
+    /// Keep `priority` declared; each declaration lives `ttl` seconds.
+    Keep { priority: f64, ttl: f64 },
+    /// Withdraw the declaration and stop.
+    Stop,
+}
+
+/// Where this peer's donor record lives, shared with the re-declaring task.
+#[derive(Debug, Clone)]
+struct DonorRecord {
+    dht: Dht,
+    key: Vec<u8>,
+    subkey: Vec<u8>,
+    peer_id: Vec<u8>,
+    /// Latest expiration stored, so a withdrawal always supersedes it.
+    last_expiration: Arc<StdMutex<f64>>,
+}
+
+impl DonorRecord {
+    async fn declare(&self, priority: f64, expiration: f64) -> Result<()> {
+        let value = rmp_serde::to_vec(&(serde_bytes::Bytes::new(&self.peer_id), priority))
+            .map_err(|_| AveragingError::Decode {
+                reason: "cannot encode donor record",
+            })?;
+        if let Ok(mut last) = self.last_expiration.lock() {
+            *last = last.max(expiration);
+        }
+        self.dht
+            .store(&self.key, Some(&self.subkey), value, expiration)
+            .await
+            .map_err(dht_err("declaring state"))?;
+        Ok(())
+    }
+
+    /// Store nil just after the latest declaration (nothing to do once it expired).
+    async fn withdraw(&self) -> Result<()> {
+        let last = self.last_expiration.lock().map(|l| *l).unwrap_or(0.0);
+        if last <= dht_time() {
+            return Ok(());
+        }
+        if let Ok(mut l) = self.last_expiration.lock() {
+            *l = last + 1e-3;
+        }
+        self.dht
+            .store(&self.key, Some(&self.subkey), vec![0xc0], last + 1e-3)
+            .await
+            .map_err(dht_err("withdrawing state"))?;
+        Ok(())
+    }
 }
 
 struct Inner {
@@ -132,12 +227,19 @@ struct Inner {
     layout: TensorLayout,
     tensors: Mutex<Vec<Vec<f32>>>,
     plane: DataPlane,
+    /// The data-plane address announced to group members (`None`: client).
+    data_addr: Option<SocketAddr>,
     peer_id: Vec<u8>,
     schema: [u8; 32],
     group_bits: StdMutex<String>,
     matching: StdMutex<MatchState>,
+    /// Followers or pending joins changed (one waiter: the matchmaking loop).
     changed: Notify,
     state_metadata: StdMutex<Vec<u8>>,
+    /// Whether this peer serves state (it runs the state acceptor).
+    sharing: bool,
+    donor: DonorRecord,
+    donor_cmd: watch::Sender<DonorCommand>,
     step_lock: Mutex<()>,
 }
 
@@ -206,13 +308,29 @@ impl DecentralizedAverager {
         } else {
             DataPlane::bind(cfg.data_listen_addr, cfg.request_timeout).await?
         };
+        let data_addr = announced_data_addr(&cfg, &plane, &dht)?;
         let bits = cfg.initial_group_bits.clone();
+        let sharing = cfg.mode != AveragingMode::Client
+            && !dht.is_client()
+            && cfg
+                .allow_state_sharing
+                .unwrap_or(cfg.mode == AveragingMode::Node);
+        let peer_id = dht.peer_id().to_bytes();
+        let donor = DonorRecord {
+            dht: dht.clone(),
+            key: format!("{}.all_averagers", cfg.prefix).into_bytes(),
+            subkey: dht.owner_subkey(),
+            peer_id: peer_id.clone(),
+            last_expiration: Arc::new(StdMutex::new(0.0)),
+        };
+        let (donor_cmd, donor_rx) = watch::channel(DonorCommand::Idle);
         let inner = Arc::new(Inner {
-            peer_id: dht.peer_id().to_bytes(),
+            peer_id,
             schema: crate::group::schema_hash(&layout),
             layout,
             tensors: Mutex::new(tensors),
             plane,
+            data_addr,
             group_bits: StdMutex::new(bits.clone()),
             matching: StdMutex::new(MatchState {
                 looking: false,
@@ -220,9 +338,13 @@ impl DecentralizedAverager {
                 declared_expiration: None,
                 following: None,
                 followers: Vec::new(),
+                pending: Vec::new(),
             }),
             changed: Notify::new(),
             state_metadata: StdMutex::new(Vec::new()),
+            sharing,
+            donor: donor.clone(),
+            donor_cmd,
             step_lock: Mutex::new(()),
             cfg,
             dht,
@@ -234,10 +356,6 @@ impl DecentralizedAverager {
                 .accept_streams(join_protocol(&inner.cfg.prefix)?, 64)
                 .map_err(dht_err("registering the join protocol"))?;
             tasks.push(tokio::spawn(accept_joins(Arc::downgrade(&inner), joins)));
-            let sharing = inner
-                .cfg
-                .allow_state_sharing
-                .unwrap_or(inner.cfg.mode == AveragingMode::Node);
             if sharing {
                 let states = inner
                     .dht
@@ -249,10 +367,29 @@ impl DecentralizedAverager {
                 )));
             }
         }
+        if sharing {
+            // Not in `tasks`: shutdown asks it to withdraw instead of aborting it.
+            tokio::spawn(keep_state_declared(
+                donor,
+                donor_rx,
+                inner.cfg.declare_state_period,
+            ));
+        }
         Ok(Self {
             inner,
             tasks: Arc::new(StdMutex::new(tasks)),
         })
+    }
+
+    /// The data-plane address group members connect to (the announced one;
+    /// `None` in client mode).
+    pub fn data_addr(&self) -> Option<SocketAddr> {
+        self.inner.data_addr
+    }
+
+    /// The address the data-plane listener is bound to (`None` in client mode).
+    pub fn data_listen_addr(&self) -> Option<SocketAddr> {
+        self.inner.plane.local_addr()
     }
 
     /// This peer's id bytes.
@@ -263,6 +400,13 @@ impl DecentralizedAverager {
     /// The tensor layout.
     pub fn layout(&self) -> &TensorLayout {
         &self.inner.layout
+    }
+
+    /// Followers this peer leads right now, and its declared expiration.
+    #[cfg(test)]
+    pub(crate) fn leader_state(&self) -> (usize, Option<f64>) {
+        let m = lock_match(&self.inner);
+        (m.followers.len(), m.declared_expiration)
     }
 
     /// Current group bits.
@@ -280,8 +424,10 @@ impl DecentralizedAverager {
         self.inner.tensors.lock().await
     }
 
-    /// Stop background tasks.
+    /// Stop background tasks, and withdraw this peer's state-donor declaration
+    /// (in the background; [`withdraw_state`](Self::withdraw_state) waits for it).
     pub fn shutdown(&self) {
+        self.inner.donor_cmd.send_replace(DonorCommand::Stop);
         if let Ok(mut t) = self.tasks.lock() {
             for h in t.drain(..) {
                 h.abort();
@@ -365,33 +511,65 @@ impl DecentralizedAverager {
     /// `priority` (higher is preferred, e.g. the step) and `metadata` served
     /// with the tensors, until `expiration` (DHT time).
     ///
+    /// The declaration is kept alive: a background task re-declares it every
+    /// [`declare_state_period`](AveragerConfig::declare_state_period), or
+    /// halfway through its lifetime if that is sooner, each time with the same
+    /// lifetime (`expiration` − now), until [`withdraw_state`](Self::withdraw_state),
+    /// [`shutdown`](Self::shutdown) or the averager is dropped; each of those
+    /// withdraws it. A later call replaces priority, metadata and lifetime.
+    /// Does nothing (successfully) on a peer that does not share state
+    /// (client mode, or `allow_state_sharing` off).
+    ///
     /// # Errors
-    /// DHT failures as [`AveragingError::Io`].
+    /// [`AveragingError::InvalidConfig`] for an expiration that is not in the
+    /// future or a non-finite priority; DHT failures as [`AveragingError::Io`]
+    /// (the re-declaring task still runs and retries).
     pub async fn declare_state(
         &self,
         priority: f64,
         metadata: Vec<u8>,
         expiration: f64,
     ) -> Result<()> {
-        if let Ok(mut m) = self.inner.state_metadata.lock() {
+        let inner = &self.inner;
+        if !inner.sharing {
+            tracing::debug!("not declaring state: this peer does not share state");
+            return Ok(());
+        }
+        if *inner.donor_cmd.borrow() == DonorCommand::Stop {
+            tracing::debug!("not declaring state: the averager is shut down");
+            return Ok(());
+        }
+        let ttl = expiration - dht_time();
+        if !ttl.is_finite() || ttl <= 0.0 || !priority.is_finite() {
+            return Err(AveragingError::InvalidConfig {
+                field: "declare_state",
+                reason: "priority must be finite and expiration in the future".into(),
+            });
+        }
+        if let Ok(mut m) = inner.state_metadata.lock() {
             *m = metadata;
         }
-        let key = format!("{}.all_averagers", self.inner.cfg.prefix);
-        let value = rmp_serde::to_vec(&(serde_bytes::Bytes::new(&self.inner.peer_id), priority))
-            .map_err(|_| AveragingError::Decode {
-                reason: "cannot encode donor record",
-            })?;
-        self.inner
-            .dht
-            .store(
-                key.as_bytes(),
-                Some(&self.inner.dht.owner_subkey()),
-                value,
-                expiration,
-            )
-            .await
-            .map_err(dht_err("declaring state"))?;
-        Ok(())
+        // The task refreshes from now on; this first store reports errors.
+        inner
+            .donor_cmd
+            .send_replace(DonorCommand::Keep { priority, ttl });
+        inner.donor.declare(priority, expiration).await
+    }
+
+    /// Stop advertising this peer as a state donor and withdraw its declaration.
+    ///
+    /// # Errors
+    /// DHT failures as [`AveragingError::Io`].
+    pub async fn withdraw_state(&self) -> Result<()> {
+        let inner = &self.inner;
+        inner.donor_cmd.send_if_modified(|c| {
+            let was = *c;
+            if was != DonorCommand::Stop {
+                *c = DonorCommand::Idle;
+            }
+            was != *c
+        });
+        inner.donor.withdraw().await
     }
 
     /// Download state from the best donor (highest priority first, falling back
@@ -402,8 +580,7 @@ impl DecentralizedAverager {
     /// [`AveragingError::NoStateDonor`] when no donor delivered valid state.
     pub async fn load_state_from_peers(&self, timeout: Duration) -> Result<Vec<u8>> {
         let inner = &self.inner;
-        let key = format!("{}.all_averagers", inner.cfg.prefix);
-        let found = tokio::time::timeout(timeout, inner.dht.get(key.as_bytes(), true))
+        let found = tokio::time::timeout(timeout, inner.dht.get(&inner.donor.key, true))
             .await
             .map_err(|_| AveragingError::NoStateDonor { tried: 0 })?
             .map_err(dht_err("finding state donors"))?;
@@ -458,36 +635,142 @@ impl DecentralizedAverager {
     }
 }
 
-fn set_idle(inner: &Inner) {
-    let followers = match inner.matching.lock() {
-        Ok(mut m) => {
-            m.looking = false;
-            m.declared_expiration = None;
-            m.following = None;
-            std::mem::take(&mut m.followers)
+/// Redirects a follower accepts in one search attempt ("not a leader, ask X",
+/// or "disbanded, follow X").
+const MAX_REDIRECTS: usize = 4;
+
+fn lock_match(inner: &Inner) -> std::sync::MutexGuard<'_, MatchState> {
+    inner
+        .matching
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The data-plane address to announce: the configured one, the bound one, or,
+/// for an unspecified bind IP, the bound port on an IP the DHT node advertises.
+fn announced_data_addr(
+    cfg: &AveragerConfig,
+    plane: &DataPlane,
+    dht: &Dht,
+) -> Result<Option<SocketAddr>> {
+    if cfg.mode == AveragingMode::Client {
+        return Ok(None);
+    }
+    if let Some(a) = cfg.data_announce_addr {
+        return Ok(Some(a));
+    }
+    let Some(bound) = plane.local_addr() else {
+        return Ok(None);
+    };
+    if !bound.ip().is_unspecified() {
+        return Ok(Some(bound));
+    }
+    let ips: Vec<IpAddr> = dht
+        .listen_addrs()
+        .iter()
+        .filter_map(|a| multiaddr_ip(&a.to_string()))
+        .filter(|ip| !ip.is_unspecified() && !ip.is_multicast() && ip.is_ipv4() == bound.is_ipv4())
+        .collect();
+    let ip = ips
+        .iter()
+        .find(|ip| !ip.is_loopback())
+        .or_else(|| ips.first())
+        .ok_or_else(|| AveragingError::InvalidConfig {
+            field: "data_announce_addr",
+            reason: format!(
+                "the data plane is bound to {bound} and the DHT node advertises no usable \
+                 {} address: set data_announce_addr",
+                if bound.is_ipv4() { "IPv4" } else { "IPv6" }
+            ),
+        })?;
+    Ok(Some(SocketAddr::new(*ip, bound.port())))
+}
+
+/// The IP of a multiaddr's leading `/ip4/..` or `/ip6/..` component.
+fn multiaddr_ip(addr: &str) -> Option<IpAddr> {
+    let mut parts = addr.split('/').skip_while(|p| p.is_empty());
+    match (parts.next()?, parts.next()?) {
+        ("ip4" | "ip6", ip) => ip.parse().ok(),
+        _ => None,
+    }
+}
+
+/// Re-declares this peer as a state donor until told to stop (or the averager
+/// is dropped), then withdraws the declaration.
+async fn keep_state_declared(
+    donor: DonorRecord,
+    mut rx: watch::Receiver<DonorCommand>,
+    period: Duration,
+) {
+    loop {
+        let command = *rx.borrow_and_update();
+        match command {
+            DonorCommand::Idle => {
+                if rx.changed().await.is_err() {
+                    break;
+                }
+            }
+            DonorCommand::Stop => break,
+            DonorCommand::Keep { priority, ttl } => {
+                // `declare_state` has just stored it: refresh before it lapses.
+                let interval = period.min(Duration::from_secs_f64(ttl / 2.0));
+                tokio::select! {
+                    changed = rx.changed() => if changed.is_err() { break },
+                    () = tokio::time::sleep(interval) => {
+                        if let Err(e) = donor.declare(priority, dht_time() + ttl).await {
+                            tracing::warn!(error = %e, "could not re-declare state");
+                        }
+                    }
+                }
+            }
         }
-        Err(_) => Vec::new(),
+    }
+    if let Err(e) = donor.withdraw().await {
+        tracing::debug!(error = %e, "could not withdraw the state declaration");
+    }
+}
+
+fn set_idle(inner: &Inner) {
+    let followers = {
+        let mut m = lock_match(inner);
+        m.looking = false;
+        m.declared_expiration = None;
+        m.following = None;
+        m.pending.clear();
+        std::mem::take(&mut m.followers)
     };
     // Followers left over (the round started without them) are told to move on.
+    send_disbanded(inner, followers, None);
+}
+
+/// Tell `followers` that this peer no longer leads them (in the background),
+/// suggesting `next` as their leader.
+fn send_disbanded(inner: &Inner, followers: Vec<(GroupMember, Stream)>, next: Option<Vec<u8>>) {
+    let t = inner.cfg.request_timeout;
     for (_, mut s) in followers {
-        let t = inner.cfg.request_timeout;
+        let msg = ControlMsg::Disbanded {
+            suggested_leader: next.clone(),
+        };
         tokio::spawn(async move {
-            let _ = control::send(
-                &mut s,
-                &ControlMsg::Disbanded {
-                    suggested_leader: None,
-                },
-                t,
-            )
-            .await;
+            let _ = control::send(&mut s, &msg, t).await;
         });
     }
+}
+
+/// Whether a follower's join stream is still open. Followers send nothing
+/// after their join, so anything readable (end of stream, an error, a stray
+/// byte) means the follower gave up or broke the protocol.
+fn follower_alive(s: &mut Stream) -> bool {
+    let mut byte = [0u8; 1];
+    futures::AsyncReadExt::read(s, &mut byte)
+        .now_or_never()
+        .is_none()
 }
 
 fn my_member(inner: &Inner, keys: &RoundKeyPair) -> GroupMember {
     GroupMember {
         peer_id: inner.peer_id.clone(),
-        data_addr: inner.plane.local_addr(),
+        data_addr: inner.data_addr,
         mode: inner.cfg.mode,
         bandwidth: match inner.cfg.mode {
             AveragingMode::Client => Some(0.0),
@@ -497,28 +780,35 @@ fn my_member(inner: &Inner, keys: &RoundKeyPair) -> GroupMember {
     }
 }
 
-async fn declare(inner: &Inner, key: &str, expiration: f64, active: bool) -> Result<()> {
+/// Store (`active`) or withdraw this peer's declaration under `key`, in the
+/// background. The store puts the record in local storage at once (peers that
+/// query this node see it immediately); waiting for the replicas must not hold
+/// up matchmaking, and a failed store is not fatal: the record is readable
+/// here, and the next period re-declares.
+fn spawn_declare(inner: &Inner, key: &str, expiration: f64, active: bool) {
     let value = if active {
         let client = inner.cfg.mode == AveragingMode::Client;
-        rmp_serde::to_vec(&(serde_bytes::Bytes::new(&inner.peer_id), client)).map_err(|_| {
-            AveragingError::Decode {
-                reason: "cannot encode declaration",
+        match rmp_serde::to_vec(&(serde_bytes::Bytes::new(&inner.peer_id), client)) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot encode the matchmaking declaration");
+                return;
             }
-        })?
+        }
     } else {
         vec![0xc0]
     };
-    inner
-        .dht
-        .store(
-            key.as_bytes(),
-            Some(&inner.dht.owner_subkey()),
-            value,
-            expiration,
-        )
-        .await
-        .map_err(dht_err("declaring for matchmaking"))?;
-    Ok(())
+    let dht = inner.dht.clone();
+    let key = key.to_string();
+    tokio::spawn(async move {
+        let subkey = dht.owner_subkey();
+        if let Err(e) = dht
+            .store(key.as_bytes(), Some(&subkey), value, expiration)
+            .await
+        {
+            tracing::debug!(error = %e, active, "matchmaking declaration store failed");
+        }
+    });
 }
 
 async fn declared_averagers(inner: &Inner, key: &str) -> Vec<Declared> {
@@ -538,7 +828,76 @@ async fn declared_averagers(inner: &Inner, key: &str) -> Vec<Declared> {
         .collect()
 }
 
-/// Matchmaking: declare, then either gather followers or join a leader.
+/// Whether this leader's group is full (it assembles at once).
+fn group_full(inner: &Inner) -> bool {
+    let m = lock_match(inner);
+    inner
+        .cfg
+        .target_group_size
+        .is_some_and(|t| m.followers.len() + 1 >= t)
+}
+
+/// Resolves when this peer, as a leader, must act: its group is full or its
+/// declared expiration has come.
+async fn leader_event(inner: &Inner, expiration_at: tokio::time::Instant) {
+    let full = async {
+        loop {
+            // `notify_one` stores a permit, so a change between the check and
+            // the wait is not lost.
+            let changed = inner.changed.notified();
+            if group_full(inner) {
+                return;
+            }
+            changed.await;
+        }
+    };
+    tokio::select! {
+        () = tokio::time::sleep_until(expiration_at) => {}
+        () = full => {}
+    }
+}
+
+/// What the leader side of the matchmaking loop does now.
+enum LeaderStep {
+    Assemble,
+    Disband,
+    /// The deadline passed while a join is being accepted: wait for it.
+    AwaitPending,
+    Nothing,
+}
+
+fn leader_step(inner: &Inner, expired: bool, grace_over: bool) -> LeaderStep {
+    let cfg = &inner.cfg;
+    let mut m = lock_match(inner);
+    // Drop followers that gave up: a group must not hold a member that will
+    // never hear `Begin`.
+    m.followers.retain_mut(|(_, s)| follower_alive(s));
+    if expired && !m.pending.is_empty() && !grace_over {
+        return LeaderStep::AwaitPending;
+    }
+    if m.followers.is_empty() {
+        return LeaderStep::Nothing;
+    }
+    match assemble_decision(
+        m.followers.len(),
+        cfg.target_group_size,
+        cfg.min_group_size,
+        expired,
+    ) {
+        Some(true) => LeaderStep::Assemble,
+        Some(false) => LeaderStep::Disband,
+        None => LeaderStep::Nothing,
+    }
+}
+
+/// Matchmaking (the reference's `look_for_group`): declare under the group
+/// key, then, until a group forms or the deadline passes,
+/// * as a leader: assemble as soon as the group is full, or at the declared
+///   expiration if it has at least `min_group_size` peers (else disband and
+///   re-declare for another period);
+/// * keep looking for a better leader (earlier `(expiration, peer id)`) even
+///   while leading: once one accepts, this peer's followers are redirected to
+///   it, so groups never split because some peer read the DHT too early.
 async fn matchmake(
     inner: &Inner,
     keys: &RoundKeyPair,
@@ -560,68 +919,51 @@ async fn matchmake(
             + at.saturating_duration_since(tokio::time::Instant::now())
                 .as_secs_f64()
     };
+    let client = cfg.mode == AveragingMode::Client;
+    let poll =
+        (cfg.request_timeout / 6).clamp(Duration::from_millis(20), Duration::from_millis(300));
     let mut tried: Vec<(Vec<u8>, f64)> = Vec::new();
     let mut expiration_at = (tokio::time::Instant::now() + cfg.min_matchmaking_time).min(deadline);
     let mut expiration = to_dht(expiration_at);
-    if let Ok(mut m) = inner.matching.lock() {
+    {
+        let mut m = lock_match(inner);
         m.looking = true;
         m.group_key = key.clone();
         m.following = None;
         m.followers.clear();
-    }
-    declare(inner, &key, expiration, true).await?;
-    if let Ok(mut m) = inner.matching.lock() {
+        m.pending.clear();
+        // Before the store: peers may read the record (and ask this peer to
+        // lead) before the store returns; they must not hear "not declared".
         m.declared_expiration = Some(expiration);
     }
-    inner.changed.notify_waiters();
+    spawn_declare(inner, &key, expiration, true);
+    let mut next_search = tokio::time::Instant::now();
     let result = loop {
         let now = tokio::time::Instant::now();
-        // Leader side: assemble or disband.
-        let decision = {
-            let m = inner
-                .matching
-                .lock()
-                .map_err(|_| AveragingError::InvalidGroup {
-                    reason: "matchmaking lock poisoned".into(),
-                })?;
-            if m.followers.is_empty() {
-                None
-            } else {
-                assemble_decision(
-                    m.followers.len(),
-                    cfg.target_group_size,
-                    cfg.min_group_size,
-                    now >= expiration_at,
-                )
+        let expired = now >= expiration_at;
+        match leader_step(inner, expired, now >= expiration_at + cfg.request_timeout) {
+            LeaderStep::Assemble => break assemble(inner, &me).await,
+            LeaderStep::Disband => {
+                let followers = std::mem::take(&mut lock_match(inner).followers);
+                tracing::debug!(
+                    followers = followers.len(),
+                    "disbanding: too few peers by the deadline"
+                );
+                send_disbanded(inner, followers, None);
             }
-        };
-        match decision {
-            Some(true) => break assemble(inner, &me).await,
-            Some(false) => {
-                let followers = inner
-                    .matching
-                    .lock()
-                    .map(|mut m| std::mem::take(&mut m.followers))
-                    .unwrap_or_default();
-                for (_, mut s) in followers {
-                    let _ = control::send(
-                        &mut s,
-                        &ControlMsg::Disbanded {
-                            suggested_leader: None,
-                        },
-                        cfg.request_timeout,
-                    )
-                    .await;
-                }
+            LeaderStep::AwaitPending => {
+                // A join reply is in flight (bounded by request_timeout).
+                let _ = tokio::time::timeout(poll, inner.changed.notified()).await;
+                continue;
             }
-            None => {}
+            LeaderStep::Nothing => {}
         }
         if now >= deadline {
             break Err(AveragingError::NoGroupFound {
                 waited: now - started,
             });
         }
-        if now >= expiration_at {
+        if expired {
             if cfg.min_group_size <= 1 {
                 break assemble(inner, &me).await;
             }
@@ -629,28 +971,28 @@ async fn matchmake(
             expiration_at = (now + cfg.min_matchmaking_time).min(deadline);
             expiration = to_dht(expiration_at);
             tried.clear();
-            declare(inner, &key, expiration, true).await?;
-            if let Ok(mut m) = inner.matching.lock() {
-                m.declared_expiration = Some(expiration);
-            }
+            lock_match(inner).declared_expiration = Some(expiration);
+            spawn_declare(inner, &key, expiration, true);
+            next_search = now;
             continue;
         }
-        let has_followers = inner
-            .matching
-            .lock()
-            .map(|m| !m.followers.is_empty())
-            .unwrap_or(false);
-        if !has_followers {
+        if now >= next_search {
+            // Reading the DHT may take a while under load: a full group or the
+            // deadline interrupts it.
+            let all = tokio::select! {
+                all = declared_averagers(inner, &key) => Some(all),
+                () = leader_event(inner, expiration_at) => None,
+            };
+            let Some(all) = all else { continue };
+            next_search = tokio::time::Instant::now() + poll;
             let mine = Declared {
                 peer_id: inner.peer_id.clone(),
                 expiration,
-                client_mode: cfg.mode == AveragingMode::Client,
+                client_mode: client,
             };
-            let all = declared_averagers(inner, &key).await;
             if let Some(leader) = leader_candidates(&mine, &all, &tried).into_iter().next() {
                 tried.push((leader.peer_id.clone(), leader.expiration));
-                let wait_until = expiration.max(leader.expiration);
-                match follow(inner, &me, &key, expiration, wait_until, &leader.peer_id, 2).await {
+                match follow(inner, &me, &key, expiration, leader.peer_id).await {
                     Ok(group) => break Ok(group),
                     Err(e) => {
                         tracing::debug!(error = %e, "join attempt failed");
@@ -659,48 +1001,31 @@ async fn matchmake(
                 }
             }
         }
-        // Wait for a follower, the expiration, or a short poll of the DHT.
-        let poll = (cfg.request_timeout / 6).min(Duration::from_millis(300));
-        let wake = (tokio::time::Instant::now() + poll)
-            .min(expiration_at)
-            .min(deadline);
-        let _ = tokio::time::timeout_at(wake, inner.changed.notified()).await;
+        let wake = next_search.min(expiration_at).min(deadline);
+        let _ = tokio::time::timeout_at(wake, leader_event(inner, expiration_at)).await;
     };
     // Withdraw the declaration (nil with a later expiration wins). Once it has
     // expired there is nothing to withdraw, and storers would refuse a record
     // that expires in the past.
     if expiration > dht_time() {
-        let _ = declare(inner, &key, expiration + 1e-3, false).await;
+        spawn_declare(inner, &key, expiration + 1e-3, false);
     }
     result
 }
 
-/// Ask `leader` to take this peer, then wait for the group.
+/// Ask `leader` to take this peer, then wait for the group, following
+/// redirects. Once accepted, this peer's own followers are sent to `leader`.
 async fn follow(
     inner: &Inner,
     me: &GroupMember,
     key: &str,
     expiration: f64,
-    wait_until: f64,
-    leader: &[u8],
-    redirects_left: usize,
+    mut leader: Vec<u8>,
 ) -> Result<AssembledGroup> {
     let cfg = &inner.cfg;
-    let peer = PeerId::from_bytes(leader).map_err(|_| AveragingError::InvalidGroup {
-        reason: "bad leader id".into(),
-    })?;
+    let t = cfg.request_timeout;
+    let protocol = join_protocol(&cfg.prefix)?;
     let fault = |fault| AveragingError::Peer { peer: 0, fault };
-    let mut s = tokio::time::timeout(
-        cfg.request_timeout,
-        inner.dht.open_stream(peer, join_protocol(&cfg.prefix)?),
-    )
-    .await
-    .map_err(|_| {
-        fault(PeerFault::Stalled {
-            timeout: cfg.request_timeout,
-        })
-    })?
-    .map_err(dht_err("opening a join stream"))?;
     let request = JoinRequest {
         peer_id: inner.peer_id.clone(),
         schema_hash: inner.schema.to_vec(),
@@ -708,116 +1033,124 @@ async fn follow(
         group_key: key.to_string(),
         client_mode: cfg.mode == AveragingMode::Client,
     };
-    control::send(
-        &mut s,
-        &ControlMsg::Join {
-            request,
-            member: me.clone(),
-        },
-        cfg.request_timeout,
-    )
-    .await
-    .map_err(fault)?;
-    match control::recv(&mut s, cfg.request_timeout)
-        .await
-        .map_err(fault)?
-    {
-        ControlMsg::Reply {
-            code: JoinCode::Accepted,
-            ..
-        } => {}
-        ControlMsg::Reply {
-            code: JoinCode::NotALeader,
-            suggested_leader: Some(next),
-        } if redirects_left > 0 => {
-            return Box::pin(follow(
-                inner,
-                me,
-                key,
-                expiration,
-                wait_until,
-                &next,
-                redirects_left - 1,
-            ))
-            .await;
-        }
-        ControlMsg::Reply { code, .. } => {
+    let join = ControlMsg::Join {
+        request,
+        member: me.clone(),
+    };
+    let mut redirects = 0;
+    loop {
+        if leader == inner.peer_id {
             return Err(AveragingError::InvalidGroup {
-                reason: format!("leader rejected the join: {code:?}"),
+                reason: "redirected to itself".into(),
             });
         }
-        _ => {
-            return Err(fault(PeerFault::ProtocolViolation {
-                reason: "expected a reply",
-            }));
-        }
-    }
-    // Accepted: stop leading; hand any followers over to the new leader.
-    let orphans = match inner.matching.lock() {
-        Ok(mut m) => {
-            m.following = Some(leader.to_vec());
+        let peer = PeerId::from_bytes(&leader).map_err(|_| AveragingError::InvalidGroup {
+            reason: "bad leader id".into(),
+        })?;
+        // One request_timeout for the whole request (stream, join, reply): a
+        // leader that is itself asking someone waits for this much at most
+        // before it acts on its own deadline.
+        let attempt = async {
+            let mut s = inner
+                .dht
+                .open_stream(peer, protocol.clone())
+                .await
+                .map_err(dht_err("opening a join stream"))?;
+            control::send(&mut s, &join, t).await.map_err(fault)?;
+            let reply = control::recv(&mut s, t).await.map_err(fault)?;
+            Ok::<_, AveragingError>((s, reply))
+        };
+        let (mut s, reply) = tokio::time::timeout(t, attempt)
+            .await
+            .map_err(|_| fault(PeerFault::Stalled { timeout: t }))??;
+        let leader_expiration = match reply {
+            ControlMsg::Reply {
+                code: JoinCode::Accepted,
+                leader_expiration,
+                ..
+            } => leader_expiration
+                .filter(|e| e.is_finite())
+                .unwrap_or(expiration),
+            ControlMsg::Reply {
+                code: JoinCode::NotALeader,
+                suggested_leader: Some(next),
+                ..
+            } if redirects < MAX_REDIRECTS => {
+                tracing::debug!(%peer, "not a leader; following its suggestion");
+                redirects += 1;
+                leader = next;
+                continue;
+            }
+            ControlMsg::Reply { code, .. } => {
+                return Err(AveragingError::InvalidGroup {
+                    reason: format!("leader rejected the join: {code:?}"),
+                });
+            }
+            _ => {
+                return Err(fault(PeerFault::ProtocolViolation {
+                    reason: "expected a reply",
+                }));
+            }
+        };
+        // Accepted: stop leading; hand any followers over to the new leader.
+        let orphans = {
+            let mut m = lock_match(inner);
+            m.following = Some(leader.clone());
             std::mem::take(&mut m.followers)
+        };
+        if !orphans.is_empty() {
+            tracing::debug!(
+                followers = orphans.len(),
+                %peer,
+                "joined a better leader; redirecting followers"
+            );
         }
-        Err(_) => Vec::new(),
-    };
-    for (_, mut o) in orphans {
-        let _ = control::send(
-            &mut o,
-            &ControlMsg::Disbanded {
-                suggested_leader: Some(leader.to_vec()),
-            },
-            cfg.request_timeout,
-        )
-        .await;
-    }
-    let wait = Duration::from_secs_f64((wait_until - dht_time()).max(0.0)) + cfg.request_timeout;
-    let msg = control::recv(&mut s, wait).await;
-    if let Ok(mut m) = inner.matching.lock() {
-        m.following = None;
-    }
-    match msg.map_err(fault)? {
-        ControlMsg::Begin { group } => {
-            group.validate()?;
-            match group.position(&inner.peer_id) {
-                Some(i) if group.members[i] == *me => Ok(group),
-                _ => Err(AveragingError::InvalidGroup {
-                    reason: "leader's group does not hold this peer's entry".into(),
-                }),
+        send_disbanded(inner, orphans, Some(leader.clone()));
+        // The leader acts by its expiration (not later than ours unless we are
+        // a client), at most one join request (request_timeout) late.
+        let wait_until = expiration.max(leader_expiration);
+        let wait = Duration::from_secs_f64((wait_until - dht_time()).clamp(0.0, 1e6)) + 2 * t;
+        let msg = control::recv(&mut s, wait).await;
+        lock_match(inner).following = None;
+        match msg.map_err(fault)? {
+            ControlMsg::Begin { group } => {
+                group.validate()?;
+                return match group.position(&inner.peer_id) {
+                    Some(i) if group.members[i] == *me => Ok(group),
+                    _ => Err(AveragingError::InvalidGroup {
+                        reason: "leader's group does not hold this peer's entry".into(),
+                    }),
+                };
+            }
+            ControlMsg::Disbanded {
+                suggested_leader: Some(next),
+            } if redirects < MAX_REDIRECTS => {
+                tracing::debug!(%peer, "leader disbanded; following its new leader");
+                redirects += 1;
+                leader = next;
+            }
+            _ => {
+                return Err(AveragingError::InvalidGroup {
+                    reason: "group disbanded".into(),
+                });
             }
         }
-        ControlMsg::Disbanded {
-            suggested_leader: Some(next),
-        } if redirects_left > 0 => {
-            Box::pin(follow(
-                inner,
-                me,
-                key,
-                expiration,
-                wait_until,
-                &next,
-                redirects_left - 1,
-            ))
-            .await
-        }
-        _ => Err(AveragingError::InvalidGroup {
-            reason: "group disbanded".into(),
-        }),
     }
 }
 
 /// Form the group from this leader and its followers and tell them.
 async fn assemble(inner: &Inner, me: &GroupMember) -> Result<AssembledGroup> {
-    let followers = inner
-        .matching
-        .lock()
-        .map(|mut m| {
-            m.looking = false;
-            std::mem::take(&mut m.followers)
-        })
-        .unwrap_or_default();
+    let followers = {
+        let mut m = lock_match(inner);
+        m.looking = false;
+        m.followers.retain_mut(|(_, s)| follower_alive(s));
+        std::mem::take(&mut m.followers)
+    };
     if followers.len() + 1 < inner.cfg.min_group_size {
+        let size = followers.len() + 1;
+        send_disbanded(inner, followers, None);
         return Err(AveragingError::GroupTooSmall {
-            size: followers.len() + 1,
+            size,
             min: inner.cfg.min_group_size,
         });
     }
@@ -828,6 +1161,7 @@ async fn assemble(inner: &Inner, me: &GroupMember) -> Result<AssembledGroup> {
     rand::thread_rng().fill_bytes(&mut group_id);
     let group = AssembledGroup { group_id, members };
     group.validate()?;
+    tracing::debug!(size = group.members.len(), "assembled a group");
     let msg = ControlMsg::Begin {
         group: group.clone(),
     };
@@ -869,13 +1203,15 @@ async fn handle_join(
             reason: "expected a join",
         });
     };
-    let (code, suggested) = {
-        let m = inner
-            .matching
-            .lock()
-            .map_err(|_| PeerFault::ProtocolViolation { reason: "poisoned" })?;
-        let follower_ids: Vec<Vec<u8>> =
-            m.followers.iter().map(|(f, _)| f.peer_id.clone()).collect();
+    let (code, suggested, declared) = {
+        let mut m = lock_match(inner);
+        // Pending joins hold their slots (and their ids).
+        let taken: Vec<Vec<u8>> = m
+            .followers
+            .iter()
+            .map(|(f, _)| f.peer_id.clone())
+            .chain(m.pending.iter().cloned())
+            .collect();
         let view = LeaderView {
             looking: m.looking,
             client_mode: inner.cfg.mode == AveragingMode::Client,
@@ -883,7 +1219,7 @@ async fn handle_join(
             group_key: &m.group_key,
             declared_expiration: m.declared_expiration,
             following: m.following.as_deref(),
-            followers: &follower_ids,
+            followers: &taken,
             target_group_size: inner.cfg.target_group_size,
         };
         let authentic = request.peer_id == peer.to_bytes() && member.peer_id == request.peer_id;
@@ -897,50 +1233,68 @@ async fn handle_join(
         {
             code = JoinCode::ProtocolViolation;
         }
-        (code, m.following.clone())
+        if code == JoinCode::Accepted {
+            m.pending.push(request.peer_id.clone());
+        }
+        (code, m.following.clone(), m.declared_expiration)
     };
-    if code == JoinCode::Accepted {
-        control::send(
+    if code != JoinCode::Accepted {
+        return control::send(
             &mut s,
             &ControlMsg::Reply {
                 code,
-                suggested_leader: None,
+                suggested_leader: suggested,
+                leader_expiration: None,
             },
             t,
         )
-        .await?;
-        // Re-check: the state may have changed while replying.
-        let rejected = match inner.matching.lock() {
-            Ok(mut m) if m.looking && m.following.is_none() => {
-                m.followers.push((member, s));
-                None
-            }
-            _ => Some(s),
-        };
-        match rejected {
-            None => inner.changed.notify_waiters(),
-            Some(mut s) => {
-                let _ = control::send(
-                    &mut s,
-                    &ControlMsg::Disbanded {
-                        suggested_leader: None,
-                    },
-                    t,
-                )
-                .await;
-            }
-        }
-        return Ok(());
+        .await;
     }
-    control::send(
+    let sent = control::send(
         &mut s,
         &ControlMsg::Reply {
             code,
-            suggested_leader: suggested,
+            suggested_leader: None,
+            leader_expiration: declared,
         },
         t,
     )
-    .await
+    .await;
+    // Re-check: the state may have changed while replying.
+    let rejected = {
+        let mut m = lock_match(inner);
+        if let Some(i) = m.pending.iter().position(|p| *p == request.peer_id) {
+            m.pending.swap_remove(i);
+        }
+        match sent {
+            Err(f) => Err(f),
+            Ok(())
+                if m.looking
+                    && m.following.is_none()
+                    && m.declared_expiration == declared
+                    && m.group_key == request.group_key =>
+            {
+                m.followers.push((member, s));
+                Ok(None)
+            }
+            // Started following someone else meanwhile: send the joiner there.
+            Ok(()) => Ok(Some((s, m.following.clone()))),
+        }
+    };
+    inner.changed.notify_one();
+    match rejected? {
+        None => Ok(()),
+        Some((mut s, next)) => {
+            control::send(
+                &mut s,
+                &ControlMsg::Disbanded {
+                    suggested_leader: next,
+                },
+                t,
+            )
+            .await
+        }
+    }
 }
 
 async fn accept_state_requests(

@@ -24,6 +24,10 @@ pub(crate) enum ControlMsg {
     Reply {
         code: JoinCode,
         suggested_leader: Option<Vec<u8>>,
+        /// The leader's declared expiration (with `Accepted`): the follower
+        /// waits for `Begin` until then at least.
+        #[serde(default)]
+        leader_expiration: Option<f64>,
     },
     Begin {
         group: AssembledGroup,

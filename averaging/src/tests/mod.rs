@@ -3,5 +3,6 @@
 
 mod adversarial;
 mod client_delay;
+mod matchmaking;
 mod rounds;
 mod support;
