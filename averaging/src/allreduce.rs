@@ -32,7 +32,7 @@ use tokio::{
 use crate::{
     compression::{Compression, all_finite},
     crypto::{FrameCipher, RoundKeyPair},
-    dataplane::{BufferPool, DataPlane, Incoming},
+    dataplane::{BufferPool, BytePool, DataPlane, Incoming},
     error::{AveragingError, PeerFault, Result},
     group::{AllreduceConfig, AssembledGroup, AveragingMode, schema_hash},
     load_balancing::load_balance_peers,
@@ -141,6 +141,7 @@ struct Ctx<'a, T> {
     tensors: &'a [T],
     weight: f32,
     cfg: &'a AllreduceConfig,
+    bytes: &'a Arc<BytePool>,
     schema: [u8; 32],
     spans: Vec<Range<usize>>,
 }
@@ -200,6 +201,7 @@ pub async fn run_allreduce<T: AsRef<[f32]> + Sync>(
         tensors,
         weight,
         cfg,
+        bytes: &plane.bytes,
         schema: schema_hash(layout),
         spans: spans_from_sizes(&sizes),
     };
@@ -446,7 +448,7 @@ async fn serve_sender<T: AsRef<[f32]> + Sync>(
         Err(f) => return (s, Err(f), 0),
     };
     let (mut rd, mut wr) = inc.stream.into_split();
-    let mut buf = Vec::new();
+    let mut buf = ctx.bytes.take();
     let nparts = red.lock().map(|r| r.num_parts()).unwrap_or(0);
     let hello = async {
         let (kind, _, payload) = wire::read_frame(
@@ -489,7 +491,7 @@ async fn serve_sender<T: AsRef<[f32]> + Sync>(
     };
     let compression = ctx.cfg.compression;
     let reader = async {
-        let mut scratch = vec![0.0f32; ctx.cfg.part_len()];
+        let mut scratch = Vec::new();
         for _ in 0..nparts {
             let (kind, index, payload) = wire::read_frame(
                 &mut rd,
@@ -519,7 +521,7 @@ async fn serve_sender<T: AsRef<[f32]> + Sync>(
     let delay_results = ctx.group.members[s].mode == AveragingMode::Client;
     let writer = async {
         let mut rx = tx.subscribe();
-        let mut frame = FrameBuf::default();
+        let mut frame = FrameBuf::new(ctx.bytes.take());
         let mut written = 0u64;
         for p in 0..nparts {
             // Wait until part p is finalized (or this sender is out of the round).
@@ -712,13 +714,7 @@ async fn write_parts<T: AsRef<[f32]> + Sync>(
     wr: &mut OwnedWriteHalf,
 ) -> std::result::Result<u64, PeerFault> {
     let compression = ctx.cfg.compression;
-    let mut frame = FrameBuf::with_payload_capacity(
-        parts
-            .iter()
-            .map(|r| compression.encoded_len(r.len()))
-            .max()
-            .unwrap_or(0),
-    );
+    let mut frame = FrameBuf::new(ctx.bytes.take());
     let mut scratch = Vec::new();
     let mut written = 0u64;
     let refused = |_| PeerFault::ProtocolViolation {
@@ -759,7 +755,7 @@ async fn read_results<T: AsRef<[f32]> + Sync>(
     down: &mut FrameCipher,
     result: &mut SpanResult,
 ) -> std::result::Result<(), PeerFault> {
-    let mut buf = Vec::new();
+    let mut buf = ctx.bytes.take();
     let compression = ctx.cfg.compression;
     for p in 0..result.parts.len() {
         let (kind, index, payload) = wire::read_frame(

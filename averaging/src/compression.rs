@@ -187,8 +187,8 @@ impl Compression {
     /// `acc += weight · decode(bytes)` for a part whose wire values are all
     /// finite, without materialising the decoded values where the codec allows
     /// (fp16 is checked on the wire form, then decoded and accumulated in one
-    /// pass). `scratch` must hold at least `acc.len()` values; it is used by
-    /// codecs that decode first. Returns `Ok(false)` and leaves `acc`
+    /// pass). `scratch` is grown when a codec has to decode first (8-bit, or
+    /// raw bytes that are not 4-aligned). Returns `Ok(false)` and leaves `acc`
     /// untouched when a value is NaN/inf.
     ///
     /// # Errors
@@ -198,9 +198,9 @@ impl Compression {
         bytes: &[u8],
         acc: &mut [f32],
         weight: f32,
-        scratch: &mut [f32],
+        scratch: &mut Vec<f32>,
     ) -> Result<bool> {
-        if bytes.len() != self.encoded_len(acc.len()) || scratch.len() < acc.len() {
+        if bytes.len() != self.encoded_len(acc.len()) {
             return Err(AveragingError::Decode {
                 reason: "encoded length does not match the part size",
             });
@@ -220,6 +220,9 @@ impl Compression {
                 let values: &[f32] = match (self, bytemuck::try_cast_slice::<u8, f32>(bytes)) {
                     (Self::None, Ok(values)) => values,
                     _ => {
+                        if scratch.len() < acc.len() {
+                            scratch.resize(acc.len(), 0.0);
+                        }
                         let tmp = &mut scratch[..acc.len()];
                         self.decode_into(bytes, tmp)?;
                         tmp

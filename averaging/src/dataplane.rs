@@ -78,12 +78,81 @@ impl BufferPool {
     }
 }
 
+/// Reusable byte buffers for frames, so connections do not zero-fill and
+/// fault in fresh multi-megabyte buffers every round.
+#[derive(Debug, Default)]
+pub(crate) struct BytePool {
+    free: Mutex<Vec<Vec<u8>>>,
+}
+
+/// Most byte buffers kept for reuse (two per connection of a 16-peer round).
+const POOL_BYTE_BUFFERS: usize = 64;
+
+impl BytePool {
+    /// A buffer (contents and length unspecified; the largest one free),
+    /// returned to the pool when the guard drops.
+    pub(crate) fn take(self: &Arc<Self>) -> PooledBytes {
+        let v = self
+            .free
+            .lock()
+            .ok()
+            .and_then(|mut free| {
+                let i = free
+                    .iter()
+                    .enumerate()
+                    .max_by_key(|(_, v)| v.len())
+                    .map(|(i, _)| i)?;
+                Some(free.swap_remove(i))
+            })
+            .unwrap_or_default();
+        PooledBytes {
+            pool: self.clone(),
+            v,
+        }
+    }
+}
+
+/// A byte buffer on loan from a [`BytePool`].
+#[derive(Debug)]
+pub(crate) struct PooledBytes {
+    pool: Arc<BytePool>,
+    v: Vec<u8>,
+}
+
+impl std::ops::Deref for PooledBytes {
+    type Target = Vec<u8>;
+    fn deref(&self) -> &Vec<u8> {
+        &self.v
+    }
+}
+
+impl std::ops::DerefMut for PooledBytes {
+    fn deref_mut(&mut self) -> &mut Vec<u8> {
+        &mut self.v
+    }
+}
+
+impl Drop for PooledBytes {
+    fn drop(&mut self) {
+        let v = std::mem::take(&mut self.v);
+        if v.capacity() == 0 {
+            return;
+        }
+        if let Ok(mut free) = self.pool.free.lock()
+            && free.len() < POOL_BYTE_BUFFERS
+        {
+            free.push(v);
+        }
+    }
+}
+
 /// A data-plane endpoint. Node and auxiliary peers listen; client-mode peers use
 /// [`DataPlane::client`] and only connect out.
 #[derive(Debug)]
 pub struct DataPlane {
     shared: Arc<Shared>,
     pub(crate) pool: Arc<BufferPool>,
+    pub(crate) bytes: Arc<BytePool>,
     local_addr: Option<SocketAddr>,
     accept_task: Option<JoinHandle<()>>,
 }
@@ -137,6 +206,7 @@ impl DataPlane {
         Ok(Self {
             shared,
             pool: Arc::default(),
+            bytes: Arc::default(),
             local_addr: Some(local_addr),
             accept_task: Some(accept_task),
         })
@@ -147,6 +217,7 @@ impl DataPlane {
         Self {
             shared: Arc::new(Shared::default()),
             pool: Arc::default(),
+            bytes: Arc::default(),
             local_addr: None,
             accept_task: None,
         }

@@ -191,7 +191,7 @@ impl PartReducer {
 
     /// Add `weight · decode(bytes)` for `sender`'s next part, straight from its
     /// wire encoding (fp16 is decoded and accumulated in one pass). `scratch`
-    /// holds at least the part's length for codecs that decode first.
+    /// is grown for codecs that decode first.
     ///
     /// # Errors
     /// As [`Self::check`]; [`PeerFault::WrongPartSize`] if the bytes do not
@@ -204,7 +204,7 @@ impl PartReducer {
         bytes: &[u8],
         compression: crate::compression::Compression,
         weight: f32,
-        scratch: &mut [f32],
+        scratch: &mut Vec<f32>,
     ) -> Result<(), PeerFault> {
         let len = self.part_len(part);
         if bytes.len() != compression.encoded_len(len) {

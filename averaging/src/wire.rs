@@ -129,19 +129,17 @@ pub(crate) fn begin_frame(buf: &mut Vec<u8>, kind: Kind, index: u32) {
 /// buffer only grows (zero-filled once, when a larger frame than any before is
 /// built), so building a frame never clears or reallocates memory: the payload
 /// is encoded straight into it, sealed in place and written out.
-#[derive(Debug, Default)]
-pub(crate) struct FrameBuf {
-    buf: Vec<u8>,
+#[derive(Debug)]
+pub(crate) struct FrameBuf<B> {
+    buf: B,
     body: usize,
 }
 
-impl FrameBuf {
-    /// A buffer sized for payloads of up to `payload` bytes.
-    pub(crate) fn with_payload_capacity(payload: usize) -> Self {
-        Self {
-            buf: vec![0; 4 + HEADER_LEN + payload + TAG_LEN],
-            body: 0,
-        }
+impl<B: std::ops::DerefMut<Target = Vec<u8>>> FrameBuf<B> {
+    /// Build frames in `buf` (for example a pooled buffer; its contents do not
+    /// matter).
+    pub(crate) fn new(buf: B) -> Self {
+        Self { buf, body: 0 }
     }
 
     /// Start a frame of `kind` with a payload of `payload_len` bytes and return
