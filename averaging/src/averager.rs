@@ -456,7 +456,8 @@ impl DecentralizedAverager {
         let started = tokio::time::Instant::now();
         let deadline = started + timeout;
         let keys = RoundKeyPair::generate()?;
-        let group = matchmake(inner, &keys, deadline).await;
+        let span = tracing::debug_span!("matchmaking", peer = %short_id(&inner.peer_id));
+        let group = tracing::Instrument::instrument(matchmake(inner, &keys, deadline), span).await;
         set_idle(inner);
         let group = group?;
         let me = group
@@ -638,6 +639,32 @@ impl DecentralizedAverager {
 /// Redirects a follower accepts in one search attempt ("not a leader, ask X",
 /// or "disbanded, follow X").
 const MAX_REDIRECTS: usize = 4;
+
+/// Times a leader that could not be reached is retried per declaration.
+const MAX_TRANSIENT_FAILURES: usize = 3;
+
+/// Whether a failed join attempt is worth repeating: the leader never
+/// answered (the stream could not be opened, closed, or stalled).
+fn is_transient(e: &AveragingError) -> bool {
+    matches!(
+        e,
+        AveragingError::Io { .. }
+            | AveragingError::Peer {
+                fault: PeerFault::Stalled { .. } | PeerFault::Disconnected { .. },
+                ..
+            }
+    )
+}
+
+/// The last characters of a peer id, for logs.
+fn short_id(peer_id: &[u8]) -> String {
+    PeerId::from_bytes(peer_id)
+        .map(|p| {
+            let s = p.to_string();
+            s[s.len().saturating_sub(6)..].to_string()
+        })
+        .unwrap_or_default()
+}
 
 fn lock_match(inner: &Inner) -> std::sync::MutexGuard<'_, MatchState> {
     inner
@@ -923,6 +950,7 @@ async fn matchmake(
     let poll =
         (cfg.request_timeout / 6).clamp(Duration::from_millis(20), Duration::from_millis(300));
     let mut tried: Vec<(Vec<u8>, f64)> = Vec::new();
+    let mut transient: Vec<((Vec<u8>, f64), usize)> = Vec::new();
     let mut expiration_at = (tokio::time::Instant::now() + cfg.min_matchmaking_time).min(deadline);
     let mut expiration = to_dht(expiration_at);
     {
@@ -937,6 +965,7 @@ async fn matchmake(
         m.declared_expiration = Some(expiration);
     }
     spawn_declare(inner, &key, expiration, true);
+    tracing::debug!(%key, expiration, "looking for a group");
     let mut next_search = tokio::time::Instant::now();
     let result = loop {
         let now = tokio::time::Instant::now();
@@ -967,10 +996,12 @@ async fn matchmake(
             if cfg.min_group_size <= 1 {
                 break assemble(inner, &me).await;
             }
+            tracing::debug!("declared expiration passed without a group; re-declaring");
             // Re-declare for another period, as the reference does.
             expiration_at = (now + cfg.min_matchmaking_time).min(deadline);
             expiration = to_dht(expiration_at);
             tried.clear();
+            transient.clear();
             lock_match(inner).declared_expiration = Some(expiration);
             spawn_declare(inner, &key, expiration, true);
             next_search = now;
@@ -991,11 +1022,41 @@ async fn matchmake(
                 client_mode: client,
             };
             if let Some(leader) = leader_candidates(&mine, &all, &tried).into_iter().next() {
-                tried.push((leader.peer_id.clone(), leader.expiration));
+                tracing::debug!(
+                    declared = all.len(),
+                    leader = %short_id(&leader.peer_id),
+                    leader_expiration = leader.expiration,
+                    "asking a better leader"
+                );
+                let attempt = (leader.peer_id.clone(), leader.expiration);
                 match follow(inner, &me, &key, expiration, leader.peer_id).await {
                     Ok(group) => break Ok(group),
                     Err(e) => {
-                        tracing::debug!(error = %e, "join attempt failed");
+                        // A leader that answered (rejected us, or disbanded)
+                        // is not asked again for this declaration. One we
+                        // could not reach (a stream that closed or stalled)
+                        // is retried a few times: skipping it for good
+                        // after one transport hiccup left peers out.
+                        let failures = transient
+                            .iter_mut()
+                            .find(|(a, _)| *a == attempt)
+                            .map(|(_, n)| n);
+                        let retry = is_transient(&e)
+                            && match failures {
+                                Some(n) if *n >= MAX_TRANSIENT_FAILURES => false,
+                                Some(n) => {
+                                    *n += 1;
+                                    true
+                                }
+                                None => {
+                                    transient.push((attempt.clone(), 1));
+                                    true
+                                }
+                            };
+                        tracing::debug!(error = %e, retry, "join attempt failed");
+                        if !retry {
+                            tried.push(attempt);
+                        }
                         continue;
                     }
                 }
@@ -1184,11 +1245,15 @@ async fn accept_joins(
 ) {
     while let Some((peer, stream)) = rx.recv().await {
         let Some(inner) = inner.upgrade() else { return };
-        tokio::spawn(async move {
-            if let Err(f) = handle_join(&inner, peer, stream).await {
-                tracing::debug!(%peer, fault = %f, "join request failed");
-            }
-        });
+        let span = tracing::debug_span!("join", leader = %short_id(&inner.peer_id));
+        tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                if let Err(f) = handle_join(&inner, peer, stream).await {
+                    tracing::debug!(%peer, fault = %f, "join request failed");
+                }
+            },
+            span,
+        ));
     }
 }
 
@@ -1238,6 +1303,7 @@ async fn handle_join(
         }
         (code, m.following.clone(), m.declared_expiration)
     };
+    tracing::debug!(joiner = %short_id(&request.peer_id), ?code, "join request");
     if code != JoinCode::Accepted {
         return control::send(
             &mut s,
