@@ -186,10 +186,23 @@ struct DonorRecord {
     peer_id: Vec<u8>,
     /// Latest expiration stored, so a withdrawal always supersedes it.
     last_expiration: Arc<StdMutex<f64>>,
+    /// Serializes stores, so a re-declaration never lands after a withdrawal.
+    stores: Arc<Mutex<()>>,
 }
 
 impl DonorRecord {
-    async fn declare(&self, priority: f64, expiration: f64) -> Result<()> {
+    /// Store the declaration if `wanted()` still holds once it is this
+    /// store's turn.
+    async fn declare(
+        &self,
+        priority: f64,
+        expiration: f64,
+        wanted: impl Fn() -> bool,
+    ) -> Result<()> {
+        let _turn = self.stores.lock().await;
+        if !wanted() {
+            return Ok(());
+        }
         let value = rmp_serde::to_vec(&(serde_bytes::Bytes::new(&self.peer_id), priority))
             .map_err(|_| AveragingError::Decode {
                 reason: "cannot encode donor record",
@@ -206,6 +219,7 @@ impl DonorRecord {
 
     /// Store nil just after the latest declaration (nothing to do once it expired).
     async fn withdraw(&self) -> Result<()> {
+        let _turn = self.stores.lock().await;
         let last = self.last_expiration.lock().map(|l| *l).unwrap_or(0.0);
         if last <= dht_time() {
             return Ok(());
@@ -322,6 +336,7 @@ impl DecentralizedAverager {
             subkey: dht.owner_subkey(),
             peer_id: peer_id.clone(),
             last_expiration: Arc::new(StdMutex::new(0.0)),
+            stores: Arc::new(Mutex::new(())),
         };
         let (donor_cmd, donor_rx) = watch::channel(DonorCommand::Idle);
         let inner = Arc::new(Inner {
@@ -551,10 +566,13 @@ impl DecentralizedAverager {
             *m = metadata;
         }
         // The task refreshes from now on; this first store reports errors.
+        let keep = DonorCommand::Keep { priority, ttl };
+        inner.donor_cmd.send_replace(keep);
+        let cmd = inner.donor_cmd.subscribe();
         inner
-            .donor_cmd
-            .send_replace(DonorCommand::Keep { priority, ttl });
-        inner.donor.declare(priority, expiration).await
+            .donor
+            .declare(priority, expiration, || *cmd.borrow() == keep)
+            .await
     }
 
     /// Stop advertising this peer as a state donor and withdraw its declaration.
@@ -744,7 +762,8 @@ async fn keep_state_declared(
                 tokio::select! {
                     changed = rx.changed() => if changed.is_err() { break },
                     () = tokio::time::sleep(interval) => {
-                        if let Err(e) = donor.declare(priority, dht_time() + ttl).await {
+                        let still = || *rx.borrow() == command;
+                        if let Err(e) = donor.declare(priority, dht_time() + ttl, still).await {
                             tracing::warn!(error = %e, "could not re-declare state");
                         }
                     }
