@@ -417,11 +417,12 @@ impl DecentralizedAverager {
         &self.inner.layout
     }
 
-    /// Followers this peer leads right now, and its declared expiration.
+    /// Followers this peer leads right now, its declared expiration, and
+    /// whether it accepts joins.
     #[cfg(test)]
-    pub(crate) fn leader_state(&self) -> (usize, Option<f64>) {
+    pub(crate) fn leader_state(&self) -> (usize, Option<f64>, bool) {
         let m = lock_match(&self.inner);
-        (m.followers.len(), m.declared_expiration)
+        (m.followers.len(), m.declared_expiration, m.looking)
     }
 
     /// Current group bits.
@@ -459,8 +460,8 @@ impl DecentralizedAverager {
     /// the round's errors otherwise (tensors unchanged).
     ///
     /// # Cancel safety
-    /// Cancelling leaves the tensors unchanged; a withdrawn declaration may
-    /// linger in the DHT until it expires.
+    /// Cancelling leaves the tensors unchanged; matchmaking stops (joins are
+    /// refused, followers released, the declaration withdrawn in the background).
     pub async fn step(&self, weight: Option<f32>, timeout: Duration) -> Result<StepOutcome> {
         let inner = &self.inner;
         let _one_step = inner.step_lock.lock().await;
@@ -472,8 +473,11 @@ impl DecentralizedAverager {
         let deadline = started + timeout;
         let keys = RoundKeyPair::generate()?;
         let span = tracing::debug_span!("matchmaking", peer = %short_id(&inner.peer_id));
+        // Stop accepting joins when matchmaking ends, even if this step is
+        // cancelled in the middle of it.
+        let idle = IdleOnDrop(inner);
         let group = tracing::Instrument::instrument(matchmake(inner, &keys, deadline), span).await;
-        set_idle(inner);
+        drop(idle);
         let group = group?;
         let me = group
             .position(&inner.peer_id)
@@ -776,16 +780,34 @@ async fn keep_state_declared(
     }
 }
 
+/// Calls [`set_idle`] when dropped.
+struct IdleOnDrop<'a>(&'a Inner);
+
+impl Drop for IdleOnDrop<'_> {
+    fn drop(&mut self) {
+        set_idle(self.0);
+    }
+}
+
+/// Leave matchmaking: refuse joins from now on, withdraw the declaration (nil
+/// with a later expiration wins; once it has expired there is nothing to
+/// withdraw, and storers would refuse a record that expires in the past), and
+/// tell followers left over (the round started without them) to move on.
 fn set_idle(inner: &Inner) {
-    let followers = {
+    let (followers, declared, key) = {
         let mut m = lock_match(inner);
         m.looking = false;
-        m.declared_expiration = None;
         m.following = None;
         m.pending.clear();
-        std::mem::take(&mut m.followers)
+        (
+            std::mem::take(&mut m.followers),
+            m.declared_expiration.take(),
+            m.group_key.clone(),
+        )
     };
-    // Followers left over (the round started without them) are told to move on.
+    if let Some(expiration) = declared.filter(|e| *e > dht_time()) {
+        spawn_declare(inner, &key, expiration + 1e-3, false);
+    }
     send_disbanded(inner, followers, None);
 }
 
@@ -793,11 +815,15 @@ fn set_idle(inner: &Inner) {
 /// suggesting `next` as their leader.
 fn send_disbanded(inner: &Inner, followers: Vec<(GroupMember, Stream)>, next: Option<Vec<u8>>) {
     let t = inner.cfg.request_timeout;
+    // Outside a runtime (an averager dropped late) the streams just close.
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
     for (_, mut s) in followers {
         let msg = ControlMsg::Disbanded {
             suggested_leader: next.clone(),
         };
-        tokio::spawn(async move {
+        runtime.spawn(async move {
             let _ = control::send(&mut s, &msg, t).await;
         });
     }
@@ -844,9 +870,12 @@ fn spawn_declare(inner: &Inner, key: &str, expiration: f64, active: bool) {
     } else {
         vec![0xc0]
     };
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
     let dht = inner.dht.clone();
     let key = key.to_string();
-    tokio::spawn(async move {
+    runtime.spawn(async move {
         let subkey = dht.owner_subkey();
         if let Err(e) = dht
             .store(key.as_bytes(), Some(&subkey), value, expiration)
@@ -1084,12 +1113,8 @@ async fn matchmake(
         let wake = next_search.min(expiration_at).min(deadline);
         let _ = tokio::time::timeout_at(wake, leader_event(inner, expiration_at)).await;
     };
-    // Withdraw the declaration (nil with a later expiration wins). Once it has
-    // expired there is nothing to withdraw, and storers would refuse a record
-    // that expires in the past.
-    if expiration > dht_time() {
-        spawn_declare(inner, &key, expiration + 1e-3, false);
-    }
+    // `set_idle` (run when matchmaking ends, however it ends) withdraws the
+    // declaration.
     result
 }
 
