@@ -186,10 +186,23 @@ struct DonorRecord {
     peer_id: Vec<u8>,
     /// Latest expiration stored, so a withdrawal always supersedes it.
     last_expiration: Arc<StdMutex<f64>>,
+    /// Serializes stores, so a re-declaration never lands after a withdrawal.
+    stores: Arc<Mutex<()>>,
 }
 
 impl DonorRecord {
-    async fn declare(&self, priority: f64, expiration: f64) -> Result<()> {
+    /// Store the declaration if `wanted()` still holds once it is this
+    /// store's turn.
+    async fn declare(
+        &self,
+        priority: f64,
+        expiration: f64,
+        wanted: impl Fn() -> bool,
+    ) -> Result<()> {
+        let _turn = self.stores.lock().await;
+        if !wanted() {
+            return Ok(());
+        }
         let value = rmp_serde::to_vec(&(serde_bytes::Bytes::new(&self.peer_id), priority))
             .map_err(|_| AveragingError::Decode {
                 reason: "cannot encode donor record",
@@ -206,6 +219,7 @@ impl DonorRecord {
 
     /// Store nil just after the latest declaration (nothing to do once it expired).
     async fn withdraw(&self) -> Result<()> {
+        let _turn = self.stores.lock().await;
         let last = self.last_expiration.lock().map(|l| *l).unwrap_or(0.0);
         if last <= dht_time() {
             return Ok(());
@@ -322,6 +336,7 @@ impl DecentralizedAverager {
             subkey: dht.owner_subkey(),
             peer_id: peer_id.clone(),
             last_expiration: Arc::new(StdMutex::new(0.0)),
+            stores: Arc::new(Mutex::new(())),
         };
         let (donor_cmd, donor_rx) = watch::channel(DonorCommand::Idle);
         let inner = Arc::new(Inner {
@@ -402,11 +417,12 @@ impl DecentralizedAverager {
         &self.inner.layout
     }
 
-    /// Followers this peer leads right now, and its declared expiration.
+    /// Followers this peer leads right now, its declared expiration, and
+    /// whether it accepts joins.
     #[cfg(test)]
-    pub(crate) fn leader_state(&self) -> (usize, Option<f64>) {
+    pub(crate) fn leader_state(&self) -> (usize, Option<f64>, bool) {
         let m = lock_match(&self.inner);
-        (m.followers.len(), m.declared_expiration)
+        (m.followers.len(), m.declared_expiration, m.looking)
     }
 
     /// Current group bits.
@@ -444,8 +460,8 @@ impl DecentralizedAverager {
     /// the round's errors otherwise (tensors unchanged).
     ///
     /// # Cancel safety
-    /// Cancelling leaves the tensors unchanged; a withdrawn declaration may
-    /// linger in the DHT until it expires.
+    /// Cancelling leaves the tensors unchanged; matchmaking stops (joins are
+    /// refused, followers released, the declaration withdrawn in the background).
     pub async fn step(&self, weight: Option<f32>, timeout: Duration) -> Result<StepOutcome> {
         let inner = &self.inner;
         let _one_step = inner.step_lock.lock().await;
@@ -456,8 +472,12 @@ impl DecentralizedAverager {
         let started = tokio::time::Instant::now();
         let deadline = started + timeout;
         let keys = RoundKeyPair::generate()?;
-        let group = matchmake(inner, &keys, deadline).await;
-        set_idle(inner);
+        let span = tracing::debug_span!("matchmaking", peer = %short_id(&inner.peer_id));
+        // Stop accepting joins when matchmaking ends, even if this step is
+        // cancelled in the middle of it.
+        let idle = IdleOnDrop(inner);
+        let group = tracing::Instrument::instrument(matchmake(inner, &keys, deadline), span).await;
+        drop(idle);
         let group = group?;
         let me = group
             .position(&inner.peer_id)
@@ -550,10 +570,13 @@ impl DecentralizedAverager {
             *m = metadata;
         }
         // The task refreshes from now on; this first store reports errors.
+        let keep = DonorCommand::Keep { priority, ttl };
+        inner.donor_cmd.send_replace(keep);
+        let cmd = inner.donor_cmd.subscribe();
         inner
-            .donor_cmd
-            .send_replace(DonorCommand::Keep { priority, ttl });
-        inner.donor.declare(priority, expiration).await
+            .donor
+            .declare(priority, expiration, || *cmd.borrow() == keep)
+            .await
     }
 
     /// Stop advertising this peer as a state donor and withdraw its declaration.
@@ -639,6 +662,32 @@ impl DecentralizedAverager {
 /// or "disbanded, follow X").
 const MAX_REDIRECTS: usize = 4;
 
+/// Times a leader that could not be reached is retried per declaration.
+const MAX_TRANSIENT_FAILURES: usize = 3;
+
+/// Whether a failed join attempt is worth repeating: the leader never
+/// answered (the stream could not be opened, closed, or stalled).
+fn is_transient(e: &AveragingError) -> bool {
+    matches!(
+        e,
+        AveragingError::Io { .. }
+            | AveragingError::Peer {
+                fault: PeerFault::Stalled { .. } | PeerFault::Disconnected { .. },
+                ..
+            }
+    )
+}
+
+/// The last characters of a peer id, for logs.
+fn short_id(peer_id: &[u8]) -> String {
+    PeerId::from_bytes(peer_id)
+        .map(|p| {
+            let s = p.to_string();
+            s[s.len().saturating_sub(6)..].to_string()
+        })
+        .unwrap_or_default()
+}
+
 fn lock_match(inner: &Inner) -> std::sync::MutexGuard<'_, MatchState> {
     inner
         .matching
@@ -717,7 +766,8 @@ async fn keep_state_declared(
                 tokio::select! {
                     changed = rx.changed() => if changed.is_err() { break },
                     () = tokio::time::sleep(interval) => {
-                        if let Err(e) = donor.declare(priority, dht_time() + ttl).await {
+                        let still = || *rx.borrow() == command;
+                        if let Err(e) = donor.declare(priority, dht_time() + ttl, still).await {
                             tracing::warn!(error = %e, "could not re-declare state");
                         }
                     }
@@ -730,16 +780,34 @@ async fn keep_state_declared(
     }
 }
 
+/// Calls [`set_idle`] when dropped.
+struct IdleOnDrop<'a>(&'a Inner);
+
+impl Drop for IdleOnDrop<'_> {
+    fn drop(&mut self) {
+        set_idle(self.0);
+    }
+}
+
+/// Leave matchmaking: refuse joins from now on, withdraw the declaration (nil
+/// with a later expiration wins; once it has expired there is nothing to
+/// withdraw, and storers would refuse a record that expires in the past), and
+/// tell followers left over (the round started without them) to move on.
 fn set_idle(inner: &Inner) {
-    let followers = {
+    let (followers, declared, key) = {
         let mut m = lock_match(inner);
         m.looking = false;
-        m.declared_expiration = None;
         m.following = None;
         m.pending.clear();
-        std::mem::take(&mut m.followers)
+        (
+            std::mem::take(&mut m.followers),
+            m.declared_expiration.take(),
+            m.group_key.clone(),
+        )
     };
-    // Followers left over (the round started without them) are told to move on.
+    if let Some(expiration) = declared.filter(|e| *e > dht_time()) {
+        spawn_declare(inner, &key, expiration + 1e-3, false);
+    }
     send_disbanded(inner, followers, None);
 }
 
@@ -747,11 +815,15 @@ fn set_idle(inner: &Inner) {
 /// suggesting `next` as their leader.
 fn send_disbanded(inner: &Inner, followers: Vec<(GroupMember, Stream)>, next: Option<Vec<u8>>) {
     let t = inner.cfg.request_timeout;
+    // Outside a runtime (an averager dropped late) the streams just close.
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
     for (_, mut s) in followers {
         let msg = ControlMsg::Disbanded {
             suggested_leader: next.clone(),
         };
-        tokio::spawn(async move {
+        runtime.spawn(async move {
             let _ = control::send(&mut s, &msg, t).await;
         });
     }
@@ -798,9 +870,12 @@ fn spawn_declare(inner: &Inner, key: &str, expiration: f64, active: bool) {
     } else {
         vec![0xc0]
     };
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
     let dht = inner.dht.clone();
     let key = key.to_string();
-    tokio::spawn(async move {
+    runtime.spawn(async move {
         let subkey = dht.owner_subkey();
         if let Err(e) = dht
             .store(key.as_bytes(), Some(&subkey), value, expiration)
@@ -923,6 +998,7 @@ async fn matchmake(
     let poll =
         (cfg.request_timeout / 6).clamp(Duration::from_millis(20), Duration::from_millis(300));
     let mut tried: Vec<(Vec<u8>, f64)> = Vec::new();
+    let mut transient: Vec<((Vec<u8>, f64), usize)> = Vec::new();
     let mut expiration_at = (tokio::time::Instant::now() + cfg.min_matchmaking_time).min(deadline);
     let mut expiration = to_dht(expiration_at);
     {
@@ -937,6 +1013,7 @@ async fn matchmake(
         m.declared_expiration = Some(expiration);
     }
     spawn_declare(inner, &key, expiration, true);
+    tracing::debug!(%key, expiration, "looking for a group");
     let mut next_search = tokio::time::Instant::now();
     let result = loop {
         let now = tokio::time::Instant::now();
@@ -967,10 +1044,12 @@ async fn matchmake(
             if cfg.min_group_size <= 1 {
                 break assemble(inner, &me).await;
             }
+            tracing::debug!("declared expiration passed without a group; re-declaring");
             // Re-declare for another period, as the reference does.
             expiration_at = (now + cfg.min_matchmaking_time).min(deadline);
             expiration = to_dht(expiration_at);
             tried.clear();
+            transient.clear();
             lock_match(inner).declared_expiration = Some(expiration);
             spawn_declare(inner, &key, expiration, true);
             next_search = now;
@@ -991,11 +1070,41 @@ async fn matchmake(
                 client_mode: client,
             };
             if let Some(leader) = leader_candidates(&mine, &all, &tried).into_iter().next() {
-                tried.push((leader.peer_id.clone(), leader.expiration));
+                tracing::debug!(
+                    declared = all.len(),
+                    leader = %short_id(&leader.peer_id),
+                    leader_expiration = leader.expiration,
+                    "asking a better leader"
+                );
+                let attempt = (leader.peer_id.clone(), leader.expiration);
                 match follow(inner, &me, &key, expiration, leader.peer_id).await {
                     Ok(group) => break Ok(group),
                     Err(e) => {
-                        tracing::debug!(error = %e, "join attempt failed");
+                        // A leader that answered (rejected us, or disbanded)
+                        // is not asked again for this declaration. One we
+                        // could not reach (a stream that closed or stalled)
+                        // is retried a few times: skipping it for good
+                        // after one transport hiccup left peers out.
+                        let failures = transient
+                            .iter_mut()
+                            .find(|(a, _)| *a == attempt)
+                            .map(|(_, n)| n);
+                        let retry = is_transient(&e)
+                            && match failures {
+                                Some(n) if *n >= MAX_TRANSIENT_FAILURES => false,
+                                Some(n) => {
+                                    *n += 1;
+                                    true
+                                }
+                                None => {
+                                    transient.push((attempt.clone(), 1));
+                                    true
+                                }
+                            };
+                        tracing::debug!(error = %e, retry, "join attempt failed");
+                        if !retry {
+                            tried.push(attempt);
+                        }
                         continue;
                     }
                 }
@@ -1004,12 +1113,8 @@ async fn matchmake(
         let wake = next_search.min(expiration_at).min(deadline);
         let _ = tokio::time::timeout_at(wake, leader_event(inner, expiration_at)).await;
     };
-    // Withdraw the declaration (nil with a later expiration wins). Once it has
-    // expired there is nothing to withdraw, and storers would refuse a record
-    // that expires in the past.
-    if expiration > dht_time() {
-        spawn_declare(inner, &key, expiration + 1e-3, false);
-    }
+    // `set_idle` (run when matchmaking ends, however it ends) withdraws the
+    // declaration.
     result
 }
 
@@ -1184,11 +1289,15 @@ async fn accept_joins(
 ) {
     while let Some((peer, stream)) = rx.recv().await {
         let Some(inner) = inner.upgrade() else { return };
-        tokio::spawn(async move {
-            if let Err(f) = handle_join(&inner, peer, stream).await {
-                tracing::debug!(%peer, fault = %f, "join request failed");
-            }
-        });
+        let span = tracing::debug_span!("join", leader = %short_id(&inner.peer_id));
+        tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                if let Err(f) = handle_join(&inner, peer, stream).await {
+                    tracing::debug!(%peer, fault = %f, "join request failed");
+                }
+            },
+            span,
+        ));
     }
 }
 
@@ -1238,6 +1347,7 @@ async fn handle_join(
         }
         (code, m.following.clone(), m.declared_expiration)
     };
+    tracing::debug!(joiner = %short_id(&request.peer_id), ?code, "join request");
     if code != JoinCode::Accepted {
         return control::send(
             &mut s,

@@ -232,12 +232,6 @@ async fn three_peers_over_the_dht_match_union_batch_sgd() {
 /// and `colony-averaging` averager (matchmaking, encrypted all-reduce) on 127.0.0.1, fixed
 /// data shards, plain SGD: after 10 global steps every peer holds the parameters of one
 /// process doing SGD on the union batch (within 1e-5).
-// Depends on every round forming the full group of four; the averaging
-// crate's matchmaking race (see averaging/tests/averager_dht.rs) sometimes
-// forms a group of three under CI load. The in-memory and three-peer DHT
-// equivalence tests above cover the optimizer's arithmetic deterministically.
-// Run it with `cargo test -p colony-optim --test driver_dht -- --ignored`.
-#[ignore = "known matchmaking race under load: a round can form a group of 3 of 4"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn four_peers_with_real_averaging_match_union_batch_sgd_after_10_steps() {
     tokio::time::timeout(Duration::from_secs(150), async {

@@ -69,7 +69,7 @@ async fn a_leader_with_followers_moves_to_a_better_leader() {
         let mut leader_expiration = None;
         for _ in 0..1000 {
             for a in [&avgs[1], &avgs[3]] {
-                if let (1, Some(e)) = a.leader_state() {
+                if let (1, Some(e), true) = a.leader_state() {
                     leader_expiration = Some(e);
                 }
             }
@@ -96,6 +96,39 @@ async fn a_leader_with_followers_moves_to_a_better_leader() {
         for a in &avgs {
             assert!(a.tensors().await[0].iter().all(|v| (v - mean).abs() < 1e-6));
         }
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// Cancelling a step in the middle of matchmaking stops it: joins are refused
+/// and the declaration is dropped; the next step starts cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_step_leaves_matchmaking() {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let nodes = swarm(1).await;
+        let a = DecentralizedAverager::new(nodes[0].clone(), vec![vec![1.0; 8]], config("cancel"))
+            .await
+            .unwrap();
+        let stepping = a.clone();
+        let h = tokio::spawn(async move { stepping.step(None, Duration::from_secs(30)).await });
+        let mut declared = false;
+        for _ in 0..1000 {
+            if let (_, Some(_), true) = a.leader_state() {
+                declared = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(declared, "the step never started matchmaking");
+        h.abort();
+        assert!(h.await.unwrap_err().is_cancelled());
+        assert_eq!(a.leader_state(), (0, None, false));
+        let res = a.step(None, Duration::from_millis(500)).await;
+        assert!(
+            matches!(res, Err(crate::AveragingError::NoGroupFound { .. })),
+            "{res:?}"
+        );
     })
     .await
     .expect("test timed out");
