@@ -326,7 +326,14 @@ mod simd {
         // input vector k: this gathers them back into input order.
         let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
         let (src, dst) = (x.as_ptr(), q.as_mut_ptr());
+        // The next block follows this one in memory: while this block is
+        // quantized from L1, fetch the next one so that the memory reads of
+        // the absmax pass and the arithmetic here overlap.
+        let ahead = src.wrapping_add(x.len()).cast::<i8>();
         for i in (0..n).step_by(32) {
+            // A prefetch is a hint: it never faults, whatever the address.
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(4 * i));
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(4 * i + 64));
             let conv = |k: usize| {
                 // SAFETY: i + 8k + 8 <= n <= x.len(); unaligned load.
                 let v = unsafe { _mm256_loadu_ps(src.add(i + 8 * k)) };
