@@ -1,5 +1,5 @@
-// Wire codecs: fp16 and blockwise 8-bit. Bit-exact twins of the CPU codecs in
-// src/cpu/f16.rs and src/cpu/q8.rs (fp16 via PTX cvt, so no cuda_fp16.h).
+// Wire codecs: fp16, bf16 and blockwise 8-bit. Bit-exact twins of the CPU codecs in
+// src/cpu/f16.rs, src/cpu/bf16.rs and src/cpu/q8.rs (fp16 via PTX cvt, so no cuda_fp16.h).
 
 typedef unsigned long long u64;
 
@@ -42,6 +42,35 @@ extern "C" __global__ void decode_f16(const unsigned short* __restrict__ src, fl
 extern "C" __global__ void decode_acc_f16(const unsigned short* __restrict__ src, float* __restrict__ acc, float w,
                                           u64 n) {
     GRID_STRIDE_LOOP(i, n) { acc[i] += w * f16_bits_to_f32(src[i]); }
+}
+
+// bf16 as raw 16-bit patterns (no cuda_bf16.h): bit-exact twin of
+// cpu::bf16::encode_one. Round to nearest even; finite values that would round
+// to inf saturate to +-0x7f7f (bf16 max); NaN stays NaN (quiet bit set, sign and
+// upper payload kept); +-inf pass through.
+__device__ __forceinline__ unsigned short f32_to_bf16_bits(float x) {
+    unsigned int bits = __float_as_uint(x);
+    unsigned int abs = bits & 0x7fffffffu;
+    if (abs > 0x7f800000u) return (unsigned short)((bits >> 16) | 0x0040u);
+    unsigned int rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+    if (abs < 0x7f800000u && (rounded & 0x7fffu) == 0x7f80u) rounded -= 1u;
+    return (unsigned short)rounded;
+}
+
+__device__ __forceinline__ float bf16_bits_to_f32(unsigned short h) { return __uint_as_float((unsigned int)h << 16); }
+
+extern "C" __global__ void encode_bf16(const float* __restrict__ src, unsigned short* __restrict__ dst, u64 n) {
+    GRID_STRIDE_LOOP(i, n) { dst[i] = f32_to_bf16_bits(src[i]); }
+}
+
+extern "C" __global__ void decode_bf16(const unsigned short* __restrict__ src, float* __restrict__ dst, u64 n) {
+    GRID_STRIDE_LOOP(i, n) { dst[i] = bf16_bits_to_f32(src[i]); }
+}
+
+// acc += w * decode(src)
+extern "C" __global__ void decode_acc_bf16(const unsigned short* __restrict__ src, float* __restrict__ acc, float w,
+                                           u64 n) {
+    GRID_STRIDE_LOOP(i, n) { acc[i] += w * bf16_bits_to_f32(src[i]); }
 }
 
 // Max over the thread block (blockDim.x a multiple of 32, at most 1024).

@@ -10,11 +10,12 @@ mod sealed {
     pub trait Sealed {}
     impl Sealed for f32 {}
     impl Sealed for half::f16 {}
+    impl Sealed for half::bf16 {}
     impl Sealed for i8 {}
 }
 
 /// Element types a [`Buffer`] can hold: `f32` (parameters, gradients, state),
-/// `f16` (the fp16 codec) and `i8` (8-bit codes).
+/// `f16` and `bf16` (the 16-bit codecs) and `i8` (8-bit codes).
 #[cfg(feature = "cuda")]
 pub trait Element:
     sealed::Sealed
@@ -30,12 +31,13 @@ pub trait Element:
 }
 
 /// Element types a [`Buffer`] can hold: `f32` (parameters, gradients, state),
-/// `f16` (the fp16 codec) and `i8` (8-bit codes).
+/// `f16` and `bf16` (the 16-bit codecs) and `i8` (8-bit codes).
 #[cfg(not(feature = "cuda"))]
 pub trait Element: sealed::Sealed + Copy + Default + fmt::Debug + Send + Sync + 'static {}
 
 impl Element for f32 {}
 impl Element for f16 {}
+impl Element for half::bf16 {}
 impl Element for i8 {}
 
 pub(crate) enum Storage<T: Element> {

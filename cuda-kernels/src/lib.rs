@@ -5,11 +5,14 @@
 //! inside), so every op is one pass over memory and one launch, whatever the
 //! number of tensors:
 //!
-//! * accumulate / scale gradients: [`accumulate`], [`scale`];
+//! * accumulate / scale gradients: [`accumulate`], [`scale`], and
+//!   [`accumulate_checked`], which also reports in the same pass whether the
+//!   gradient and the result are finite;
 //! * reduce parts received from peers: [`weighted_sum`], [`weighted_average`],
 //!   and the delta the all-reduce returns, [`weighted_delta`];
-//! * wire codecs: fp16 ([`encode_f16`], [`decode_f16_accumulate`]) and a
-//!   blockwise 8-bit codec ([`encode_q8`], [`decode_q8_accumulate`]);
+//! * wire codecs: fp16 ([`encode_f16`], [`decode_f16_accumulate`]), bf16
+//!   ([`encode_bf16`], [`decode_bf16_accumulate`]) and a blockwise 8-bit codec
+//!   ([`encode_q8`], [`decode_q8_accumulate`]);
 //! * refuse poisoned contributions: [`all_finite`];
 //! * fused optimizer updates: [`sgd_step`], [`adamw_step`], [`lamb_step`].
 //!
@@ -48,13 +51,15 @@ mod ops;
 mod optim;
 
 pub use buffer::{Buffer, Element, Q8Buffer};
+pub use cpu::AccumulateCheck;
 pub use device::Device;
 pub use error::{KernelError, Result};
-pub use half::f16;
+pub use half::{bf16, f16};
 pub use layout::{DEFAULT_ALIGNMENT, Layout, TensorEntry, TensorSpec};
 pub use ops::{
-    accumulate, adamw_step, all_finite, copy, decode_f16, decode_f16_accumulate, decode_q8,
-    decode_q8_accumulate, encode_f16, encode_q8, lamb_step, scale, sgd_step, weighted_average,
+    accumulate, accumulate_checked, adamw_step, all_finite, copy, decode_bf16,
+    decode_bf16_accumulate, decode_f16, decode_f16_accumulate, decode_q8, decode_q8_accumulate,
+    encode_bf16, encode_f16, encode_q8, lamb_step, scale, sgd_step, weighted_average,
     weighted_delta, weighted_sum,
 };
 pub use optim::{AdamW, Lamb, Sgd};

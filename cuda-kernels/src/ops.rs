@@ -1,13 +1,13 @@
 //! Ops on [`Buffer`]s: validated once here, then run on the buffers' device.
 
-use half::f16;
+use half::{bf16, f16};
 
 #[cfg(feature = "cuda")]
 use crate::cuda::ops as gpu;
 #[cfg(not(feature = "cuda"))]
 use crate::cuda::stub_ops as gpu;
 use crate::{
-    AdamW, Buffer, Device, KernelError, Lamb, Layout, Q8Buffer, Result, Sgd, cpu,
+    AccumulateCheck, AdamW, Buffer, Device, KernelError, Lamb, Layout, Q8Buffer, Result, Sgd, cpu,
     cpu::elementwise_checks::{check_weights, normalize},
     error::{check_finite, check_len},
 };
@@ -38,6 +38,27 @@ pub fn accumulate(acc: &mut Buffer<f32>, grad: &Buffer<f32>, alpha: f32) -> Resu
     match dev {
         Device::Cpu => cpu::accumulate(acc.host_mut()?, grad.host()?, alpha),
         Device::Cuda(_) => gpu::accumulate(acc, grad, alpha),
+    }
+}
+
+/// `acc += alpha * grad`, reporting in the same pass whether `grad` and the
+/// updated `acc` are all finite (see [`cpu::accumulate_checked`]: the update
+/// is applied whatever the answer). Waits for the GPU, like [`all_finite`].
+///
+/// # Errors
+/// As [`accumulate`].
+pub fn accumulate_checked(
+    acc: &mut Buffer<f32>,
+    grad: &Buffer<f32>,
+    alpha: f32,
+) -> Result<AccumulateCheck> {
+    const OP: &str = "accumulate_checked";
+    let dev = same_device(OP, acc.device(), &[grad.device()])?;
+    check_len(OP, "grad", acc.len(), grad.len())?;
+    check_finite(OP, "alpha", alpha)?;
+    match dev {
+        Device::Cpu => cpu::accumulate_checked(acc.host_mut()?, grad.host()?, alpha),
+        Device::Cuda(_) => gpu::accumulate_checked(acc, grad, alpha),
     }
 }
 
@@ -196,6 +217,56 @@ pub fn decode_f16_accumulate(src: &Buffer<f16>, acc: &mut Buffer<f32>, weight: f
             cpu::f16::decode_accumulate(bytemuck::cast_slice(src.host()?), acc.host_mut()?, weight)
         }
         Device::Cuda(_) => gpu::decode_f16(src, acc, Some(weight)),
+    }
+}
+
+/// Encodes `src` as bf16 into `dst` (same length; see [`cpu::bf16`] for
+/// rounding, saturation and NaN/inf).
+///
+/// # Errors
+/// [`KernelError::DeviceMismatch`], [`KernelError::LengthMismatch`], or a CUDA error.
+pub fn encode_bf16(src: &Buffer<f32>, dst: &mut Buffer<bf16>) -> Result<()> {
+    const OP: &str = "encode_bf16";
+    let dev = same_device(OP, src.device(), &[dst.device()])?;
+    check_len(OP, "dst", src.len(), dst.len())?;
+    match dev {
+        Device::Cpu => cpu::bf16::encode(src.host()?, bytemuck::cast_slice_mut(dst.host_mut()?)),
+        Device::Cuda(_) => gpu::encode_bf16(src, dst),
+    }
+}
+
+/// Decodes bf16 `src` into `dst` (exact).
+///
+/// # Errors
+/// [`KernelError::DeviceMismatch`], [`KernelError::LengthMismatch`], or a CUDA error.
+pub fn decode_bf16(src: &Buffer<bf16>, dst: &mut Buffer<f32>) -> Result<()> {
+    const OP: &str = "decode_bf16";
+    let dev = same_device(OP, src.device(), &[dst.device()])?;
+    check_len(OP, "dst", src.len(), dst.len())?;
+    match dev {
+        Device::Cpu => cpu::bf16::decode(bytemuck::cast_slice(src.host()?), dst.host_mut()?),
+        Device::Cuda(_) => gpu::decode_bf16(src, dst, None),
+    }
+}
+
+/// `acc += weight * decode(src)` for bf16 `src`, fused.
+///
+/// # Errors
+/// As [`decode_bf16`], plus [`KernelError::NonFiniteScalar`] for the weight.
+pub fn decode_bf16_accumulate(
+    src: &Buffer<bf16>,
+    acc: &mut Buffer<f32>,
+    weight: f32,
+) -> Result<()> {
+    const OP: &str = "decode_bf16_accumulate";
+    let dev = same_device(OP, src.device(), &[acc.device()])?;
+    check_len(OP, "acc", src.len(), acc.len())?;
+    check_finite(OP, "weight", weight)?;
+    match dev {
+        Device::Cpu => {
+            cpu::bf16::decode_accumulate(bytemuck::cast_slice(src.host()?), acc.host_mut()?, weight)
+        }
+        Device::Cuda(_) => gpu::decode_bf16(src, acc, Some(weight)),
     }
 }
 

@@ -1,8 +1,9 @@
 //! Bad input: typed errors, never panics; documented NaN/inf behaviour.
 
 use colony_kernels::{
-    AdamW, Buffer, Device, KernelError, Lamb, Layout, Q8Buffer, Sgd, accumulate, adamw_step,
-    all_finite, cpu, decode_f16, decode_q8, encode_f16, encode_q8, f16, lamb_step, scale, sgd_step,
+    AdamW, Buffer, Device, KernelError, Lamb, Layout, Q8Buffer, Sgd, accumulate,
+    accumulate_checked, adamw_step, all_finite, bf16, cpu, decode_bf16, decode_bf16_accumulate,
+    decode_f16, decode_q8, encode_bf16, encode_f16, encode_q8, f16, lamb_step, scale, sgd_step,
     weighted_average, weighted_delta, weighted_sum,
 };
 
@@ -330,4 +331,145 @@ fn cuda_without_a_gpu_is_a_typed_error() {
         ),
         "{e:?}"
     );
+}
+
+#[test]
+fn bf16_and_accumulate_checked_refuse_bad_input() {
+    let mut out = buf(&[0.5; 3]);
+    let mut short = Buffer::<bf16>::zeros(2, Device::Cpu).unwrap();
+    assert!(matches!(
+        encode_bf16(&out, &mut short),
+        Err(KernelError::LengthMismatch {
+            op: "encode_bf16",
+            expected: 3,
+            actual: 2,
+            ..
+        })
+    ));
+    assert!(matches!(
+        decode_bf16(&short, &mut out),
+        Err(KernelError::LengthMismatch {
+            op: "decode_bf16",
+            ..
+        })
+    ));
+    assert!(matches!(
+        decode_bf16_accumulate(&short, &mut out, 1.0),
+        Err(KernelError::LengthMismatch { .. })
+    ));
+    let three = Buffer::<bf16>::zeros(3, Device::Cpu).unwrap();
+    for bad in [f32::NAN, f32::INFINITY] {
+        assert!(matches!(
+            decode_bf16_accumulate(&three, &mut out, bad),
+            Err(KernelError::NonFiniteScalar { name: "weight", .. })
+        ));
+        assert!(matches!(
+            cpu::bf16::decode_accumulate(&[0; 6], &mut [0.0; 3], bad),
+            Err(KernelError::NonFiniteScalar { .. })
+        ));
+        assert!(matches!(
+            accumulate_checked(&mut out, &buf(&[1.0; 3]), bad),
+            Err(KernelError::NonFiniteScalar { name: "alpha", .. })
+        ));
+    }
+    assert!(matches!(
+        cpu::bf16::decode(&[0u8; 5], &mut [0.0; 3]),
+        Err(KernelError::LengthMismatch { .. })
+    ));
+    assert!(matches!(
+        cpu::bf16::encode(&[0.0; 3], &mut [0u8; 7]),
+        Err(KernelError::LengthMismatch { .. })
+    ));
+    assert!(matches!(
+        accumulate_checked(&mut out, &buf(&[1.0; 4]), 1.0),
+        Err(KernelError::LengthMismatch {
+            op: "accumulate_checked",
+            ..
+        })
+    ));
+    assert!(matches!(
+        cpu::accumulate_checked(&mut [0.0; 2], &[1.0; 3], 1.0),
+        Err(KernelError::LengthMismatch { .. })
+    ));
+    // Nothing was written by the refused calls.
+    assert_eq!(out.as_slice().unwrap(), &[0.5; 3]);
+}
+
+#[test]
+fn bf16_keeps_nan_and_inf_and_saturates_finite_overflow() {
+    let src = [
+        f32::MAX,
+        f32::MIN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        -f32::NAN,
+        f32::from_bits(0x7f80_0001), // NaN whose payload is all in the dropped bits
+        1.0e-45,                     // smallest subnormal: rounds to 0
+        1.0 + 1.0 / 256.0,           // tie between 1 and 1 + 2^-7: even is 1
+        0.1,
+    ];
+    // 16 + 10 values: through the SIMD path and the scalar tail.
+    let mut long = src.to_vec();
+    long.extend_from_slice(&src);
+    long.extend_from_slice(&src[..6]);
+    let bytes = cpu::bf16::encode_to_vec(&long);
+    let mut back = vec![0.0; long.len()];
+    cpu::bf16::decode(&bytes, &mut back).unwrap();
+    for (k, chunk) in back.chunks(src.len()).enumerate() {
+        assert_eq!(chunk[0], cpu::bf16::BF16_MAX, "chunk {k}");
+        assert_eq!(chunk[1], -cpu::bf16::BF16_MAX);
+        assert_eq!(chunk[2], f32::INFINITY);
+        assert_eq!(chunk[3], f32::NEG_INFINITY);
+        assert!(chunk[4].is_nan() && chunk[4].is_sign_positive());
+        assert!(chunk[5].is_nan() && chunk[5].is_sign_negative());
+        if chunk.len() == src.len() {
+            assert!(chunk[6].is_nan());
+            assert_eq!(chunk[7], 0.0);
+            assert_eq!(chunk[8], 1.0);
+            assert!((chunk[9] - 0.1).abs() <= 0.1 / 256.0);
+        }
+    }
+    assert!(cpu::all_finite(&back[..2]));
+    assert!(!cpu::all_finite(&back));
+    // Buffer API: same bits as the byte API; NaN decoded into an accumulator poisons it.
+    let src_buf = buf(&long);
+    let mut enc = Buffer::<bf16>::zeros(long.len(), Device::Cpu).unwrap();
+    encode_bf16(&src_buf, &mut enc).unwrap();
+    let enc_bytes: Vec<u8> = enc
+        .as_slice()
+        .unwrap()
+        .iter()
+        .flat_map(|h| h.to_le_bytes())
+        .collect();
+    assert_eq!(enc_bytes, bytes);
+    let mut acc = buf(&vec![1.0; long.len()]);
+    decode_bf16_accumulate(&enc, &mut acc, 0.5).unwrap();
+    let a = acc.as_slice().unwrap();
+    assert!(a[4].is_nan() && a[2] == f32::INFINITY && a[9] == 1.0 + 0.5 * back[9]);
+}
+
+#[test]
+fn accumulate_checked_reports_poison_and_overflow() {
+    let mut acc = buf(&[1.0, 2.0, 3.0]);
+    let r = accumulate_checked(&mut acc, &buf(&[1.0, 1.0, 1.0]), 2.0).unwrap();
+    assert!(r.grad_finite && r.acc_finite);
+    assert_eq!(acc.as_slice().unwrap(), &[3.0, 4.0, 5.0]);
+    // A NaN gradient is reported, and (one pass) already accumulated.
+    let r = accumulate_checked(&mut acc, &buf(&[0.0, f32::NAN, 0.0]), 1.0).unwrap();
+    assert!(!r.grad_finite && !r.acc_finite);
+    assert!(acc.as_slice().unwrap()[1].is_nan());
+    // Finite gradient, overflowing sum: only the accumulator is flagged.
+    let mut acc = buf(&[f32::MAX, 0.0]);
+    let r = accumulate_checked(&mut acc, &buf(&[f32::MAX, 1.0]), 1.0).unwrap();
+    assert!(r.grad_finite && !r.acc_finite);
+    // alpha = 0 does not hide an infinite gradient (0 * inf = NaN).
+    let mut acc = buf(&[0.0]);
+    let r = accumulate_checked(&mut acc, &buf(&[f32::INFINITY]), 0.0).unwrap();
+    assert!(!r.grad_finite && !r.acc_finite);
+    // Empty buffers are finite.
+    let r = accumulate_checked(&mut buf(&[]), &buf(&[]), 1.0).unwrap();
+    assert!(r.grad_finite && r.acc_finite);
+    assert!(cpu::bf16::encode_to_vec(&[]).is_empty());
+    cpu::bf16::decode_accumulate(&[], &mut [], 1.0).unwrap();
 }

@@ -1,7 +1,7 @@
 //! Every CPU op against a naive reference, on random sizes (empty, not a
 //! multiple of the vector width, and above the parallel threshold).
 
-use colony_kernels::{AdamW, Lamb, Layout, Sgd, cpu, f16};
+use colony_kernels::{AdamW, Lamb, Layout, Sgd, bf16, cpu, f16};
 use proptest::prelude::*;
 
 /// Sizes: mostly small and odd, sometimes past the rayon threshold (65 536).
@@ -66,8 +66,121 @@ fn q8_reference(x: &[f32], block: usize) -> (Vec<f32>, Vec<i8>) {
     (scales, codes)
 }
 
+/// Naive bf16 encoder: picks the nearer of the two bf16 neighbours in f64
+/// (ties to the even mantissa), saturates finite overflow to ±max, quiets NaN.
+fn bf16_reference(x: f32) -> u16 {
+    if x.is_nan() {
+        return ((x.to_bits() >> 16) | 0x40) as u16;
+    }
+    if x.is_infinite() {
+        return (x.to_bits() >> 16) as u16;
+    }
+    let down = x.to_bits() >> 16; // toward zero
+    let up = down + 1; // away from zero (may be inf)
+    let value = |b: u32| f64::from(f32::from_bits(b << 16));
+    let (dd, du) = (
+        (f64::from(x) - value(down)).abs(),
+        (value(up) - f64::from(x)).abs(),
+    );
+    let pick = if dd < du || (dd == du && down & 1 == 0) {
+        down
+    } else {
+        up
+    };
+    if pick & 0x7fff == 0x7f80 {
+        (pick - 1) as u16
+    } else {
+        pick as u16
+    }
+}
+
+/// Values for the bf16 codec: ordinary, tiny (subnormal), huge (near the
+/// overflow edge), exact ties, and NaN/inf.
+fn bf16_values(n: usize) -> impl Strategy<Value = Vec<f32>> {
+    proptest::collection::vec(
+        prop_oneof![
+            8 => -1.0e6f32..1.0e6,
+            2 => -1.0e-38f32..1.0e-38,
+            2 => (0x7f7f_0000u32..0x7f80_0000).prop_map(f32::from_bits),
+            2 => (0u32..0xffff).prop_map(|h| f32::from_bits((h << 16) | 0x8000)),
+            1 => Just(f32::NAN), 1 => Just(f32::INFINITY), 1 => Just(f32::NEG_INFINITY),
+            1 => (0x7f80_0001u32..0x8000_0000).prop_map(|b| f32::from_bits(b | 0x8000_0000)),
+        ],
+        n,
+    )
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    #[test]
+    fn accumulate_checked_matches_reference(
+        (mut acc, mut grad) in pair(),
+        alpha in prop_oneof![4 => -4.0f32..4.0, 1 => Just(0.0f32)],
+        poison in proptest::collection::vec((any::<prop::sample::Index>(), 0usize..4), 0..3),
+    ) {
+        if !grad.is_empty() {
+            for (at, kind) in &poison {
+                let i = at.index(grad.len());
+                match kind {
+                    0 => grad[i] = f32::NAN,
+                    1 => grad[i] = f32::NEG_INFINITY,
+                    2 => grad[i] = f32::MAX, // finite, but overflows acc when alpha > 1
+                    _ => acc[i] = f32::INFINITY, // acc already poisoned
+                }
+            }
+        }
+        let expected: Vec<f32> = acc.iter().zip(&grad).map(|(a, g)| a + alpha * g).collect();
+        let got = cpu::accumulate_checked(&mut acc, &grad, alpha).unwrap();
+        same_bits(&acc, &expected)?;
+        prop_assert_eq!(got.grad_finite, grad.iter().all(|g| g.is_finite()));
+        prop_assert_eq!(got.acc_finite, expected.iter().all(|a| a.is_finite()));
+        prop_assert!(got.grad_finite || !got.acc_finite, "a NaN/inf gradient always poisons acc");
+    }
+
+    #[test]
+    fn bf16_codec_matches_reference(src in len().prop_flat_map(bf16_values), w in -2.0f32..2.0) {
+        let bytes = cpu::bf16::encode_to_vec(&src);
+        prop_assert_eq!(bytes.len(), cpu::bf16::encoded_len(src.len()));
+        let mut out = vec![0u8; bytes.len()];
+        cpu::bf16::encode(&src, &mut out).unwrap();
+        prop_assert_eq!(&out, &bytes);
+        let codes: Vec<u16> = bytes.chunks(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect();
+        for (i, (&x, &c)) in src.iter().zip(&codes).enumerate() {
+            prop_assert_eq!(c, bf16_reference(x), "element {}: {:e}", i, x);
+            // The `half` crate agrees wherever it does not overflow to inf.
+            let h = bf16::from_f32(x);
+            if !x.is_nan() && (h.is_finite() || x.is_infinite()) {
+                prop_assert_eq!(c, h.to_bits(), "half disagrees on {:e}", x);
+            }
+            // NaN stays NaN with its sign; finite stays finite; inf keeps its sign.
+            let back = f32::from_bits(u32::from(c) << 16);
+            if x.is_nan() {
+                prop_assert!(back.is_nan() && back.is_sign_negative() == x.is_sign_negative());
+            } else if x.is_finite() {
+                prop_assert!(back.is_finite(), "{:e} became {:e}", x, back);
+                // Relative error of normal values: 2^-9 (half a step of 7 mantissa bits).
+                if x.abs() >= f32::MIN_POSITIVE && back.abs() < cpu::bf16::BF16_MAX {
+                    prop_assert!((f64::from(x) - f64::from(back)).abs() <= f64::from(x.abs()) / 256.0);
+                }
+            } else {
+                prop_assert_eq!(back, x);
+            }
+        }
+        let decoded_ref: Vec<f32> = codes.iter().map(|&c| f32::from_bits(u32::from(c) << 16)).collect();
+        let mut decoded = vec![0.0; src.len()];
+        cpu::bf16::decode(&bytes, &mut decoded).unwrap();
+        same_bits(&decoded, &decoded_ref)?;
+        let mut acc: Vec<f32> = (0..src.len()).map(|i| i as f32 * 0.25).collect();
+        let acc_ref: Vec<f32> = acc.iter().zip(&decoded_ref).map(|(a, d)| a + w * d).collect();
+        cpu::bf16::decode_accumulate(&bytes, &mut acc, w).unwrap();
+        same_bits(&acc, &acc_ref)?;
+        // Unaligned byte slices, as they come off the network.
+        let mut shifted = vec![0u8; bytes.len() + 1];
+        shifted[1..].copy_from_slice(&bytes);
+        cpu::bf16::decode(&shifted[1..], &mut decoded).unwrap();
+        same_bits(&decoded, &decoded_ref)?;
+    }
 
     #[test]
     fn accumulate_matches_reference((mut acc, grad) in pair(), alpha in -4.0f32..4.0) {

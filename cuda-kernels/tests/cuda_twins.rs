@@ -5,10 +5,11 @@
 #![allow(clippy::unwrap_used)] // test helpers, not only #[test] fns
 
 use colony_kernels::{
-    AdamW, Buffer, Device, KernelError, Lamb, Layout, Q8Buffer, Sgd, accumulate, adamw_step,
-    all_finite, copy, cuda, decode_f16, decode_f16_accumulate, decode_q8, decode_q8_accumulate,
-    encode_f16, encode_q8, f16, lamb_step, scale, sgd_step, weighted_average, weighted_delta,
-    weighted_sum,
+    AdamW, Buffer, Device, KernelError, Lamb, Layout, Q8Buffer, Sgd, accumulate,
+    accumulate_checked, adamw_step, all_finite, bf16, copy, cuda, decode_bf16,
+    decode_bf16_accumulate, decode_f16, decode_f16_accumulate, decode_q8, decode_q8_accumulate,
+    encode_bf16, encode_f16, encode_q8, f16, lamb_step, scale, sgd_step, weighted_average,
+    weighted_delta, weighted_sum,
 };
 
 const GPU: Device = Device::Cuda(0);
@@ -74,6 +75,32 @@ fn elementwise_twins() {
         accumulate(&mut ac, &gc, 0.37).unwrap();
         accumulate(&mut ag, &gg, 0.37).unwrap();
         assert_close(&ac, &ag, 1e-6, "accumulate");
+        let (gc2, gg2) = pair(&data(n, 4));
+        let rc = accumulate_checked(&mut ac, &gc2, -0.21).unwrap();
+        let rg = accumulate_checked(&mut ag, &gg2, -0.21).unwrap();
+        assert_eq!(rc, rg, "accumulate_checked report, n {n}");
+        assert!(rg.grad_finite && rg.acc_finite);
+        assert_close(&ac, &ag, 1e-6, "accumulate_checked");
+        if n > 0 {
+            // Poison in the gradient, then an overflow from a finite gradient.
+            let mut bad = data(n, 7);
+            bad[n - 1] = f32::NAN;
+            let (bc, bg) = pair(&bad);
+            let (mut xc, mut xg) = pair(&data(n, 8));
+            let rc = accumulate_checked(&mut xc, &bc, 1.0).unwrap();
+            let rg = accumulate_checked(&mut xg, &bg, 1.0).unwrap();
+            assert_eq!(rc, rg);
+            assert!(!rg.grad_finite && !rg.acc_finite);
+            assert_close(&xc, &xg, 1e-6, "accumulate_checked with NaN");
+            let mut big = data(n, 9);
+            big[n / 2] = f32::MAX;
+            let (bc, bg) = pair(&big);
+            let (mut xc, mut xg) = pair(&vec![f32::MAX; n]);
+            let rc = accumulate_checked(&mut xc, &bc, 1.0).unwrap();
+            let rg = accumulate_checked(&mut xg, &bg, 1.0).unwrap();
+            assert_eq!(rc, rg);
+            assert!(rg.grad_finite && !rg.acc_finite);
+        }
         scale(&mut ac, -1.5).unwrap();
         scale(&mut ag, -1.5).unwrap();
         assert_close(&ac, &ag, 1e-6, "scale");
@@ -158,6 +185,38 @@ fn codec_twins() {
         decode_f16(&hc, &mut dc).unwrap();
         decode_f16(&hg, &mut dg).unwrap();
         assert_close(&dc, &dg, 0.0, "decode_f16");
+
+        // bf16: bit-exact encode (NaN as NaN), exact decode.
+        let mut vb = v.clone();
+        for (i, x) in vb.iter_mut().enumerate() {
+            match i % 1013 {
+                4 => *x = f32::MAX,
+                5 => *x = f32::from_bits(0xff7f_8000), // overflowing tie: saturates
+                6 => *x = f32::NEG_INFINITY,
+                7 => *x = f32::from_bits(0x7f80_0001), // NaN with low payload
+                8 => *x = 1.0e-40,
+                9 => *x = f32::from_bits(0x3f81_8000), // tie to even
+                _ => {}
+            }
+        }
+        let (bsrc_c, bsrc_g) = pair(&vb);
+        let (mut bc, mut bg) = (
+            Buffer::<bf16>::zeros(n, Device::Cpu).unwrap(),
+            Buffer::<bf16>::zeros(n, GPU).unwrap(),
+        );
+        encode_bf16(&bsrc_c, &mut bc).unwrap();
+        encode_bf16(&bsrc_g, &mut bg).unwrap();
+        let (a, b) = (bc.to_vec().unwrap(), bg.to_vec().unwrap());
+        for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+            assert_eq!(x.to_bits(), y.to_bits(), "encode_bf16 {i}: {x} vs {y}");
+        }
+        let (mut dc2, mut dg2) = pair(&data(n, 16));
+        decode_bf16_accumulate(&bc, &mut dc2, -0.75).unwrap();
+        decode_bf16_accumulate(&bg, &mut dg2, -0.75).unwrap();
+        assert_close(&dc2, &dg2, 1e-6, "decode_bf16_accumulate");
+        decode_bf16(&bc, &mut dc2).unwrap();
+        decode_bf16(&bg, &mut dg2).unwrap();
+        assert_close(&dc2, &dg2, 0.0, "decode_bf16");
 
         for block in [4096, 100, 1] {
             let mut qc = Q8Buffer::zeros(n, block, Device::Cpu).unwrap();

@@ -35,6 +35,66 @@ pub fn accumulate(acc: &mut [f32], grad: &[f32], alpha: f32) -> Result<()> {
     Ok(())
 }
 
+/// What [`accumulate_checked`] saw during its pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AccumulateCheck {
+    /// Every element of `grad` was finite (no NaN, no ±inf).
+    pub grad_finite: bool,
+    /// Every element of `acc` is finite after the update. Implies
+    /// `grad_finite` (a NaN/inf gradient makes its element NaN/inf, even with
+    /// `alpha == 0`); it is also false when `acc` was already poisoned or an
+    /// element overflowed to ±inf.
+    pub acc_finite: bool,
+}
+
+/// `acc += alpha * grad` and, in the same pass, whether `grad` and the
+/// updated `acc` are all finite: what an optimizer step needs to know before
+/// it uses the accumulator, without a separate [`all_finite`] pass.
+///
+/// The update is applied whatever the check finds (one pass cannot know the
+/// answer before it writes), with the NaN/inf semantics of [`accumulate`]: on
+/// `acc_finite == false` the caller must discard or reset the accumulator
+/// (e.g. skip the step and zero it, as a loss scaler does on overflow).
+/// Empty buffers are finite.
+///
+/// # Errors
+/// As [`accumulate`].
+pub fn accumulate_checked(acc: &mut [f32], grad: &[f32], alpha: f32) -> Result<AccumulateCheck> {
+    const OP: &str = "accumulate_checked";
+    check_len(OP, "grad", acc.len(), grad.len())?;
+    check_finite(OP, "alpha", alpha)?;
+    let (g, a) = if acc.len() < PAR_MIN {
+        accumulate_max_bits(acc, grad, alpha)
+    } else {
+        acc.par_chunks_mut(CHUNK)
+            .zip(grad.par_chunks(CHUNK))
+            .map(|(a, g)| accumulate_max_bits(a, g, alpha))
+            .reduce(|| (0, 0), |x, y| (x.0.max(y.0), x.1.max(y.1)))
+    };
+    let inf = f32::INFINITY.to_bits();
+    Ok(AccumulateCheck {
+        grad_finite: g < inf,
+        acc_finite: a < inf,
+    })
+}
+
+#[inline(always)]
+fn accumulate_max_bits_impl(acc: &mut [f32], grad: &[f32], alpha: f32) -> (u32, u32) {
+    let (mut mg, mut ma) = (0u32, 0u32);
+    for (a, g) in acc.iter_mut().zip(grad) {
+        let r = *a + alpha * g;
+        *a = r;
+        mg = mg.max(g.to_bits() & 0x7fff_ffff);
+        ma = ma.max(r.to_bits() & 0x7fff_ffff);
+    }
+    (mg, ma)
+}
+
+avx2_twin! {
+    /// `acc += alpha * grad`; returns the largest `|grad|` and `|acc|` bit patterns.
+    fn accumulate_max_bits(acc: &mut [f32], grad: &[f32], alpha: f32) -> (u32, u32) = accumulate_max_bits_impl;
+}
+
 /// `buf *= s`, elementwise.
 ///
 /// # Errors

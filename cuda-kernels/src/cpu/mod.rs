@@ -8,12 +8,14 @@ mod elementwise;
 pub(crate) mod elementwise_checks {
     pub(crate) use super::elementwise::{check_weights, normalize};
 }
+pub mod bf16;
 pub mod f16;
 mod optim;
 pub mod q8;
 
 pub use elementwise::{
-    accumulate, all_finite, copy, scale, weighted_average, weighted_delta, weighted_sum,
+    AccumulateCheck, accumulate, accumulate_checked, all_finite, copy, scale, weighted_average,
+    weighted_delta, weighted_sum,
 };
 pub use optim::{adamw_step, lamb_step, sgd_step};
 

@@ -224,14 +224,11 @@ pub(crate) fn decode_into<S: ScaleSlot>(
     }
 }
 
-super::avx2_twin! {
-    /// Quantizes one block; returns its scale.
-    fn encode_block(x: &[f32], q: &mut [i8]) -> f32 = encode_block_impl;
-}
-
-#[inline(always)]
-fn encode_block_impl(x: &[f32], q: &mut [i8]) -> f32 {
-    let max_bits = x.iter().fold(0u32, |m, v| m.max(v.to_bits() & 0x7fff_ffff));
+/// Quantizes one block; returns its scale.
+#[inline]
+fn encode_block(x: &[f32], q: &mut [i8]) -> f32 {
+    debug_assert_eq!(x.len(), q.len());
+    let max_bits = simd::max_abs_bits(x).unwrap_or_else(|| max_abs_bits_scalar(x));
     if max_bits >= f32::INFINITY.to_bits() {
         q.fill(0);
         return f32::NAN;
@@ -242,17 +239,129 @@ fn encode_block_impl(x: &[f32], q: &mut [i8]) -> f32 {
         return 0.0;
     }
     let inv = 127.0 / absmax;
+    let done = simd::quantize(x, inv, q);
+    quantize_scalar(&x[done..], inv, &mut q[done..]);
+    absmax / 127.0
+}
+
+/// Largest `|x|` bit pattern (for |x| the IEEE bits order like the value, and
+/// NaN/inf are >= the bits of +inf).
+#[inline]
+fn max_abs_bits_scalar(x: &[f32]) -> u32 {
+    x.iter().fold(0u32, |m, v| m.max(v.to_bits() & 0x7fff_ffff))
+}
+
+/// `q = round_half_away(clamp(x * inv, -127, 127))`: the codec's formula, one
+/// value at a time (the SIMD path is bit-identical to it).
+#[inline]
+fn quantize_scalar(x: &[f32], inv: f32, q: &mut [i8]) {
     for (q, &x) in q.iter_mut().zip(x) {
         let y = (x * inv).clamp(-127.0, 127.0);
         // Round half away from zero, then truncate.
         // SAFETY: x and inv are finite (non-finite blocks and tiny absmax
-        // returned above), so y is finite and clamped to [-127, 127], and
-        // y ± 0.5 lies in [-127.5, 127.5]: representable as i32. (The checked
-        // `as` cast would block vectorisation.)
+        // return before any call), so y is finite and clamped to [-127, 127],
+        // and y ± 0.5 lies in [-127.5, 127.5]: representable as i32.
         let r = unsafe { (y + 0.5f32.copysign(y)).to_int_unchecked::<i32>() };
         *q = r as i8;
     }
-    absmax / 127.0
+}
+
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    use std::arch::x86_64::*;
+
+    /// Largest `|x|` bit pattern of the block, with AVX2 (None without it).
+    pub(super) fn max_abs_bits(x: &[f32]) -> Option<u32> {
+        if !crate::cpu::has_avx2() {
+            return None;
+        }
+        // SAFETY: AVX2 was detected just above; `max_abs_bits_avx2` reads
+        // only inside `x`.
+        Some(unsafe { max_abs_bits_avx2(x) })
+    }
+
+    /// Quantizes the longest multiple-of-32 prefix of `x` into `q` with AVX2;
+    /// returns its length (0 without AVX2). `x` must be finite, `inv` finite.
+    pub(super) fn quantize(x: &[f32], inv: f32, q: &mut [i8]) -> usize {
+        if !crate::cpu::has_avx2() || q.len() < x.len() {
+            return 0;
+        }
+        // SAFETY: AVX2 was detected just above, and `q` is at least as long
+        // as `x` (checked above), which bounds every store.
+        unsafe { quantize_avx2(x, inv, q) }
+    }
+
+    #[target_feature(enable = "avx2")]
+    fn max_abs_bits_avx2(x: &[f32]) -> u32 {
+        let mask = _mm256_set1_epi32(0x7fff_ffff);
+        let mut acc = [_mm256_setzero_si256(); 4];
+        let n = x.len() / 32 * 32;
+        let p = x.as_ptr();
+        for i in (0..n).step_by(32) {
+            for (k, a) in acc.iter_mut().enumerate() {
+                // SAFETY: i + 8k + 8 <= n <= x.len(); unaligned load.
+                let v = unsafe { _mm256_loadu_si256(p.add(i + 8 * k).cast::<__m256i>()) };
+                *a = _mm256_max_epu32(*a, _mm256_and_si256(v, mask));
+            }
+        }
+        let m = _mm256_max_epu32(
+            _mm256_max_epu32(acc[0], acc[1]),
+            _mm256_max_epu32(acc[2], acc[3]),
+        );
+        let mut lanes = [0u32; 8];
+        // SAFETY: `lanes` is 32 bytes; unaligned store.
+        unsafe { _mm256_storeu_si256(lanes.as_mut_ptr().cast::<__m256i>(), m) };
+        let tail = super::max_abs_bits_scalar(&x[n..]);
+        lanes.iter().fold(tail, |a, &b| a.max(b))
+    }
+
+    #[target_feature(enable = "avx2")]
+    fn quantize_avx2(x: &[f32], inv: f32, q: &mut [i8]) -> usize {
+        let n = x.len() / 32 * 32;
+        let inv = _mm256_set1_ps(inv);
+        let (lo, hi) = (_mm256_set1_ps(-127.0), _mm256_set1_ps(127.0));
+        let half = _mm256_set1_ps(0.5);
+        let sign = _mm256_set1_ps(-0.0);
+        // After the two packs, dword k of each 128-bit lane holds 4 codes of
+        // input vector k: this gathers them back into input order.
+        let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        let (src, dst) = (x.as_ptr(), q.as_mut_ptr());
+        // The next block follows this one in memory: while this block is
+        // quantized from L1, fetch the next one so that the memory reads of
+        // the absmax pass and the arithmetic here overlap.
+        let ahead = src.wrapping_add(x.len()).cast::<i8>();
+        for i in (0..n).step_by(32) {
+            // A prefetch is a hint: it never faults, whatever the address.
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(4 * i));
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(4 * i + 64));
+            let conv = |k: usize| {
+                // SAFETY: i + 8k + 8 <= n <= x.len(); unaligned load.
+                let v = unsafe { _mm256_loadu_ps(src.add(i + 8 * k)) };
+                let y = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(v, inv), lo), hi);
+                // y + copysign(0.5, y), truncated: round half away from zero.
+                let r = _mm256_add_ps(y, _mm256_or_ps(_mm256_and_ps(y, sign), half));
+                _mm256_cvttps_epi32(r)
+            };
+            let (a, b, c, d) = (conv(0), conv(1), conv(2), conv(3));
+            // Values are in [-127, 127]: the saturating packs are exact.
+            let bytes = _mm256_packs_epi16(_mm256_packs_epi32(a, b), _mm256_packs_epi32(c, d));
+            let out = _mm256_permutevar8x32_epi32(bytes, order);
+            // SAFETY: i + 32 <= n <= x.len() <= q.len(); unaligned store.
+            unsafe { _mm256_storeu_si256(dst.add(i).cast::<__m256i>(), out) };
+        }
+        n
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+mod simd {
+    // Portable path: the scalar loops do everything.
+    pub(super) fn max_abs_bits(_: &[f32]) -> Option<u32> {
+        None
+    }
+    pub(super) fn quantize(_: &[f32], _: f32, _: &mut [i8]) -> usize {
+        0
+    }
 }
 
 #[inline]
@@ -268,5 +377,39 @@ fn decode_block(q: &[i8], scale: f32, d: &mut [f32], weight: Option<f32>) {
                 .zip(q)
                 .for_each(|(d, &q)| *d += f32::from(q) * ws);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The SIMD quantizer against the scalar formula on values that sit exactly
+    /// on rounding ties (x * inv = k + 0.5), signed zeros, the clamp edge and
+    /// lengths around the 32-value vector step.
+    #[test]
+    fn simd_block_matches_scalar_formula() {
+        let mut x: Vec<f32> = (-127..127).map(|k| k as f32 + 0.5).collect();
+        x.extend([127.0, -127.0, 0.0, -0.0, 126.49999, -0.5, 0.49999997, 1e-30]);
+        for len in [1, 31, 32, 33, 63, 64, 65, x.len()] {
+            let xs = &x[..len];
+            let mut fast = vec![0i8; len];
+            let scale = encode_block(xs, &mut fast);
+            let absmax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let mut slow = vec![0i8; len];
+            if absmax >= MIN_ABSMAX {
+                quantize_scalar(xs, 127.0 / absmax, &mut slow);
+                assert_eq!(scale.to_bits(), (absmax / 127.0).to_bits(), "len {len}");
+            } else {
+                assert_eq!(scale, 0.0);
+            }
+            assert_eq!(fast, slow, "len {len}");
+        }
+        // absmax 127 makes inv exactly 1: ties round away from zero.
+        let mut q = vec![0i8; 256];
+        encode_block(&x[..256], &mut q);
+        assert_eq!(q[0], -127); // -126.5 -> -127
+        assert_eq!(q[126], -1); // -0.5 -> -1
+        assert_eq!(q[127], 1); // 0.5 -> 1
     }
 }

@@ -1,7 +1,7 @@
 //! CUDA twins of the ops. Inputs are validated by `crate::ops` before these run.
 
 use cudarc::driver::{CudaFunction, DevicePtr, LaunchArgs, PushKernelArg};
-use half::f16;
+use half::{bf16, f16};
 
 use super::{
     CudaStorage,
@@ -9,7 +9,8 @@ use super::{
     sources::{CODEC, ELEMENTWISE, OPTIM, REDUCE},
 };
 use crate::{
-    AdamW, Buffer, Device, Element, KernelError, Lamb, Layout, Q8Buffer, Result, Sgd,
+    AccumulateCheck, AdamW, Buffer, Device, Element, KernelError, Lamb, Layout, Q8Buffer, Result,
+    Sgd,
     buffer::Storage,
     optim::{AdamScalars, adam_scalars},
 };
@@ -68,6 +69,46 @@ pub(crate) fn accumulate(acc: &mut Buffer<f32>, grad: &Buffer<f32>, alpha: f32) 
     let n = n64(n);
     b.arg(&mut a.slice).arg(&g.slice).arg(&alpha).arg(&n);
     launch(b, cfg, "accumulate_f32")
+}
+
+pub(crate) fn accumulate_checked(
+    acc: &mut Buffer<f32>,
+    grad: &Buffer<f32>,
+    alpha: f32,
+) -> Result<AccumulateCheck> {
+    let g = st(grad)?;
+    let a = st_mut(acc)?;
+    let n = a.len();
+    if n == 0 {
+        return Ok(AccumulateCheck {
+            grad_finite: true,
+            acc_finite: true,
+        });
+    }
+    let dev = a.dev.clone();
+    let cfg = dev.elementwise_cfg(n);
+    let f = dev.function(&ELEMENTWISE, "accumulate_checked_f32")?;
+    let mut flags = dev
+        .stream
+        .alloc_zeros::<u32>(1)
+        .map_err(driver_err("allocating"))?;
+    let n = n64(n);
+    let mut b = dev.stream.launch_builder(&f);
+    b.arg(&mut a.slice)
+        .arg(&g.slice)
+        .arg(&alpha)
+        .arg(&mut flags)
+        .arg(&n);
+    launch(b, cfg, "accumulate_checked_f32")?;
+    let flags = dev
+        .stream
+        .clone_dtoh(&flags)
+        .map_err(driver_err("downloading"))?;
+    let bits = flags.first().copied().unwrap_or(3);
+    Ok(AccumulateCheck {
+        grad_finite: bits & 1 == 0,
+        acc_finite: bits & 2 == 0,
+    })
 }
 
 pub(crate) fn copy(dst: &mut Buffer<f32>, src: &Buffer<f32>) -> Result<()> {
@@ -211,6 +252,50 @@ pub(crate) fn decode_f16(
             let mut b = dev.stream.launch_builder(&f);
             b.arg(&s.slice).arg(&mut d.slice).arg(&w).arg(&n);
             launch(b, cfg, "decode_acc_f16")
+        }
+    }
+}
+
+pub(crate) fn encode_bf16(src: &Buffer<f32>, dst: &mut Buffer<bf16>) -> Result<()> {
+    let s = st(src)?;
+    let d = st_mut(dst)?;
+    if s.len() == 0 {
+        return Ok(());
+    }
+    let dev = s.dev.clone();
+    let cfg = dev.elementwise_cfg(s.len());
+    let f = dev.function(&CODEC, "encode_bf16")?;
+    let n = n64(s.len());
+    let mut b = dev.stream.launch_builder(&f);
+    b.arg(&s.slice).arg(&mut d.slice).arg(&n);
+    launch(b, cfg, "encode_bf16")
+}
+
+pub(crate) fn decode_bf16(
+    src: &Buffer<bf16>,
+    dst: &mut Buffer<f32>,
+    weight: Option<f32>,
+) -> Result<()> {
+    let s = st(src)?;
+    let d = st_mut(dst)?;
+    if s.len() == 0 {
+        return Ok(());
+    }
+    let dev = s.dev.clone();
+    let cfg = dev.elementwise_cfg(s.len());
+    let n = n64(s.len());
+    match weight {
+        None => {
+            let f = dev.function(&CODEC, "decode_bf16")?;
+            let mut b = dev.stream.launch_builder(&f);
+            b.arg(&s.slice).arg(&mut d.slice).arg(&n);
+            launch(b, cfg, "decode_bf16")
+        }
+        Some(w) => {
+            let f = dev.function(&CODEC, "decode_acc_bf16")?;
+            let mut b = dev.stream.launch_builder(&f);
+            b.arg(&s.slice).arg(&mut d.slice).arg(&w).arg(&n);
+            launch(b, cfg, "decode_acc_bf16")
         }
     }
 }

@@ -21,7 +21,7 @@ pub(crate) const ELEMENTWISE: KernelSource = KernelSource {
     name: "elementwise",
     file: "elementwise.cu",
     source: include_str!("../../kernels/elementwise.cu"),
-    functions: &["accumulate_f32", "scale_f32"],
+    functions: &["accumulate_f32", "accumulate_checked_f32", "scale_f32"],
 };
 
 pub(crate) const REDUCE: KernelSource = KernelSource {
@@ -39,6 +39,9 @@ pub(crate) const CODEC: KernelSource = KernelSource {
         "encode_f16",
         "decode_f16",
         "decode_acc_f16",
+        "encode_bf16",
+        "decode_bf16",
+        "decode_acc_bf16",
         "encode_q8_f32",
         "decode_q8_f32",
     ],

@@ -2,9 +2,9 @@
 //! [`KernelError::NotCompiledWithCuda`]. No CUDA buffer can exist in such a
 //! build, so the op twins below are reached only through that error path.
 
-use half::f16;
+use half::{bf16, f16};
 
-use crate::{AdamW, Buffer, KernelError, Lamb, Layout, Q8Buffer, Result, Sgd};
+use crate::{AccumulateCheck, AdamW, Buffer, KernelError, Lamb, Layout, Q8Buffer, Result, Sgd};
 
 /// Always false: built without the `cuda` feature.
 pub fn is_available() -> bool {
@@ -29,6 +29,19 @@ pub(crate) mod stub_ops {
     const E: KernelError = KernelError::NotCompiledWithCuda;
 
     pub(crate) fn accumulate(_: &mut Buffer<f32>, _: &Buffer<f32>, _: f32) -> Result<()> {
+        Err(E)
+    }
+    pub(crate) fn accumulate_checked(
+        _: &mut Buffer<f32>,
+        _: &Buffer<f32>,
+        _: f32,
+    ) -> Result<AccumulateCheck> {
+        Err(E)
+    }
+    pub(crate) fn encode_bf16(_: &Buffer<f32>, _: &mut Buffer<bf16>) -> Result<()> {
+        Err(E)
+    }
+    pub(crate) fn decode_bf16(_: &Buffer<bf16>, _: &mut Buffer<f32>, _: Option<f32>) -> Result<()> {
         Err(E)
     }
     pub(crate) fn copy(_: &mut Buffer<f32>, _: &Buffer<f32>) -> Result<()> {
