@@ -762,7 +762,8 @@ async fn keep_state_declared(
             DonorCommand::Stop => break,
             DonorCommand::Keep { priority, ttl } => {
                 // `declare_state` has just stored it: refresh before it lapses.
-                let interval = period.min(Duration::from_secs_f64(ttl / 2.0));
+                let half = Duration::try_from_secs_f64(ttl / 2.0).unwrap_or(period);
+                let interval = period.min(half).max(Duration::from_millis(50));
                 tokio::select! {
                     changed = rx.changed() => if changed.is_err() { break },
                     () = tokio::time::sleep(interval) => {
