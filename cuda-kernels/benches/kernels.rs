@@ -20,7 +20,7 @@ use std::{
 };
 
 use colony_kernels as ops;
-use colony_kernels::{AdamW, Buffer, Device, Lamb, Layout, Q8Buffer, Sgd, cpu, f16};
+use colony_kernels::{AdamW, Buffer, Device, Lamb, Layout, Q8Buffer, Sgd, bf16, cpu, f16};
 use criterion::{Criterion, SamplingMode, Throughput, criterion_main};
 
 fn sync(device: Device) {
@@ -166,6 +166,9 @@ fn bench_size(c: &mut Criterion, device: Device, mb: usize) {
         cx.bench("accumulate", 12 * n, || {
             ops::accumulate(&mut acc, &grad, 0.5).expect("op")
         });
+        cx.bench("accumulate_checked", 12 * n, || {
+            black_box(ops::accumulate_checked(&mut acc, &grad, 0.5).expect("op"));
+        });
         cx.bench("scale", 8 * n, || ops::scale(&mut acc, 1.0).expect("op"));
         cx.bench("all_finite", 4 * n, || {
             black_box(ops::all_finite(&acc).expect("op"));
@@ -195,6 +198,17 @@ fn bench_size(c: &mut Criterion, device: Device, mb: usize) {
             ops::decode_f16_accumulate(&half, &mut acc, 0.5).expect("op")
         });
         drop(half);
+        let mut bhalf = Buffer::<bf16>::zeros(n, device).expect("alloc");
+        cx.bench("encode_bf16", 6 * n, || {
+            ops::encode_bf16(&src, &mut bhalf).expect("op")
+        });
+        cx.bench("decode_bf16", 6 * n, || {
+            ops::decode_bf16(&bhalf, &mut acc).expect("op")
+        });
+        cx.bench("decode_bf16_accumulate", 10 * n, || {
+            ops::decode_bf16_accumulate(&bhalf, &mut acc, 0.5).expect("op")
+        });
+        drop(bhalf);
         let mut q = Q8Buffer::zeros(n, cpu::q8::DEFAULT_BLOCK_SIZE, device).expect("alloc");
         let qbytes = n + 4 * cpu::q8::num_blocks(n, cpu::q8::DEFAULT_BLOCK_SIZE);
         cx.bench("encode_q8", 4 * n + qbytes, || {
@@ -222,8 +236,20 @@ fn bench_size(c: &mut Criterion, device: Device, mb: usize) {
             step += 1;
             ops::adamw_step(&mut p, &g, &mut m, &mut v, &adamw, step).expect("op")
         });
+        // 256 Ki-element tensors: a LAMB window (several such tensors) gets
+        // both passes while it is in the last-level cache.
+        let t = (1usize << 18).min(n);
+        let layout =
+            Layout::packed((0..n / t).map(|i| (format!("t{i}"), vec![t])), 16).expect("layout");
+        let lamb = Lamb::default();
+        let mut step = 0;
+        cx.bench("lamb_step_256K_tensors", 28 * n, || {
+            step += 1;
+            ops::lamb_step(&mut p, &g, &mut m, &mut v, &layout, &lamb, step).expect("op")
+        });
         // 1 M-element tensors: LAMB needs each tensor's norms before it can
-        // update, so tensors larger than a cache-sized piece are read twice.
+        // update, so a tensor larger than a window is read twice (pass 2 runs
+        // backwards to reuse what is still cached).
         let t = (1usize << 20).min(n);
         let layout =
             Layout::packed((0..n / t).map(|i| (format!("t{i}"), vec![t])), 16).expect("layout");

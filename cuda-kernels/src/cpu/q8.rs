@@ -329,11 +329,17 @@ mod simd {
         // The next block follows this one in memory: while this block is
         // quantized from L1, fetch the next one so that the memory reads of
         // the absmax pass and the arithmetic here overlap.
+        // Its codes follow this block's codes: request those lines for
+        // writing too, so the stores below do not wait for each line.
         let ahead = src.wrapping_add(x.len()).cast::<i8>();
+        let ahead_codes = dst.wrapping_add(q.len()).cast_const();
         for i in (0..n).step_by(32) {
             // A prefetch is a hint: it never faults, whatever the address.
             _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(4 * i));
             _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(4 * i + 64));
+            if i % 64 == 0 {
+                _mm_prefetch::<_MM_HINT_ET0>(ahead_codes.wrapping_add(i));
+            }
             let conv = |k: usize| {
                 // SAFETY: i + 8k + 8 <= n <= x.len(); unaligned load.
                 let v = unsafe { _mm256_loadu_ps(src.add(i + 8 * k)) };
