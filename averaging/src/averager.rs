@@ -790,6 +790,10 @@ impl Drop for IdleOnDrop<'_> {
     }
 }
 
+/// Seconds of remaining lifetime below which a matchmaking declaration is not
+/// withdrawn but left to expire.
+const WITHDRAW_MARGIN_S: f64 = 1.0;
+
 /// Leave matchmaking: refuse joins from now on, withdraw the declaration (nil
 /// with a later expiration wins; once it has expired there is nothing to
 /// withdraw, and storers would refuse a record that expires in the past), and
@@ -806,7 +810,9 @@ fn set_idle(inner: &Inner) {
             m.group_key.clone(),
         )
     };
-    if let Some(expiration) = declared.filter(|e| *e > dht_time()) {
+    // A declaration about to expire is left to expire: the withdrawal would
+    // reach storers after its own expiration and be refused.
+    if let Some(expiration) = declared.filter(|e| *e > dht_time() + WITHDRAW_MARGIN_S) {
         spawn_declare(inner, &key, expiration + 1e-3, false);
     }
     send_disbanded(inner, followers, None);

@@ -85,8 +85,11 @@ pub(crate) struct BytePool {
     free: Mutex<Vec<Vec<u8>>>,
 }
 
-/// Most byte buffers kept for reuse (two per connection of a 16-peer round).
+/// Most byte buffers kept for reuse (two per connection of a 16-peer round)...
 const POOL_BYTE_BUFFERS: usize = 64;
+/// ...and most bytes they may hold together, so a large group with large parts
+/// does not pin more than this between rounds.
+const POOL_BYTES_MAX: usize = 128 << 20;
 
 impl BytePool {
     /// A buffer (contents and length unspecified; the largest one free),
@@ -138,10 +141,11 @@ impl Drop for PooledBytes {
         if v.capacity() == 0 {
             return;
         }
-        if let Ok(mut free) = self.pool.free.lock()
-            && free.len() < POOL_BYTE_BUFFERS
-        {
-            free.push(v);
+        if let Ok(mut free) = self.pool.free.lock() {
+            let held: usize = free.iter().map(Vec::capacity).sum();
+            if free.len() < POOL_BYTE_BUFFERS && held + v.capacity() <= POOL_BYTES_MAX {
+                free.push(v);
+            }
         }
     }
 }
@@ -302,5 +306,44 @@ async fn route(
         if tokio::time::timeout_at(deadline, notified).await.is_err() {
             return Err(PeerFault::BadGroupId);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_buffers_are_reused_and_capped() {
+        let pool = Arc::new(BytePool::default());
+        let ptr = {
+            let mut b = pool.take();
+            assert!(b.is_empty());
+            b.resize(1 << 20, 7);
+            b.as_ptr()
+        };
+        // The grown buffer came back and is handed out again, contents kept
+        // (frames overwrite what they use, so nothing is zero-filled again).
+        let b = pool.take();
+        assert_eq!(b.as_ptr(), ptr);
+        assert_eq!(b.len(), 1 << 20);
+        drop(b);
+        // A buffer larger than the byte cap is not kept.
+        {
+            let mut big = pool.take();
+            big.resize(POOL_BYTES_MAX + 1, 0);
+        }
+        assert!(pool.take().is_empty());
+    }
+
+    #[test]
+    fn f32_buffers_are_reused_with_the_requested_length() {
+        let pool = BufferPool::default();
+        let v = pool.take(1000);
+        assert_eq!(v.len(), 1000);
+        let ptr = v.as_ptr();
+        pool.give(v);
+        let w = pool.take(10);
+        assert_eq!((w.len(), w.as_ptr()), (10, ptr));
     }
 }
