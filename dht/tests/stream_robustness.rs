@@ -1,12 +1,12 @@
-//! Streams under bursts: many peers opening streams to one acceptor at once.
+//! Application streams under bursts, starved acceptors and idle connections.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
 use std::time::Duration;
 
-use colony_dht::{Dht, StreamProtocol};
-use common::swarm;
+use colony_dht::{Dht, DhtConfig, StreamProtocol};
+use common::{server_config, swarm};
 use futures::{AsyncReadExt, AsyncWriteExt};
 
 const T: Duration = Duration::from_secs(60);
@@ -146,9 +146,61 @@ async fn starved_acceptor_keeps_capacity_streams_and_resets_the_rest() {
             "nothing beyond the capacity was kept"
         );
         assert_eq!(failed.len(), openers - capacity, "{failed:?}");
+        // Dropping the receiver frees the protocol for a new acceptor.
+        assert!(server.accept_streams(protocol.clone(), 1).is_err());
+        drop(incoming);
+        assert!(server.accept_streams(protocol.clone(), 1).is_ok());
         for n in &nodes {
             n.shutdown().await;
         }
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// A stream opened after its connection sat idle for several idle timeouts
+/// works. (Between Colony nodes the idle timeout never fires: gossipsub opens
+/// a long-lived substream on every new connection to send its extensions, and
+/// an open substream postpones the swarm's idle shutdown.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_stream_after_idle_periods_longer_than_the_idle_timeout() {
+    common::init_tracing();
+    tokio::time::timeout(T, async {
+        let idle = Duration::from_millis(200);
+        let a = Dht::new(DhtConfig {
+            idle_connection_timeout: idle,
+            ..server_config(34, 0, vec![])
+        })
+        .await
+        .unwrap();
+        let b = Dht::new(DhtConfig {
+            idle_connection_timeout: idle,
+            ..server_config(34, 1, a.listen_addrs())
+        })
+        .await
+        .unwrap();
+        let protocol = StreamProtocol::new("/colony/test-idle/1");
+        let mut incoming = a.accept_streams(protocol.clone(), 4).unwrap();
+        let echo = tokio::spawn(async move {
+            while let Some((_, mut s)) = incoming.recv().await {
+                let mut buf = [0u8; 8];
+                if s.read_exact(&mut buf).await.is_ok() {
+                    let _ = s.write_all(&buf).await;
+                    let _ = s.close().await;
+                }
+            }
+        });
+        for round in 0..3u8 {
+            // The condition under test: no traffic for 3 idle timeouts.
+            tokio::time::sleep(idle * 3).await;
+            echo_once(&b, &a, protocol.clone(), [round; 8])
+                .await
+                .unwrap_or_else(|e| panic!("round {round}: {e}"));
+            assert_eq!(b.stats().await.unwrap().connected_peers, 1);
+        }
+        echo.abort();
+        a.shutdown().await;
+        b.shutdown().await;
     })
     .await
     .expect("test timed out");
