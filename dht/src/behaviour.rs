@@ -15,6 +15,7 @@ use crate::{
     config::DhtConfig,
     error::DhtError,
     storage::{ColonyStore, LocalStorage},
+    streams::{InboundRegistry, InboundStreams},
 };
 
 /// The Kademlia protocol name of Colony swarms.
@@ -30,7 +31,11 @@ pub(crate) struct Behaviour {
     pub(crate) kad: kad::Behaviour<ColonyStore>,
     pub(crate) gossipsub: gossipsub::Behaviour,
     pub(crate) identify: identify::Behaviour,
+    /// Outbound application streams (`Dht::open_stream`); no protocol is
+    /// ever registered with it for accepting.
     pub(crate) stream: libp2p_stream::Behaviour,
+    /// Inbound application streams (`Dht::accept_streams`).
+    pub(crate) inbound: InboundStreams,
 }
 
 fn nonzero(field: &'static str, n: usize) -> Result<NonZeroUsize, DhtError> {
@@ -40,10 +45,12 @@ fn nonzero(field: &'static str, n: usize) -> Result<NonZeroUsize, DhtError> {
     })
 }
 
-/// Builds the swarm: TCP + noise + yamux carrying kad, gossipsub, identify and streams.
+/// Builds the swarm: TCP + noise + yamux carrying kad, gossipsub, identify and
+/// streams; inbound streams are delivered to the acceptors in `inbound`.
 pub(crate) fn build_swarm(
     config: &DhtConfig,
     keypair: Keypair,
+    inbound: InboundRegistry,
 ) -> Result<Swarm<Behaviour>, DhtError> {
     let transport_err = |e: &dyn std::fmt::Display| DhtError::Transport {
         reason: e.to_string(),
@@ -92,6 +99,7 @@ pub(crate) fn build_swarm(
         gossipsub,
         identify,
         stream: libp2p_stream::Behaviour::new(),
+        inbound: InboundStreams::new(inbound),
     };
     let idle = config.idle_connection_timeout;
     let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)

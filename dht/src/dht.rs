@@ -18,6 +18,7 @@ use crate::{
     node::{Command, GossipMessage, Node, NodeStats, PeerAddresses, strip_p2p},
     record::DhtRecord,
     signature::Ed25519SignatureValidator,
+    streams::InboundRegistry,
     time::dht_time,
     validation::{CompositeValidator, RecordLimits, RecordValidator},
     value::{DhtValue, StoreOutcome, ValueWithExpiration},
@@ -37,6 +38,7 @@ struct Inner {
     validators: Arc<RwLock<CompositeValidator>>,
     limits: RecordLimits,
     control: libp2p_stream::Control,
+    inbound: InboundRegistry,
     query_timeout: Duration,
     max_gossip_size: usize,
     subscription_capacity: usize,
@@ -94,7 +96,8 @@ impl Dht {
             max_value_size: config.max_value_size,
             max_ttl_s: config.max_ttl.as_secs_f64(),
         };
-        let swarm = build_swarm(&config, keypair)?;
+        let inbound = InboundRegistry::default();
+        let swarm = build_swarm(&config, keypair, inbound.clone())?;
         let peer_id = *swarm.local_peer_id();
         let control = swarm.behaviour().stream.new_control();
         let listen_addrs = Arc::new(RwLock::new(Vec::new()));
@@ -118,6 +121,7 @@ impl Dht {
                 validators,
                 limits,
                 control,
+                inbound,
                 query_timeout: config.query_timeout,
                 max_gossip_size: config.max_gossip_size,
                 subscription_capacity: config.subscription_capacity,
@@ -329,14 +333,6 @@ impl Dht {
         Ok(receiver)
     }
 
-    /// A control for opening and accepting libp2p streams on this node's swarm.
-    ///
-    /// Prefer [`accept_streams`](Self::accept_streams), which avoids the
-    /// libp2p-stream pitfall of dropping bursts of inbound streams.
-    pub fn stream_control(&self) -> libp2p_stream::Control {
-        self.inner.control.clone()
-    }
-
     /// Opens a stream to `peer` for `protocol`, dialing it first if needed
     /// with the addresses the routing table knows; if there are none, the
     /// peer is looked up in the DHT (Kademlia FIND_NODE) and dialed.
@@ -392,10 +388,14 @@ impl Dht {
             })?
     }
 
-    /// Accepts inbound streams for `protocol`. A dedicated task drains them
-    /// into the returned receiver of `capacity` streams; when the receiver is
-    /// full, new streams are dropped (closed) with a warning. Drop the
-    /// receiver to stop accepting.
+    /// Accepts inbound streams for `protocol`: they arrive on the returned
+    /// receiver, which holds up to `capacity` (at least 1) streams not yet
+    /// received. The connection tasks deliver into it directly, so a burst of
+    /// up to `capacity` streams from any number of peers is kept even while
+    /// the receiving task is starved of CPU; a stream arriving while it is
+    /// full is dropped (reset, which the opener sees as an error on its first
+    /// write or an early end of stream) with a warning. Drop the receiver to
+    /// stop accepting; the protocol can then be accepted again.
     ///
     /// # Errors
     ///
@@ -405,27 +405,12 @@ impl Dht {
         protocol: StreamProtocol,
         capacity: usize,
     ) -> Result<mpsc::Receiver<(PeerId, Stream)>, DhtError> {
-        let mut incoming = self
-            .inner
-            .control
-            .clone()
-            .accept(protocol.clone())
-            .map_err(|_| DhtError::AlreadyRegistered {
+        self.inner
+            .inbound
+            .accept(protocol.clone(), capacity)
+            .ok_or_else(|| DhtError::AlreadyRegistered {
                 protocol: protocol.to_string(),
-            })?;
-        let (tx, rx) = mpsc::channel(capacity.max(1));
-        tokio::spawn(async move {
-            while let Some((peer, stream)) = incoming.next().await {
-                match tx.try_send((peer, stream)) {
-                    Ok(()) => {}
-                    Err(mpsc::error::TrySendError::Full(_)) => {
-                        tracing::warn!(%peer, %protocol, "acceptor is full; inbound stream dropped");
-                    }
-                    Err(mpsc::error::TrySendError::Closed(_)) => break,
-                }
-            }
-        });
-        Ok(rx)
+            })
     }
 
     /// How to reach a peer this node is (or was recently) connected to: the

@@ -58,6 +58,7 @@ mod record;
 mod schema;
 mod signature;
 mod storage;
+mod streams;
 mod time;
 mod validation;
 mod value;
@@ -78,4 +79,3 @@ pub use value::{DhtValue, StoreOutcome, ValueWithExpiration};
 
 /// Re-exports of the libp2p types in this crate's API.
 pub use libp2p::{Multiaddr, PeerId, Stream, StreamProtocol};
-pub use libp2p_stream::{Control as StreamControl, IncomingStreams};
