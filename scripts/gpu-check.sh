@@ -2,9 +2,10 @@
 # GPU check for colony-kernels, in two halves:
 #
 #   scripts/gpu-check.sh build [DIR]   (here: needs Rust, no GPU)
-#       Builds the colony-kernels test binaries and the bench binary with
-#       --features cuda, and puts them, NVRTC (from the nvidia-cuda-nvrtc
-#       wheel, installed by scripts/nvrtc-check.sh) and this script into DIR
+#       Builds the colony-kernels test binaries, colony-averaging's
+#       device-buffer test and the kernels bench binary with --features cuda,
+#       and puts them, NVRTC (from the nvidia-cuda-nvrtc wheel, installed by
+#       scripts/nvrtc-check.sh) and this script into DIR
 #       (default: $CARGO_TARGET_DIR/gpu-check), plus DIR.tar.gz.
 #
 #   ./gpu-check.sh run [DIR]           (there: a GPU machine with a CUDA 13
@@ -42,6 +43,10 @@ for line in sys.stdin:
   }
   cargo test -p colony-kernels --features cuda --release --no-run --message-format=json |
     list_executables '[["lib"], ["test"]]' | while read -r exe; do cp "$exe" "$out/tests/"; done
+  # colony-averaging's device-buffer test (CUDA buffers averaged between two
+  # in-process peers on 127.0.0.1).
+  cargo test -p colony-averaging --features cuda --release --test device_buffers --no-run --message-format=json |
+    list_executables '[["test"]]' | while read -r exe; do cp "$exe" "$out/tests/"; done
   cargo bench -p colony-kernels --features cuda --no-run --message-format=json |
     list_executables '[["bench"]]' | while read -r exe; do cp "$exe" "$out/benches/"; done
   cp "$0" "$out/gpu-check.sh"
