@@ -724,7 +724,7 @@ async fn write_parts<T: AsRef<[f32]> + Sync>(
         let payload = frame.start(Kind::Part, p as u32, compression.encoded_len(range.len()));
         match compression {
             // Elementwise codecs encode piece by piece straight into the frame.
-            Compression::None | Compression::Float16 => {
+            Compression::None | Compression::Float16 | Compression::BFloat16 => {
                 let mut at = 0;
                 for (i, local, _) in ctx.layout.pieces(range.clone()) {
                     let n = compression.encoded_len(local.len());

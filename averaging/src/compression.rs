@@ -1,4 +1,4 @@
-//! Wire codecs for tensor parts: raw fp32, fp16, and blockwise 8-bit.
+//! Wire codecs for tensor parts: raw fp32, fp16, bf16 and blockwise 8-bit.
 //!
 //! Encoders append to a byte buffer (the frame being built, so encoding is fused
 //! with the copy that sends it); decoders write into an `f32` slice.
@@ -18,6 +18,9 @@ pub enum Compression {
     None,
     /// IEEE half precision, values clamped to ±65504 first.
     Float16,
+    /// bfloat16: `f32`'s range with 8 significant bits (round to nearest
+    /// even; NaN/inf kept so poisoned parts stay visible).
+    BFloat16,
     /// Blockwise absmax 8-bit (`colony_kernels::cpu::q8`): per block of
     /// [`BLOCK_8BIT`] values an `f32` scale, then one signed byte per value.
     Blockwise8Bit,
@@ -30,6 +33,7 @@ impl Compression {
             Self::None => 0,
             Self::Float16 => 1,
             Self::Blockwise8Bit => 2,
+            Self::BFloat16 => 3,
         }
     }
 
@@ -39,25 +43,28 @@ impl Compression {
             0 => Some(Self::None),
             1 => Some(Self::Float16),
             2 => Some(Self::Blockwise8Bit),
+            3 => Some(Self::BFloat16),
             _ => None,
         }
     }
 
-    /// Parse `none`, `fp16`, `8bit`.
+    /// Parse `none`, `fp16`, `bf16`, `8bit`.
     pub fn parse(name: &str) -> Option<Self> {
         match name {
             "none" | "fp32" => Some(Self::None),
             "fp16" | "float16" => Some(Self::Float16),
+            "bf16" | "bfloat16" => Some(Self::BFloat16),
             "8bit" | "blockwise8bit" => Some(Self::Blockwise8Bit),
             _ => None,
         }
     }
 
-    /// Short name (`none`, `fp16`, `8bit`).
+    /// Short name (`none`, `fp16`, `bf16`, `8bit`).
     pub fn name(self) -> &'static str {
         match self {
             Self::None => "none",
             Self::Float16 => "fp16",
+            Self::BFloat16 => "bf16",
             Self::Blockwise8Bit => "8bit",
         }
     }
@@ -66,7 +73,7 @@ impl Compression {
     pub fn encoded_len(self, n: usize) -> usize {
         match self {
             Self::None => 4 * n,
-            Self::Float16 => 2 * n,
+            Self::Float16 | Self::BFloat16 => 2 * n,
             Self::Blockwise8Bit => 4 * n.div_ceil(BLOCK_8BIT) + n,
         }
     }
@@ -75,7 +82,7 @@ impl Compression {
     pub fn bytes_per_element(self) -> f64 {
         match self {
             Self::None => 4.0,
-            Self::Float16 => 2.0,
+            Self::Float16 | Self::BFloat16 => 2.0,
             Self::Blockwise8Bit => 1.0 + 4.0 / BLOCK_8BIT as f64,
         }
     }
@@ -110,6 +117,7 @@ impl Compression {
                 Ok(())
             }
             Self::Float16 => kernels::f16::encode(values, dst),
+            Self::BFloat16 => kernels::bf16::encode(values, dst),
             Self::Blockwise8Bit => kernels::q8::encode(values, BLOCK_8BIT, dst),
         };
         encoded.map_err(|_| AveragingError::Decode {
@@ -140,6 +148,7 @@ impl Compression {
                 Ok(())
             }
             Self::Float16 => kernels::f16::decode(bytes, out),
+            Self::BFloat16 => kernels::bf16::decode(bytes, out),
             Self::Blockwise8Bit => kernels::q8::decode(bytes, BLOCK_8BIT, out),
         };
         decoded.map_err(|_| AveragingError::Decode {
@@ -172,8 +181,8 @@ impl Compression {
                 }
                 Ok(finite)
             }
-            Self::Float16 => {
-                let finite = f16_wire_all_finite(bytes);
+            Self::Float16 | Self::BFloat16 => {
+                let finite = half_wire_all_finite(bytes, self.exponent_mask());
                 self.decode_into(bytes, out)?;
                 Ok(finite)
             }
@@ -209,11 +218,15 @@ impl Compression {
             reason: "codec refused the part",
         };
         match self {
-            Self::Float16 => {
-                if !f16_wire_all_finite(bytes) {
+            Self::Float16 | Self::BFloat16 => {
+                if !half_wire_all_finite(bytes, self.exponent_mask()) {
                     return Ok(false);
                 }
-                kernels::f16::decode_accumulate(bytes, acc, weight).map_err(refused)?;
+                if self == Self::Float16 {
+                    kernels::f16::decode_accumulate(bytes, acc, weight).map_err(refused)?;
+                } else {
+                    kernels::bf16::decode_accumulate(bytes, acc, weight).map_err(refused)?;
+                }
                 Ok(true)
             }
             Self::None | Self::Blockwise8Bit => {
@@ -238,23 +251,41 @@ impl Compression {
     }
 }
 
+/// fp16 exponent bits.
+const EXP_F16: u16 = 0x7C00;
+/// bf16 exponent bits.
+const EXP_BF16: u16 = 0x7F80;
+
+impl Compression {
+    /// Exponent bits of a 16-bit wire format (0 for the others).
+    fn exponent_mask(self) -> u16 {
+        match self {
+            Self::Float16 => EXP_F16,
+            Self::BFloat16 => EXP_BF16,
+            Self::None | Self::Blockwise8Bit => 0,
+        }
+    }
+}
+
 /// Values per chunk when decoding and checking raw `f32` (64 KiB: the chunk is
 /// checked while it is still in L1/L2).
 const CHECK_CHUNK: usize = 16 * 1024;
 
-/// Whether every little-endian fp16 value in `bytes` is finite (exponent bits
-/// not all ones). A trailing odd byte is ignored (length checks reject it).
-fn f16_wire_all_finite(bytes: &[u8]) -> bool {
-    const EXP: u16 = 0x7C00;
+/// Whether every little-endian 16-bit float in `bytes` is finite: its
+/// exponent bits (`exp`: `0x7C00` for fp16, `0x7F80` for bf16) are not all
+/// ones. A trailing odd byte is ignored (length checks reject it).
+fn half_wire_all_finite(bytes: &[u8], exp: u16) -> bool {
+    const _: () = assert!(EXP_F16 == 0x7C00 && EXP_BF16 == 0x7F80);
+    let bad = |h: u16| h & exp == exp;
     match bytemuck::try_cast_slice::<u8, u16>(&bytes[..bytes.len() & !1]) {
         // Branch-free per block so the loop vectorises; little-endian wire =
         // native order on every target we build for, checked below.
         Ok(halves) if cfg!(target_endian = "little") => halves
             .chunks(1024)
-            .all(|c| !c.iter().fold(false, |bad, &h| bad | (h & EXP == EXP))),
+            .all(|c| !c.iter().fold(false, |any, &h| any | bad(h))),
         _ => bytes
             .chunks_exact(2)
-            .all(|c| u16::from_le_bytes([c[0], c[1]]) & EXP != EXP),
+            .all(|c| !bad(u16::from_le_bytes([c[0], c[1]]))),
     }
 }
 
@@ -279,6 +310,7 @@ mod tests {
         for (c, tol) in [
             (Compression::None, 0.0),
             (Compression::Float16, 1e-2),
+            (Compression::BFloat16, 10.0 / 256.0),
             (Compression::Blockwise8Bit, 10.0 / 127.0),
         ] {
             let mut bytes = vec![9u8; 3];
@@ -311,6 +343,7 @@ mod tests {
         for c in [
             Compression::None,
             Compression::Float16,
+            Compression::BFloat16,
             Compression::Blockwise8Bit,
         ] {
             let mut bytes = Vec::new();
@@ -362,6 +395,19 @@ mod tests {
                     .is_err()
             );
         }
+    }
+
+    #[test]
+    fn bf16_keeps_the_f32_range() {
+        let mut bytes = Vec::new();
+        Compression::BFloat16.encode(&[1e30, -3e-30, 65504.0 * 4.0], &mut bytes);
+        let mut out = [0.0; 3];
+        Compression::BFloat16.decode_into(&bytes, &mut out).unwrap();
+        for (o, want) in out.iter().zip([1e30f32, -3e-30, 262_016.0]) {
+            assert!((o - want).abs() <= want.abs() / 256.0, "{o} vs {want}");
+        }
+        assert_eq!(Compression::parse("bf16"), Some(Compression::BFloat16));
+        assert_eq!(Compression::BFloat16.name(), "bf16");
     }
 
     #[test]

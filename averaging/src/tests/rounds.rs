@@ -55,6 +55,8 @@ async fn four_peers_every_mode_mix_reach_the_weighted_mean() {
 async fn compressed_rounds_stay_within_codec_error() {
     for (compression, tol) in [
         (Compression::Float16, 2e-3),
+        // 8 significant bits, rounded up and down: < 2 · 2^-9 on values in [-1, 1].
+        (Compression::BFloat16, 4e-3),
         (Compression::Blockwise8Bit, 3e-2),
     ] {
         let modes = modes(1, 0);

@@ -40,7 +40,7 @@ struct Args {
     /// Timed rounds.
     #[arg(long, default_value_t = 5)]
     rounds: usize,
-    /// Wire compression: none, fp16, 8bit.
+    /// Wire compression: none, fp16, bf16, 8bit.
     #[arg(long, default_value = "none")]
     compression: String,
     /// Part size in bytes on the wire.
