@@ -1,13 +1,11 @@
 use std::time::{Duration, Instant};
 
-use tokio::{io::AsyncWriteExt, net::TcpStream, sync::oneshot};
+use tokio::{io::AsyncWriteExt, sync::oneshot};
 
 use super::support::*;
 use crate::{
-    AssembledGroup, AveragingMode, Compression, FrameCipher, PeerFault, TensorLayout,
-    partition::part_ranges,
-    schema_hash,
-    wire::{self, Hello, Kind, Preamble},
+    AssembledGroup, AveragingMode, Compression, PeerFault, TensorLayout, schema_hash,
+    wire::{self, Hello, Kind},
 };
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -32,39 +30,19 @@ async fn bad_sender(
     bad: Bad,
     hold: oneshot::Receiver<()>,
 ) {
-    let cfg = test_config(Compression::None);
     let layout = TensorLayout::new(&LENGTHS);
-    let sizes = crate::load_balance_peers(layout.total(), &group.bandwidths(), 0).unwrap();
-    let spans = crate::spans_from_sizes(&sizes);
-    let parts = part_ranges(spans[r].clone(), cfg.part_len());
-    let addr = group.members[r].data_addr.unwrap();
-    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let parts = span_parts(group, r);
     let gid = if bad == Bad::WrongGroupId {
         [0xEE; 32]
     } else {
         group.group_id
     };
-    let pre = Preamble {
-        group_id: gid,
-        sender: me as u32,
-        reducer: r as u32,
-    };
-    stream.write_all(&pre.encode()).await.unwrap();
+    let (mut stream, mut up, _down) = connect_as_sender(group, peers, me, r, gid).await;
     if bad == Bad::Garbage {
         let _ = stream.write_all(&[0x17; 4096]).await;
         let _ = hold.await;
         return;
     }
-    let keys = peers[me]
-        .keys
-        .connection_keys(
-            &group.members[r].round_public_key,
-            &group.group_id,
-            me as u32,
-            r as u32,
-        )
-        .unwrap();
-    let mut up = FrameCipher::new(&keys.up).unwrap();
     let mut frame = Vec::new();
     wire::begin_frame(&mut frame, Kind::Hello, 0);
     let mut schema = schema_hash(&layout);

@@ -2,14 +2,14 @@
 
 use std::time::Duration;
 
-use tokio::{io::AsyncWriteExt, net::TcpStream};
+use tokio::io::AsyncWriteExt;
 
 use super::support::*;
 use crate::{
-    AveragingMode, Compression, FrameCipher, TensorLayout,
+    AveragingMode, Compression, TensorLayout,
     partition::part_ranges,
     schema_hash,
-    wire::{self, Hello, Kind, Preamble},
+    wire::{self, Hello, Kind},
 };
 
 /// A hand-driven client (position `me`) talking to reducer `r`: sends all but
@@ -24,31 +24,10 @@ async fn client_to(
 ) -> Vec<Option<Vec<f32>>> {
     let cfg = test_config(Compression::None);
     let layout = TensorLayout::new(&LENGTHS);
-    let sizes = crate::load_balance_peers(layout.total(), &group.bandwidths(), 0).unwrap();
-    let spans = crate::spans_from_sizes(&sizes);
-    let parts = part_ranges(spans[r].clone(), cfg.part_len());
+    let parts = span_parts(group, r);
     assert!(parts.len() >= 2, "the test needs several parts per span");
-    let stream = TcpStream::connect(group.members[r].data_addr.unwrap())
-        .await
-        .unwrap();
+    let (stream, mut up, mut down) = connect_as_sender(group, peers, me, r, group.group_id).await;
     let (mut rd, mut wr) = stream.into_split();
-    let pre = Preamble {
-        group_id: group.group_id,
-        sender: me as u32,
-        reducer: r as u32,
-    };
-    wr.write_all(&pre.encode()).await.unwrap();
-    let keys = peers[me]
-        .keys
-        .connection_keys(
-            &group.members[r].round_public_key,
-            &group.group_id,
-            me as u32,
-            r as u32,
-        )
-        .unwrap();
-    let mut up = FrameCipher::new(&keys.up).unwrap();
-    let mut down = FrameCipher::new(&keys.down).unwrap();
     let mut frame = Vec::new();
     wire::begin_frame(&mut frame, Kind::Hello, 0);
     Hello {

@@ -134,3 +134,49 @@ pub(super) fn max_err(a: &[Vec<f32>], b: &[Vec<f64>]) -> f64 {
         .map(|(x, y)| (f64::from(*x) - y).abs())
         .fold(0.0, f64::max)
 }
+
+/// The parts of reducer `r`'s span for the default test layout and config.
+pub(super) fn span_parts(group: &AssembledGroup, r: usize) -> Vec<std::ops::Range<usize>> {
+    let cfg = test_config(Compression::None);
+    let layout = TensorLayout::new(&LENGTHS);
+    let sizes = crate::load_balance_peers(layout.total(), &group.bandwidths(), 0).unwrap();
+    let spans = crate::spans_from_sizes(&sizes);
+    crate::partition::part_ranges(spans[r].clone(), cfg.part_len())
+}
+
+/// A hand-driven sender's connection from peer `me` to reducer `r`: connects,
+/// writes the preamble naming `group_id`, and derives the connection's two
+/// ciphers (sender → reducer, reducer → sender) from the real group keys.
+pub(super) async fn connect_as_sender(
+    group: &AssembledGroup,
+    peers: &[Peer],
+    me: usize,
+    r: usize,
+    group_id: [u8; 32],
+) -> (
+    tokio::net::TcpStream,
+    crate::FrameCipher,
+    crate::FrameCipher,
+) {
+    use tokio::io::AsyncWriteExt;
+    let addr = group.members[r].data_addr.unwrap();
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let pre = crate::wire::Preamble {
+        group_id,
+        sender: me as u32,
+        reducer: r as u32,
+    };
+    stream.write_all(&pre.encode()).await.unwrap();
+    let keys = peers[me]
+        .keys
+        .connection_keys(
+            &group.members[r].round_public_key,
+            &group.group_id,
+            me as u32,
+            r as u32,
+        )
+        .unwrap();
+    let up = crate::FrameCipher::new(&keys.up).unwrap();
+    let down = crate::FrameCipher::new(&keys.down).unwrap();
+    (stream, up, down)
+}
