@@ -10,9 +10,7 @@
 //! The byte functions accept unaligned slices, as they arrive from the network.
 
 use half::f16;
-use rayon::prelude::*;
 
-use super::{CHUNK, PAR_MIN};
 use crate::{
     Result,
     error::{check_finite, check_len},
@@ -49,13 +47,7 @@ pub fn encode_to_vec(src: &[f32]) -> Vec<u8> {
 }
 
 fn encode_chunk_par(src: &[f32], dst: &mut [u8]) {
-    if src.len() < PAR_MIN {
-        encode_chunk(src, dst);
-    } else {
-        dst.par_chunks_mut(2 * CHUNK)
-            .zip(src.par_chunks(CHUNK))
-            .for_each(|(d, s)| encode_chunk(s, d));
-    }
+    super::par_encode16(src, dst, encode_chunk);
 }
 
 /// Decodes little-endian fp16 bytes into `dst` (`src.len() == 2 * dst.len()`).
@@ -87,13 +79,7 @@ pub fn decode_accumulate(src: &[u8], acc: &mut [f32], weight: f32) -> Result<()>
 }
 
 fn run_decode(src: &[u8], dst: &mut [f32], weight: Option<f32>) {
-    if dst.len() < PAR_MIN {
-        decode_chunk(src, dst, weight);
-    } else {
-        dst.par_chunks_mut(CHUNK)
-            .zip(src.par_chunks(2 * CHUNK))
-            .for_each(|(d, s)| decode_chunk(s, d, weight));
-    }
+    super::par_decode16(src, dst, weight, decode_chunk);
 }
 
 /// Saturates finite out-of-range values; NaN and ±inf pass through.

@@ -26,6 +26,38 @@ pub(crate) const CHUNK: usize = 1 << 15;
 /// Below this many elements an op runs on the calling thread.
 pub(crate) const PAR_MIN: usize = 1 << 16;
 
+/// Runs a 16-bit wire encoder (`chunk(src, dst)`, 2 bytes per value) over
+/// `src`, in parallel chunks above [`PAR_MIN`]. Lengths are checked by the caller.
+pub(crate) fn par_encode16(src: &[f32], dst: &mut [u8], chunk: impl Fn(&[f32], &mut [u8]) + Sync) {
+    use rayon::prelude::*;
+    if src.len() < PAR_MIN {
+        chunk(src, dst);
+    } else {
+        dst.par_chunks_mut(2 * CHUNK)
+            .zip(src.par_chunks(CHUNK))
+            .for_each(|(d, s)| chunk(s, d));
+    }
+}
+
+/// Runs a 16-bit wire decoder (`chunk(src, dst, weight)`: overwrite `dst`, or
+/// `dst += weight * decoded` with a weight) over `dst`, in parallel chunks above
+/// [`PAR_MIN`]. Lengths are checked by the caller.
+pub(crate) fn par_decode16(
+    src: &[u8],
+    dst: &mut [f32],
+    weight: Option<f32>,
+    chunk: impl Fn(&[u8], &mut [f32], Option<f32>) + Sync,
+) {
+    use rayon::prelude::*;
+    if dst.len() < PAR_MIN {
+        chunk(src, dst, weight);
+    } else {
+        dst.par_chunks_mut(CHUNK)
+            .zip(src.par_chunks(2 * CHUNK))
+            .for_each(|(d, s)| chunk(s, d, weight));
+    }
+}
+
 /// True when the CPU has AVX2: the scalar kernels marked with
 /// `#[target_feature(enable = "avx2")]` twins then run with 8-wide vectors.
 /// Only integer/compare/convert width changes; no FMA is enabled, so results
