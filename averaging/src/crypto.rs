@@ -6,6 +6,11 @@
 //! direction, with HKDF-SHA256 over the shared secret, salted with the group id.
 //! A key is used for exactly one direction of one connection, and the nonce is
 //! that direction's frame counter, so a nonce is never reused under a key.
+//!
+//! A frame is `len (4) ‖ header (8) ‖ AES-GCM(payload) ‖ tag (16)`: the length
+//! prefix and the header (kind and part index, nothing secret) are authenticated
+//! as associated data and only the payload is encrypted, so a receiver can read
+//! a payload straight into its destination and open it there.
 
 use ring::{
     aead::{AES_128_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey},
@@ -18,6 +23,9 @@ use crate::error::{AveragingError, Result};
 
 /// AES-GCM tag length in bytes.
 pub const TAG_LEN: usize = 16;
+
+/// Length of a frame body's header, authenticated but not encrypted.
+pub const FRAME_HEADER_LEN: usize = 8;
 
 /// One peer's key pair for one round. The secret is zeroized on drop.
 pub struct RoundKeyPair {
@@ -157,27 +165,31 @@ impl FrameCipher {
         Ok(Nonce::assume_unique_for_key(n))
     }
 
-    /// Seal `frame[4..]` in place and append the tag; `frame[..4]` must be
-    /// reserved for the length prefix, which this fills and authenticates.
+    /// Seal a frame held in a vector, `len (4, reserved) ‖ header (8) ‖
+    /// payload`: fills the length, encrypts the payload in place and appends
+    /// the tag.
     ///
     /// # Errors
-    /// [`AveragingError::Crypto`] on failure.
+    /// [`AveragingError::Crypto`] if the frame has no room for the length and
+    /// header, or is too large.
     pub fn seal_frame(&mut self, frame: &mut Vec<u8>) -> Result<()> {
         let body_len = frame.len().saturating_sub(4);
         frame.resize(4 + body_len + TAG_LEN, 0);
         self.seal_in_buffer(frame, body_len).map(|_| ())
     }
 
-    /// Seal a frame laid out in a reusable buffer, `len (4) ‖ body (body_len) ‖
-    /// room for the tag (16)`, without growing or clearing it: fills the length
-    /// prefix (authenticated as associated data), encrypts the body in place,
-    /// writes the tag after it and returns the frame's total length.
+    /// Seal a frame laid out in a reusable buffer, `len (4) ‖ header (8) ‖
+    /// payload (body_len − 8) ‖ room for the tag (16)`, without growing or
+    /// clearing it: fills the length prefix, authenticates it and the header,
+    /// encrypts the payload in place, writes the tag after it and returns the
+    /// frame's total length.
     ///
     /// # Errors
-    /// [`AveragingError::Crypto`] if `buf` is too short or the frame too large.
+    /// [`AveragingError::Crypto`] if `buf` is too short, the body has no
+    /// header, or the frame is too large.
     pub fn seal_in_buffer(&mut self, buf: &mut [u8], body_len: usize) -> Result<usize> {
         let total = 4 + body_len + TAG_LEN;
-        if buf.len() < total {
+        if buf.len() < total || body_len < FRAME_HEADER_LEN {
             return Err(AveragingError::Crypto {
                 context: "frame buffer too short",
             });
@@ -185,32 +197,69 @@ impl FrameCipher {
         let len = u32::try_from(body_len + TAG_LEN).map_err(|_| AveragingError::Crypto {
             context: "frame too large",
         })?;
-        let len_bytes = len.to_le_bytes();
-        buf[..4].copy_from_slice(&len_bytes);
+        buf[..4].copy_from_slice(&len.to_le_bytes());
         let nonce = self.next_nonce()?;
-        let (body, rest) = buf[4..].split_at_mut(body_len);
+        let (aad, rest) = buf.split_at_mut(4 + FRAME_HEADER_LEN);
+        let (payload, tail) = rest.split_at_mut(body_len - FRAME_HEADER_LEN);
         let tag = self
             .key
-            .seal_in_place_separate_tag(nonce, Aad::from(len_bytes), body)
+            .seal_in_place_separate_tag(nonce, Aad::from(&*aad), payload)
             .map_err(|_| AveragingError::Crypto { context: "seal" })?;
-        rest[..TAG_LEN].copy_from_slice(tag.as_ref());
+        tail[..TAG_LEN].copy_from_slice(tag.as_ref());
         Ok(total)
     }
 
-    /// Open a frame body (`len_bytes` is its length prefix); returns the plaintext.
+    /// Open a frame body, `header (8) ‖ encrypted payload ‖ tag`, whose
+    /// length prefix was `len_bytes`; returns the header and plaintext
+    /// payload (the body without the tag).
     ///
     /// # Errors
     /// [`AveragingError::Crypto`] when authentication fails (garbage, replay,
-    /// wrong key).
+    /// wrong key, tampered header or length) or the body is too short.
     pub fn open_frame<'a>(
         &mut self,
         len_bytes: [u8; 4],
         body: &'a mut [u8],
     ) -> Result<&'a mut [u8]> {
+        let short = AveragingError::Crypto {
+            context: "frame too short",
+        };
+        if body.len() < FRAME_HEADER_LEN + TAG_LEN {
+            return Err(short);
+        }
+        let payload_len = body.len() - FRAME_HEADER_LEN - TAG_LEN;
+        let (header, rest) = body.split_at_mut(FRAME_HEADER_LEN);
+        let (payload, tag) = rest.split_at_mut(payload_len);
+        let header: &[u8; FRAME_HEADER_LEN] = (&*header).try_into().map_err(|_| short)?;
+        let tag: &[u8; TAG_LEN] = (&*tag).try_into().map_err(|_| AveragingError::Crypto {
+            context: "frame too short",
+        })?;
+        self.open_detached(len_bytes, header, payload, tag)?;
+        Ok(&mut body[..FRAME_HEADER_LEN + payload_len])
+    }
+
+    /// Open a frame whose parts were read into separate places: the length
+    /// prefix, the header, the encrypted payload (decrypted in place, wherever
+    /// it lies, e.g. straight in its destination) and the tag.
+    ///
+    /// # Errors
+    /// [`AveragingError::Crypto`] when authentication fails; `payload` then
+    /// holds garbage.
+    pub fn open_detached(
+        &mut self,
+        len_bytes: [u8; 4],
+        header: &[u8; FRAME_HEADER_LEN],
+        payload: &mut [u8],
+        tag: &[u8; TAG_LEN],
+    ) -> Result<()> {
         let nonce = self.next_nonce()?;
+        let mut aad = [0u8; 4 + FRAME_HEADER_LEN];
+        aad[..4].copy_from_slice(&len_bytes);
+        aad[4..].copy_from_slice(header);
+        let tag = ring::aead::Tag::from(*tag);
         self.key
-            .open_in_place(nonce, Aad::from(len_bytes), body)
-            .map(|p| &mut *p)
+            .open_in_place_separate_tag(nonce, Aad::from(aad), tag, payload, 0..)
+            .map(|_| ())
             .map_err(|_| AveragingError::Crypto {
                 context: "frame failed authentication",
             })
@@ -247,25 +296,65 @@ mod tests {
         }
     }
 
+    fn frame(header: [u8; 8], payload: &[u8]) -> Vec<u8> {
+        let mut f = vec![0u8; 4];
+        f.extend_from_slice(&header);
+        f.extend_from_slice(payload);
+        f
+    }
+
     #[test]
     fn frames_roundtrip_and_tampering_fails() {
         let key = [3u8; 16];
         let mut tx = FrameCipher::new(&key).unwrap();
         let mut rx = FrameCipher::new(&key).unwrap();
-        for msg in [&b"hello"[..], b"world"] {
-            let mut frame = vec![0u8; 4];
-            frame.extend_from_slice(msg);
-            tx.seal_frame(&mut frame).unwrap();
-            let len = [frame[0], frame[1], frame[2], frame[3]];
-            assert_eq!(u32::from_le_bytes(len) as usize, frame.len() - 4);
-            let plain = rx.open_frame(len, &mut frame[4..]).unwrap();
-            assert_eq!(&plain[..msg.len()], msg);
+        for (i, msg) in [&b"hello"[..], b"world", b""].into_iter().enumerate() {
+            let header = [2, 0, 0, 0, i as u8, 0, 0, 0];
+            let mut f = frame(header, msg);
+            tx.seal_frame(&mut f).unwrap();
+            // Only the payload is encrypted.
+            assert_eq!(f[4..12], header);
+            if !msg.is_empty() {
+                assert_ne!(&f[12..12 + msg.len()], msg);
+            }
+            let len = [f[0], f[1], f[2], f[3]];
+            assert_eq!(u32::from_le_bytes(len) as usize, f.len() - 4);
+            let plain = rx.open_frame(len, &mut f[4..]).unwrap();
+            assert_eq!(&plain[..8], &header);
+            assert_eq!(&plain[8..], msg);
         }
-        let mut frame = vec![0u8; 4];
-        frame.extend_from_slice(b"x");
-        tx.seal_frame(&mut frame).unwrap();
-        frame[4] ^= 1;
-        let len = [frame[0], frame[1], frame[2], frame[3]];
-        assert!(rx.open_frame(len, &mut frame[4..]).is_err());
+        // Tampering with the payload, the header or the length all fail.
+        for at in [12usize, 4 + 4, 0] {
+            let mut tx = FrameCipher::new(&key).unwrap();
+            let mut rx = FrameCipher::new(&key).unwrap();
+            let mut f = frame([2, 0, 0, 0, 7, 0, 0, 0], b"payload");
+            tx.seal_frame(&mut f).unwrap();
+            f[at] ^= 1;
+            let len = [f[0], f[1], f[2], f[3]];
+            assert!(rx.open_frame(len, &mut f[4..]).is_err(), "flip at {at}");
+        }
+        // A body without a header is refused on both sides.
+        let mut short = vec![0u8; 4 + 3];
+        assert!(tx.seal_frame(&mut short).is_err());
+        assert!(rx.open_frame([0; 4], &mut [0u8; 10]).is_err());
+    }
+
+    #[test]
+    fn detached_open_decrypts_in_the_destination() {
+        let key = [9u8; 16];
+        let mut tx = FrameCipher::new(&key).unwrap();
+        let mut rx = FrameCipher::new(&key).unwrap();
+        let values: Vec<f32> = (0..1000).map(|i| i as f32 * 0.5).collect();
+        let mut f = frame([3, 0, 0, 0, 1, 0, 0, 0], bytemuck::cast_slice(&values));
+        tx.seal_frame(&mut f).unwrap();
+        let len = [f[0], f[1], f[2], f[3]];
+        let header: [u8; 8] = f[4..12].try_into().unwrap();
+        let n = 4 * values.len();
+        let tag: [u8; 16] = f[12 + n..].try_into().unwrap();
+        let mut dest = vec![0.0f32; values.len()];
+        bytemuck::cast_slice_mut::<f32, u8>(&mut dest).copy_from_slice(&f[12..12 + n]);
+        rx.open_detached(len, &header, bytemuck::cast_slice_mut(&mut dest), &tag)
+            .unwrap();
+        assert_eq!(dest, values);
     }
 }

@@ -35,7 +35,7 @@ mod wire;
 pub use allreduce::{RoundOutcome, SpanResult, run_allreduce};
 pub use averager::{AveragerConfig, DecentralizedAverager, StepOutcome};
 pub use compression::{BLOCK_8BIT, Compression, all_finite};
-pub use crypto::{ConnectionKeys, FrameCipher, RoundKeyPair, TAG_LEN};
+pub use crypto::{ConnectionKeys, FRAME_HEADER_LEN, FrameCipher, RoundKeyPair, TAG_LEN};
 pub use dataplane::DataPlane;
 pub use error::{AveragingError, PeerFault, Result};
 pub use group::{AllreduceConfig, AssembledGroup, AveragingMode, GroupMember, schema_hash};

@@ -16,11 +16,11 @@ use crate::{
 };
 
 /// Connection magic and protocol version.
-pub(crate) const MAGIC: &[u8; 8] = b"COLNYAR1";
+pub(crate) const MAGIC: &[u8; 8] = b"COLNYAR2";
 /// Preamble length.
 pub(crate) const PREAMBLE_LEN: usize = 8 + 32 + 4 + 4;
 /// Frame body header length.
-pub(crate) const HEADER_LEN: usize = 8;
+pub(crate) const HEADER_LEN: usize = crate::crypto::FRAME_HEADER_LEN;
 
 /// Frame kinds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -178,6 +178,46 @@ pub(crate) async fn write_all_timeout<W: AsyncWrite + Unpin>(
             reason: e.to_string(),
         }),
         Err(_) => Err(PeerFault::Stalled { timeout }),
+    }
+}
+
+/// Read a frame's length prefix and header by `deadline`; returns
+/// `(len_bytes, body_len, header)`, the body being `header ‖ payload ‖ tag`.
+/// Nothing is authenticated yet: the caller reads the rest and opens it.
+pub(crate) async fn read_head<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max_body: usize,
+    deadline: tokio::time::Instant,
+    timeout: Duration,
+) -> Result<([u8; 4], usize, [u8; HEADER_LEN]), PeerFault> {
+    let mut head = [0u8; 4 + HEADER_LEN];
+    read_exact_by(r, &mut head, deadline, timeout).await?;
+    let len_bytes = [head[0], head[1], head[2], head[3]];
+    let len = u32::from_le_bytes(len_bytes) as usize;
+    if !(HEADER_LEN + TAG_LEN..=max_body + TAG_LEN).contains(&len) {
+        return Err(PeerFault::Garbage {
+            reason: "frame length out of range",
+        });
+    }
+    let mut header = [0u8; HEADER_LEN];
+    header.copy_from_slice(&head[4..]);
+    Ok((len_bytes, len, header))
+}
+
+/// Fill `buf` from `r` by `deadline` (`timeout` is what the deadline came
+/// from, for the error).
+pub(crate) async fn read_exact_by<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut [u8],
+    deadline: tokio::time::Instant,
+    timeout: Duration,
+) -> Result<(), PeerFault> {
+    match tokio::time::timeout_at(deadline, r.read_exact(buf)).await {
+        Err(_) => Err(PeerFault::Stalled { timeout }),
+        Ok(Err(e)) => Err(PeerFault::Disconnected {
+            reason: e.to_string(),
+        }),
+        Ok(Ok(_)) => Ok(()),
     }
 }
 

@@ -4,7 +4,8 @@ use tokio::{io::AsyncWriteExt, sync::oneshot};
 
 use super::support::*;
 use crate::{
-    AssembledGroup, AveragingMode, Compression, PeerFault, TensorLayout, schema_hash,
+    AssembledGroup, AveragingMode, Compression, FrameCipher, PeerFault, TAG_LEN, TensorLayout,
+    schema_hash,
     wire::{self, Hello, Kind},
 };
 
@@ -177,6 +178,10 @@ async fn bad_senders_are_banned_and_honest_peers_finish() {
 enum BadReducer {
     DiesAfterFirstPart,
     NeverAnswers,
+    /// Answers part 0 with a correctly sealed frame of NaN averages.
+    SendsNan,
+    /// Answers part 0 with a frame whose payload was altered after sealing.
+    SendsTampered,
 }
 
 /// Member `me` (a node) accepts its senders, reads a little, then dies or stalls.
@@ -194,10 +199,52 @@ async fn bad_reducer(
         let Some(inc) = route.rx.recv().await else {
             break;
         };
-        conns.push(inc.stream);
+        conns.push((inc.preamble.sender as usize, inc.stream));
     }
-    if how == BadReducer::DiesAfterFirstPart {
-        for c in &mut conns {
+    if matches!(how, BadReducer::SendsNan | BadReducer::SendsTampered) {
+        let parts = span_parts(group, me);
+        let mut writers = Vec::new();
+        for (s, stream) in conns {
+            let keys = peers[me]
+                .keys
+                .connection_keys(
+                    &group.members[s].round_public_key,
+                    &group.group_id,
+                    s as u32,
+                    me as u32,
+                )
+                .unwrap();
+            let mut down = FrameCipher::new(&keys.down).unwrap();
+            let value = if how == BadReducer::SendsNan {
+                f32::NAN
+            } else {
+                1.0
+            };
+            let mut frame = Vec::new();
+            wire::begin_frame(&mut frame, Kind::Averaged, 0);
+            Compression::None.encode(&vec![value; parts[0].len()], &mut frame);
+            down.seal_frame(&mut frame).unwrap();
+            if how == BadReducer::SendsTampered {
+                let i = frame.len() - TAG_LEN - 1;
+                frame[i] ^= 1;
+            }
+            let (mut rd, mut wr) = stream.into_split();
+            let _ = wr.write_all(&frame).await;
+            // Keep reading the sender's parts so it is never blocked on us.
+            tokio::spawn(async move {
+                let mut b = vec![0u8; 1 << 16];
+                while let Ok(n) = tokio::io::AsyncReadExt::read(&mut rd, &mut b).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+            });
+            writers.push(wr);
+        }
+        let _ = hold.await;
+        drop(writers);
+    } else if how == BadReducer::DiesAfterFirstPart {
+        for (_, c) in &mut conns {
             let mut buf = vec![0u8; 2048];
             let _ = tokio::io::AsyncReadExt::read(c, &mut buf).await;
         }
@@ -212,9 +259,14 @@ async fn bad_reducer(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_or_silent_reducer_leaves_finite_averaged_or_local_values() {
     use AveragingMode::Node;
-    for (n, how) in [BadReducer::DiesAfterFirstPart, BadReducer::NeverAnswers]
-        .into_iter()
-        .enumerate()
+    for (n, how) in [
+        BadReducer::DiesAfterFirstPart,
+        BadReducer::NeverAnswers,
+        BadReducer::SendsNan,
+        BadReducer::SendsTampered,
+    ]
+    .into_iter()
+    .enumerate()
     {
         let peers = make_peers(&[Node; 4], &[1.0, 2.0, 1.0, 1.0]).await;
         let group = group_of(&peers, [0x70 + n as u8; 32], &[]);
@@ -244,6 +296,12 @@ async fn dead_or_silent_reducer_leaves_finite_averaged_or_local_values() {
             let out = out.unwrap_or_else(|e| panic!("{how:?}: peer {i}: {e}"));
             assert_eq!(out.failed_reducers.len(), 1, "{how:?}");
             assert_eq!(out.failed_reducers[0].0, 3);
+            match (how, &out.failed_reducers[0].1) {
+                (BadReducer::SendsNan, PeerFault::NonFinite { part: 0 })
+                | (BadReducer::SendsTampered, PeerFault::Garbage { .. })
+                | (BadReducer::DiesAfterFirstPart | BadReducer::NeverAnswers, _) => {}
+                (how, fault) => panic!("{how:?}: unexpected fault {fault}"),
+            }
             assert!(out.banned_senders.iter().any(|(s, _)| *s == 3));
             let mut mine = peers[i].tensors.clone();
             out.apply(&layout, &mut mine, 1.0).unwrap();
