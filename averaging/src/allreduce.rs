@@ -49,11 +49,21 @@ pub struct SpanResult {
     /// The span in the flat vector.
     pub span: Range<usize>,
     parts: Vec<Range<usize>>,
+    /// The averages: `f32` values, or with `wire` set, the opened wire payloads
+    /// of that 16-bit codec (2 bytes per value, in an `f32` buffer for
+    /// alignment and pooling), decoded straight into the tensors by `apply`.
     values: Vec<f32>,
+    wire: Option<Compression>,
     averaged: Vec<bool>,
 }
 
 impl SpanResult {
+    /// The wire bytes of the span's values (wire form only).
+    fn wire_bytes_mut(&mut self) -> &mut [u8] {
+        let n = 2 * self.span.len();
+        &mut bytemuck::cast_slice_mut::<f32, u8>(&mut self.values)[..n]
+    }
+
     /// Number of elements of this span that were averaged.
     pub fn averaged_elements(&self) -> usize {
         self.parts
@@ -114,6 +124,17 @@ impl RoundOutcome {
         for s in &self.spans {
             for (part, averaged) in s.parts.iter().zip(&s.averaged) {
                 if !*averaged {
+                    continue;
+                }
+                if let Some(codec) = s.wire {
+                    // 16-bit wire form: decode straight into the tensors.
+                    let bytes = &bytemuck::cast_slice::<f32, u8>(&s.values)[..2 * s.span.len()];
+                    for (i, local, global) in layout.pieces(part.clone()) {
+                        let at = 2 * (global.start - s.span.start);
+                        let src = &bytes[at..at + 2 * local.len()];
+                        let dst = &mut buffers[i].as_mut()[local];
+                        codec.apply_wire(src, dst, alpha)?;
+                    }
                     continue;
                 }
                 let local = part.start - s.span.start..part.end - s.span.start;
@@ -321,6 +342,7 @@ async fn run_round<T: AsRef<[f32]> + Sync>(
                 span: my_span.clone(),
                 parts,
                 values,
+                wire: None,
                 averaged,
             });
         }
@@ -615,11 +637,24 @@ async fn send_to_reducer<T: AsRef<[f32]> + Sync>(
 ) -> (SpanResult, u64, Option<PeerFault>) {
     let span = ctx.spans[r].clone();
     let parts = part_ranges(span.clone(), ctx.cfg.part_len());
+    // 16-bit codecs keep their results in wire form (half the staging memory,
+    // and `apply` decodes once instead of decoding and then copying).
+    let wire = matches!(
+        ctx.cfg.compression,
+        Compression::Float16 | Compression::BFloat16
+    )
+    .then_some(ctx.cfg.compression);
+    let staged = if wire.is_some() {
+        span.len().div_ceil(2)
+    } else {
+        span.len()
+    };
     let mut result = SpanResult {
         reducer: r,
         span: span.clone(),
         averaged: vec![false; parts.len()],
-        values: plane.take_buffer(span.len()),
+        values: plane.take_buffer(staged),
+        wire,
         parts,
     };
     let mut bytes = 0u64;
@@ -782,6 +817,27 @@ async fn read_results<T: AsRef<[f32]> + Sync>(
         let range = result.parts[p].clone();
         let local = range.start - result.span.start..range.end - result.span.start;
         let mut tag = [0u8; TAG_LEN];
+        if kind == Kind::Averaged && result.wire.is_some() {
+            // 16-bit averages stay in wire form: read and open them in place.
+            if payload_len != 2 * range.len() {
+                return Err(PeerFault::WrongPartSize {
+                    part: p,
+                    expected: range.len(),
+                    got: payload_len / 2,
+                });
+            }
+            let at = 2 * local.start;
+            let bytes = &mut result.wire_bytes_mut()[at..at + payload_len];
+            wire::read_exact_by(&mut rd, bytes, deadline, timeout).await?;
+            wire::read_exact_by(&mut rd, &mut tag, deadline, timeout).await?;
+            down.open_detached(len_bytes, &header, bytes, &tag)
+                .map_err(unauthentic)?;
+            if !compression.wire_all_finite(bytes) {
+                return Err(PeerFault::NonFinite { part: p });
+            }
+            result.averaged[p] = true;
+            continue;
+        }
         if kind == Kind::Averaged
             && compression == Compression::None
             && payload_len == 4 * range.len()

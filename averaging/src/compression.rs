@@ -257,6 +257,44 @@ const EXP_F16: u16 = 0x7C00;
 const EXP_BF16: u16 = 0x7F80;
 
 impl Compression {
+    /// Whether the 16-bit wire `bytes` hold only finite values (exponent bits
+    /// not all ones); `false` for the other codecs, which must be decoded to be
+    /// checked.
+    pub(crate) fn wire_all_finite(self, bytes: &[u8]) -> bool {
+        match self {
+            Self::Float16 | Self::BFloat16 => half_wire_all_finite(bytes, self.exponent_mask()),
+            Self::None | Self::Blockwise8Bit => false,
+        }
+    }
+
+    /// `dst = decode(src)` when `alpha == 1`, else `dst += alpha · (decode(src)
+    /// − dst)`, for a 16-bit wire form (`src` holds `2 · dst.len()` bytes).
+    ///
+    /// # Errors
+    /// [`AveragingError::Decode`] for a length mismatch or another codec.
+    pub(crate) fn apply_wire(self, src: &[u8], dst: &mut [f32], alpha: f32) -> Result<()> {
+        let refused = |_| AveragingError::Decode {
+            reason: "codec refused the part",
+        };
+        if alpha == 1.0 {
+            return self.decode_into(src, dst);
+        }
+        if src.len() != self.encoded_len(dst.len()) {
+            return Err(AveragingError::Decode {
+                reason: "encoded length does not match the part size",
+            });
+        }
+        // (1 − alpha)·local + alpha·average, in two passes over `dst`.
+        kernels::scale(dst, 1.0 - alpha).map_err(refused)?;
+        match self {
+            Self::Float16 => kernels::f16::decode_accumulate(src, dst, alpha).map_err(refused),
+            Self::BFloat16 => kernels::bf16::decode_accumulate(src, dst, alpha).map_err(refused),
+            Self::None | Self::Blockwise8Bit => Err(AveragingError::Decode {
+                reason: "not a 16-bit wire format",
+            }),
+        }
+    }
+
     /// Exponent bits of a 16-bit wire format (0 for the others).
     fn exponent_mask(self) -> u16 {
         match self {
@@ -408,6 +446,38 @@ mod tests {
         }
         assert_eq!(Compression::parse("bf16"), Some(Compression::BFloat16));
         assert_eq!(Compression::BFloat16.name(), "bf16");
+    }
+
+    #[test]
+    fn wire_form_applies_like_decoding() {
+        let v = sample(5_001);
+        for c in [Compression::Float16, Compression::BFloat16] {
+            let mut bytes = Vec::new();
+            c.encode(&v, &mut bytes);
+            assert!(c.wire_all_finite(&bytes));
+            let mut avg = vec![0.0; v.len()];
+            c.decode_into(&bytes, &mut avg).unwrap();
+            let local: Vec<f32> = (0..v.len()).map(|i| i as f32 * 0.01).collect();
+            for alpha in [1.0f32, 0.25] {
+                let mut dst = local.clone();
+                c.apply_wire(&bytes, &mut dst, alpha).unwrap();
+                for ((d, l), a) in dst.iter().zip(&local).zip(&avg) {
+                    let want = l + alpha * (a - l);
+                    assert!(
+                        (d - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                        "{c:?} {alpha}"
+                    );
+                }
+            }
+            let mut dst = local.clone();
+            assert!(c.apply_wire(&bytes[2..], &mut dst, 0.5).is_err());
+            let mut poisoned = v.clone();
+            poisoned[17] = f32::NAN;
+            let mut bytes = Vec::new();
+            c.encode(&poisoned, &mut bytes);
+            assert!(!c.wire_all_finite(&bytes));
+        }
+        assert!(!Compression::None.wire_all_finite(&[0; 8]));
     }
 
     #[test]

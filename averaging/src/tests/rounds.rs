@@ -77,25 +77,33 @@ async fn compressed_rounds_stay_within_codec_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alpha_moves_part_of_the_way() {
-    let peers = make_peers(&modes(0, 0), &[1.0; 4]).await;
-    let group = group_of(&peers, [3; 32], &[]);
-    let outcomes = run_all(&peers, &group, &test_config(Compression::None)).await;
-    let expected = weighted_mean(&peers, &[0, 1, 2, 3]);
-    let layout = TensorLayout::new(&LENGTHS);
-    let out = outcomes.into_iter().next().unwrap().unwrap();
-    let mut mine = peers[0].tensors.clone();
-    out.apply(&layout, &mut mine, 0.5).unwrap();
-    let halfway: Vec<Vec<f64>> = expected
-        .iter()
-        .zip(&peers[0].tensors)
-        .map(|(e, l)| {
-            e.iter()
-                .zip(l)
-                .map(|(e, l)| 0.5 * (e + f64::from(*l)))
-                .collect()
-        })
-        .collect();
-    assert!(max_err(&mine, &halfway) < 1e-6);
+    // fp32 results are staged as values, 16-bit ones in wire form: both paths.
+    for (compression, tol) in [
+        (Compression::None, 1e-6),
+        (Compression::Float16, 2e-3),
+        (Compression::BFloat16, 4e-3),
+    ] {
+        let peers = make_peers(&modes(0, 0), &[1.0; 4]).await;
+        let group = group_of(&peers, [3; 32], &[]);
+        let outcomes = run_all(&peers, &group, &test_config(compression)).await;
+        let expected = weighted_mean(&peers, &[0, 1, 2, 3]);
+        let layout = TensorLayout::new(&LENGTHS);
+        let out = outcomes.into_iter().next().unwrap().unwrap();
+        let mut mine = peers[0].tensors.clone();
+        out.apply(&layout, &mut mine, 0.5).unwrap();
+        let halfway: Vec<Vec<f64>> = expected
+            .iter()
+            .zip(&peers[0].tensors)
+            .map(|(e, l)| {
+                e.iter()
+                    .zip(l)
+                    .map(|(e, l)| 0.5 * (e + f64::from(*l)))
+                    .collect()
+            })
+            .collect();
+        let err = max_err(&mine, &halfway);
+        assert!(err < tol, "{compression:?}: {err}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
