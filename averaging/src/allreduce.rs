@@ -59,6 +59,11 @@ pub struct SpanResult {
 
 impl SpanResult {
     /// The wire bytes of the span's values (wire form only).
+    fn wire_bytes(&self) -> &[u8] {
+        &bytemuck::cast_slice::<f32, u8>(&self.values)[..2 * self.span.len()]
+    }
+
+    /// [`Self::wire_bytes`], writable.
     fn wire_bytes_mut(&mut self) -> &mut [u8] {
         let n = 2 * self.span.len();
         &mut bytemuck::cast_slice_mut::<f32, u8>(&mut self.values)[..n]
@@ -128,7 +133,7 @@ impl RoundOutcome {
                 }
                 if let Some(codec) = s.wire {
                     // 16-bit wire form: decode straight into the tensors.
-                    let bytes = &bytemuck::cast_slice::<f32, u8>(&s.values)[..2 * s.span.len()];
+                    let bytes = s.wire_bytes();
                     for (i, local, global) in layout.pieces(part.clone()) {
                         let at = 2 * (global.start - s.span.start);
                         let src = &bytes[at..at + 2 * local.len()];

@@ -182,7 +182,7 @@ impl Compression {
                 Ok(finite)
             }
             Self::Float16 | Self::BFloat16 => {
-                let finite = half_wire_all_finite(bytes, self.exponent_mask());
+                let finite = self.wire_all_finite(bytes);
                 self.decode_into(bytes, out)?;
                 Ok(finite)
             }
@@ -219,7 +219,7 @@ impl Compression {
         };
         match self {
             Self::Float16 | Self::BFloat16 => {
-                if !half_wire_all_finite(bytes, self.exponent_mask()) {
+                if !self.wire_all_finite(bytes) {
                     return Ok(false);
                 }
                 if self == Self::Float16 {

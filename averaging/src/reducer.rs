@@ -165,18 +165,6 @@ impl PartReducer {
         if !crate::compression::all_finite(values) {
             return Err(PeerFault::NonFinite { part });
         }
-        self.accumulate_checked_values(sender, part, values, weight)
-    }
-
-    /// [`Self::accumulate`] for values the caller has already checked to be
-    /// finite (for example while decoding them).
-    pub(crate) fn accumulate_checked_values(
-        &mut self,
-        sender: usize,
-        part: usize,
-        values: &[f32],
-        weight: f32,
-    ) -> Result<(), PeerFault> {
         self.check(sender, part, values.len())?;
         if !weight.is_finite() || weight < 0.0 {
             return Err(PeerFault::NonFinite { part });

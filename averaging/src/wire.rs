@@ -230,32 +230,15 @@ pub(crate) async fn read_frame<R: AsyncRead + Unpin>(
     max_body: usize,
     timeout: Duration,
 ) -> Result<(Kind, u32, std::ops::Range<usize>), PeerFault> {
-    let fut = async {
-        let mut len_bytes = [0u8; 4];
-        r.read_exact(&mut len_bytes).await?;
-        let len = u32::from_le_bytes(len_bytes) as usize;
-        if !(HEADER_LEN + TAG_LEN..=max_body + TAG_LEN).contains(&len) {
-            return Ok(Err(PeerFault::Garbage {
-                reason: "frame length out of range",
-            }));
-        }
-        // Grow only: a shorter frame reuses the front of the buffer, so a
-        // connection zero-fills its receive buffer once.
-        if buf.len() < len {
-            buf.resize(len, 0);
-        }
-        r.read_exact(&mut buf[..len]).await?;
-        Ok::<_, std::io::Error>(Ok((len_bytes, len)))
-    };
-    let (len_bytes, len) = match tokio::time::timeout(timeout, fut).await {
-        Err(_) => return Err(PeerFault::Stalled { timeout }),
-        Ok(Err(e)) => {
-            return Err(PeerFault::Disconnected {
-                reason: e.to_string(),
-            });
-        }
-        Ok(Ok(res)) => res?,
-    };
+    let deadline = tokio::time::Instant::now() + timeout;
+    let (len_bytes, len, header) = read_head(r, max_body, deadline, timeout).await?;
+    // Grow only: a shorter frame reuses the front of the buffer, so a
+    // connection zero-fills its receive buffer once.
+    if buf.len() < len {
+        buf.resize(len, 0);
+    }
+    buf[..HEADER_LEN].copy_from_slice(&header);
+    read_exact_by(r, &mut buf[HEADER_LEN..len], deadline, timeout).await?;
     let plain_len = cipher
         .open_frame(len_bytes, &mut buf[..len])
         .map_err(|_| PeerFault::Garbage {

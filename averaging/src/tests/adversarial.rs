@@ -4,8 +4,7 @@ use tokio::{io::AsyncWriteExt, sync::oneshot};
 
 use super::support::*;
 use crate::{
-    AssembledGroup, AveragingMode, Compression, FrameCipher, PeerFault, TAG_LEN, TensorLayout,
-    schema_hash,
+    AssembledGroup, AveragingMode, Compression, PeerFault, TAG_LEN, TensorLayout, schema_hash,
     wire::{self, Hello, Kind},
 };
 
@@ -105,17 +104,7 @@ async fn bad_senders_are_banned_and_honest_peers_finish() {
         let (hold_tx, holds): (Vec<_>, Vec<_>) = (0..3).map(|_| oneshot::channel::<()>()).unzip();
         let started = Instant::now();
         let honest = async {
-            let futs = (0..3).map(|i| {
-                let p = &peers[i];
-                let (layout, group, cfg) = (&layout, &group, &cfg);
-                async move {
-                    crate::run_allreduce(
-                        &p.plane, group, i, &p.keys, layout, &p.tensors, p.weight, cfg,
-                    )
-                    .await
-                }
-            });
-            let out = futures::future::join_all(futs).await;
+            let out = run_some(&peers, &group, 0..3, &cfg).await;
             drop(hold_tx);
             out
         };
@@ -205,16 +194,7 @@ async fn bad_reducer(
         let parts = span_parts(group, me);
         let mut writers = Vec::new();
         for (s, stream) in conns {
-            let keys = peers[me]
-                .keys
-                .connection_keys(
-                    &group.members[s].round_public_key,
-                    &group.group_id,
-                    s as u32,
-                    me as u32,
-                )
-                .unwrap();
-            let mut down = FrameCipher::new(&keys.down).unwrap();
+            let (_, mut down) = connection_ciphers(group, peers, me, s, me);
             let value = if how == BadReducer::SendsNan {
                 f32::NAN
             } else {
@@ -275,17 +255,7 @@ async fn dead_or_silent_reducer_leaves_finite_averaged_or_local_values() {
         let (hold_tx, hold_rx) = oneshot::channel::<()>();
         let started = Instant::now();
         let honest = async {
-            let futs = (0..3).map(|i| {
-                let p = &peers[i];
-                let (layout, group, cfg) = (&layout, &group, &cfg);
-                async move {
-                    crate::run_allreduce(
-                        &p.plane, group, i, &p.keys, layout, &p.tensors, p.weight, cfg,
-                    )
-                    .await
-                }
-            });
-            let out = futures::future::join_all(futs).await;
+            let out = run_some(&peers, &group, 0..3, &cfg).await;
             drop(hold_tx);
             out
         };

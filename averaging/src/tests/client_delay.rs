@@ -98,16 +98,7 @@ async fn client_results_wait_until_it_sent_everything() {
     let group = group_of(&peers, [0x77; 32], &[]);
     let cfg = test_config(Compression::None);
     let layout = TensorLayout::new(&LENGTHS);
-    let nodes = futures::future::join_all((0..2).map(|i| {
-        let p = &peers[i];
-        let (layout, group, cfg) = (&layout, &group, &cfg);
-        async move {
-            crate::run_allreduce(
-                &p.plane, group, i, &p.keys, layout, &p.tensors, p.weight, cfg,
-            )
-            .await
-        }
-    }));
+    let nodes = run_some(&peers, &group, 0..2, &cfg);
     // The client holds back its last part to reducer 0 only.
     let client = futures::future::join(
         client_to(&group, &peers, 2, 0, true),

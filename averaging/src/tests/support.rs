@@ -94,12 +94,23 @@ pub(super) async fn run_all(
     group: &AssembledGroup,
     cfg: &AllreduceConfig,
 ) -> Vec<crate::Result<RoundOutcome>> {
+    run_some(peers, group, 0..peers.len(), cfg).await
+}
+
+/// Run one round on the peers at positions `which` at once (the others are
+/// driven by the test); returns their outcomes in that order.
+pub(super) async fn run_some(
+    peers: &[Peer],
+    group: &AssembledGroup,
+    which: impl IntoIterator<Item = usize>,
+    cfg: &AllreduceConfig,
+) -> Vec<crate::Result<RoundOutcome>> {
     let layout = TensorLayout::new(&LENGTHS);
-    let futs = peers.iter().enumerate().map(|(i, p)| {
-        let layout = layout.clone();
+    let futs = which.into_iter().map(|i| {
+        let (p, layout) = (&peers[i], &layout);
         async move {
             run_allreduce(
-                &p.plane, group, i, &p.keys, &layout, &p.tensors, p.weight, cfg,
+                &p.plane, group, i, &p.keys, layout, &p.tensors, p.weight, cfg,
             )
             .await
         }
@@ -167,16 +178,31 @@ pub(super) async fn connect_as_sender(
         reducer: r as u32,
     };
     stream.write_all(&pre.encode()).await.unwrap();
-    let keys = peers[me]
+    let (up, down) = connection_ciphers(group, peers, me, me, r);
+    (stream, up, down)
+}
+
+/// The two ciphers (sender → reducer, reducer → sender) of the connection from
+/// `sender` to `reducer`, derived with the keys of `holder` (one of the two).
+pub(super) fn connection_ciphers(
+    group: &AssembledGroup,
+    peers: &[Peer],
+    holder: usize,
+    sender: usize,
+    reducer: usize,
+) -> (crate::FrameCipher, crate::FrameCipher) {
+    let other = if holder == sender { reducer } else { sender };
+    let keys = peers[holder]
         .keys
         .connection_keys(
-            &group.members[r].round_public_key,
+            &group.members[other].round_public_key,
             &group.group_id,
-            me as u32,
-            r as u32,
+            sender as u32,
+            reducer as u32,
         )
         .unwrap();
-    let up = crate::FrameCipher::new(&keys.up).unwrap();
-    let down = crate::FrameCipher::new(&keys.down).unwrap();
-    (stream, up, down)
+    (
+        crate::FrameCipher::new(&keys.up).unwrap(),
+        crate::FrameCipher::new(&keys.down).unwrap(),
+    )
 }
