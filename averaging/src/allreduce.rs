@@ -49,24 +49,27 @@ pub struct SpanResult {
     /// The span in the flat vector.
     pub span: Range<usize>,
     parts: Vec<Range<usize>>,
-    /// The averages: `f32` values, or with `wire` set, the opened wire payloads
-    /// of that 16-bit codec (2 bytes per value, in an `f32` buffer for
+    /// The averages: `f32` values, or with `wire` set, the opened wire
+    /// payloads of that codec, part after part (in an `f32` buffer for
     /// alignment and pooling), decoded straight into the tensors by `apply`.
     values: Vec<f32>,
     wire: Option<Compression>,
+    /// With `wire`: byte offset of each part's payload, one more than parts.
+    wire_offsets: Vec<usize>,
     averaged: Vec<bool>,
 }
 
 impl SpanResult {
-    /// The wire bytes of the span's values (wire form only).
-    fn wire_bytes(&self) -> &[u8] {
-        &bytemuck::cast_slice::<f32, u8>(&self.values)[..2 * self.span.len()]
+    /// The wire payload of part `p` (wire form only).
+    fn wire_part(&self, p: usize) -> &[u8] {
+        let bytes = bytemuck::cast_slice::<f32, u8>(&self.values);
+        &bytes[self.wire_offsets[p]..self.wire_offsets[p + 1]]
     }
 
-    /// [`Self::wire_bytes`], writable.
-    fn wire_bytes_mut(&mut self) -> &mut [u8] {
-        let n = 2 * self.span.len();
-        &mut bytemuck::cast_slice_mut::<f32, u8>(&mut self.values)[..n]
+    /// [`Self::wire_part`], writable.
+    fn wire_part_mut(&mut self, p: usize) -> &mut [u8] {
+        let (start, end) = (self.wire_offsets[p], self.wire_offsets[p + 1]);
+        &mut bytemuck::cast_slice_mut::<f32, u8>(&mut self.values)[start..end]
     }
 
     /// Number of elements of this span that were averaged.
@@ -127,18 +130,17 @@ impl RoundOutcome {
     ) -> Result<()> {
         layout.check(buffers)?;
         for s in &self.spans {
-            for (part, averaged) in s.parts.iter().zip(&s.averaged) {
+            for (p, (part, averaged)) in s.parts.iter().zip(&s.averaged).enumerate() {
                 if !*averaged {
                     continue;
                 }
                 if let Some(codec) = s.wire {
-                    // 16-bit wire form: decode straight into the tensors.
-                    let bytes = s.wire_bytes();
+                    // Wire form: decode straight into the tensors.
+                    let bytes = s.wire_part(p);
                     for (i, local, global) in layout.pieces(part.clone()) {
-                        let at = 2 * (global.start - s.span.start);
-                        let src = &bytes[at..at + 2 * local.len()];
+                        let in_part = global.start - part.start..global.end - part.start;
                         let dst = &mut buffers[i].as_mut()[local];
-                        codec.apply_wire(src, dst, alpha)?;
+                        codec.apply_wire(bytes, part.len(), in_part, dst, alpha)?;
                     }
                     continue;
                 }
@@ -168,6 +170,7 @@ struct Ctx<'a, T> {
     weight: f32,
     cfg: &'a AllreduceConfig,
     bytes: &'a Arc<BytePool>,
+    pool: &'a BufferPool,
     schema: [u8; 32],
     spans: Vec<Range<usize>>,
 }
@@ -228,6 +231,7 @@ pub async fn run_allreduce<T: AsRef<[f32]> + Sync>(
         weight,
         cfg,
         bytes: &plane.bytes,
+        pool: &plane.pool,
         schema: schema_hash(layout),
         spans: spans_from_sizes(&sizes),
     };
@@ -348,6 +352,7 @@ async fn run_round<T: AsRef<[f32]> + Sync>(
                 parts,
                 values,
                 wire: None,
+                wire_offsets: Vec::new(),
                 averaged,
             });
         }
@@ -385,9 +390,10 @@ async fn serve_span<T: AsRef<[f32]> + Sync>(
     let mut banned: Vec<(usize, PeerFault)> = Vec::new();
     let mut connected = vec![false; ctx.group.members.len()];
     let mut pending = expected.len();
-    // Compressed averages are encoded once and copied into each recipient's
-    // frame (raw f32 "encoding" is already a copy, so it is not cached).
-    let encoded: EncodedCache = Mutex::new(std::collections::HashMap::new());
+    // Compressed averages are encoded once, into one pooled span-sized buffer,
+    // and copied into each recipient's frame (raw f32 "encoding" is already a
+    // copy, so it is not cached).
+    let encoded = Mutex::new(EncodedAverages::new(ctx.cfg.compression, red, ctx.pool));
     let mut handlers = FuturesUnordered::new();
     let mut bytes = 0u64;
     let deadline = tokio::time::Instant::now() + ctx.cfg.sender_timeout;
@@ -442,17 +448,82 @@ async fn serve_span<T: AsRef<[f32]> + Sync>(
             }
         }
     }
+    drop(handlers);
+    if let Ok(e) = encoded.into_inner() {
+        e.release(ctx.pool);
+    }
     (banned, bytes)
 }
 
-/// Serve one sender: read its parts into the reducer and stream back averages.
-type EncodedCache = Mutex<std::collections::HashMap<usize, Arc<Vec<u8>>>>;
+/// This reducer's averages in a compressed wire codec, each part encoded on
+/// first request into one span-sized pooled buffer and reused for every
+/// recipient: one encode per part, and no fresh pages per round.
+struct EncodedAverages {
+    codec: Compression,
+    /// Byte offset of each part's encoding; one more entry than parts.
+    offsets: Vec<usize>,
+    /// The encodings (in an `f32` buffer, for pooling).
+    buf: Vec<f32>,
+    done: Vec<bool>,
+}
+
+impl EncodedAverages {
+    fn new(codec: Compression, red: &Arc<Mutex<PartReducer>>, pool: &BufferPool) -> Self {
+        let lens: Vec<usize> = red
+            .lock()
+            .map(|r| (0..r.num_parts()).map(|p| r.part_len(p)).collect())
+            .unwrap_or_default();
+        let mut offsets = Vec::with_capacity(lens.len() + 1);
+        offsets.push(0);
+        for len in &lens {
+            offsets.push(offsets[offsets.len() - 1] + codec.encoded_len(*len));
+        }
+        let total = offsets[offsets.len() - 1];
+        let buf = if codec == Compression::None || total == 0 {
+            Vec::new()
+        } else {
+            pool.take(total.div_ceil(4))
+        };
+        Self {
+            codec,
+            offsets,
+            buf,
+            done: vec![false; lens.len()],
+        }
+    }
+
+    /// The encoding of part `p`, whose averages are `values`.
+    fn part(&mut self, p: usize, values: &[f32]) -> std::result::Result<&[u8], PeerFault> {
+        let (start, end) = match (self.offsets.get(p), self.offsets.get(p + 1)) {
+            (Some(&s), Some(&e)) => (s, e),
+            _ => {
+                return Err(PeerFault::ProtocolViolation {
+                    reason: "part outside the span",
+                });
+            }
+        };
+        let bytes = &mut bytemuck::cast_slice_mut::<f32, u8>(&mut self.buf)[start..end];
+        if !self.done[p] {
+            self.codec
+                .encode_into(values, bytes)
+                .map_err(|_| PeerFault::ProtocolViolation {
+                    reason: "averages do not encode",
+                })?;
+            self.done[p] = true;
+        }
+        Ok(bytes)
+    }
+
+    fn release(self, pool: &BufferPool) {
+        pool.give(self.buf);
+    }
+}
 
 async fn serve_sender<T: AsRef<[f32]> + Sync>(
     ctx: &Ctx<'_, T>,
     red: &Arc<Mutex<PartReducer>>,
     tx: &watch::Sender<usize>,
-    encoded: &EncodedCache,
+    encoded: &Mutex<EncodedAverages>,
     inc: Incoming,
 ) -> (usize, std::result::Result<(), PeerFault>, u64) {
     let s = inc.preamble.sender as usize;
@@ -584,23 +655,13 @@ async fn serve_sender<T: AsRef<[f32]> + Sync>(
                         payload.copy_from_slice(bytemuck::cast_slice(values));
                     }
                     Some((PartResult::Averaged, values)) => {
-                        let cached = encoded.lock().ok().and_then(|c| c.get(&p).cloned());
-                        let bytes = match cached {
-                            Some(b) => b,
-                            None => {
-                                let mut b =
-                                    Vec::with_capacity(compression.encoded_len(values.len()));
-                                compression.encode(values, &mut b);
-                                let b = Arc::new(b);
-                                if let Ok(mut c) = encoded.lock() {
-                                    c.insert(p, b.clone());
-                                }
-                                b
-                            }
-                        };
+                        let mut enc = encoded.lock().map_err(|_| PeerFault::ProtocolViolation {
+                            reason: "encoded averages poisoned",
+                        })?;
+                        let bytes = enc.part(p, values)?;
                         frame
                             .start(Kind::Averaged, p as u32, bytes.len())
-                            .copy_from_slice(&bytes);
+                            .copy_from_slice(bytes);
                     }
                     _ => {
                         frame.start(Kind::Empty, p as u32, 0);
@@ -642,15 +703,19 @@ async fn send_to_reducer<T: AsRef<[f32]> + Sync>(
 ) -> (SpanResult, u64, Option<PeerFault>) {
     let span = ctx.spans[r].clone();
     let parts = part_ranges(span.clone(), ctx.cfg.part_len());
-    // 16-bit codecs keep their results in wire form (half the staging memory,
-    // and `apply` decodes once instead of decoding and then copying).
-    let wire = matches!(
-        ctx.cfg.compression,
-        Compression::Float16 | Compression::BFloat16
-    )
-    .then_some(ctx.cfg.compression);
+    // Compressed results stay in wire form (a half or a quarter of the
+    // staging memory, and `apply` decodes once instead of decoding and then
+    // copying).
+    let codec = ctx.cfg.compression;
+    let wire = (codec != Compression::None).then_some(codec);
+    let mut wire_offsets = Vec::new();
     let staged = if wire.is_some() {
-        span.len().div_ceil(2)
+        wire_offsets.reserve(parts.len() + 1);
+        wire_offsets.push(0);
+        for part in &parts {
+            wire_offsets.push(wire_offsets[wire_offsets.len() - 1] + codec.encoded_len(part.len()));
+        }
+        wire_offsets[parts.len()].div_ceil(4)
     } else {
         span.len()
     };
@@ -660,6 +725,7 @@ async fn send_to_reducer<T: AsRef<[f32]> + Sync>(
         averaged: vec![false; parts.len()],
         values: plane.take_buffer(staged),
         wire,
+        wire_offsets,
         parts,
     };
     let mut bytes = 0u64;
@@ -775,11 +841,18 @@ async fn write_parts<T: AsRef<[f32]> + Sync>(
                 }
             }
             Compression::Blockwise8Bit => {
-                scratch.resize(range.len(), 0.0);
-                ctx.layout.gather(ctx.tensors, range.clone(), &mut scratch);
-                compression
-                    .encode_into(&scratch, payload)
-                    .map_err(refused)?;
+                // Blocks may straddle tensors: encode a part inside one tensor
+                // straight from it, gather the others first.
+                let mut pieces = ctx.layout.pieces(range.clone());
+                let src = match (pieces.next(), pieces.next()) {
+                    (Some((i, local, _)), None) => &ctx.tensors[i].as_ref()[local],
+                    _ => {
+                        scratch.resize(range.len(), 0.0);
+                        ctx.layout.gather(ctx.tensors, range.clone(), &mut scratch);
+                        &scratch[..]
+                    }
+                };
+                compression.encode_into(src, payload).map_err(refused)?;
             }
         }
         let sealed = frame.seal(up)?;
@@ -823,21 +896,21 @@ async fn read_results<T: AsRef<[f32]> + Sync>(
         let local = range.start - result.span.start..range.end - result.span.start;
         let mut tag = [0u8; TAG_LEN];
         if kind == Kind::Averaged && result.wire.is_some() {
-            // 16-bit averages stay in wire form: read and open them in place.
-            if payload_len != 2 * range.len() {
+            // Compressed averages stay in wire form: read and open them in
+            // place, and check them without decoding.
+            if payload_len != compression.encoded_len(range.len()) {
                 return Err(PeerFault::WrongPartSize {
                     part: p,
                     expected: range.len(),
-                    got: payload_len / 2,
+                    got: (payload_len as f64 / compression.bytes_per_element()) as usize,
                 });
             }
-            let at = 2 * local.start;
-            let bytes = &mut result.wire_bytes_mut()[at..at + payload_len];
+            let bytes = result.wire_part_mut(p);
             wire::read_exact_by(&mut rd, bytes, deadline, timeout).await?;
             wire::read_exact_by(&mut rd, &mut tag, deadline, timeout).await?;
             down.open_detached(len_bytes, &header, bytes, &tag)
                 .map_err(unauthentic)?;
-            if !compression.wire_all_finite(bytes) {
+            if !compression.wire_all_finite(bytes, range.len()) {
                 return Err(PeerFault::NonFinite { part: p });
             }
             result.averaged[p] = true;

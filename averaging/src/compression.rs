@@ -3,6 +3,8 @@
 //! Encoders append to a byte buffer (the frame being built, so encoding is fused
 //! with the copy that sends it); decoders write into an `f32` slice.
 
+use std::ops::Range;
+
 use colony_kernels::cpu as kernels;
 
 use crate::error::{AveragingError, Result};
@@ -182,13 +184,13 @@ impl Compression {
                 Ok(finite)
             }
             Self::Float16 | Self::BFloat16 => {
-                let finite = self.wire_all_finite(bytes);
+                let finite = self.wire_all_finite(bytes, out.len());
                 self.decode_into(bytes, out)?;
                 Ok(finite)
             }
             Self::Blockwise8Bit => {
                 self.decode_into(bytes, out)?;
-                Ok(all_finite(out))
+                Ok(self.wire_all_finite(bytes, out.len()))
             }
         }
     }
@@ -219,7 +221,7 @@ impl Compression {
         };
         match self {
             Self::Float16 | Self::BFloat16 => {
-                if !self.wire_all_finite(bytes) {
+                if !self.wire_all_finite(bytes, acc.len()) {
                     return Ok(false);
                 }
                 if self == Self::Float16 {
@@ -229,7 +231,16 @@ impl Compression {
                 }
                 Ok(true)
             }
-            Self::None | Self::Blockwise8Bit => {
+            Self::Blockwise8Bit => {
+                // Finite scales decode to finite values: check the scales,
+                // then decode and accumulate in one pass.
+                if !self.wire_all_finite(bytes, acc.len()) {
+                    return Ok(false);
+                }
+                kernels::q8::decode_accumulate(bytes, BLOCK_8BIT, acc, weight).map_err(refused)?;
+                Ok(true)
+            }
+            Self::None => {
                 let values: &[f32] = match (self, bytemuck::try_cast_slice::<u8, f32>(bytes)) {
                     (Self::None, Ok(values)) => values,
                     _ => {
@@ -257,41 +268,75 @@ const EXP_F16: u16 = 0x7C00;
 const EXP_BF16: u16 = 0x7F80;
 
 impl Compression {
-    /// Whether the 16-bit wire `bytes` hold only finite values (exponent bits
-    /// not all ones); `false` for the other codecs, which must be decoded to be
-    /// checked.
-    pub(crate) fn wire_all_finite(self, bytes: &[u8]) -> bool {
+    /// Whether the wire encoding `bytes` of `n` values decodes to finite
+    /// values only, checked without decoding: 16-bit values on their exponent
+    /// bits, 8-bit blocks on their scales. `false` for raw `f32`, which must
+    /// be checked as values.
+    pub(crate) fn wire_all_finite(self, bytes: &[u8], n: usize) -> bool {
         match self {
-            Self::Float16 | Self::BFloat16 => half_wire_all_finite(bytes, self.exponent_mask()),
-            Self::None | Self::Blockwise8Bit => false,
+            Self::Float16 | Self::BFloat16 => {
+                bytes.len() == 2 * n && half_wire_all_finite(bytes, self.exponent_mask())
+            }
+            Self::Blockwise8Bit => {
+                bytes.len() == self.encoded_len(n) && q8_wire_all_finite(bytes, n)
+            }
+            Self::None => false,
         }
     }
 
-    /// `dst = decode(src)` when `alpha == 1`, else `dst += alpha · (decode(src)
-    /// − dst)`, for a 16-bit wire form (`src` holds `2 · dst.len()` bytes).
+    /// Apply values `range` of a part's wire encoding `part` (of `n` values)
+    /// to `dst` (`range.len()` values): `dst = decode` when `alpha == 1`, else
+    /// `dst += alpha · (decode − dst)`. Decodes straight into `dst`, also
+    /// where `range` starts or ends inside an 8-bit block.
     ///
     /// # Errors
-    /// [`AveragingError::Decode`] for a length mismatch or another codec.
-    pub(crate) fn apply_wire(self, src: &[u8], dst: &mut [f32], alpha: f32) -> Result<()> {
+    /// [`AveragingError::Decode`] for a length or range mismatch, or for raw
+    /// `f32` (which is staged as values, not wire bytes).
+    pub(crate) fn apply_wire(
+        self,
+        part: &[u8],
+        n: usize,
+        range: Range<usize>,
+        dst: &mut [f32],
+        alpha: f32,
+    ) -> Result<()> {
         let refused = |_| AveragingError::Decode {
             reason: "codec refused the part",
         };
-        if alpha == 1.0 {
-            return self.decode_into(src, dst);
-        }
-        if src.len() != self.encoded_len(dst.len()) {
+        if part.len() != self.encoded_len(n)
+            || range.start > range.end
+            || range.end > n
+            || range.len() != dst.len()
+        {
             return Err(AveragingError::Decode {
                 reason: "encoded length does not match the part size",
             });
         }
-        // (1 − alpha)·local + alpha·average, in two passes over `dst`.
-        kernels::scale(dst, 1.0 - alpha).map_err(refused)?;
+        // Blend: (1 − alpha)·local first, then + alpha·average.
+        let blend = |dst: &mut [f32]| kernels::scale(dst, 1.0 - alpha).map_err(refused);
+        // 16-bit values of the range (lengths checked above).
+        let half = || &part[2 * range.start..2 * range.end];
         match self {
-            Self::Float16 => kernels::f16::decode_accumulate(src, dst, alpha).map_err(refused),
-            Self::BFloat16 => kernels::bf16::decode_accumulate(src, dst, alpha).map_err(refused),
-            Self::None | Self::Blockwise8Bit => Err(AveragingError::Decode {
-                reason: "not a 16-bit wire format",
+            Self::None => Err(AveragingError::Decode {
+                reason: "raw f32 has no wire form to apply",
             }),
+            Self::Float16 | Self::BFloat16 if alpha == 1.0 => self.decode_into(half(), dst),
+            Self::Float16 => {
+                blend(dst)?;
+                kernels::f16::decode_accumulate(half(), dst, alpha).map_err(refused)
+            }
+            Self::BFloat16 => {
+                blend(dst)?;
+                kernels::bf16::decode_accumulate(half(), dst, alpha).map_err(refused)
+            }
+            Self::Blockwise8Bit if alpha == 1.0 => {
+                kernels::q8::decode_range(part, BLOCK_8BIT, n, range.clone(), dst).map_err(refused)
+            }
+            Self::Blockwise8Bit => {
+                blend(dst)?;
+                kernels::q8::decode_range_accumulate(part, BLOCK_8BIT, n, range.clone(), dst, alpha)
+                    .map_err(refused)
+            }
         }
     }
 
@@ -325,6 +370,19 @@ fn half_wire_all_finite(bytes: &[u8], exp: u16) -> bool {
             .chunks_exact(2)
             .all(|c| !bad(u16::from_le_bytes([c[0], c[1]]))),
     }
+}
+
+/// Whether the 8-bit wire form of `n` values decodes to finite values only:
+/// every block scale is finite and small enough that any code (`|q| <= 128`
+/// on a hostile wire) times it stays finite. The codec gives a block holding
+/// NaN/inf a NaN scale, so poisoned input fails here without decoding.
+fn q8_wire_all_finite(bytes: &[u8], n: usize) -> bool {
+    let scales = 4 * n.div_ceil(BLOCK_8BIT);
+    bytes.len() >= scales
+        && bytes[..scales].chunks_exact(4).all(|s| {
+            let s = f32::from_le_bytes([s[0], s[1], s[2], s[3]]);
+            s.is_finite() && s.abs() <= f32::MAX / 128.0
+        })
 }
 
 /// True when every value is finite (`colony-kernels`' vectorised check).
@@ -436,6 +494,37 @@ mod tests {
     }
 
     #[test]
+    fn forged_8bit_scales_are_caught_without_decoding_to_inf() {
+        let c = Compression::Blockwise8Bit;
+        let v = sample(3 * BLOCK_8BIT + 5);
+        let mut good = Vec::new();
+        c.encode(&v, &mut good);
+        let mut out = vec![0.0; v.len()];
+        let mut scratch = Vec::new();
+        // A hostile peer writes its own scales: NaN, inf, or a finite scale so
+        // large that code 127 (or -128) times it overflows.
+        for scale in [f32::NAN, f32::INFINITY, f32::MAX, f32::MAX / 100.0] {
+            let mut bytes = good.clone();
+            bytes[8..12].copy_from_slice(&scale.to_le_bytes());
+            assert!(!c.decode_into_checked(&bytes, &mut out).unwrap(), "{scale}");
+            let mut acc = vec![0.0; v.len()];
+            assert!(
+                !c.accumulate_checked(&bytes, &mut acc, 1.0, &mut scratch)
+                    .unwrap(),
+                "{scale}"
+            );
+            assert!(acc.iter().all(|a| *a == 0.0));
+        }
+        // The largest accepted scale still decodes to finite values.
+        let mut bytes = good.clone();
+        bytes[8..12].copy_from_slice(&(f32::MAX / 128.0).to_le_bytes());
+        let codes = 4 * v.len().div_ceil(BLOCK_8BIT);
+        bytes[codes + 2 * BLOCK_8BIT] = 0x80; // -128 in block 2
+        assert!(c.decode_into_checked(&bytes, &mut out).unwrap());
+        assert!(out.iter().all(|x| x.is_finite()));
+    }
+
+    #[test]
     fn bf16_keeps_the_f32_range() {
         let mut bytes = Vec::new();
         Compression::BFloat16.encode(&[1e30, -3e-30, 65504.0 * 4.0], &mut bytes);
@@ -450,17 +539,29 @@ mod tests {
 
     #[test]
     fn wire_form_applies_like_decoding() {
-        let v = sample(5_001);
-        for c in [Compression::Float16, Compression::BFloat16] {
+        let v = sample(3 * BLOCK_8BIT + 1_001);
+        let n = v.len();
+        for c in [
+            Compression::Float16,
+            Compression::BFloat16,
+            Compression::Blockwise8Bit,
+        ] {
             let mut bytes = Vec::new();
             c.encode(&v, &mut bytes);
-            assert!(c.wire_all_finite(&bytes));
-            let mut avg = vec![0.0; v.len()];
+            assert!(c.wire_all_finite(&bytes, n));
+            assert!(!c.wire_all_finite(&bytes, n - 1), "{c:?}: length");
+            let mut avg = vec![0.0; n];
             c.decode_into(&bytes, &mut avg).unwrap();
-            let local: Vec<f32> = (0..v.len()).map(|i| i as f32 * 0.01).collect();
+            let local: Vec<f32> = (0..n).map(|i| i as f32 * 0.01).collect();
+            // Pieces that start and end inside 8-bit blocks, and whole parts.
+            let cuts = [0, 17, BLOCK_8BIT, BLOCK_8BIT + 5, 2 * BLOCK_8BIT + 99, n];
             for alpha in [1.0f32, 0.25] {
                 let mut dst = local.clone();
-                c.apply_wire(&bytes, &mut dst, alpha).unwrap();
+                for w in cuts.windows(2) {
+                    let r = w[0]..w[1];
+                    c.apply_wire(&bytes, n, r.clone(), &mut dst[r], alpha)
+                        .unwrap();
+                }
                 for ((d, l), a) in dst.iter().zip(&local).zip(&avg) {
                     let want = l + alpha * (a - l);
                     assert!(
@@ -470,14 +571,23 @@ mod tests {
                 }
             }
             let mut dst = local.clone();
-            assert!(c.apply_wire(&bytes[2..], &mut dst, 0.5).is_err());
+            assert!(c.apply_wire(&bytes[2..], n, 0..n, &mut dst, 0.5).is_err());
+            assert!(c.apply_wire(&bytes, n, 1..n + 1, &mut dst, 0.5).is_err());
+            assert!(c.apply_wire(&bytes, n, 0..n - 1, &mut dst, 1.0).is_err());
+            assert_eq!(dst, local, "{c:?}: refused calls wrote");
             let mut poisoned = v.clone();
             poisoned[17] = f32::NAN;
             let mut bytes = Vec::new();
             c.encode(&poisoned, &mut bytes);
-            assert!(!c.wire_all_finite(&bytes));
+            assert!(!c.wire_all_finite(&bytes, n));
         }
-        assert!(!Compression::None.wire_all_finite(&[0; 8]));
+        assert!(!Compression::None.wire_all_finite(&[0; 8], 2));
+        let mut dst = [0.0; 2];
+        assert!(
+            Compression::None
+                .apply_wire(&[0; 8], 2, 0..2, &mut dst, 1.0)
+                .is_err()
+        );
     }
 
     #[test]

@@ -86,6 +86,18 @@ pub enum KernelError {
         /// The valid range, in words.
         expected: &'static str,
     },
+    /// A range of values reaches past the end of the values it indexes.
+    #[error("{op}: range {start}..{end} is outside 0..{len}")]
+    RangeOutOfBounds {
+        /// The op that was called.
+        op: &'static str,
+        /// Start of the range.
+        start: usize,
+        /// End of the range.
+        end: usize,
+        /// Number of values the range indexes.
+        len: usize,
+    },
     /// The 8-bit codec's block size is zero.
     #[error("8-bit codec block size must be at least 1, got {block_size}")]
     InvalidBlockSize {

@@ -317,6 +317,45 @@ proptest! {
     }
 
     #[test]
+    fn q8_decode_range_matches_the_full_decode(
+        src in len().prop_flat_map(|n| proptest::collection::vec(prop_oneof![
+            20 => -50.0f32..50.0, 1 => Just(f32::NAN),
+        ], n)),
+        block in prop_oneof![Just(cpu::q8::DEFAULT_BLOCK_SIZE), 1usize..300],
+        cut in (0.0f64..1.0, 0.0f64..1.0),
+        w in -2.0f32..2.0,
+    ) {
+        let n = src.len();
+        let bytes = cpu::q8::encode_to_vec(&src, block).unwrap();
+        let mut full = vec![0.0; n];
+        cpu::q8::decode(&bytes, block, &mut full).unwrap();
+        let mut full_acc = vec![1.5f32; n];
+        cpu::q8::decode_accumulate(&bytes, block, &mut full_acc, w).unwrap();
+        // Ranges from random cuts, plus every block-edge case.
+        let (a, b) = ((cut.0 * n as f64) as usize, (cut.1 * n as f64) as usize);
+        let mut ranges = vec![a.min(b)..a.max(b), 0..n, a.min(b)..n];
+        let edge = (a / block * block).min(n);
+        ranges.push(edge..n.min(edge + block));
+        ranges.push(edge..edge);
+        for r in ranges {
+            let mut got = vec![0.0; r.len()];
+            cpu::q8::decode_range(&bytes, block, n, r.clone(), &mut got).unwrap();
+            same_bits(&got, &full[r.clone()])?;
+            let mut acc = vec![1.5f32; r.len()];
+            cpu::q8::decode_range_accumulate(&bytes, block, n, r.clone(), &mut acc, w).unwrap();
+            same_bits(&acc, &full_acc[r])?;
+        }
+        // Out-of-range and wrong-length calls are typed errors.
+        let mut one = [0.0f32; 1];
+        prop_assert!(cpu::q8::decode_range(&bytes, block, n, n..n + 1, &mut one).is_err());
+        if n > 1 {
+            prop_assert!(cpu::q8::decode_range(&bytes, block, n, 0..2, &mut one).is_err());
+            prop_assert!(cpu::q8::decode_range(&bytes[1..], block, n, 0..1, &mut one).is_err());
+        }
+        prop_assert!(cpu::q8::decode_range_accumulate(&bytes, block, n, 0..0, &mut [], f32::NAN).is_err());
+    }
+
+    #[test]
     fn sgd_matches_reference((mut p, g) in pair(), nesterov in any::<bool>(), wd in 0.0f32..0.1) {
         let hp = Sgd { lr: 0.05, momentum: 0.9, dampening: 0.1, weight_decay: wd, nesterov };
         let mut buf = vec![0.0f32; p.len()];

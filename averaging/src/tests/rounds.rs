@@ -1,5 +1,5 @@
 use super::support::*;
-use crate::{AveragingError, AveragingMode, Compression, TensorLayout};
+use crate::{AllreduceConfig, AveragingError, AveragingMode, Compression, TensorLayout};
 
 fn modes(clients: usize, aux: usize) -> Vec<AveragingMode> {
     (0..4)
@@ -76,12 +76,41 @@ async fn compressed_rounds_stay_within_codec_error() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_bit_parts_of_several_blocks_apply_across_tensor_boundaries() {
+    // Spans of ~10 K values in one part each (3 blocks of 4096), with tensor
+    // boundaries inside blocks: results are staged in wire form and decoded
+    // into each tensor from the middle of a block.
+    const BIG: [usize; 4] = [20_000, 3, 17_001, 4_100];
+    let mut peers = make_peers(&modes(0, 0), &[1.0, 3.0, 1.0, 1.0]).await;
+    for (i, p) in peers.iter_mut().enumerate() {
+        p.tensors = tensors_for(i, &BIG);
+    }
+    let group = group_of(&peers, [5; 32], &[]);
+    let cfg = AllreduceConfig {
+        part_size_bytes: 3 * 4100,
+        ..test_config(Compression::Blockwise8Bit)
+    };
+    let outcomes = run_all(&peers, &group, &cfg).await;
+    let expected = weighted_mean(&peers, &[0, 1, 2, 3]);
+    let layout = TensorLayout::new(&BIG);
+    for (peer, out) in peers.iter().zip(outcomes) {
+        let out = out.unwrap();
+        assert_eq!(out.averaged_elements(), layout.total());
+        let mut mine = peer.tensors.clone();
+        out.apply(&layout, &mut mine, 1.0).unwrap();
+        let err = max_err(&mine, &expected);
+        assert!(err < 3e-2 && err > 0.0, "err {err}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alpha_moves_part_of_the_way() {
-    // fp32 results are staged as values, 16-bit ones in wire form: both paths.
+    // fp32 results are staged as values, compressed ones in wire form: both.
     for (compression, tol) in [
         (Compression::None, 1e-6),
         (Compression::Float16, 2e-3),
         (Compression::BFloat16, 4e-3),
+        (Compression::Blockwise8Bit, 3e-2),
     ] {
         let peers = make_peers(&modes(0, 0), &[1.0; 4]).await;
         let group = group_of(&peers, [3; 32], &[]);

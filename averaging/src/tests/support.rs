@@ -105,7 +105,9 @@ pub(super) async fn run_some(
     which: impl IntoIterator<Item = usize>,
     cfg: &AllreduceConfig,
 ) -> Vec<crate::Result<RoundOutcome>> {
-    let layout = TensorLayout::new(&LENGTHS);
+    // The peers' own tensor shapes (LENGTHS unless a test replaced them).
+    let lengths: Vec<usize> = peers[0].tensors.iter().map(Vec::len).collect();
+    let layout = TensorLayout::new(&lengths);
     let futs = which.into_iter().map(|i| {
         let (p, layout) = (&peers[i], &layout);
         async move {
@@ -121,11 +123,12 @@ pub(super) async fn run_some(
 /// Weighted mean over the senders among `peers` (f64).
 pub(super) fn weighted_mean(peers: &[Peer], include: &[usize]) -> Vec<Vec<f64>> {
     let wsum: f64 = include.iter().map(|&i| f64::from(peers[i].weight)).sum();
-    LENGTHS
+    peers[include[0]]
+        .tensors
         .iter()
         .enumerate()
-        .map(|(t, &n)| {
-            (0..n)
+        .map(|(t, tensor)| {
+            (0..tensor.len())
                 .map(|j| {
                     include
                         .iter()

@@ -83,6 +83,7 @@ enum Msg {
     RoundDone {
         seconds: f64,
         cpu: f64,
+        minor_faults: u64,
         bytes_sent: u64,
         failed: usize,
     },
@@ -144,17 +145,27 @@ fn fill(buf: &mut [f32], peer: usize) {
 }
 
 /// CPU seconds (user + system) this process has used.
-fn cpu_seconds() -> f64 {
+/// Fields of `/proc/self/stat` after the command name.
+fn proc_stat() -> Vec<String> {
     std::fs::read_to_string("/proc/self/stat")
         .ok()
-        .and_then(|s| {
-            let rest = s.rsplit_once(')')?.1.to_string();
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            let ut: f64 = f.get(11)?.parse().ok()?;
-            let st: f64 = f.get(12)?.parse().ok()?;
-            Some((ut + st) / 100.0)
-        })
-        .unwrap_or(0.0)
+        .and_then(|s| Some(s.rsplit_once(')')?.1.to_string()))
+        .map(|rest| rest.split_whitespace().map(str::to_string).collect())
+        .unwrap_or_default()
+}
+
+fn cpu_seconds() -> f64 {
+    let f = proc_stat();
+    let field = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok());
+    match (field(11), field(12)) {
+        (Some(ut), Some(st)) => (ut + st) / 100.0,
+        _ => 0.0,
+    }
+}
+
+/// Minor page faults of this process so far (fresh pages touched).
+fn minor_faults() -> u64 {
+    proc_stat().get(7).and_then(|v| v.parse().ok()).unwrap_or(0)
 }
 
 fn peak_rss() -> u64 {
@@ -243,6 +254,7 @@ async fn worker(args: Args, index: usize) -> Result<()> {
                 };
                 let start = Instant::now();
                 let c0 = cpu_seconds();
+                let f0 = minor_faults();
                 let out = run_allreduce(
                     &plane,
                     &group,
@@ -260,6 +272,7 @@ async fn worker(args: Args, index: usize) -> Result<()> {
                 ctl.send(&Msg::RoundDone {
                     seconds,
                     cpu,
+                    minor_faults: minor_faults() - f0,
                     bytes_sent: out.bytes_sent,
                     failed: out.failed_reducers.len() + out.banned_senders.len(),
                 })
@@ -455,6 +468,7 @@ async fn parent(args: Args) -> Result<()> {
 
     let mut round_secs = Vec::new();
     let mut round_cpu = Vec::new();
+    let mut round_faults = Vec::new();
     let mut bytes_sent = 0u64;
     let mut failures = 0usize;
     for _ in 0..args.rounds {
@@ -484,10 +498,12 @@ async fn parent(args: Args) -> Result<()> {
         }
         let mut worst = 0.0f64;
         let mut cpu_sum = 0.0;
+        let mut faults_sum = 0u64;
         for c in ctls.iter_mut() {
             let Msg::RoundDone {
                 seconds,
                 cpu,
+                minor_faults,
                 bytes_sent: b,
                 failed,
             } = c.0.recv().await?
@@ -496,11 +512,13 @@ async fn parent(args: Args) -> Result<()> {
             };
             worst = worst.max(seconds);
             cpu_sum += cpu;
+            faults_sum += minor_faults;
             bytes_sent = bytes_sent.max(b);
             failures += failed;
         }
         round_secs.push(worst);
         round_cpu.push(cpu_sum);
+        round_faults.push(faults_sum);
     }
     let cpu_per_round = median(&mut round_cpu.clone());
     let mut max_err = 0.0f64;
@@ -547,6 +565,7 @@ async fn parent(args: Args) -> Result<()> {
                 "buffer_bytes": size_bytes,
                 "excluded_peers": failures,
                 "cpu_seconds_per_round_all_peers": cpu_per_round,
+                "minor_faults_per_round_all_peers": round_faults,
                 "cpu_seconds_stream_test_all_peers": stream_cpu,
                 "aggregate_plain_tcp_bytes_per_s": aggregate_plain,
                 "lower_bound_plain_tcp_seconds": lower_bound_plain,
@@ -578,6 +597,7 @@ async fn parent(args: Args) -> Result<()> {
         println!(
             "cpu-s per round (all peers)   {cpu_per_round:.3}  (stream test: {stream_cpu:.3})"
         );
+        println!("minor page faults per round   {round_faults:?} (all peers; 4 KiB each)");
     }
     if failures > 0 {
         bail!("{failures} peers were excluded during the benchmark");

@@ -20,6 +20,8 @@
 //! size is not stored: both sides must agree on it ([`DEFAULT_BLOCK_SIZE`]
 //! matches the reference's bitsandbytes blockwise quantization).
 
+use std::ops::Range;
+
 use rayon::prelude::*;
 
 use super::{CHUNK, PAR_MIN};
@@ -120,6 +122,100 @@ pub fn decode_accumulate(
     check_finite(OP, "weight", weight)?;
     let (scales, codes) = src.split_at(4 * num_blocks(acc.len(), block_size));
     decode_into::<u8>(scales, bytes_as_codes(codes), block_size, acc, Some(weight));
+    Ok(())
+}
+
+/// Decodes values `range` of an encoding of `n` values (as written by
+/// [`encode`]) into `dst`, which holds `range.len()` values: a slice of a
+/// part straight into the tensor it belongs to, even where the range starts or
+/// ends inside a block.
+///
+/// # Errors
+/// [`KernelError::InvalidBlockSize`]; [`KernelError::LengthMismatch`] if `src`
+/// is not `encoded_len(n, block_size)` bytes or `dst` not `range.len()`
+/// values; [`KernelError::RangeOutOfBounds`] if `range` is not inside `0..n`.
+pub fn decode_range(
+    src: &[u8],
+    block_size: usize,
+    n: usize,
+    range: Range<usize>,
+    dst: &mut [f32],
+) -> Result<()> {
+    decode_range_impl("q8::decode_range", src, block_size, n, range, dst, None)
+}
+
+/// `acc += weight * decode(src)[range]`, fused; see [`decode_range`].
+///
+/// # Errors
+/// As [`decode_range`], plus [`KernelError::NonFiniteScalar`] for a NaN/inf
+/// weight.
+pub fn decode_range_accumulate(
+    src: &[u8],
+    block_size: usize,
+    n: usize,
+    range: Range<usize>,
+    acc: &mut [f32],
+    weight: f32,
+) -> Result<()> {
+    const OP: &str = "q8::decode_range_accumulate";
+    check_finite(OP, "weight", weight)?;
+    decode_range_impl(OP, src, block_size, n, range, acc, Some(weight))
+}
+
+fn decode_range_impl(
+    op: &'static str,
+    src: &[u8],
+    block_size: usize,
+    n: usize,
+    range: Range<usize>,
+    dst: &mut [f32],
+    weight: Option<f32>,
+) -> Result<()> {
+    check_block(block_size)?;
+    check_len(op, "src bytes", encoded_len(n, block_size), src.len())?;
+    if range.start > range.end || range.end > n {
+        return Err(KernelError::RangeOutOfBounds {
+            op,
+            start: range.start,
+            end: range.end,
+            len: n,
+        });
+    }
+    check_len(op, "dst", range.len(), dst.len())?;
+    let (scales, codes) = src.split_at(4 * num_blocks(n, block_size));
+    let codes = bytes_as_codes(codes);
+    let scale = |at: usize| <u8 as ScaleSlot>::load(&scales[4 * (at / block_size)..]);
+    let (mut at, end) = (range.start, range.end);
+    let mut dst = dst;
+    // The partial block the range starts in.
+    let head_end = end.min(at.next_multiple_of(block_size));
+    if head_end > at {
+        let (d, rest) = dst.split_at_mut(head_end - at);
+        decode_block(&codes[at..head_end], scale(at), d, weight);
+        (dst, at) = (rest, head_end);
+    }
+    // Whole blocks (the encoding's last block is whole even when short).
+    let whole_end = if end == n {
+        end
+    } else {
+        end / block_size * block_size
+    };
+    if whole_end > at {
+        let (d, rest) = dst.split_at_mut(whole_end - at);
+        let blocks = at / block_size..whole_end.div_ceil(block_size);
+        decode_into::<u8>(
+            &scales[4 * blocks.start..4 * blocks.end],
+            &codes[at..whole_end],
+            block_size,
+            d,
+            weight,
+        );
+        (dst, at) = (rest, whole_end);
+    }
+    // The partial block it ends in.
+    if end > at {
+        decode_block(&codes[at..end], scale(at), dst, weight);
+    }
     Ok(())
 }
 
