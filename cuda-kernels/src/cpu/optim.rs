@@ -153,13 +153,20 @@ impl LambK {
         m * self.inv_bc1 / (v.sqrt() * self.inv_sqrt_bc2 + self.eps) + self.wd * p
     }
 
-    /// Updates the moments; returns (sum p^2, sum u^2).
-    fn moments(&self, pc: &mut Piece<'_>) -> (f64, f64) {
-        lamb_moments(self, pc.p, pc.g, pc.m, pc.v)
+    /// Updates the moments; returns (sum p^2, sum u^2). With `u` as long as
+    /// the piece, the update direction is also stored there for pass 2.
+    fn moments(&self, pc: &mut Piece<'_>, u: &mut [f32]) -> (f64, f64) {
+        lamb_moments(self, pc.p, pc.g, pc.m, pc.v, u)
     }
 
-    fn apply(&self, pc: &mut Piece<'_>, lr_trust: f32) {
-        lamb_apply(self, pc.p, pc.m, pc.v, lr_trust);
+    /// Pass 2: `p -= lr_trust * u`, from the stored direction when `u` holds
+    /// it, else recomputed from `p, m, v` (the same bits either way).
+    fn apply(&self, pc: &mut Piece<'_>, u: &[f32], lr_trust: f32) {
+        if u.len() == pc.p.len() {
+            lamb_apply_stored(pc.p, u, lr_trust);
+        } else {
+            lamb_apply(self, pc.p, pc.m, pc.v, lr_trust);
+        }
     }
 }
 
@@ -188,15 +195,28 @@ fn sum_squares(x: &[f32]) -> f64 {
 }
 
 #[inline(always)]
-fn lamb_moments_impl(k: &LambK, p: &[f32], g: &[f32], m: &mut [f32], v: &mut [f32]) -> (f64, f64) {
+fn lamb_moments_impl(
+    k: &LambK,
+    p: &[f32],
+    g: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    u_out: &mut [f32],
+) -> (f64, f64) {
     let mut scratch = [0f32; SCRATCH];
+    let store = u_out.len() == p.len();
     let (mut pp, mut uu) = (0f64, 0f64);
     let pieces = p
         .chunks(SCRATCH)
         .zip(g.chunks(SCRATCH))
-        .zip(m.chunks_mut(SCRATCH).zip(v.chunks_mut(SCRATCH)));
-    for ((p, g), (m, v)) in pieces {
-        let u = &mut scratch[..p.len()];
+        .zip(m.chunks_mut(SCRATCH).zip(v.chunks_mut(SCRATCH)))
+        .enumerate();
+    for (i, ((p, g), (m, v))) in pieces {
+        let u = if store {
+            &mut u_out[i * SCRATCH..i * SCRATCH + p.len()]
+        } else {
+            &mut scratch[..p.len()]
+        };
         for ((u, (p, g)), (m, v)) in u
             .iter_mut()
             .zip(p.iter().zip(g))
@@ -221,9 +241,21 @@ fn lamb_apply_impl(k: &LambK, p: &mut [f32], m: &[f32], v: &[f32], lr_trust: f32
     }
 }
 
+#[inline(always)]
+fn lamb_apply_stored_impl(p: &mut [f32], u: &[f32], lr_trust: f32) {
+    for (p, u) in p.iter_mut().zip(u) {
+        *p -= lr_trust * u;
+    }
+}
+
 super::avx2_twin! {
     /// LAMB pass 1 on one piece.
-    fn lamb_moments(k: &LambK, p: &[f32], g: &[f32], m: &mut [f32], v: &mut [f32]) -> (f64, f64) = lamb_moments_impl;
+    fn lamb_moments(k: &LambK, p: &[f32], g: &[f32], m: &mut [f32], v: &mut [f32], u_out: &mut [f32]) -> (f64, f64) = lamb_moments_impl;
+}
+
+super::avx2_twin! {
+    /// LAMB pass 2 on one piece, from the direction stored by pass 1.
+    fn lamb_apply_stored(p: &mut [f32], u: &[f32], lr_trust: f32) -> () = lamb_apply_stored_impl;
 }
 
 super::avx2_twin! {
@@ -322,31 +354,88 @@ fn window_end(pieces: &[Piece<'_>], window_len: usize) -> usize {
     end
 }
 
+/// Most elements whose update direction pass 1 stores for pass 2 (8 MiB of
+/// `f32`): pass 2 of a window then reads `p` and the direction (8 bytes per
+/// element, no square root or division) instead of `p, m, v` (12 bytes). A
+/// window with more elements in multi-piece tensors recomputes the direction.
+const LAMB_STORED_MAX: usize = 1 << 21;
+
+thread_local! {
+    /// The stored directions, kept per calling thread between steps so a step
+    /// does not fault in fresh pages.
+    static LAMB_DIRECTIONS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Runs LAMB window by window over `items` (pieces of `num_tensors` tensors
-/// in layout order). The result does not depend on `window_len`.
+/// in layout order), storing directions for windows of up to `stored_max`
+/// multi-piece elements. The result depends neither on `window_len` nor on
+/// whether directions are stored.
 fn lamb_windows(
     k: &LambK,
     items: &mut [Piece<'_>],
     (lr, max): (f32, f32),
     num_tensors: usize,
     parallel: bool,
-    window_len: usize,
+    (window_len, stored_max): (usize, usize),
 ) {
     let mut norms = vec![(0f64, 0f64); num_tensors];
     let mut lr_trust = vec![0f32; num_tensors];
-    let mut rest = items;
-    while !rest.is_empty() {
-        let end = window_end(rest, window_len);
-        let (window, tail) = std::mem::take(&mut rest).split_at_mut(end);
-        rest = tail;
-        lamb_window(k, window, lr, max, &mut norms, &mut lr_trust, parallel);
-    }
+    LAMB_DIRECTIONS.with(|cell| {
+        // A re-entrant call (not possible today) would fall back to recomputing.
+        let mut held = cell.try_borrow_mut();
+        let mut empty = Vec::new();
+        let directions: &mut Vec<f32> = match held.as_mut() {
+            Ok(d) => d,
+            Err(_) => &mut empty,
+        };
+        let mut rest = items;
+        while !rest.is_empty() {
+            let end = window_end(rest, window_len);
+            let (window, tail) = std::mem::take(&mut rest).split_at_mut(end);
+            rest = tail;
+            // Pieces of multi-piece tensors get a slice of `directions`.
+            let stored: usize = window
+                .iter()
+                .filter(|pc| !pc.whole)
+                .map(|pc| pc.p.len())
+                .sum();
+            let store = stored <= stored_max;
+            if store && directions.len() < stored {
+                directions.resize(stored, 0.0);
+            }
+            let mut free: &mut [f32] = if store {
+                &mut directions[..stored]
+            } else {
+                &mut []
+            };
+            let mut us: Vec<&mut [f32]> = Vec::with_capacity(window.len());
+            for pc in window.iter() {
+                let n = if store && !pc.whole { pc.p.len() } else { 0 };
+                let (u, tail) = std::mem::take(&mut free).split_at_mut(n);
+                us.push(u);
+                free = tail;
+            }
+            lamb_window(
+                k,
+                window,
+                &mut us,
+                lr,
+                max,
+                &mut norms,
+                &mut lr_trust,
+                parallel,
+            );
+        }
+    });
 }
 
-/// Both LAMB passes over one window of whole tensors.
+/// Both LAMB passes over one window of whole tensors; `us[i]` is piece `i`'s
+/// direction store (empty: recompute in pass 2).
+#[allow(clippy::too_many_arguments)]
 fn lamb_window(
     k: &LambK,
     window: &mut [Piece<'_>],
+    us: &mut [&mut [f32]],
     lr: f32,
     max: f32,
     norms: &mut [(f64, f64)],
@@ -355,17 +444,21 @@ fn lamb_window(
 ) {
     // Pass 1: moments and norms; a tensor that is one piece is finished at
     // once while it is in L1/L2.
-    let pass1 = |pc: &mut Piece<'_>| {
-        let (pp, uu) = k.moments(pc);
+    let pass1 = |(pc, u): (&mut Piece<'_>, &mut &mut [f32])| {
+        let (pp, uu) = k.moments(pc, u);
         if pc.whole {
-            k.apply(pc, lr * trust_ratio(pp, uu, max));
+            k.apply(pc, &[], lr * trust_ratio(pp, uu, max));
         }
         (pc.tensor, pp, uu)
     };
     let sums: Vec<(usize, f64, f64)> = if parallel {
-        window.par_iter_mut().map(pass1).collect()
+        window
+            .par_iter_mut()
+            .zip(us.par_iter_mut())
+            .map(pass1)
+            .collect()
     } else {
-        window.iter_mut().map(pass1).collect()
+        window.iter_mut().zip(us.iter_mut()).map(pass1).collect()
     };
     // Pieces in layout order: the same summation order whatever the windows.
     for (t, pp, uu) in sums {
@@ -377,15 +470,19 @@ fn lamb_window(
         lr_trust[pc.tensor] = lr * trust_ratio(pp, uu, max);
     }
     // Pass 2 (tensors of several pieces): p -= lr * trust * u, last piece first.
-    let pass2 = |pc: &mut Piece<'_>| {
+    let pass2 = |(pc, u): (&mut Piece<'_>, &mut &mut [f32])| {
         if !pc.whole {
-            k.apply(pc, lr_trust[pc.tensor]);
+            k.apply(pc, u, lr_trust[pc.tensor]);
         }
     };
     if parallel {
-        window.par_iter_mut().rev().for_each(pass2);
+        window
+            .par_iter_mut()
+            .zip(us.par_iter_mut())
+            .rev()
+            .for_each(pass2);
     } else {
-        window.iter_mut().rev().for_each(pass2);
+        window.iter_mut().zip(us.iter_mut()).rev().for_each(pass2);
     }
 }
 
@@ -441,7 +538,7 @@ pub fn lamb_step(
         (hp.lr, hp.max_trust_ratio),
         layout.num_tensors(),
         layout.total_len() >= PAR_MIN,
-        window_len(rayon::current_num_threads()),
+        (window_len(rayon::current_num_threads()), LAMB_STORED_MAX),
     );
     Ok(())
 }
@@ -486,7 +583,7 @@ mod tests {
             inv_bc1: 10.0,
             inv_sqrt_bc2: 31.6,
         };
-        let run = |window_len: usize, parallel: bool| {
+        let run = |window_len: usize, parallel: bool, stored_max: usize| {
             let (mut p, mut m, mut v) = (p0.clone(), m0.clone(), v0.clone());
             let mut items = pieces(&layout, &mut p, &g, &mut m, &mut v);
             lamb_windows(
@@ -495,24 +592,31 @@ mod tests {
                 (1e-3, 10.0),
                 layout.num_tensors(),
                 parallel,
-                window_len,
+                (window_len, stored_max),
             );
             (p, m, v)
         };
-        let reference = run(usize::MAX, false);
-        for (w, par) in [
-            (1, true),
-            (1, false),
-            (LAMB_PIECE, true),
-            (3 * LAMB_PIECE, true),
-            (usize::MAX, true),
+        // Reference: one window, directions recomputed in pass 2.
+        let reference = run(usize::MAX, false, 0);
+        for (w, par, stored_max) in [
+            (1, true, LAMB_STORED_MAX),
+            (1, false, LAMB_STORED_MAX),
+            (1, true, 0),
+            (LAMB_PIECE, true, LAMB_STORED_MAX),
+            (3 * LAMB_PIECE, true, LAMB_STORED_MAX),
+            (3 * LAMB_PIECE, true, 0),
+            (usize::MAX, true, LAMB_STORED_MAX),
+            (usize::MAX, false, LAMB_STORED_MAX),
+            // Stores some windows, recomputes those past the limit.
+            (usize::MAX, true, 3 * LAMB_PIECE + 17),
+            (1, true, 3 * LAMB_PIECE + 17),
         ] {
-            let got = run(w, par);
+            let got = run(w, par, stored_max);
             let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
             assert_eq!(
                 bits(&got.0),
                 bits(&reference.0),
-                "params, window {w}, parallel {par}"
+                "params, window {w}, parallel {par}, stored up to {stored_max}"
             );
             assert_eq!(bits(&got.1), bits(&reference.1), "exp_avg, window {w}");
             assert_eq!(bits(&got.2), bits(&reference.2), "exp_avg_sq, window {w}");
