@@ -213,18 +213,7 @@ pub(crate) fn weighted_sum(
 }
 
 pub(crate) fn encode_f16(src: &Buffer<f32>, dst: &mut Buffer<f16>) -> Result<()> {
-    let s = st(src)?;
-    let d = st_mut(dst)?;
-    if s.len() == 0 {
-        return Ok(());
-    }
-    let dev = s.dev.clone();
-    let cfg = dev.elementwise_cfg(s.len());
-    let f = dev.function(&CODEC, "encode_f16")?;
-    let n = n64(s.len());
-    let mut b = dev.stream.launch_builder(&f);
-    b.arg(&s.slice).arg(&mut d.slice).arg(&n);
-    launch(b, cfg, "encode_f16")
+    encode_half(src, dst, "encode_f16")
 }
 
 pub(crate) fn decode_f16(
@@ -232,49 +221,48 @@ pub(crate) fn decode_f16(
     dst: &mut Buffer<f32>,
     weight: Option<f32>,
 ) -> Result<()> {
-    let s = st(src)?;
-    let d = st_mut(dst)?;
-    if s.len() == 0 {
-        return Ok(());
-    }
-    let dev = s.dev.clone();
-    let cfg = dev.elementwise_cfg(s.len());
-    let n = n64(s.len());
-    match weight {
-        None => {
-            let f = dev.function(&CODEC, "decode_f16")?;
-            let mut b = dev.stream.launch_builder(&f);
-            b.arg(&s.slice).arg(&mut d.slice).arg(&n);
-            launch(b, cfg, "decode_f16")
-        }
-        Some(w) => {
-            let f = dev.function(&CODEC, "decode_acc_f16")?;
-            let mut b = dev.stream.launch_builder(&f);
-            b.arg(&s.slice).arg(&mut d.slice).arg(&w).arg(&n);
-            launch(b, cfg, "decode_acc_f16")
-        }
-    }
+    decode_half(src, dst, weight, ("decode_f16", "decode_acc_f16"))
 }
 
 pub(crate) fn encode_bf16(src: &Buffer<f32>, dst: &mut Buffer<bf16>) -> Result<()> {
-    let s = st(src)?;
-    let d = st_mut(dst)?;
-    if s.len() == 0 {
-        return Ok(());
-    }
-    let dev = s.dev.clone();
-    let cfg = dev.elementwise_cfg(s.len());
-    let f = dev.function(&CODEC, "encode_bf16")?;
-    let n = n64(s.len());
-    let mut b = dev.stream.launch_builder(&f);
-    b.arg(&s.slice).arg(&mut d.slice).arg(&n);
-    launch(b, cfg, "encode_bf16")
+    encode_half(src, dst, "encode_bf16")
 }
 
 pub(crate) fn decode_bf16(
     src: &Buffer<bf16>,
     dst: &mut Buffer<f32>,
     weight: Option<f32>,
+) -> Result<()> {
+    decode_half(src, dst, weight, ("decode_bf16", "decode_acc_bf16"))
+}
+
+/// Launches the 16-bit encoder `kernel(src, dst, n)` of the codec module.
+fn encode_half<H: Element>(
+    src: &Buffer<f32>,
+    dst: &mut Buffer<H>,
+    kernel: &'static str,
+) -> Result<()> {
+    let s = st(src)?;
+    let d = st_mut(dst)?;
+    if s.len() == 0 {
+        return Ok(());
+    }
+    let dev = s.dev.clone();
+    let cfg = dev.elementwise_cfg(s.len());
+    let f = dev.function(&CODEC, kernel)?;
+    let n = n64(s.len());
+    let mut b = dev.stream.launch_builder(&f);
+    b.arg(&s.slice).arg(&mut d.slice).arg(&n);
+    launch(b, cfg, kernel)
+}
+
+/// Launches a 16-bit decoder: `decode(src, dst, n)` without a weight,
+/// `decode_acc(src, dst, weight, n)` with one.
+fn decode_half<H: Element>(
+    src: &Buffer<H>,
+    dst: &mut Buffer<f32>,
+    weight: Option<f32>,
+    (decode, decode_acc): (&'static str, &'static str),
 ) -> Result<()> {
     let s = st(src)?;
     let d = st_mut(dst)?;
@@ -286,16 +274,16 @@ pub(crate) fn decode_bf16(
     let n = n64(s.len());
     match weight {
         None => {
-            let f = dev.function(&CODEC, "decode_bf16")?;
+            let f = dev.function(&CODEC, decode)?;
             let mut b = dev.stream.launch_builder(&f);
             b.arg(&s.slice).arg(&mut d.slice).arg(&n);
-            launch(b, cfg, "decode_bf16")
+            launch(b, cfg, decode)
         }
         Some(w) => {
-            let f = dev.function(&CODEC, "decode_acc_bf16")?;
+            let f = dev.function(&CODEC, decode_acc)?;
             let mut b = dev.stream.launch_builder(&f);
             b.arg(&s.slice).arg(&mut d.slice).arg(&w).arg(&n);
-            launch(b, cfg, "decode_acc_bf16")
+            launch(b, cfg, decode_acc)
         }
     }
 }
