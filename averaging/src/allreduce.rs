@@ -173,6 +173,8 @@ struct Ctx<'a, T> {
     pool: &'a BufferPool,
     schema: [u8; 32],
     spans: Vec<Range<usize>>,
+    /// This sender's tensors are not finite: it withdraws from every reducer.
+    withdrawn: bool,
 }
 
 /// Run one all-reduce round for `group` as member `my_index`, reading `tensors`
@@ -218,9 +220,16 @@ pub async fn run_allreduce<T: AsRef<[f32]> + Sync>(
     } else {
         weight
     };
-    if me_member.mode.is_sender() && !tensors.iter().all(|t| all_finite(t.as_ref())) {
-        return Err(AveragingError::NonFiniteLocal);
+    // A sender whose tensors hold NaN/inf still takes part: it withdraws its
+    // contribution from every reducer (so nobody waits for its parts) and
+    // reduces its own span for the others, then reports the error.
+    let withdrawn = me_member.mode.is_sender() && !tensors.iter().all(|t| all_finite(t.as_ref()));
+    if withdrawn {
+        tracing::warn!(
+            "averaging: local tensors hold NaN/inf; withdrawing from this round and only reducing"
+        );
     }
+    let weight = if withdrawn { 0.0 } else { weight };
     let sizes = load_balance_peers(layout.total(), &group.bandwidths(), cfg.min_vector_size)?;
     let ctx = Ctx {
         group,
@@ -234,9 +243,12 @@ pub async fn run_allreduce<T: AsRef<[f32]> + Sync>(
         pool: &plane.pool,
         schema: schema_hash(layout),
         spans: spans_from_sizes(&sizes),
+        withdrawn,
     };
     let timeout = cfg.allreduce_timeout;
     match tokio::time::timeout(timeout, run_round(plane, &ctx)).await {
+        // The outcome holds nothing to apply; its buffers go back to the pool.
+        Ok(_) if withdrawn => Err(AveragingError::NonFiniteLocal),
         Ok(res) => res.map(|mut out| {
             out.span_sizes = sizes;
             out
@@ -261,11 +273,11 @@ async fn run_round<T: AsRef<[f32]> + Sync>(
         let parts = part_ranges(0..my_span.len(), part_len);
         let mut red = PartReducer::with_buffer(parts.clone(), n, plane.take_buffer(my_span.len()));
         for (i, m) in ctx.group.members.iter().enumerate() {
-            if !m.mode.is_sender() {
+            if !m.mode.is_sender() || (i == ctx.me && ctx.withdrawn) {
                 red.ban(i);
             }
         }
-        if me_sender {
+        if me_sender && !ctx.withdrawn {
             for (p, r) in parts.iter().enumerate() {
                 let flat = my_span.start + r.start..my_span.start + r.end;
                 let pieces = ctx
@@ -557,6 +569,9 @@ async fn serve_sender<T: AsRef<[f32]> + Sync>(
             ctx.cfg.request_timeout,
         )
         .await?;
+        if kind == Kind::Withdraw {
+            return Ok(None);
+        }
         if kind != Kind::Hello {
             return Err(PeerFault::ProtocolViolation {
                 reason: "first frame is not hello",
@@ -581,10 +596,19 @@ async fn serve_sender<T: AsRef<[f32]> + Sync>(
         if !hello.weight.is_finite() || hello.weight < 0.0 {
             return Err(PeerFault::NonFinite { part: 0 });
         }
-        Ok(hello.weight)
+        Ok(Some(hello.weight))
     };
     let weight = match hello.await {
-        Ok(w) => w,
+        Ok(Some(w)) => w,
+        Ok(None) => {
+            // Withdrawn: finish its parts without it; it wants no results.
+            tracing::info!(sender = s, "averaging: sender withdrew from the round");
+            if let Ok(mut r) = red.lock() {
+                r.ban(s);
+                tx.send_replace(r.advance());
+            }
+            return (s, Ok(()), 0);
+        }
         Err(f) => return (s, Err(f), 0),
     };
     let compression = ctx.cfg.compression;
@@ -778,6 +802,17 @@ async fn exchange<T: AsRef<[f32]> + Sync>(
         sender: ctx.me as u32,
         reducer: r as u32,
     };
+    if ctx.withdrawn {
+        let mut frame = preamble.encode().to_vec();
+        let mut withdraw = Vec::new();
+        wire::begin_frame(&mut withdraw, Kind::Withdraw, 0);
+        up.seal_frame(&mut withdraw).map_err(bad_key_seal)?;
+        frame.extend_from_slice(&withdraw);
+        wire::write_all_timeout(&mut wr, &frame, ctx.cfg.request_timeout).await?;
+        *bytes += frame.len() as u64;
+        let _ = wr.shutdown().await;
+        return Ok(());
+    }
     let mut frame = Vec::with_capacity(ctx.cfg.max_frame() + 64);
     frame.extend_from_slice(&preamble.encode());
     let mut hello = Vec::new();

@@ -103,7 +103,9 @@ pub enum AveragingError {
         /// Elements given.
         got: usize,
     },
-    /// Local tensors hold NaN or infinity.
+    /// Local tensors hold NaN or infinity. The round still ran: this peer
+    /// withdrew its contribution from every reducer and reduced its own span
+    /// for the others, but applies nothing.
     #[error("local tensors hold non-finite values")]
     NonFiniteLocal,
     /// The whole all-reduce exceeded its deadline; nothing was applied.

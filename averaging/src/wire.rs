@@ -34,6 +34,11 @@ pub(crate) enum Kind {
     Averaged = 3,
     /// Reducer → sender: no weight reached this part; keep local values.
     Empty = 4,
+    /// Sender → reducer, instead of `Hello`: this sender contributes nothing
+    /// to the round (its local tensors are not finite) and wants no results,
+    /// so the reducer stops waiting for it at once. Authenticated like every
+    /// frame, so only the sender itself can withdraw.
+    Withdraw = 5,
 }
 
 impl Kind {
@@ -43,6 +48,7 @@ impl Kind {
             2 => Some(Self::Part),
             3 => Some(Self::Averaged),
             4 => Some(Self::Empty),
+            5 => Some(Self::Withdraw),
             _ => None,
         }
     }

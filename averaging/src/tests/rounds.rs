@@ -136,16 +136,54 @@ async fn alpha_moves_part_of_the_way() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_with_nan_withdraws_and_still_reduces_its_span() {
+    // Peer 1's tensors hold NaN or inf (peer 0 is a client, which reduces
+    // nothing). Peer 1 withdraws from every reducer, so nobody waits for its
+    // parts (a wait would end in a Stalled ban after sender_timeout), and
+    // still reduces its own span: the others average everything over the
+    // three finite peers.
+    for (bad, compression) in [
+        (f32::NAN, Compression::None),
+        (f32::INFINITY, Compression::Float16),
+    ] {
+        let mut peers = make_peers(&modes(1, 0), &[1.0, 5.0, 2.0, 1.0]).await;
+        peers[1].tensors[2][7] = bad;
+        let group = group_of(&peers, [6; 32], &[]);
+        let outcomes = run_all(&peers, &group, &test_config(compression)).await;
+        let expected = weighted_mean(&peers, &[0, 2, 3]);
+        let layout = TensorLayout::new(&LENGTHS);
+        for (i, (peer, out)) in peers.iter().zip(outcomes).enumerate() {
+            if i == 1 {
+                assert!(
+                    matches!(out, Err(AveragingError::NonFiniteLocal)),
+                    "{out:?}"
+                );
+                continue;
+            }
+            let out = out.unwrap();
+            assert!(out.banned_senders.is_empty(), "{:?}", out.banned_senders);
+            assert!(out.failed_reducers.is_empty(), "{:?}", out.failed_reducers);
+            assert_eq!(out.averaged_elements(), layout.total(), "peer {i}");
+            let mut mine = peer.tensors.clone();
+            out.apply(&layout, &mut mine, 1.0).unwrap();
+            let tol = if compression == Compression::None {
+                1e-6
+            } else {
+                2e-3
+            };
+            let err = max_err(&mine, &expected);
+            assert!(err < tol, "peer {i} {compression:?}: err {err}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_local_input_and_config_are_typed_errors() {
-    let mut peers = make_peers(&modes(0, 0), &[1.0; 4]).await;
-    peers[0].tensors[1][3] = f32::NAN;
+    let peers = make_peers(&modes(0, 0), &[1.0; 4]).await;
     let group = group_of(&peers, [4; 32], &[]);
     let layout = TensorLayout::new(&LENGTHS);
     let cfg = test_config(Compression::None);
     let p = &peers[0];
-    let res =
-        crate::run_allreduce(&p.plane, &group, 0, &p.keys, &layout, &p.tensors, 1.0, &cfg).await;
-    assert!(matches!(res, Err(AveragingError::NonFiniteLocal)));
     let res =
         crate::run_allreduce(&p.plane, &group, 7, &p.keys, &layout, &p.tensors, 1.0, &cfg).await;
     assert!(matches!(res, Err(AveragingError::InvalidGroup { .. })));
