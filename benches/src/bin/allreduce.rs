@@ -20,7 +20,7 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use colony_averaging::{
     AllreduceConfig, AssembledGroup, AveragingMode, Compression, DataPlane, FrameCipher,
-    GroupMember, RoundKeyPair, TAG_LEN, TensorLayout, run_allreduce,
+    GroupMember, RoundKeyPair, TAG_LEN, TensorLayout, load_balance_peers, run_allreduce,
 };
 use serde::{Deserialize, Serialize};
 use tokio::{
@@ -49,6 +49,28 @@ struct Args {
     /// Print one JSON object instead of lines.
     #[arg(long)]
     json: bool,
+    /// Bandwidths (bytes/s) the peers declare to the load balancer, one per
+    /// peer, comma-separated; without it every peer reduces an equal span.
+    #[arg(long, value_delimiter = ',')]
+    bandwidths: Vec<f64>,
+    /// The peers' real link rates (bytes/s, each direction), one per peer,
+    /// to print the round's link bound for the balancer's split (the
+    /// uniform-traffic bound does not apply to unequal links).
+    #[arg(long, value_delimiter = ',')]
+    link_rates: Vec<f64>,
+    /// Network namespaces to run the peers in, one per peer (spawned with
+    /// `ip netns exec`); see `scripts/netns-allreduce.sh`.
+    #[arg(long, value_delimiter = ',')]
+    netns: Vec<String>,
+    /// Addresses the peers listen on, one per peer (default 127.0.0.1).
+    #[arg(long, value_delimiter = ',')]
+    ips: Vec<std::net::IpAddr>,
+    /// Address the coordinator listens on (must be reachable from the peers).
+    #[arg(long, default_value = "127.0.0.1")]
+    coord_ip: std::net::IpAddr,
+    /// Internal: the address this worker listens on.
+    #[arg(long, hide = true, default_value = "127.0.0.1")]
+    bind_ip: std::net::IpAddr,
     /// Internal: run as worker with this index.
     #[arg(long, hide = true)]
     worker: Option<usize>,
@@ -208,9 +230,9 @@ async fn worker(args: Args, index: usize) -> Result<()> {
     let compression = Compression::parse(&args.compression).context("unknown compression")?;
     let coord = args.coord.context("--coord missing")?;
     let mut ctl = Line::new(TcpStream::connect(coord).await?);
-    let plane = DataPlane::bind("127.0.0.1:0".parse()?, Duration::from_secs(10)).await?;
+    let plane = DataPlane::bind(SocketAddr::new(args.bind_ip, 0), Duration::from_secs(10)).await?;
     let data_addr = plane.local_addr().context("no data address")?;
-    let stream_listener = TcpListener::bind("127.0.0.1:0").await?;
+    let stream_listener = TcpListener::bind(SocketAddr::new(args.bind_ip, 0)).await?;
     let stream_addr = stream_listener.local_addr()?;
     ctl.send(&Msg::Hello {
         index,
@@ -384,14 +406,45 @@ async fn parent(args: Args) -> Result<()> {
     if n < 2 {
         bail!("need at least 2 peers");
     }
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    for (what, len) in [
+        ("--bandwidths", args.bandwidths.len()),
+        ("--link-rates", args.link_rates.len()),
+        ("--netns", args.netns.len()),
+        ("--ips", args.ips.len()),
+    ] {
+        if len != 0 && len != n {
+            bail!("{what} needs one value per peer ({n}), got {len}");
+        }
+    }
+    if args
+        .bandwidths
+        .iter()
+        .chain(&args.link_rates)
+        .any(|b| !b.is_finite() || *b <= 0.0)
+    {
+        bail!("--bandwidths and --link-rates must be positive");
+    }
+    let listener = TcpListener::bind(SocketAddr::new(args.coord_ip, 0)).await?;
     let coord = listener.local_addr()?;
     let exe = std::env::current_exe()?;
     let mut children = Vec::new();
     for i in 0..n {
+        let mut cmd = match args.netns.get(i) {
+            Some(ns) => {
+                let mut c = tokio::process::Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&exe);
+                c
+            }
+            None => tokio::process::Command::new(&exe),
+        };
+        let bind_ip = args
+            .ips
+            .get(i)
+            .copied()
+            .unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]));
         children.push(
-            tokio::process::Command::new(&exe)
-                .args(["--worker", &i.to_string(), "--coord", &coord.to_string()])
+            cmd.args(["--worker", &i.to_string(), "--coord", &coord.to_string()])
+                .args(["--bind-ip", &bind_ip.to_string()])
                 .args([
                     "--peers",
                     &n.to_string(),
@@ -482,7 +535,7 @@ async fn parent(args: Args) -> Result<()> {
                 peer_id: vec![i as u8],
                 data_addr: Some(c.1),
                 mode: AveragingMode::Node,
-                bandwidth: None,
+                bandwidth: args.bandwidths.get(i).copied(),
                 round_public_key: key,
             });
         }
@@ -520,6 +573,29 @@ async fn parent(args: Args) -> Result<()> {
         round_cpu.push(cpu_sum);
         round_faults.push(faults_sum);
     }
+    // The balancer's split, as every peer computes it from the declared bandwidths.
+    let declared: Vec<Option<f64>> = (0..n).map(|i| args.bandwidths.get(i).copied()).collect();
+    let span_sizes = load_balance_peers(
+        args.floats,
+        &declared,
+        config(&args, compression).min_vector_size,
+    )?;
+    // With real link rates: the slowest peer's time to move its bytes through
+    // its own link. Each peer sends its parts of the other spans and the
+    // averages of its own span to every other peer, and receives as much (all
+    // peers here are senders), so one figure serves both directions.
+    let link_bound = (!args.link_rates.is_empty()).then(|| {
+        let per_elem = compression.encoded_len(args.floats) as f64 / args.floats as f64;
+        let total = args.floats as f64;
+        span_sizes
+            .iter()
+            .zip(&args.link_rates)
+            .map(|(&own, rate)| {
+                let own = own as f64;
+                per_elem * ((total - own) + own * (n as f64 - 1.0)) / rate
+            })
+            .fold(0.0, f64::max)
+    });
     let cpu_per_round = median(&mut round_cpu.clone());
     let mut max_err = 0.0f64;
     let mut peak = 0u64;
@@ -566,6 +642,10 @@ async fn parent(args: Args) -> Result<()> {
                 "excluded_peers": failures,
                 "cpu_seconds_per_round_all_peers": cpu_per_round,
                 "minor_faults_per_round_all_peers": round_faults,
+                "declared_bandwidths_bytes_per_s": args.bandwidths,
+                "span_sizes": span_sizes,
+                "link_rates_bytes_per_s": args.link_rates,
+                "link_bound_seconds": link_bound,
                 "cpu_seconds_stream_test_all_peers": stream_cpu,
                 "aggregate_plain_tcp_bytes_per_s": aggregate_plain,
                 "lower_bound_plain_tcp_seconds": lower_bound_plain,
@@ -594,6 +674,16 @@ async fn parent(args: Args) -> Result<()> {
             peak as f64 / size_bytes
         );
         println!("excluded peers                {failures}");
+        if !args.bandwidths.is_empty() {
+            println!("declared bandwidths (B/s)     {:?}", args.bandwidths);
+        }
+        println!("span sizes (elements)         {span_sizes:?}");
+        if let Some(b) = link_bound {
+            println!(
+                "link bound (slowest link)     {b:.3} s (ratio {:.2})",
+                spr / b
+            );
+        }
         println!(
             "cpu-s per round (all peers)   {cpu_per_round:.3}  (stream test: {stream_cpu:.3})"
         );
