@@ -16,7 +16,10 @@
 
 use std::{
     ops::Range,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
 };
 
 use futures::{StreamExt, stream::FuturesUnordered};
@@ -173,8 +176,29 @@ struct Ctx<'a, T> {
     pool: &'a BufferPool,
     schema: [u8; 32],
     spans: Vec<Range<usize>>,
-    /// This sender's tensors are not finite: it withdraws from every reducer.
-    withdrawn: bool,
+    /// Set once a part of this sender's tensors is found not finite: from
+    /// then on it withdraws from every reducer (see [`Ctx::withdraw`]).
+    withdrawn: AtomicBool,
+}
+
+impl<T> Ctx<'_, T> {
+    fn is_withdrawn(&self) -> bool {
+        self.withdrawn.load(Ordering::Relaxed)
+    }
+
+    /// This sender's tensors hold NaN/inf: it stops contributing. Parts it
+    /// already delivered were finite and stay in their averages (a reducer
+    /// treats a remote sender's poisoned part the same way); every reducer
+    /// gets a `Withdraw` frame instead of its next part; the round still
+    /// reduces this peer's own span for the others, and ends in
+    /// [`AveragingError::NonFiniteLocal`].
+    fn withdraw(&self) {
+        if !self.withdrawn.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                "averaging: local tensors hold NaN/inf; withdrawing from this round and only reducing"
+            );
+        }
+    }
 }
 
 /// Run one all-reduce round for `group` as member `my_index`, reading `tensors`
@@ -220,16 +244,9 @@ pub async fn run_allreduce<T: AsRef<[f32]> + Sync>(
     } else {
         weight
     };
-    // A sender whose tensors hold NaN/inf still takes part: it withdraws its
-    // contribution from every reducer (so nobody waits for its parts) and
-    // reduces its own span for the others, then reports the error.
-    let withdrawn = me_member.mode.is_sender() && !tensors.iter().all(|t| all_finite(t.as_ref()));
-    if withdrawn {
-        tracing::warn!(
-            "averaging: local tensors hold NaN/inf; withdrawing from this round and only reducing"
-        );
-    }
-    let weight = if withdrawn { 0.0 } else { weight };
+    // Local tensors are checked for NaN/inf part by part as they are encoded
+    // (while each part is in cache), not in a separate pass over the whole
+    // buffer up front; a poisoned part makes this peer withdraw (`Ctx::withdraw`).
     let sizes = load_balance_peers(layout.total(), &group.bandwidths(), cfg.min_vector_size)?;
     let ctx = Ctx {
         group,
@@ -243,12 +260,12 @@ pub async fn run_allreduce<T: AsRef<[f32]> + Sync>(
         pool: &plane.pool,
         schema: schema_hash(layout),
         spans: spans_from_sizes(&sizes),
-        withdrawn,
+        withdrawn: AtomicBool::new(false),
     };
     let timeout = cfg.allreduce_timeout;
     match tokio::time::timeout(timeout, run_round(plane, &ctx)).await {
         // The outcome holds nothing to apply; its buffers go back to the pool.
-        Ok(_) if withdrawn => Err(AveragingError::NonFiniteLocal),
+        Ok(_) if ctx.is_withdrawn() => Err(AveragingError::NonFiniteLocal),
         Ok(res) => res.map(|mut out| {
             out.span_sizes = sizes;
             out
@@ -273,18 +290,23 @@ async fn run_round<T: AsRef<[f32]> + Sync>(
         let parts = part_ranges(0..my_span.len(), part_len);
         let mut red = PartReducer::with_buffer(parts.clone(), n, plane.take_buffer(my_span.len()));
         for (i, m) in ctx.group.members.iter().enumerate() {
-            if !m.mode.is_sender() || (i == ctx.me && ctx.withdrawn) {
+            if !m.mode.is_sender() {
                 red.ban(i);
             }
         }
-        if me_sender && !ctx.withdrawn {
+        if me_sender {
             for (p, r) in parts.iter().enumerate() {
                 let flat = my_span.start + r.start..my_span.start + r.end;
                 let pieces = ctx
                     .layout
                     .pieces(flat)
                     .map(|(i, local, _)| &ctx.tensors[i].as_ref()[local]);
-                // Our tensors were checked finite when the round started.
+                // Checked here, then accumulated while still in cache.
+                if !pieces.clone().all(all_finite) {
+                    ctx.withdraw();
+                    red.ban(ctx.me);
+                    break;
+                }
                 red.accumulate_finite_pieces(ctx.me, p, pieces, ctx.weight)
                     .map_err(|fault| AveragingError::Peer {
                         peer: ctx.me,
@@ -332,8 +354,21 @@ async fn run_round<T: AsRef<[f32]> + Sync>(
     let mut failed_reducers = Vec::new();
     let mut bytes_sent = served_bytes;
     let mut any_remote_result = false;
-    for (result, bytes, fault) in sent {
+    for (result, bytes, fault, checked) in sent {
         bytes_sent += bytes;
+        // Parts that were never encoded (the reducer failed first) were never
+        // checked either: check them now, so NaN/inf anywhere in the local
+        // tensors still ends the round in NonFiniteLocal.
+        if !ctx.is_withdrawn() && checked < result.parts.len() {
+            let poisoned = result.parts[checked..].iter().any(|part| {
+                !ctx.layout
+                    .pieces(part.clone())
+                    .all(|(i, local, _)| all_finite(&ctx.tensors[i].as_ref()[local]))
+            });
+            if poisoned {
+                ctx.withdraw();
+            }
+        }
         if result.averaged.iter().any(|a| *a) {
             any_remote_result = true;
         }
@@ -623,6 +658,17 @@ async fn serve_sender<T: AsRef<[f32]> + Sync>(
                 ctx.cfg.sender_timeout,
             )
             .await?;
+            if kind == Kind::Withdraw {
+                // The sender found NaN/inf in its tensors: it contributes no
+                // more parts (those delivered were finite and stay).
+                tracing::info!(sender = s, "averaging: sender withdrew from the round");
+                let mut r = red.lock().map_err(|_| PeerFault::ProtocolViolation {
+                    reason: "reducer state poisoned",
+                })?;
+                r.ban(s);
+                tx.send_replace(r.advance());
+                return Ok(());
+            }
             if kind != Kind::Part {
                 return Err(PeerFault::ProtocolViolation {
                     reason: "expected a part frame",
@@ -720,11 +766,13 @@ async fn serve_sender<T: AsRef<[f32]> + Sync>(
 }
 
 /// Stream this peer's parts of reducer `r`'s span and collect the averages.
+/// Returns the results, the bytes written, the reducer's fault if any, and
+/// how many leading parts were encoded (and so checked for NaN/inf).
 async fn send_to_reducer<T: AsRef<[f32]> + Sync>(
     plane: &DataPlane,
     ctx: &Ctx<'_, T>,
     r: usize,
-) -> (SpanResult, u64, Option<PeerFault>) {
+) -> (SpanResult, u64, Option<PeerFault>, usize) {
     let span = ctx.spans[r].clone();
     let parts = part_ranges(span.clone(), ctx.cfg.part_len());
     // Compressed results stay in wire form (a half or a quarter of the
@@ -753,8 +801,11 @@ async fn send_to_reducer<T: AsRef<[f32]> + Sync>(
         parts,
     };
     let mut bytes = 0u64;
-    let fault = exchange(ctx, r, &mut result, &mut bytes).await.err();
-    (result, bytes, fault)
+    let mut checked = 0;
+    let fault = exchange(ctx, r, &mut result, &mut bytes, &mut checked)
+        .await
+        .err();
+    (result, bytes, fault, checked)
 }
 
 async fn exchange<T: AsRef<[f32]> + Sync>(
@@ -762,6 +813,7 @@ async fn exchange<T: AsRef<[f32]> + Sync>(
     r: usize,
     result: &mut SpanResult,
     bytes: &mut u64,
+    checked: &mut usize,
 ) -> std::result::Result<(), PeerFault> {
     let member = &ctx.group.members[r];
     let addr = member.data_addr.ok_or(PeerFault::ProtocolViolation {
@@ -802,7 +854,7 @@ async fn exchange<T: AsRef<[f32]> + Sync>(
         sender: ctx.me as u32,
         reducer: r as u32,
     };
-    if ctx.withdrawn {
+    if ctx.is_withdrawn() {
         let mut frame = preamble.encode().to_vec();
         let mut withdraw = Vec::new();
         wire::begin_frame(&mut withdraw, Kind::Withdraw, 0);
@@ -830,7 +882,7 @@ async fn exchange<T: AsRef<[f32]> + Sync>(
     *bytes += frame.len() as u64;
 
     let parts = result.parts.clone();
-    let writer = write_parts(ctx, &parts, &mut up, &mut wr);
+    let writer = write_parts(ctx, &parts, &mut up, &mut wr, checked);
     let reader = read_results(ctx, rd, &mut down, result);
     let (w, rres) = tokio::join!(writer, reader);
     match w {
@@ -848,11 +900,16 @@ fn bad_key_seal(_: AveragingError) -> PeerFault {
     }
 }
 
+/// Encode, check, seal and send each part; counts the parts encoded (and
+/// checked) in `checked`. A part that holds NaN/inf is not sent: this peer
+/// withdraws (see [`Ctx::withdraw`]) and the reducer gets a `Withdraw` frame
+/// in its place, as it does when another of this peer's parts was poisoned.
 async fn write_parts<T: AsRef<[f32]> + Sync>(
     ctx: &Ctx<'_, T>,
     parts: &[Range<usize>],
     up: &mut FrameCipher,
     wr: &mut OwnedWriteHalf,
+    checked: &mut usize,
 ) -> std::result::Result<u64, PeerFault> {
     let compression = ctx.cfg.compression;
     let mut frame = FrameBuf::new(ctx.bytes.take());
@@ -862,33 +919,58 @@ async fn write_parts<T: AsRef<[f32]> + Sync>(
         reason: "local part does not encode",
     };
     for (p, range) in parts.iter().enumerate() {
-        let payload = frame.start(Kind::Part, p as u32, compression.encoded_len(range.len()));
-        match compression {
-            // Elementwise codecs encode piece by piece straight into the frame.
-            Compression::None | Compression::Float16 | Compression::BFloat16 => {
-                let mut at = 0;
-                for (i, local, _) in ctx.layout.pieces(range.clone()) {
-                    let n = compression.encoded_len(local.len());
-                    compression
-                        .encode_into(&ctx.tensors[i].as_ref()[local], &mut payload[at..at + n])
-                        .map_err(refused)?;
-                    at += n;
-                }
-            }
-            Compression::Blockwise8Bit => {
-                // Blocks may straddle tensors: encode a part inside one tensor
-                // straight from it, gather the others first.
-                let mut pieces = ctx.layout.pieces(range.clone());
-                let src = match (pieces.next(), pieces.next()) {
-                    (Some((i, local, _)), None) => &ctx.tensors[i].as_ref()[local],
-                    _ => {
-                        scratch.resize(range.len(), 0.0);
-                        ctx.layout.gather(ctx.tensors, range.clone(), &mut scratch);
-                        &scratch[..]
+        let finite = !ctx.is_withdrawn() && {
+            let payload = frame.start(Kind::Part, p as u32, compression.encoded_len(range.len()));
+            let finite = match compression {
+                // Elementwise codecs encode piece by piece straight into the frame.
+                Compression::None | Compression::Float16 | Compression::BFloat16 => {
+                    let mut at = 0;
+                    for (i, local, _) in ctx.layout.pieces(range.clone()) {
+                        let n = compression.encoded_len(local.len());
+                        compression
+                            .encode_into(&ctx.tensors[i].as_ref()[local], &mut payload[at..at + n])
+                            .map_err(refused)?;
+                        at += n;
                     }
-                };
-                compression.encode_into(src, payload).map_err(refused)?;
-            }
+                    // Checked on what was just written (in cache): the 16-bit
+                    // codecs keep NaN/inf (finite overflow saturates), raw f32
+                    // is a copy.
+                    match (compression, bytemuck::try_cast_slice::<u8, f32>(payload)) {
+                        (Compression::None, Ok(values)) => all_finite(values),
+                        (Compression::None, Err(_)) => ctx
+                            .layout
+                            .pieces(range.clone())
+                            .all(|(i, local, _)| all_finite(&ctx.tensors[i].as_ref()[local])),
+                        _ => compression.wire_all_finite(payload, range.len()),
+                    }
+                }
+                Compression::Blockwise8Bit => {
+                    // Blocks may straddle tensors: encode a part inside one
+                    // tensor straight from it, gather the others first.
+                    let mut pieces = ctx.layout.pieces(range.clone());
+                    let src = match (pieces.next(), pieces.next()) {
+                        (Some((i, local, _)), None) => &ctx.tensors[i].as_ref()[local],
+                        _ => {
+                            scratch.resize(range.len(), 0.0);
+                            ctx.layout.gather(ctx.tensors, range.clone(), &mut scratch);
+                            &scratch[..]
+                        }
+                    };
+                    compression.encode_into(src, payload).map_err(refused)?;
+                    // A block holding NaN/inf gets a NaN scale.
+                    compression.wire_all_finite(payload, range.len())
+                }
+            };
+            *checked = p + 1;
+            finite
+        };
+        if !finite {
+            // This part (or another of this peer's) is poisoned: withdraw.
+            ctx.withdraw();
+            frame.start(Kind::Withdraw, p as u32, 0);
+            let sealed = frame.seal(up)?;
+            wire::write_all_timeout(wr, sealed, ctx.cfg.reducer_timeout).await?;
+            return Ok(written + sealed.len() as u64);
         }
         let sealed = frame.seal(up)?;
         wire::write_all_timeout(wr, sealed, ctx.cfg.reducer_timeout).await?;

@@ -104,8 +104,9 @@ pub enum AveragingError {
         got: usize,
     },
     /// Local tensors hold NaN or infinity. The round still ran: this peer
-    /// withdrew its contribution from every reducer and reduced its own span
-    /// for the others, but applies nothing.
+    /// withdrew from every reducer from the poisoned part on (its earlier,
+    /// finite parts stay in their averages) and reduced its own span for the
+    /// others, but applies nothing.
     #[error("local tensors hold non-finite values")]
     NonFiniteLocal,
     /// The whole all-reduce exceeded its deadline; nothing was applied.

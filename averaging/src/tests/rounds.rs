@@ -137,18 +137,20 @@ async fn alpha_moves_part_of_the_way() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_with_nan_withdraws_and_still_reduces_its_span() {
-    // Peer 1's tensors hold NaN or inf (peer 0 is a client, which reduces
-    // nothing). Peer 1 withdraws from every reducer, so nobody waits for its
-    // parts (a wait would end in a Stalled ban after sender_timeout), and
-    // still reduces its own span: the others average everything over the
-    // three finite peers.
+    // Peer 1's tensors hold NaN or inf in the first part of its own span
+    // (peer 0 is a client, which reduces nothing), so peer 1 finds it before
+    // it sends anything and withdraws from every reducer in place of its
+    // hello: nobody waits for its parts (a wait would end in a Stalled ban
+    // after sender_timeout), and it still reduces its own span. The others
+    // average everything over the three finite peers.
     for (bad, compression) in [
         (f32::NAN, Compression::None),
         (f32::INFINITY, Compression::Float16),
     ] {
         let mut peers = make_peers(&modes(1, 0), &[1.0, 5.0, 2.0, 1.0]).await;
-        peers[1].tensors[2][7] = bad;
+        peers[1].tensors[0][5] = bad;
         let group = group_of(&peers, [6; 32], &[]);
+        assert!(span_parts(&group, 1)[0].contains(&5));
         let outcomes = run_all(&peers, &group, &test_config(compression)).await;
         let expected = weighted_mean(&peers, &[0, 2, 3]);
         let layout = TensorLayout::new(&LENGTHS);
@@ -174,6 +176,92 @@ async fn a_peer_with_nan_withdraws_and_still_reduces_its_span() {
             let err = max_err(&mine, &expected);
             assert!(err < tol, "peer {i} {compression:?}: err {err}");
         }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nan_found_mid_stream_withdraws_from_the_remaining_parts() {
+    // Peer 1's poison sits in the last reducer's span, so peer 1 finds it only
+    // when it encodes that part, after it has contributed its own span (and
+    // perhaps parts of the other spans). Every part's average is then the
+    // weighted mean over either all four peers or the three others, never
+    // anything poisoned; the poisoned part's is over the three others.
+    for compression in [Compression::None, Compression::Float16] {
+        let mut peers = make_peers(&modes(0, 0), &[1.0, 5.0, 2.0, 1.0]).await;
+        let bad = (2, LENGTHS[2] - 2);
+        peers[1].tensors[bad.0][bad.1] = f32::NAN;
+        let group = group_of(&peers, [8; 32], &[]);
+        let outcomes = run_all(&peers, &group, &test_config(compression)).await;
+        let mut clean = peers.iter().map(|p| p.tensors.clone()).collect::<Vec<_>>();
+        clean[1][bad.0][bad.1] = 0.0;
+        let without = weighted_mean(&peers, &[0, 2, 3]);
+        let tol = if compression == Compression::None {
+            1e-6
+        } else {
+            2e-3
+        };
+        let layout = TensorLayout::new(&LENGTHS);
+        for (i, (peer, out)) in peers.iter().zip(outcomes).enumerate() {
+            if i == 1 {
+                assert!(
+                    matches!(out, Err(AveragingError::NonFiniteLocal)),
+                    "{out:?}"
+                );
+                continue;
+            }
+            let out = out.unwrap();
+            assert!(out.banned_senders.is_empty(), "{:?}", out.banned_senders);
+            assert!(out.failed_reducers.is_empty(), "{:?}", out.failed_reducers);
+            assert_eq!(out.averaged_elements(), layout.total());
+            let mut mine = peer.tensors.clone();
+            out.apply(&layout, &mut mine, 1.0).unwrap();
+            // The mean over all four, with peer 1's finite values.
+            let wsum: f64 = peers.iter().map(|p| f64::from(p.weight)).sum();
+            for (t, tensor) in mine.iter().enumerate() {
+                for (j, v) in tensor.iter().enumerate() {
+                    let with: f64 = peers
+                        .iter()
+                        .zip(&clean)
+                        .map(|(p, c)| f64::from(p.weight) * f64::from(c[t][j]))
+                        .sum::<f64>()
+                        / wsum;
+                    let v = f64::from(*v);
+                    assert!(v.is_finite(), "peer {i}: ({t}, {j}) not finite");
+                    let near_without = (v - without[t][j]).abs() < tol;
+                    assert!(
+                        near_without || (v - with).abs() < tol,
+                        "peer {i} {compression:?}: ({t}, {j}) = {v} is neither mean"
+                    );
+                    if (t, j) == bad {
+                        assert!(near_without, "the poisoned part must leave peer 1 out");
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nan_in_an_unreachable_reducers_span_is_still_reported() {
+    // Reducer 3 refuses connections, so peer 0 never encodes (nor checks) its
+    // parts of span 3, where its poison sits: the check after the round
+    // still reports NonFiniteLocal instead of results for poisoned tensors.
+    let mut peers = make_peers(&modes(0, 0), &[1.0; 4]).await;
+    peers[0].tensors[2][LENGTHS[2] - 2] = f32::NAN;
+    let mut group = group_of(&peers, [0x31; 32], &[]);
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    group.members[3].data_addr = Some(closed.local_addr().unwrap());
+    drop(closed);
+    let outcomes = run_some(&peers, &group, 0..3, &test_config(Compression::None)).await;
+    let mut outcomes = outcomes.into_iter();
+    let first = outcomes.next().unwrap();
+    assert!(
+        matches!(first, Err(AveragingError::NonFiniteLocal)),
+        "{first:?}"
+    );
+    for out in outcomes {
+        let out = out.unwrap();
+        assert!(out.failed_reducers.iter().any(|(r, _)| *r == 3));
     }
 }
 
