@@ -294,29 +294,43 @@ async fn run_round<T: AsRef<[f32]> + Sync>(
                 red.ban(i);
             }
         }
-        if me_sender {
-            for (p, r) in parts.iter().enumerate() {
-                let flat = my_span.start + r.start..my_span.start + r.end;
-                let pieces = ctx
-                    .layout
-                    .pieces(flat)
-                    .map(|(i, local, _)| &ctx.tensors[i].as_ref()[local]);
-                // Checked here, then accumulated while still in cache.
-                if !pieces.clone().all(all_finite) {
-                    ctx.withdraw();
-                    red.ban(ctx.me);
-                    break;
-                }
-                red.accumulate_finite_pieces(ctx.me, p, pieces, ctx.weight)
-                    .map_err(|fault| AveragingError::Peer {
-                        peer: ctx.me,
-                        fault,
-                    })?;
-            }
+        // The first own part is added before anything is sent (poison there
+        // means withdrawing before any hello); the rest while parts stream.
+        if me_sender && !parts.is_empty() {
+            add_own_part(ctx, &mut red, &my_span, &parts, 0)?;
         }
         let finalized = red.advance();
         let (tx, _) = watch::channel(finalized);
         Some((Arc::new(Mutex::new(red)), tx))
+    };
+    // This peer's own contribution to the rest of its span, part by part,
+    // yielding between parts so the connections keep streaming meanwhile.
+    let own = async {
+        let Some((red, tx)) = reducer_side.as_ref().filter(|_| me_sender) else {
+            return Ok(());
+        };
+        let parts = part_ranges(0..my_span.len(), part_len);
+        for p in 1..parts.len() {
+            tokio::task::yield_now().await;
+            let mut r = red.lock().map_err(|_| AveragingError::InvalidGroup {
+                reason: "reducer state poisoned".into(),
+            })?;
+            // Withdrawn (poison found in any part) or failed: the reducer
+            // stops waiting for this peer's remaining parts.
+            let added = if ctx.is_withdrawn() {
+                Ok(false)
+            } else {
+                add_own_part(ctx, &mut r, &my_span, &parts, p).map(|()| !ctx.is_withdrawn())
+            };
+            if !matches!(added, Ok(true)) {
+                r.ban(ctx.me);
+            }
+            tx.send_replace(r.advance());
+            if !added? {
+                break;
+            }
+        }
+        Ok::<(), AveragingError>(())
     };
     let route = reducer_side
         .as_ref()
@@ -348,7 +362,8 @@ async fn run_round<T: AsRef<[f32]> + Sync>(
             .collect();
         futs.collect::<Vec<_>>().await
     };
-    let ((banned_senders, served_bytes), sent) = tokio::join!(serve, send);
+    let (own, (banned_senders, served_bytes), sent) = tokio::join!(own, serve, send);
+    own?;
 
     let mut spans = Vec::new();
     let mut failed_reducers = Vec::new();
@@ -423,6 +438,34 @@ async fn run_round<T: AsRef<[f32]> + Sync>(
         banned_senders,
         bytes_sent,
     })
+}
+
+/// Add this peer's own part `p` of its span (`parts` relative to `span`) to
+/// its reducer, checking it for NaN/inf first (then it is accumulated while
+/// still in cache); a poisoned part makes this peer withdraw instead.
+fn add_own_part<T: AsRef<[f32]> + Sync>(
+    ctx: &Ctx<'_, T>,
+    red: &mut PartReducer,
+    span: &Range<usize>,
+    parts: &[Range<usize>],
+    p: usize,
+) -> Result<()> {
+    let r = &parts[p];
+    let flat = span.start + r.start..span.start + r.end;
+    let pieces = ctx
+        .layout
+        .pieces(flat)
+        .map(|(i, local, _)| &ctx.tensors[i].as_ref()[local]);
+    if !pieces.clone().all(all_finite) {
+        ctx.withdraw();
+        red.ban(ctx.me);
+        return Ok(());
+    }
+    red.accumulate_finite_pieces(ctx.me, p, pieces, ctx.weight)
+        .map_err(|fault| AveragingError::Peer {
+            peer: ctx.me,
+            fault,
+        })
 }
 
 /// Accept the remote senders of this peer's span and serve them until every

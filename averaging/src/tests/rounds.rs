@@ -186,9 +186,14 @@ async fn nan_found_mid_stream_withdraws_from_the_remaining_parts() {
     // perhaps parts of the other spans). Every part's average is then the
     // weighted mean over either all four peers or the three others, never
     // anything poisoned; the poisoned part's is over the three others.
-    for compression in [Compression::None, Compression::Float16] {
+    // Also with the poison in the last part of peer 1's own span (flat 2000 of
+    // 1005..2010), found by its own-contribution pass while parts stream.
+    for (compression, bad) in [
+        (Compression::None, (2, LENGTHS[2] - 2)),
+        (Compression::Float16, (2, LENGTHS[2] - 2)),
+        (Compression::None, (2, 2000 - 1017)),
+    ] {
         let mut peers = make_peers(&modes(0, 0), &[1.0, 5.0, 2.0, 1.0]).await;
-        let bad = (2, LENGTHS[2] - 2);
         peers[1].tensors[bad.0][bad.1] = f32::NAN;
         let group = group_of(&peers, [8; 32], &[]);
         let outcomes = run_all(&peers, &group, &test_config(compression)).await;
