@@ -352,7 +352,7 @@ async fn run_round<T: AsRef<[f32]> + Sync>(
             (Some((red, tx)), Some(mut route)) => {
                 serve_span(ctx, red, tx, &mut route.rx, &remote_senders).await
             }
-            _ => (Vec::new(), 0),
+            _ => (Vec::new(), 0, None),
         }
     };
     let send = async {
@@ -362,7 +362,7 @@ async fn run_round<T: AsRef<[f32]> + Sync>(
             .collect();
         futs.collect::<Vec<_>>().await
     };
-    let (own, (banned_senders, served_bytes), sent) = tokio::join!(own, serve, send);
+    let (own, (banned_senders, served_bytes, mut encoded), sent) = tokio::join!(own, serve, send);
     own?;
 
     let mut spans = Vec::new();
@@ -404,20 +404,49 @@ async fn run_round<T: AsRef<[f32]> + Sync>(
                     reason: "reducer state still shared after the round".into(),
                 })?;
             let parts = part_ranges(my_span.clone(), part_len);
-            let averaged = (0..parts.len())
+            let averaged: Vec<bool> = (0..parts.len())
                 .map(|p| matches!(red.part(p), Some((PartResult::Averaged, _))))
                 .collect();
-            let values = red.into_values();
-            spans.push(SpanResult {
-                reducer: ctx.me,
-                span: my_span.clone(),
-                parts,
-                values,
-                wire: None,
-                wire_offsets: Vec::new(),
-                averaged,
-            });
+            let compressed = encoded.take().filter(|e| e.codec != Compression::None);
+            match compressed {
+                // Compressed: this peer applies the very bytes it sent every
+                // other peer, so all members end with identical values (the
+                // reference applies the uncompressed average to the reducer's
+                // own part, leaving it off by the codec's rounding).
+                Some(mut enc) => {
+                    for (p, _) in averaged.iter().enumerate().filter(|(_, a)| **a) {
+                        if let Some((_, values)) = red.part(p) {
+                            enc.part(p, values).map_err(|fault| AveragingError::Peer {
+                                peer: ctx.me,
+                                fault,
+                            })?;
+                        }
+                    }
+                    plane.pool.give(red.into_values());
+                    spans.push(SpanResult {
+                        reducer: ctx.me,
+                        span: my_span.clone(),
+                        parts,
+                        values: enc.buf,
+                        wire: Some(enc.codec),
+                        wire_offsets: enc.offsets,
+                        averaged,
+                    });
+                }
+                None => spans.push(SpanResult {
+                    reducer: ctx.me,
+                    span: my_span.clone(),
+                    parts,
+                    values: red.into_values(),
+                    wire: None,
+                    wire_offsets: Vec::new(),
+                    averaged,
+                }),
+            }
         }
+    }
+    if let Some(unused) = encoded {
+        unused.release(&plane.pool);
     }
     if !remote_reducers.is_empty()
         && !any_remote_result
@@ -476,7 +505,7 @@ async fn serve_span<T: AsRef<[f32]> + Sync>(
     tx: &watch::Sender<usize>,
     rx: &mut tokio::sync::mpsc::Receiver<Incoming>,
     expected: &[usize],
-) -> (Vec<(usize, PeerFault)>, u64) {
+) -> (Vec<(usize, PeerFault)>, u64, Option<EncodedAverages>) {
     let mut banned: Vec<(usize, PeerFault)> = Vec::new();
     let mut connected = vec![false; ctx.group.members.len()];
     let mut pending = expected.len();
@@ -539,10 +568,7 @@ async fn serve_span<T: AsRef<[f32]> + Sync>(
         }
     }
     drop(handlers);
-    if let Ok(e) = encoded.into_inner() {
-        e.release(ctx.pool);
-    }
-    (banned, bytes)
+    (banned, bytes, encoded.into_inner().ok())
 }
 
 /// This reducer's averages in a compressed wire codec, each part encoded on

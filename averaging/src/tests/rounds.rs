@@ -65,12 +65,25 @@ async fn compressed_rounds_stay_within_codec_error() {
         let outcomes = run_all(&peers, &group, &test_config(compression)).await;
         let expected = weighted_mean(&peers, &[0, 1, 2, 3]);
         let layout = TensorLayout::new(&LENGTHS);
+        let mut applied = Vec::new();
         for (peer, out) in peers.iter().zip(outcomes) {
             let mut mine = peer.tensors.clone();
             out.unwrap().apply(&layout, &mut mine, 1.0).unwrap();
             let err = max_err(&mine, &expected);
             assert!(err < tol, "{compression:?}: err {err}");
             assert!(err > 0.0, "{compression:?} should be lossy on random data");
+            applied.push(mine);
+        }
+        // Every member applies the same decoded bytes, reducers included for
+        // their own spans: all end bit-identical.
+        for (i, mine) in applied.iter().enumerate().skip(1) {
+            assert!(
+                mine.iter()
+                    .flatten()
+                    .zip(applied[0].iter().flatten())
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{compression:?}: peer {i} differs from peer 0"
+            );
         }
     }
 }
