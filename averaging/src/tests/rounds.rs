@@ -166,30 +166,51 @@ async fn a_peer_with_nan_withdraws_and_still_reduces_its_span() {
         assert!(span_parts(&group, 1)[0].contains(&5));
         let outcomes = run_all(&peers, &group, &test_config(compression)).await;
         let expected = weighted_mean(&peers, &[0, 2, 3]);
-        let layout = TensorLayout::new(&LENGTHS);
-        for (i, (peer, out)) in peers.iter().zip(outcomes).enumerate() {
-            if i == 1 {
-                assert!(
-                    matches!(out, Err(AveragingError::NonFiniteLocal)),
-                    "{out:?}"
-                );
-                continue;
-            }
-            let out = out.unwrap();
-            assert!(out.banned_senders.is_empty(), "{:?}", out.banned_senders);
-            assert!(out.failed_reducers.is_empty(), "{:?}", out.failed_reducers);
-            assert_eq!(out.averaged_elements(), layout.total(), "peer {i}");
-            let mut mine = peer.tensors.clone();
-            out.apply(&layout, &mut mine, 1.0).unwrap();
-            let tol = if compression == Compression::None {
-                1e-6
-            } else {
-                2e-3
-            };
+        for (i, mine) in applied_around_withdrawn(&peers, outcomes, 1) {
             let err = max_err(&mine, &expected);
-            assert!(err < tol, "peer {i} {compression:?}: err {err}");
+            assert!(
+                err < tol_of(compression),
+                "peer {i} {compression:?}: err {err}"
+            );
         }
     }
+}
+
+fn tol_of(compression: Compression) -> f64 {
+    if compression == Compression::None {
+        1e-6
+    } else {
+        2e-3
+    }
+}
+
+/// Checks that peer `withdrawn` ended in `NonFiniteLocal` and every other
+/// peer's round fully averaged with no ban and no failed reducer (withdrawing
+/// is not a fault); returns the others' tensors with their results applied.
+fn applied_around_withdrawn(
+    peers: &[Peer],
+    outcomes: Vec<crate::Result<crate::RoundOutcome>>,
+    withdrawn: usize,
+) -> Vec<(usize, Vec<Vec<f32>>)> {
+    let layout = TensorLayout::new(&LENGTHS);
+    let mut applied = Vec::new();
+    for (i, (peer, out)) in peers.iter().zip(outcomes).enumerate() {
+        if i == withdrawn {
+            assert!(
+                matches!(out, Err(AveragingError::NonFiniteLocal)),
+                "{out:?}"
+            );
+            continue;
+        }
+        let out = out.unwrap();
+        assert!(out.banned_senders.is_empty(), "{:?}", out.banned_senders);
+        assert!(out.failed_reducers.is_empty(), "{:?}", out.failed_reducers);
+        assert_eq!(out.averaged_elements(), layout.total(), "peer {i}");
+        let mut mine = peer.tensors.clone();
+        out.apply(&layout, &mut mine, 1.0).unwrap();
+        applied.push((i, mine));
+    }
+    applied
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -213,26 +234,8 @@ async fn nan_found_mid_stream_withdraws_from_the_remaining_parts() {
         let mut clean = peers.iter().map(|p| p.tensors.clone()).collect::<Vec<_>>();
         clean[1][bad.0][bad.1] = 0.0;
         let without = weighted_mean(&peers, &[0, 2, 3]);
-        let tol = if compression == Compression::None {
-            1e-6
-        } else {
-            2e-3
-        };
-        let layout = TensorLayout::new(&LENGTHS);
-        for (i, (peer, out)) in peers.iter().zip(outcomes).enumerate() {
-            if i == 1 {
-                assert!(
-                    matches!(out, Err(AveragingError::NonFiniteLocal)),
-                    "{out:?}"
-                );
-                continue;
-            }
-            let out = out.unwrap();
-            assert!(out.banned_senders.is_empty(), "{:?}", out.banned_senders);
-            assert!(out.failed_reducers.is_empty(), "{:?}", out.failed_reducers);
-            assert_eq!(out.averaged_elements(), layout.total());
-            let mut mine = peer.tensors.clone();
-            out.apply(&layout, &mut mine, 1.0).unwrap();
+        let tol = tol_of(compression);
+        for (i, mine) in applied_around_withdrawn(&peers, outcomes, 1) {
             // The mean over all four, with peer 1's finite values.
             let wsum: f64 = peers.iter().map(|p| f64::from(p.weight)).sum();
             for (t, tensor) in mine.iter().enumerate() {
