@@ -283,7 +283,8 @@ async fn run_round<T: AsRef<[f32]> + Sync>(
     let me_sender = ctx.group.members[ctx.me].mode.is_sender();
     let part_len = ctx.cfg.part_len();
 
-    // Reducer side: this peer's span, with its own contribution added up front.
+    // Reducer side: this peer's span, with the first part of its own
+    // contribution added up front.
     let reducer_side = if my_span.is_empty() {
         None
     } else {
