@@ -37,7 +37,7 @@ pub use averager::{AveragingRole, PeerState, SwarmAverager};
 pub use board::{DhtProgressBoard, ProgressBoard, TrainingProgressSchema};
 #[cfg(feature = "candle")]
 pub use candle_adapter::CandleParams;
-pub use colony_averaging::AveragerConfig;
+pub use colony_averaging::{AveragerConfig, Compression};
 pub use colony_kernels::{AdamW, Lamb, Layout, Sgd};
 pub use config::OptimConfig;
 pub use driver::{CollaborativeOptimizer, StepOutcome};

@@ -51,6 +51,11 @@ pub(crate) struct DemoArgs {
     /// Emulated compute per micro-batch (ms), so peers leave CPU to the network.
     #[arg(long, default_value_t = 2.0)]
     compute_ms: f64,
+    /// Wire compression of the averaging rounds: none, fp16, bf16 or 8bit.
+    /// Peers still end with identical parameters: every peer applies the
+    /// same decoded averages.
+    #[arg(long, default_value = "none")]
+    compression: String,
     /// Folder for the peers' logs (default: a temporary folder).
     #[arg(long)]
     log_dir: Option<PathBuf>,
@@ -89,6 +94,7 @@ fn spawn_peer(
         .args(["--target-accuracy", &args.target_accuracy.to_string()])
         .args(["--max-seconds", &args.timeout_s.to_string()])
         .args(["--compute-ms", &args.compute_ms.to_string()])
+        .args(["--compression", &args.compression])
         .args(["--matchmaking-time", &args.matchmaking_time.to_string()])
         .args(["--target-group-size", &args.peers.to_string()]);
     if let Some(addr) = bootstrap {
@@ -125,6 +131,11 @@ fn forward_lines(
 
 async fn demo(args: DemoArgs) -> anyhow::Result<bool> {
     anyhow::ensure!(args.peers >= 1, "--peers must be at least 1");
+    anyhow::ensure!(
+        colony_optim::Compression::parse(&args.compression).is_some(),
+        "--compression {:?}: expected none, fp16, bf16 or 8bit",
+        args.compression
+    );
     let started = Instant::now();
     let run_id = format!("demo{}", std::process::id());
     let log_dir = match &args.log_dir {

@@ -6,8 +6,9 @@ use anyhow::Context;
 use clap::Args;
 use colony_dht::{Dht, DhtConfig, Multiaddr};
 use colony_optim::{
-    AveragerConfig, AveragingRole, CollaborativeOptimizer, DhtProgressBoard, LocalOptimizer,
-    LocalOptimizerKind, LrSchedule, NetworkAverager, OptimConfig, OptimError, Sgd, StepOutcome,
+    AveragerConfig, AveragingRole, CollaborativeOptimizer, Compression, DhtProgressBoard,
+    LocalOptimizer, LocalOptimizerKind, LrSchedule, NetworkAverager, OptimConfig, OptimError, Sgd,
+    StepOutcome,
 };
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -69,6 +70,10 @@ pub(crate) struct TrainArgs {
     /// Emulated compute time per micro-batch (ms), to pace the demo on small machines.
     #[arg(long, default_value_t = 0.0)]
     pub(crate) compute_ms: f64,
+    /// Wire compression of the averaging rounds: none, fp16, bf16 or 8bit
+    /// (every peer of a run must use the same).
+    #[arg(long, default_value = "none")]
+    pub(crate) compression: String,
     /// Print machine-readable JSON lines on stdout (used by `colony demo`).
     #[arg(long)]
     pub(crate) json: bool,
@@ -227,6 +232,12 @@ async fn train_with(
     );
     let mut averaging = AveragerConfig::new(config.averaging_prefix());
     averaging.min_matchmaking_time = Duration::from_secs_f64(args.matchmaking_time);
+    averaging.allreduce.compression = Compression::parse(&args.compression).with_context(|| {
+        format!(
+            "--compression {:?}: expected none, fp16, bf16 or 8bit",
+            args.compression
+        )
+    })?;
     if let Some(size) = args.target_group_size {
         anyhow::ensure!(size >= 2, "--target-group-size must be at least 2");
         averaging.target_group_size = Some(size);
