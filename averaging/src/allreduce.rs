@@ -785,14 +785,19 @@ async fn serve_sender<T: AsRef<[f32]> + Sync>(
                     return Ok(written);
                 }
             }
-            {
+            // Averages are encrypted straight from the reducer (or the encoded
+            // averages) into the frame: no plaintext copy per recipient.
+            let len = {
                 let r = red.lock().map_err(|_| PeerFault::ProtocolViolation {
                     reason: "reducer state poisoned",
                 })?;
+                let at = p as u32;
                 match r.part(p) {
                     Some((PartResult::Averaged, values)) if compression == Compression::None => {
-                        let payload = frame.start(Kind::Averaged, p as u32, 4 * values.len());
-                        payload.copy_from_slice(bytemuck::cast_slice(values));
+                        let bytes: &[u8] = bytemuck::cast_slice(values);
+                        frame
+                            .seal_from(Kind::Averaged, at, bytes.len(), [bytes], &mut down)?
+                            .len()
                     }
                     Some((PartResult::Averaged, values)) => {
                         let mut enc = encoded.lock().map_err(|_| PeerFault::ProtocolViolation {
@@ -800,15 +805,16 @@ async fn serve_sender<T: AsRef<[f32]> + Sync>(
                         })?;
                         let bytes = enc.part(p, values)?;
                         frame
-                            .start(Kind::Averaged, p as u32, bytes.len())
-                            .copy_from_slice(bytes);
+                            .seal_from(Kind::Averaged, at, bytes.len(), [bytes], &mut down)?
+                            .len()
                     }
                     _ => {
-                        frame.start(Kind::Empty, p as u32, 0);
+                        frame.start(Kind::Empty, at, 0);
+                        frame.seal(&mut down)?.len()
                     }
                 }
-            }
-            let sealed = frame.seal(&mut down)?;
+            };
+            let sealed = frame.sealed(len);
             wire::write_all_timeout(&mut wr, sealed, ctx.cfg.reducer_timeout).await?;
             written += sealed.len() as u64;
         }
@@ -989,32 +995,53 @@ async fn write_parts<T: AsRef<[f32]> + Sync>(
         reason: "local part does not encode",
     };
     for (p, range) in parts.iter().enumerate() {
-        let finite = !ctx.is_withdrawn() && {
-            let payload = frame.start(Kind::Part, p as u32, compression.encoded_len(range.len()));
-            let finite = match compression {
-                // Elementwise codecs encode piece by piece straight into the frame.
-                Compression::None | Compression::Float16 | Compression::BFloat16 => {
-                    let mut at = 0;
+        let at = p as u32;
+        // The sealed frame's length, when the part is finite and sealed.
+        let sealed_len = if ctx.is_withdrawn() {
+            None
+        } else {
+            match compression {
+                // Raw f32 is checked on the tensors, then encrypted straight
+                // from them into the frame (the check first: a frame sealed
+                // and then not sent would leave a gap in the nonce sequence).
+                Compression::None => {
+                    let pieces = || {
+                        ctx.layout
+                            .pieces(range.clone())
+                            .map(|(i, local, _)| &ctx.tensors[i].as_ref()[local])
+                    };
+                    if pieces().all(all_finite) {
+                        let bytes = pieces().map(bytemuck::cast_slice::<f32, u8>);
+                        let len = 4 * range.len();
+                        Some(frame.seal_from(Kind::Part, at, len, bytes, up)?.len())
+                    } else {
+                        None
+                    }
+                }
+                // 16-bit codecs encode piece by piece straight into the frame
+                // and are checked on what was just written (in cache): they
+                // keep NaN/inf (finite overflow saturates).
+                Compression::Float16 | Compression::BFloat16 => {
+                    let payload = frame.start(Kind::Part, at, compression.encoded_len(range.len()));
+                    let mut off = 0;
                     for (i, local, _) in ctx.layout.pieces(range.clone()) {
                         let n = compression.encoded_len(local.len());
                         compression
-                            .encode_into(&ctx.tensors[i].as_ref()[local], &mut payload[at..at + n])
+                            .encode_into(
+                                &ctx.tensors[i].as_ref()[local],
+                                &mut payload[off..off + n],
+                            )
                             .map_err(refused)?;
-                        at += n;
+                        off += n;
                     }
-                    // Checked on what was just written (in cache): the 16-bit
-                    // codecs keep NaN/inf (finite overflow saturates), raw f32
-                    // is a copy.
-                    match (compression, bytemuck::try_cast_slice::<u8, f32>(payload)) {
-                        (Compression::None, Ok(values)) => all_finite(values),
-                        (Compression::None, Err(_)) => ctx
-                            .layout
-                            .pieces(range.clone())
-                            .all(|(i, local, _)| all_finite(&ctx.tensors[i].as_ref()[local])),
-                        _ => compression.wire_all_finite(payload, range.len()),
+                    if compression.wire_all_finite(payload, range.len()) {
+                        Some(frame.seal(up)?.len())
+                    } else {
+                        None
                     }
                 }
                 Compression::Blockwise8Bit => {
+                    let payload = frame.start(Kind::Part, at, compression.encoded_len(range.len()));
                     // Blocks may straddle tensors: encode a part inside one
                     // tensor straight from it, gather the others first.
                     let mut pieces = ctx.layout.pieces(range.clone());
@@ -1028,21 +1055,26 @@ async fn write_parts<T: AsRef<[f32]> + Sync>(
                     };
                     compression.encode_into(src, payload).map_err(refused)?;
                     // A block holding NaN/inf gets a NaN scale.
-                    compression.wire_all_finite(payload, range.len())
+                    if compression.wire_all_finite(payload, range.len()) {
+                        Some(frame.seal(up)?.len())
+                    } else {
+                        None
+                    }
                 }
-            };
-            *checked = p + 1;
-            finite
+            }
         };
-        if !finite {
+        if !ctx.is_withdrawn() {
+            *checked = p + 1;
+        }
+        let Some(len) = sealed_len else {
             // This part (or another of this peer's) is poisoned: withdraw.
             ctx.withdraw();
-            frame.start(Kind::Withdraw, p as u32, 0);
+            frame.start(Kind::Withdraw, at, 0);
             let sealed = frame.seal(up)?;
             wire::write_all_timeout(wr, sealed, ctx.cfg.reducer_timeout).await?;
             return Ok(written + sealed.len() as u64);
-        }
-        let sealed = frame.seal(up)?;
+        };
+        let sealed = frame.sealed(len);
         wire::write_all_timeout(wr, sealed, ctx.cfg.reducer_timeout).await?;
         written += sealed.len() as u64;
     }

@@ -220,6 +220,58 @@ impl FrameCipher {
         Ok(total)
     }
 
+    /// Seal a frame in a reusable buffer whose payload is the concatenation of
+    /// `sources` (`payload_len` bytes in all), encrypting straight from them
+    /// into `buf`: one pass, no plaintext copy of the payload. `buf` holds
+    /// `len (4) ‖ header (8)` already and room for the payload and the tag;
+    /// the length prefix is filled here. Returns the frame's total length.
+    /// The bytes are the ones [`Self::seal_in_buffer`] makes of the same
+    /// plaintext.
+    ///
+    /// # Errors
+    /// [`AveragingError::Crypto`] if `buf` is too short, the sources do not
+    /// add up to `payload_len`, or the frame is too large.
+    pub fn seal_from<'s>(
+        &mut self,
+        buf: &mut [u8],
+        payload_len: usize,
+        sources: impl IntoIterator<Item = &'s [u8]>,
+    ) -> Result<usize> {
+        let body_len = FRAME_HEADER_LEN + payload_len;
+        let total = 4 + body_len + TAG_LEN;
+        if buf.len() < total {
+            return Err(AveragingError::Crypto {
+                context: "frame buffer too short",
+            });
+        }
+        let len = u32::try_from(body_len + TAG_LEN).map_err(|_| AveragingError::Crypto {
+            context: "frame too large",
+        })?;
+        buf[..4].copy_from_slice(&len.to_le_bytes());
+        let aead = self.next_aead()?;
+        let (aad, rest) = buf.split_at_mut(4 + FRAME_HEADER_LEN);
+        let (payload, tail) = rest.split_at_mut(payload_len);
+        let mut enc = aead.encryptor(aad);
+        let mut at = 0;
+        for src in sources {
+            let end = at + src.len();
+            let Some(dst) = payload.get_mut(at..end) else {
+                return Err(AveragingError::Crypto {
+                    context: "frame sources longer than the payload",
+                });
+            };
+            enc.update(src, dst);
+            at = end;
+        }
+        if at != payload_len {
+            return Err(AveragingError::Crypto {
+                context: "frame sources shorter than the payload",
+            });
+        }
+        tail[..TAG_LEN].copy_from_slice(&enc.finalize());
+        Ok(total)
+    }
+
     /// Open a frame body, `header (8) ‖ encrypted payload ‖ tag`, whose
     /// length prefix was `len_bytes`; returns the header and plaintext
     /// payload (the body without the tag).
@@ -345,6 +397,34 @@ mod tests {
         let mut short = vec![0u8; 4 + 3];
         assert!(tx.seal_frame(&mut short).is_err());
         assert!(rx.open_frame([0; 4], &mut [0u8; 10]).is_err());
+    }
+
+    #[test]
+    fn sealing_from_sources_matches_sealing_in_place() {
+        let key = [5u8; 16];
+        let payload: Vec<u8> = (0..10_007u32).map(|i| (i * 31 % 251) as u8).collect();
+        let header = [2, 0, 0, 0, 9, 0, 0, 0];
+        for cuts in [vec![], vec![1], vec![3, 4096, 9000], vec![10_007]] {
+            let mut a = FrameCipher::new(&key).unwrap();
+            let mut b = FrameCipher::new(&key).unwrap();
+            let mut in_place = frame(header, &payload);
+            a.seal_frame(&mut in_place).unwrap();
+            let mut buf = vec![0u8; in_place.len()];
+            buf[4..12].copy_from_slice(&header);
+            let mut bounds = vec![0];
+            bounds.extend(cuts.iter().copied());
+            bounds.push(payload.len());
+            let sources = bounds.windows(2).map(|w| &payload[w[0]..w[1]]);
+            let n = b.seal_from(&mut buf, payload.len(), sources).unwrap();
+            assert_eq!(n, in_place.len());
+            assert_eq!(buf, in_place, "cuts {cuts:?}");
+        }
+        // Sources that do not add up to the payload, or a short buffer, fail.
+        let mut c = FrameCipher::new(&key).unwrap();
+        let mut buf = vec![0u8; 4 + 8 + 10 + TAG_LEN];
+        assert!(c.seal_from(&mut buf, 10, [&payload[..9]]).is_err());
+        assert!(c.seal_from(&mut buf, 10, [&payload[..11]]).is_err());
+        assert!(c.seal_from(&mut buf[..20], 10, [&payload[..10]]).is_err());
     }
 
     #[test]

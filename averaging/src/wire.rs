@@ -162,6 +162,34 @@ impl<B: std::ops::DerefMut<Target = Vec<u8>>> FrameBuf<B> {
         &mut self.buf[4 + HEADER_LEN..4 + self.body]
     }
 
+    /// Build and seal a frame of `kind` whose payload is the concatenation of
+    /// `sources` (`payload_len` bytes), encrypted straight from them into the
+    /// frame (no plaintext copy), and return its bytes, ready to write.
+    pub(crate) fn seal_from<'s>(
+        &mut self,
+        kind: Kind,
+        index: u32,
+        payload_len: usize,
+        sources: impl IntoIterator<Item = &'s [u8]>,
+        cipher: &mut FrameCipher,
+    ) -> Result<&[u8], PeerFault> {
+        // Header and size as `start` lays them out; the payload is written
+        // by the cipher.
+        self.start(kind, index, payload_len);
+        let n = cipher
+            .seal_from(&mut self.buf, payload_len, sources)
+            .map_err(|_| PeerFault::ProtocolViolation {
+                reason: "seal failed",
+            })?;
+        Ok(&self.buf[..n])
+    }
+
+    /// The first `len` bytes of the buffer: a frame sealed earlier, `len`
+    /// being the length its sealing returned.
+    pub(crate) fn sealed(&self, len: usize) -> &[u8] {
+        &self.buf[..len.min(self.buf.len())]
+    }
+
     /// Seal the frame started last and return its bytes, ready to write.
     pub(crate) fn seal(&mut self, cipher: &mut FrameCipher) -> Result<&[u8], PeerFault> {
         let n = cipher
