@@ -285,10 +285,11 @@ async fn run_round<T: AsRef<[f32]> + Sync>(
 
     // Reducer side: this peer's span, with the first part of its own
     // contribution added up front.
+    let own_parts = part_ranges(0..my_span.len(), part_len);
     let reducer_side = if my_span.is_empty() {
         None
     } else {
-        let parts = part_ranges(0..my_span.len(), part_len);
+        let parts = &own_parts;
         let mut red = PartReducer::with_buffer(parts.clone(), n, plane.take_buffer(my_span.len()));
         for (i, m) in ctx.group.members.iter().enumerate() {
             if !m.mode.is_sender() {
@@ -298,7 +299,7 @@ async fn run_round<T: AsRef<[f32]> + Sync>(
         // The first own part is added before anything is sent (poison there
         // means withdrawing before any hello); the rest while parts stream.
         if me_sender && !parts.is_empty() {
-            add_own_part(ctx, &mut red, &my_span, &parts, 0)?;
+            add_own_part(ctx, &mut red, &my_span, parts, 0)?;
         }
         let finalized = red.advance();
         let (tx, _) = watch::channel(finalized);
@@ -310,7 +311,7 @@ async fn run_round<T: AsRef<[f32]> + Sync>(
         let Some((red, tx)) = reducer_side.as_ref().filter(|_| me_sender) else {
             return Ok(());
         };
-        let parts = part_ranges(0..my_span.len(), part_len);
+        let parts = &own_parts;
         for p in 1..parts.len() {
             tokio::task::yield_now().await;
             let mut r = red.lock().map_err(|_| AveragingError::InvalidGroup {
@@ -321,7 +322,7 @@ async fn run_round<T: AsRef<[f32]> + Sync>(
             let added = if ctx.is_withdrawn() {
                 Ok(false)
             } else {
-                add_own_part(ctx, &mut r, &my_span, &parts, p).map(|()| !ctx.is_withdrawn())
+                add_own_part(ctx, &mut r, &my_span, parts, p).map(|()| !ctx.is_withdrawn())
             };
             if !matches!(added, Ok(true)) {
                 r.ban(ctx.me);
@@ -572,6 +573,18 @@ async fn serve_span<T: AsRef<[f32]> + Sync>(
     (banned, bytes, encoded.into_inner().ok())
 }
 
+/// Byte offset of each part's encoding when parts of `lens` values are laid
+/// end to end in `codec`'s wire form; one more entry than parts (the total).
+fn wire_offsets(codec: Compression, lens: impl Iterator<Item = usize>) -> Vec<usize> {
+    let mut offsets = vec![0];
+    let mut at = 0;
+    for len in lens {
+        at += codec.encoded_len(len);
+        offsets.push(at);
+    }
+    offsets
+}
+
 /// This reducer's averages in a compressed wire codec, each part encoded on
 /// first request into one span-sized pooled buffer and reused for every
 /// recipient: one encode per part, and no fresh pages per round.
@@ -590,11 +603,7 @@ impl EncodedAverages {
             .lock()
             .map(|r| (0..r.num_parts()).map(|p| r.part_len(p)).collect())
             .unwrap_or_default();
-        let mut offsets = Vec::with_capacity(lens.len() + 1);
-        offsets.push(0);
-        for len in &lens {
-            offsets.push(offsets[offsets.len() - 1] + codec.encoded_len(*len));
-        }
+        let offsets = wire_offsets(codec, lens.iter().copied());
         let total = offsets[offsets.len() - 1];
         let buf = if codec == Compression::None || total == 0 {
             Vec::new()
@@ -856,16 +865,12 @@ async fn send_to_reducer<T: AsRef<[f32]> + Sync>(
     // copying).
     let codec = ctx.cfg.compression;
     let wire = (codec != Compression::None).then_some(codec);
-    let mut wire_offsets = Vec::new();
-    let staged = if wire.is_some() {
-        wire_offsets.reserve(parts.len() + 1);
-        wire_offsets.push(0);
-        for part in &parts {
-            wire_offsets.push(wire_offsets[wire_offsets.len() - 1] + codec.encoded_len(part.len()));
-        }
-        wire_offsets[parts.len()].div_ceil(4)
+    let (wire_offsets, staged) = if wire.is_some() {
+        let offsets = wire_offsets(codec, parts.iter().map(|p| p.len()));
+        let bytes = offsets[parts.len()];
+        (offsets, bytes.div_ceil(4))
     } else {
-        span.len()
+        (Vec::new(), span.len())
     };
     let mut result = SpanResult {
         reducer: r,

@@ -133,6 +133,15 @@ impl std::fmt::Debug for ConnectionKeys {
     }
 }
 
+/// A frame buffer split for sealing: the authenticated prefix, the payload,
+/// the tag's room, and the frame's total length.
+struct SealParts<'b> {
+    aad: &'b [u8],
+    payload: &'b mut [u8],
+    tag: &'b mut [u8],
+    total: usize,
+}
+
 /// One direction of a connection: a key and its frame counter.
 pub struct FrameCipher {
     key: [u8; 16],
@@ -202,6 +211,20 @@ impl FrameCipher {
     /// [`AveragingError::Crypto`] if `buf` is too short, the body has no
     /// header, or the frame is too large.
     pub fn seal_in_buffer(&mut self, buf: &mut [u8], body_len: usize) -> Result<usize> {
+        let (aead, frame) = self.begin_seal(buf, body_len)?;
+        let tag = aead.encrypt_in_place(frame.payload, frame.aad);
+        frame.tag.copy_from_slice(&tag);
+        Ok(frame.total)
+    }
+
+    /// Common start of both seals: checks `buf` has room for a body of
+    /// `body_len` bytes (header included) and the tag, fills the length
+    /// prefix, takes the next nonce and splits the buffer.
+    fn begin_seal<'b>(
+        &mut self,
+        buf: &'b mut [u8],
+        body_len: usize,
+    ) -> Result<(Aegis128X2<TAG_LEN>, SealParts<'b>)> {
         let total = 4 + body_len + TAG_LEN;
         if buf.len() < total || body_len < FRAME_HEADER_LEN {
             return Err(AveragingError::Crypto {
@@ -214,10 +237,14 @@ impl FrameCipher {
         buf[..4].copy_from_slice(&len.to_le_bytes());
         let aead = self.next_aead()?;
         let (aad, rest) = buf.split_at_mut(4 + FRAME_HEADER_LEN);
-        let (payload, tail) = rest.split_at_mut(body_len - FRAME_HEADER_LEN);
-        let tag = aead.encrypt_in_place(payload, aad);
-        tail[..TAG_LEN].copy_from_slice(&tag);
-        Ok(total)
+        let (payload, rest) = rest.split_at_mut(body_len - FRAME_HEADER_LEN);
+        let parts = SealParts {
+            aad,
+            payload,
+            tag: &mut rest[..TAG_LEN],
+            total,
+        };
+        Ok((aead, parts))
     }
 
     /// Seal a frame in a reusable buffer whose payload is the concatenation of
@@ -237,25 +264,12 @@ impl FrameCipher {
         payload_len: usize,
         sources: impl IntoIterator<Item = &'s [u8]>,
     ) -> Result<usize> {
-        let body_len = FRAME_HEADER_LEN + payload_len;
-        let total = 4 + body_len + TAG_LEN;
-        if buf.len() < total {
-            return Err(AveragingError::Crypto {
-                context: "frame buffer too short",
-            });
-        }
-        let len = u32::try_from(body_len + TAG_LEN).map_err(|_| AveragingError::Crypto {
-            context: "frame too large",
-        })?;
-        buf[..4].copy_from_slice(&len.to_le_bytes());
-        let aead = self.next_aead()?;
-        let (aad, rest) = buf.split_at_mut(4 + FRAME_HEADER_LEN);
-        let (payload, tail) = rest.split_at_mut(payload_len);
-        let mut enc = aead.encryptor(aad);
+        let (aead, frame) = self.begin_seal(buf, FRAME_HEADER_LEN + payload_len)?;
+        let mut enc = aead.encryptor(frame.aad);
         let mut at = 0;
         for src in sources {
             let end = at + src.len();
-            let Some(dst) = payload.get_mut(at..end) else {
+            let Some(dst) = frame.payload.get_mut(at..end) else {
                 return Err(AveragingError::Crypto {
                     context: "frame sources longer than the payload",
                 });
@@ -268,8 +282,8 @@ impl FrameCipher {
                 context: "frame sources shorter than the payload",
             });
         }
-        tail[..TAG_LEN].copy_from_slice(&enc.finalize());
-        Ok(total)
+        frame.tag.copy_from_slice(&enc.finalize());
+        Ok(frame.total)
     }
 
     /// Open a frame body, `header (8) ‖ encrypted payload ‖ tag`, whose
