@@ -134,7 +134,7 @@ pub enum AveragingError {
         context: &'static str,
     },
     /// Moving tensors to or from a device buffer failed.
-    #[error("device error while {context}: {source}")]
+    #[error("device error while {context}")]
     Device {
         /// What was being done.
         context: &'static str,
@@ -143,7 +143,7 @@ pub enum AveragingError {
         source: colony_kernels::KernelError,
     },
     /// Socket-level failure on this peer.
-    #[error("i/o error while {context}: {source}")]
+    #[error("i/o error while {context}")]
     Io {
         /// What was being done.
         context: &'static str,
@@ -159,12 +159,35 @@ pub enum AveragingError {
         /// What it did.
         fault: PeerFault,
     },
+    /// The DHT failed (a store, a get, a stream, a protocol registration).
+    #[error("dht error while {context}")]
+    Dht {
+        /// What was being done.
+        context: &'static str,
+        /// The DHT's error.
+        #[source]
+        source: colony_dht::DhtError,
+    },
+    /// An invariant of this crate broke (a poisoned lock, a task gone); a bug,
+    /// not a peer's fault.
+    #[error("internal error: {what}")]
+    Internal {
+        /// What broke.
+        what: &'static str,
+    },
     /// State download found no usable donor.
     #[error("no donor could provide state ({tried} tried)")]
     NoStateDonor {
         /// How many donors were tried.
         tried: usize,
     },
+}
+
+impl AveragingError {
+    /// Wraps a DHT error with what was being done (for `map_err`).
+    pub(crate) fn dht(context: &'static str) -> impl Fn(colony_dht::DhtError) -> Self {
+        move |source| Self::Dht { context, source }
+    }
 }
 
 /// Shorthand result type.

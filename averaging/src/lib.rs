@@ -21,7 +21,6 @@ mod compression;
 mod control;
 mod crypto;
 mod dataplane;
-mod device;
 mod error;
 mod group;
 pub mod group_keys;

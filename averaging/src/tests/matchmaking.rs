@@ -69,7 +69,7 @@ async fn a_leader_with_followers_moves_to_a_better_leader() {
         let mut leader_expiration = None;
         for _ in 0..1000 {
             for a in [&avgs[1], &avgs[3]] {
-                if let (1, Some(e), true) = a.leader_state() {
+                if let (1, Some(e), true) = a.leader_state().await {
                     leader_expiration = Some(e);
                 }
             }
@@ -114,7 +114,7 @@ async fn a_cancelled_step_leaves_matchmaking() {
         let h = tokio::spawn(async move { stepping.step(None, Duration::from_secs(30)).await });
         let mut declared = false;
         for _ in 0..1000 {
-            if let (_, Some(_), true) = a.leader_state() {
+            if let (_, Some(_), true) = a.leader_state().await {
                 declared = true;
                 break;
             }
@@ -123,7 +123,7 @@ async fn a_cancelled_step_leaves_matchmaking() {
         assert!(declared, "the step never started matchmaking");
         h.abort();
         assert!(h.await.unwrap_err().is_cancelled());
-        assert_eq!(a.leader_state(), (0, None, false));
+        assert_eq!(a.leader_state().await, (0, None, false));
         let res = a.step(None, Duration::from_millis(500)).await;
         assert!(
             matches!(res, Err(crate::AveragingError::NoGroupFound { .. })),

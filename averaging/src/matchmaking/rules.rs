@@ -1,4 +1,4 @@
-//! Matchmaking decisions as pure functions (no I/O, no clock): which declared
+//! Matchmaking rules as pure functions (no I/O, no clock): which declared
 //! averagers to ask to lead, and how a leader answers a join request.
 
 use serde::{Deserialize, Serialize};

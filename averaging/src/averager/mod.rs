@@ -1,0 +1,385 @@
+//! [`DecentralizedAverager`]: the handle. Matchmaking through the DHT (the
+//! [`Matchmaker`](crate::matchmaking::Matchmaker) task), then a butterfly
+//! all-reduce over the data plane, and state sharing for late joiners.
+//!
+//! One file per role: `config` (the knobs and the announced address),
+//! `join_server` (inbound join requests), `donor` (this peer's state-donor
+//! declaration), `state_server` (serving and downloading state), `device`
+//! (buffers on any device).
+
+mod config;
+mod device;
+mod donor;
+mod join_server;
+mod state_server;
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex as StdMutex},
+    time::Duration,
+};
+
+use colony_dht::{Dht, PeerId, StreamProtocol, dht_time};
+use tokio::sync::{Mutex, MutexGuard, mpsc, watch};
+
+pub use self::config::AveragerConfig;
+use self::donor::{DonorCommand, DonorRecord};
+use crate::{
+    allreduce::{RoundOutcome, run_allreduce},
+    crypto::RoundKeyPair,
+    dataplane::DataPlane,
+    error::{AveragingError, Result},
+    group::{AssembledGroup, AveragingMode, GroupMember},
+    group_keys::{group_key, next_group_bits},
+    matchmaking::{
+        Matchmaker, MatchmakerConfig,
+        shell::{self, Command, ShellIo},
+    },
+    partition::TensorLayout,
+};
+
+/// What a successful [`DecentralizedAverager::step`] reports.
+#[derive(Debug, Clone)]
+pub struct StepOutcome {
+    /// The group that averaged.
+    pub group: AssembledGroup,
+    /// Per-round details (spans, failed reducers, banned senders).
+    pub round: RoundOutcome,
+    /// Group bits for the next round.
+    pub next_group_bits: String,
+}
+
+/// Commands queued for the matchmaker task (join requests and searches).
+const MATCHMAKER_QUEUE: usize = 64;
+
+struct Inner {
+    dht: Dht,
+    cfg: AveragerConfig,
+    layout: TensorLayout,
+    tensors: Mutex<Vec<Vec<f32>>>,
+    plane: DataPlane,
+    /// The data-plane address announced to group members (`None`: client).
+    data_addr: Option<SocketAddr>,
+    peer_id: Vec<u8>,
+    group_bits: StdMutex<String>,
+    /// The matchmaker task.
+    matchmaker: mpsc::Sender<Command>,
+    state_metadata: StdMutex<Vec<u8>>,
+    /// Whether this peer serves state (it runs the state acceptor).
+    sharing: bool,
+    donor: DonorRecord,
+    donor_cmd: watch::Sender<DonorCommand>,
+    step_lock: Mutex<()>,
+}
+
+/// Averages a set of flat `f32` buffers with peers found through the DHT.
+///
+/// Cloning is cheap; every clone drives the same averager. Background tasks
+/// (matchmaker, join and state servers) stop when
+/// [`shutdown`](Self::shutdown) is called or the DHT shuts down.
+#[derive(Clone)]
+pub struct DecentralizedAverager {
+    inner: Arc<Inner>,
+    tasks: Arc<StdMutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl std::fmt::Debug for DecentralizedAverager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DecentralizedAverager")
+            .field("prefix", &self.inner.cfg.prefix)
+            .field("mode", &self.inner.cfg.mode)
+            .finish_non_exhaustive()
+    }
+}
+
+fn protocol(prefix: &str, what: &str) -> Result<StreamProtocol> {
+    StreamProtocol::try_from_owned(format!("/colony/averaging/{prefix}/{what}/1")).map_err(|_| {
+        AveragingError::InvalidConfig {
+            field: "prefix",
+            reason: "not usable in a protocol name".into(),
+        }
+    })
+}
+
+fn join_protocol(prefix: &str) -> Result<StreamProtocol> {
+    protocol(prefix, "join")
+}
+
+fn state_protocol(prefix: &str) -> Result<StreamProtocol> {
+    protocol(prefix, "state")
+}
+
+impl DecentralizedAverager {
+    /// Start an averager over `tensors` on `dht`.
+    ///
+    /// # Errors
+    /// [`AveragingError::InvalidConfig`], [`AveragingError::Io`] if the data
+    /// plane cannot listen, or [`AveragingError::Dht`] if the protocols are
+    /// already registered.
+    pub async fn new(dht: Dht, tensors: Vec<Vec<f32>>, cfg: AveragerConfig) -> Result<Self> {
+        cfg.validate()?;
+        if cfg.mode == AveragingMode::Aux && dht.is_client() {
+            return Err(AveragingError::InvalidConfig {
+                field: "mode",
+                reason: "auxiliary peers must not be DHT clients".into(),
+            });
+        }
+        let layout = TensorLayout::new(&tensors.iter().map(Vec::len).collect::<Vec<_>>());
+        let plane = if cfg.mode == AveragingMode::Client {
+            DataPlane::client()
+        } else {
+            DataPlane::bind(cfg.data_listen_addr, cfg.request_timeout).await?
+        };
+        let data_addr = config::announced_data_addr(&cfg, &plane, &dht)?;
+        let bits = cfg.initial_group_bits.clone();
+        let sharing = cfg.mode != AveragingMode::Client
+            && !dht.is_client()
+            && cfg
+                .allow_state_sharing
+                .unwrap_or(cfg.mode == AveragingMode::Node);
+        let peer_id = dht.peer_id().to_bytes();
+        let donor = DonorRecord {
+            dht: dht.clone(),
+            key: format!("{}.all_averagers", cfg.prefix).into_bytes(),
+            subkey: dht.owner_subkey(),
+            peer_id: peer_id.clone(),
+            last_expiration: Arc::new(StdMutex::new(0.0)),
+            stores: Arc::new(Mutex::new(())),
+        };
+        let (donor_cmd, donor_rx) = watch::channel(DonorCommand::Idle);
+        let client_mode = cfg.mode == AveragingMode::Client;
+        let machine = Matchmaker::new(
+            MatchmakerConfig {
+                peer_id: peer_id.clone(),
+                schema_hash: crate::group::schema_hash(&layout),
+                client_mode,
+                target_group_size: cfg.target_group_size,
+                min_group_size: cfg.min_group_size,
+                min_matchmaking_time: cfg.min_matchmaking_time.as_secs_f64(),
+                request_timeout: cfg.request_timeout.as_secs_f64(),
+            },
+            group_key(&cfg.prefix, &bits),
+        );
+        let io = ShellIo {
+            dht: dht.clone(),
+            protocol: join_protocol(&cfg.prefix)?,
+            client_mode,
+            request_timeout: cfg.request_timeout,
+        };
+        let (matchmaker, commands) = mpsc::channel(MATCHMAKER_QUEUE);
+        let mut tasks = vec![tokio::spawn(shell::run(machine, io, commands))];
+        let accepts = client_mode || dht.is_client();
+        if !accepts {
+            let joins = dht
+                .accept_streams(join_protocol(&cfg.prefix)?, 64)
+                .map_err(AveragingError::dht("registering the join protocol"))?;
+            tasks.push(tokio::spawn(join_server::accept_joins(
+                matchmaker.downgrade(),
+                joins,
+                cfg.request_timeout,
+            )));
+        }
+        let inner = Arc::new(Inner {
+            peer_id,
+            layout,
+            tensors: Mutex::new(tensors),
+            plane,
+            data_addr,
+            group_bits: StdMutex::new(bits),
+            matchmaker,
+            state_metadata: StdMutex::new(Vec::new()),
+            sharing,
+            donor: donor.clone(),
+            donor_cmd,
+            step_lock: Mutex::new(()),
+            cfg,
+            dht,
+        });
+        if sharing {
+            let states = inner
+                .dht
+                .accept_streams(state_protocol(&inner.cfg.prefix)?, 8)
+                .map_err(AveragingError::dht("registering the state protocol"))?;
+            tasks.push(tokio::spawn(state_server::accept_state_requests(
+                Arc::downgrade(&inner),
+                states,
+            )));
+            // Not in `tasks`: shutdown asks it to withdraw instead of aborting it.
+            tokio::spawn(donor::keep_state_declared(
+                donor,
+                donor_rx,
+                inner.cfg.declare_state_period,
+            ));
+        }
+        Ok(Self {
+            inner,
+            tasks: Arc::new(StdMutex::new(tasks)),
+        })
+    }
+
+    /// The data-plane address group members connect to (the announced one;
+    /// `None` in client mode).
+    pub fn data_addr(&self) -> Option<SocketAddr> {
+        self.inner.data_addr
+    }
+
+    /// The address the data-plane listener is bound to (`None` in client mode).
+    pub fn data_listen_addr(&self) -> Option<SocketAddr> {
+        self.inner.plane.local_addr()
+    }
+
+    /// This peer's id bytes.
+    pub fn peer_id(&self) -> &[u8] {
+        &self.inner.peer_id
+    }
+
+    /// The tensor layout.
+    pub fn layout(&self) -> &TensorLayout {
+        &self.inner.layout
+    }
+
+    /// Followers this peer leads right now, its declared expiration, and
+    /// whether it is looking for a group.
+    #[cfg(test)]
+    pub(crate) async fn leader_state(&self) -> (usize, Option<f64>, bool) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self
+            .inner
+            .matchmaker
+            .send(Command::Inspect(tx))
+            .await
+            .is_err()
+        {
+            return (0, None, false);
+        }
+        rx.await.unwrap_or((0, None, false))
+    }
+
+    /// Current group bits.
+    pub fn group_bits(&self) -> String {
+        self.inner
+            .group_bits
+            .lock()
+            .map(|b| b.clone())
+            .unwrap_or_default()
+    }
+
+    /// Lock the averaged tensors for reading or writing. A round holds this lock
+    /// while it runs, so the tensors are never seen half-averaged.
+    pub async fn tensors(&self) -> MutexGuard<'_, Vec<Vec<f32>>> {
+        self.inner.tensors.lock().await
+    }
+
+    /// Stop background tasks, and withdraw this peer's state-donor declaration
+    /// (in the background; [`withdraw_state`](Self::withdraw_state) waits for it).
+    pub fn shutdown(&self) {
+        self.inner.donor_cmd.send_replace(DonorCommand::Stop);
+        if let Ok(mut t) = self.tasks.lock() {
+            for h in t.drain(..) {
+                h.abort();
+            }
+        }
+    }
+
+    /// Find a group and average with it, weighting this peer's tensors by
+    /// `weight` (default 1, or 0 for auxiliary peers). Results are applied in
+    /// place only if the round succeeds.
+    ///
+    /// # Errors
+    /// [`AveragingError::NoGroupFound`] when no group forms within `timeout`;
+    /// the round's errors otherwise (tensors unchanged).
+    ///
+    /// # Cancel safety
+    /// Cancelling leaves the tensors unchanged; matchmaking stops (joins are
+    /// refused, followers released, the declaration withdrawn in the background).
+    pub async fn step(&self, weight: Option<f32>, timeout: Duration) -> Result<StepOutcome> {
+        let inner = &self.inner;
+        let _one_step = inner.step_lock.lock().await;
+        let weight = match inner.cfg.mode {
+            AveragingMode::Aux => 0.0,
+            _ => weight.unwrap_or(1.0),
+        };
+        let keys = RoundKeyPair::generate()?;
+        let key = group_key(&inner.cfg.prefix, &self.group_bits());
+        let span = tracing::debug_span!("matchmaking", peer = %short_id(&inner.peer_id));
+        let group = tracing::Instrument::instrument(
+            shell::look(
+                &inner.matchmaker,
+                key,
+                my_member(inner, &keys),
+                dht_time() + timeout.as_secs_f64(),
+            ),
+            span,
+        )
+        .await?;
+        let me = group
+            .position(&inner.peer_id)
+            .ok_or(AveragingError::Internal {
+                what: "this peer is not in the group it joined",
+            })?;
+        let mut tensors = inner.tensors.lock().await;
+        let round = run_allreduce(
+            &inner.plane,
+            &group,
+            me,
+            &keys,
+            &inner.layout,
+            &tensors,
+            weight,
+            &inner.cfg.allreduce,
+        )
+        .await?;
+        if inner.cfg.mode != AveragingMode::Aux {
+            round.apply(
+                &inner.layout,
+                &mut tensors,
+                inner.cfg.allreduce.averaging_alpha,
+            )?;
+        }
+        drop(tensors);
+        let next = {
+            let mut bits = inner
+                .group_bits
+                .lock()
+                .map_err(|_| AveragingError::Internal {
+                    what: "group bits lock poisoned",
+                })?;
+            *bits = next_group_bits(
+                &bits,
+                &group.group_id,
+                group.members.len(),
+                me,
+                inner.cfg.target_group_size,
+            );
+            bits.clone()
+        };
+        Ok(StepOutcome {
+            group,
+            round,
+            next_group_bits: next,
+        })
+    }
+}
+
+/// The last characters of a peer id, for logs.
+fn short_id(peer_id: &[u8]) -> String {
+    PeerId::from_bytes(peer_id)
+        .map(|p| {
+            let s = p.to_string();
+            s[s.len().saturating_sub(6)..].to_string()
+        })
+        .unwrap_or_default()
+}
+
+fn my_member(inner: &Inner, keys: &RoundKeyPair) -> GroupMember {
+    GroupMember {
+        peer_id: inner.peer_id.clone(),
+        data_addr: inner.data_addr,
+        mode: inner.cfg.mode,
+        bandwidth: match inner.cfg.mode {
+            AveragingMode::Client => Some(0.0),
+            _ => inner.cfg.bandwidth,
+        },
+        round_public_key: keys.public(),
+    }
+}
