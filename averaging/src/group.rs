@@ -172,7 +172,7 @@ impl AllreduceConfig {
     }
 
     /// Largest sealed frame body a peer may send.
-    pub(crate) fn max_frame(&self) -> usize {
+    pub fn max_frame_len(&self) -> usize {
         self.compression.encoded_len(self.part_len()) + 64
     }
 }

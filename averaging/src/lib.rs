@@ -1,19 +1,23 @@
 //! `colony-averaging`: decentralized averaging of flat `f32` buffers.
 //!
-//! * [`DecentralizedAverager`]: matchmaking through `{prefix}.0b{bits}` DHT keys
-//!   and a join protocol over libp2p streams, then a butterfly all-reduce;
-//!   `step(weight, timeout)`, `load_state_from_peers(timeout)`, `declare_state`.
-//! * [`load_balance_peers`]: closed-form (water-filling) bandwidth balancing with
-//!   exact integer splits.
-//! * [`PartReducer`]: weighted accumulation of one span across senders, with
-//!   sender banning.
-//! * [`DataPlane`] and [`run_allreduce`]: the butterfly all-reduce over TCP,
-//!   frames sealed with AEGIS-128X2 under per-round X25519-agreed keys.
-//! * [`matchmaking`]: leader choice and join decisions as pure functions;
-//!   [`group_keys`]: `{prefix}.0b{bits}` keys and Moshpit bit rotation.
-//! * [`state`]: serving and downloading averager state with verification.
-//! * Buffers on any `colony-kernels` device (CPU or CUDA) are averaged with
-//!   [`DecentralizedAverager::step_buffers`], staged through host memory.
+//! What a user of the averager needs sits at the crate root:
+//! * [`DecentralizedAverager`] with its [`AveragerConfig`]: matchmaking
+//!   through `{prefix}.0b{bits}` DHT keys and a join protocol over libp2p
+//!   streams, then a butterfly all-reduce; `step(weight, timeout)`,
+//!   `load_state_from_peers(timeout)`, `declare_state`; buffers on any
+//!   `colony-kernels` device through [`DecentralizedAverager::step_buffers`];
+//! * the round's knobs ([`AllreduceConfig`], [`Compression`]), the peer's
+//!   role ([`AveragingMode`]), what a step reports ([`StepOutcome`],
+//!   [`AssembledGroup`], [`RoundOutcome`]) and the errors.
+//!
+//! Modules:
+//! * [`matchmaking`]: the sans-I/O [`Matchmaker`](matchmaking::Matchmaker)
+//!   state machine and the reference's decision rules;
+//! * [`group_keys`]: `{prefix}.0b{bits}` keys and Moshpit bit rotation;
+//! * [`state`]: serving and downloading averager state with verification;
+//! * [`round`]: one all-reduce round for an explicit group, below the
+//!   averager (data plane, wire frames, keys, the reducer, load balancing),
+//!   for benches, tests and custom transports.
 
 mod allreduce;
 mod averager;
@@ -31,16 +35,29 @@ mod reducer;
 pub mod state;
 mod wire;
 
-pub use allreduce::{RoundOutcome, SpanResult, run_allreduce};
+pub use allreduce::RoundOutcome;
 pub use averager::{AveragerConfig, DecentralizedAverager, StepOutcome};
-pub use compression::{BLOCK_8BIT, Compression, all_finite};
-pub use crypto::{ConnectionKeys, FRAME_HEADER_LEN, FrameCipher, RoundKeyPair, TAG_LEN};
-pub use dataplane::DataPlane;
+pub use compression::Compression;
 pub use error::{AveragingError, PeerFault, Result};
 pub use group::{AllreduceConfig, AssembledGroup, AveragingMode, GroupMember, schema_hash};
-pub use load_balancing::load_balance_peers;
-pub use partition::{TensorLayout, part_ranges, spans_from_sizes};
-pub use reducer::{PartReducer, PartResult};
+pub use partition::TensorLayout;
+
+/// One butterfly all-reduce round for an explicit group, and the pieces it
+/// is made of: the data plane, the wire format, round keys, the part
+/// reducer and the load balancer. The averager runs these for you; use them
+/// directly to benchmark a round or to drive one over your own group.
+pub mod round {
+    pub use crate::{
+        allreduce::{RoundOutcome, SpanResult, run_allreduce},
+        compression::{BLOCK_8BIT, all_finite},
+        crypto::{ConnectionKeys, FRAME_HEADER_LEN, FrameCipher, RoundKeyPair, TAG_LEN},
+        dataplane::DataPlane,
+        load_balancing::load_balance_peers,
+        partition::{part_ranges, spans_from_sizes},
+        reducer::{PartReducer, PartResult},
+        wire::{FrameBuf, FrameHead, Kind, read_frame, read_frame_unopened},
+    };
+}
 
 #[cfg(test)]
 mod tests;

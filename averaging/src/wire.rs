@@ -26,7 +26,7 @@ pub(crate) const HEADER_LEN: usize = crate::crypto::FRAME_HEADER_LEN;
 /// Frame kinds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
-pub(crate) enum Kind {
+pub enum Kind {
     /// Sender → reducer, first frame: schema hash, compression, weight, part count.
     Hello = 1,
     /// Sender → reducer: a tensor part.
@@ -43,7 +43,8 @@ pub(crate) enum Kind {
 }
 
 impl Kind {
-    pub(crate) fn from_u8(v: u8) -> Option<Self> {
+    /// The kind with this tag byte.
+    pub fn from_u8(v: u8) -> Option<Self> {
         match v {
             1 => Some(Self::Hello),
             2 => Some(Self::Part),
@@ -137,7 +138,7 @@ pub(crate) fn begin_frame(buf: &mut Vec<u8>, kind: Kind, index: u32) {
 /// built), so building a frame never clears or reallocates memory: the payload
 /// is encoded straight into it, sealed in place and written out.
 #[derive(Debug)]
-pub(crate) struct FrameBuf<B> {
+pub struct FrameBuf<B> {
     buf: B,
     body: usize,
 }
@@ -145,13 +146,13 @@ pub(crate) struct FrameBuf<B> {
 impl<B: std::ops::DerefMut<Target = Vec<u8>>> FrameBuf<B> {
     /// Build frames in `buf` (for example a pooled buffer; its contents do not
     /// matter).
-    pub(crate) fn new(buf: B) -> Self {
+    pub fn new(buf: B) -> Self {
         Self { buf, body: 0 }
     }
 
     /// Start a frame of `kind` with a payload of `payload_len` bytes and return
     /// the payload, which the caller must fill completely.
-    pub(crate) fn start(&mut self, kind: Kind, index: u32, payload_len: usize) -> &mut [u8] {
+    pub fn start(&mut self, kind: Kind, index: u32, payload_len: usize) -> &mut [u8] {
         let total = 4 + HEADER_LEN + payload_len + TAG_LEN;
         if self.buf.len() < total {
             self.buf.resize(total, 0);
@@ -190,8 +191,23 @@ impl<B: std::ops::DerefMut<Target = Vec<u8>>> FrameBuf<B> {
         &self.buf[..len.min(self.buf.len())]
     }
 
+    /// The frame started last with its length set and a zero tag, not
+    /// encrypted: the same bytes on the wire as [`Self::seal`] minus the
+    /// AEAD. Only for benchmarks that measure what the cipher costs.
+    pub fn unsealed(&mut self) -> &[u8] {
+        let n = 4 + self.body + TAG_LEN;
+        let len = (self.body + TAG_LEN) as u32;
+        self.buf[..4].copy_from_slice(&len.to_le_bytes());
+        self.buf[4 + self.body..n].fill(0);
+        &self.buf[..n]
+    }
+
     /// Seal the frame started last and return its bytes, ready to write.
-    pub(crate) fn seal(&mut self, cipher: &mut FrameCipher) -> Result<&[u8], PeerFault> {
+    ///
+    /// # Errors
+    /// [`PeerFault::ProtocolViolation`] if the cipher refuses (nonce space
+    /// exhausted).
+    pub fn seal(&mut self, cipher: &mut FrameCipher) -> Result<&[u8], PeerFault> {
         let n = cipher
             .seal_in_buffer(&mut self.buf, self.body)
             .map_err(|_| PeerFault::ProtocolViolation {
@@ -216,27 +232,68 @@ pub(crate) async fn write_all_timeout<W: AsyncWrite + Unpin>(
     }
 }
 
-/// Read a frame's length prefix and header by `deadline`; returns
-/// `(len_bytes, body_len, header)`, the body being `header ‖ payload ‖ tag`.
-/// Nothing is authenticated yet: the caller reads the rest and opens it.
+/// A frame's length prefix and header, parsed (not yet authenticated: the
+/// header is associated data of the frame's AEAD, so a forged one fails when
+/// the frame is opened).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameHead {
+    /// The length prefix as sent (associated data).
+    pub len_bytes: [u8; 4],
+    /// Body length: `header ‖ payload ‖ tag`.
+    pub body_len: usize,
+    /// The raw header (associated data).
+    pub header: [u8; HEADER_LEN],
+    /// The frame kind.
+    pub kind: Kind,
+    /// The part index (or 0).
+    pub index: u32,
+}
+
+impl FrameHead {
+    /// Parse the 12 bytes `len ‖ header` of a frame whose body may be at
+    /// most `max_body` bytes before its tag.
+    ///
+    /// # Errors
+    /// [`PeerFault::Garbage`] for a length out of range or an unknown kind.
+    pub fn parse(head: &[u8; 4 + HEADER_LEN], max_body: usize) -> Result<Self, PeerFault> {
+        let len_bytes = [head[0], head[1], head[2], head[3]];
+        let body_len = u32::from_le_bytes(len_bytes) as usize;
+        if !(HEADER_LEN + TAG_LEN..=max_body + TAG_LEN).contains(&body_len) {
+            return Err(PeerFault::Garbage {
+                reason: "frame length out of range",
+            });
+        }
+        let mut header = [0u8; HEADER_LEN];
+        header.copy_from_slice(&head[4..]);
+        let kind = Kind::from_u8(header[0]).ok_or(PeerFault::Garbage {
+            reason: "unknown frame kind",
+        })?;
+        Ok(Self {
+            len_bytes,
+            body_len,
+            header,
+            kind,
+            index: u32::from_le_bytes([header[4], header[5], header[6], header[7]]),
+        })
+    }
+
+    /// Payload bytes (body without header and tag).
+    pub fn payload_len(&self) -> usize {
+        self.body_len - HEADER_LEN - TAG_LEN
+    }
+}
+
+/// Read a frame's length prefix and header by `deadline`. Nothing is
+/// authenticated yet: the caller reads the rest and opens it.
 pub(crate) async fn read_head<R: AsyncRead + Unpin>(
     r: &mut R,
     max_body: usize,
     deadline: tokio::time::Instant,
     timeout: Duration,
-) -> Result<([u8; 4], usize, [u8; HEADER_LEN]), PeerFault> {
+) -> Result<FrameHead, PeerFault> {
     let mut head = [0u8; 4 + HEADER_LEN];
     read_exact_by(r, &mut head, deadline, timeout).await?;
-    let len_bytes = [head[0], head[1], head[2], head[3]];
-    let len = u32::from_le_bytes(len_bytes) as usize;
-    if !(HEADER_LEN + TAG_LEN..=max_body + TAG_LEN).contains(&len) {
-        return Err(PeerFault::Garbage {
-            reason: "frame length out of range",
-        });
-    }
-    let mut header = [0u8; HEADER_LEN];
-    header.copy_from_slice(&head[4..]);
-    Ok((len_bytes, len, header))
+    FrameHead::parse(&head, max_body)
 }
 
 /// Fill `buf` from `r` by `deadline` (`timeout` is what the deadline came
@@ -258,31 +315,57 @@ pub(crate) async fn read_exact_by<R: AsyncRead + Unpin>(
 
 /// Read and open one frame into the front of `buf` (grown as needed, never
 /// shrunk); returns `(kind, index, payload range)`.
-pub(crate) async fn read_frame<R: AsyncRead + Unpin>(
+///
+/// # Errors
+/// A [`PeerFault`] for a stall, a closed stream, a bad length or kind, or a
+/// frame that fails authentication.
+pub async fn read_frame<R: AsyncRead + Unpin>(
     r: &mut R,
     cipher: &mut FrameCipher,
     buf: &mut Vec<u8>,
     max_body: usize,
     timeout: Duration,
 ) -> Result<(Kind, u32, std::ops::Range<usize>), PeerFault> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    let (len_bytes, len, header) = read_head(r, max_body, deadline, timeout).await?;
-    // Grow only: a shorter frame reuses the front of the buffer, so a
-    // connection zero-fills its receive buffer once.
-    if buf.len() < len {
-        buf.resize(len, 0);
-    }
-    buf[..HEADER_LEN].copy_from_slice(&header);
-    read_exact_by(r, &mut buf[HEADER_LEN..len], deadline, timeout).await?;
+    let head = read_body(r, buf, max_body, timeout).await?;
     let plain_len = cipher
-        .open_frame(len_bytes, &mut buf[..len])
+        .open_frame(head.len_bytes, &mut buf[..head.body_len])
         .map_err(|_| PeerFault::Garbage {
             reason: "frame failed authentication",
         })?
         .len();
-    let kind = Kind::from_u8(buf[0]).ok_or(PeerFault::Garbage {
-        reason: "unknown frame kind",
-    })?;
-    let index = u32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]);
-    Ok((kind, index, HEADER_LEN..plain_len))
+    Ok((head.kind, head.index, HEADER_LEN..plain_len))
+}
+
+/// Read one frame's body into the front of `buf` without opening it: the
+/// same framing and copies as [`read_frame`] minus the AEAD. Only for
+/// benchmarks that measure what the cipher costs; nothing read this way is
+/// authenticated.
+///
+/// # Errors
+/// As [`read_frame`], without the authentication failure.
+pub async fn read_frame_unopened<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+    max_body: usize,
+    timeout: Duration,
+) -> Result<FrameHead, PeerFault> {
+    read_body(r, buf, max_body, timeout).await
+}
+
+async fn read_body<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+    max_body: usize,
+    timeout: Duration,
+) -> Result<FrameHead, PeerFault> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let head = read_head(r, max_body, deadline, timeout).await?;
+    // Grow only: a shorter frame reuses the front of the buffer, so a
+    // connection zero-fills its receive buffer once.
+    if buf.len() < head.body_len {
+        buf.resize(head.body_len, 0);
+    }
+    buf[..HEADER_LEN].copy_from_slice(&head.header);
+    read_exact_by(r, &mut buf[HEADER_LEN..head.body_len], deadline, timeout).await?;
+    Ok(head)
 }

@@ -4,7 +4,9 @@ use tokio::{io::AsyncWriteExt, sync::oneshot};
 
 use super::support::*;
 use crate::{
-    AssembledGroup, AveragingMode, Compression, PeerFault, TAG_LEN, TensorLayout, schema_hash,
+    AssembledGroup, AveragingMode, Compression, PeerFault, TensorLayout,
+    round::TAG_LEN,
+    schema_hash,
     wire::{self, Hello, Kind},
 };
 

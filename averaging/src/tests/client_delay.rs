@@ -59,7 +59,7 @@ async fn client_to(
             &mut rd,
             &mut down,
             &mut buf,
-            cfg.max_frame(),
+            cfg.max_frame_len(),
             // Well inside the reducer's 700 ms per-part sender timeout.
             Duration::from_millis(250),
         )
@@ -77,7 +77,7 @@ async fn client_to(
             &mut rd,
             &mut down,
             &mut buf,
-            cfg.max_frame(),
+            cfg.max_frame_len(),
             Duration::from_secs(10),
         )
         .await
@@ -111,8 +111,8 @@ async fn client_results_wait_until_it_sent_everything() {
     .expect("round timed out");
     // The delayed client still got exact averages for every part.
     let mean = weighted_mean(&peers, &[0, 1, 2]);
-    let sizes = crate::load_balance_peers(layout.total(), &group.bandwidths(), 0).unwrap();
-    let spans = crate::spans_from_sizes(&sizes);
+    let sizes = crate::round::load_balance_peers(layout.total(), &group.bandwidths(), 0).unwrap();
+    let spans = crate::round::spans_from_sizes(&sizes);
     let mut flat_mean = Vec::new();
     for t in &mean {
         flat_mean.extend(t.iter().copied());

@@ -294,13 +294,14 @@ async fn bad_local_input_and_config_are_typed_errors() {
     let cfg = test_config(Compression::None);
     let p = &peers[0];
     let res =
-        crate::run_allreduce(&p.plane, &group, 7, &p.keys, &layout, &p.tensors, 1.0, &cfg).await;
+        crate::round::run_allreduce(&p.plane, &group, 7, &p.keys, &layout, &p.tensors, 1.0, &cfg)
+            .await;
     assert!(matches!(res, Err(AveragingError::InvalidGroup { .. })));
     let bad_cfg = crate::AllreduceConfig {
         reducer_timeout: cfg.sender_timeout,
         ..cfg.clone()
     };
-    let res = crate::run_allreduce(
+    let res = crate::round::run_allreduce(
         &p.plane,
         &group,
         1,
@@ -313,6 +314,7 @@ async fn bad_local_input_and_config_are_typed_errors() {
     .await;
     assert!(matches!(res, Err(AveragingError::InvalidConfig { .. })));
     let wrong = vec![vec![0.0f32; 5]];
-    let res = crate::run_allreduce(&p.plane, &group, 1, &p.keys, &layout, &wrong, 1.0, &cfg).await;
+    let res =
+        crate::round::run_allreduce(&p.plane, &group, 1, &p.keys, &layout, &wrong, 1.0, &cfg).await;
     assert!(matches!(res, Err(AveragingError::LayoutMismatch { .. })));
 }

@@ -1,8 +1,9 @@
 use std::time::Duration;
 
 use crate::{
-    AllreduceConfig, AssembledGroup, AveragingMode, Compression, DataPlane, GroupMember,
-    RoundKeyPair, RoundOutcome, TensorLayout, run_allreduce,
+    AllreduceConfig, AssembledGroup, AveragingMode, Compression, GroupMember, RoundOutcome,
+    TensorLayout,
+    round::{DataPlane, RoundKeyPair, run_allreduce},
 };
 
 pub(super) const LENGTHS: [usize; 3] = [1000, 17, 3003];
@@ -153,8 +154,8 @@ pub(super) fn max_err(a: &[Vec<f32>], b: &[Vec<f64>]) -> f64 {
 pub(super) fn span_parts(group: &AssembledGroup, r: usize) -> Vec<std::ops::Range<usize>> {
     let cfg = test_config(Compression::None);
     let layout = TensorLayout::new(&LENGTHS);
-    let sizes = crate::load_balance_peers(layout.total(), &group.bandwidths(), 0).unwrap();
-    let spans = crate::spans_from_sizes(&sizes);
+    let sizes = crate::round::load_balance_peers(layout.total(), &group.bandwidths(), 0).unwrap();
+    let spans = crate::round::spans_from_sizes(&sizes);
     crate::partition::part_ranges(spans[r].clone(), cfg.part_len())
 }
 
@@ -169,8 +170,8 @@ pub(super) async fn connect_as_sender(
     group_id: [u8; 32],
 ) -> (
     tokio::net::TcpStream,
-    crate::FrameCipher,
-    crate::FrameCipher,
+    crate::round::FrameCipher,
+    crate::round::FrameCipher,
 ) {
     use tokio::io::AsyncWriteExt;
     let addr = group.members[r].data_addr.unwrap();
@@ -193,7 +194,7 @@ pub(super) fn connection_ciphers(
     holder: usize,
     sender: usize,
     reducer: usize,
-) -> (crate::FrameCipher, crate::FrameCipher) {
+) -> (crate::round::FrameCipher, crate::round::FrameCipher) {
     let other = if holder == sender { reducer } else { sender };
     let keys = peers[holder]
         .keys
@@ -205,7 +206,7 @@ pub(super) fn connection_ciphers(
         )
         .unwrap();
     (
-        crate::FrameCipher::new(&keys.up).unwrap(),
-        crate::FrameCipher::new(&keys.down).unwrap(),
+        crate::round::FrameCipher::new(&keys.up).unwrap(),
+        crate::round::FrameCipher::new(&keys.down).unwrap(),
     )
 }

@@ -19,12 +19,15 @@ use std::{
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use colony_averaging::{
-    AllreduceConfig, AssembledGroup, AveragingMode, Compression, DataPlane, FrameCipher,
-    GroupMember, RoundKeyPair, TAG_LEN, TensorLayout, load_balance_peers, run_allreduce,
+    AllreduceConfig, AssembledGroup, AveragingMode, Compression, GroupMember, TensorLayout,
+    round::{
+        DataPlane, FrameBuf, FrameCipher, Kind, RoundKeyPair, load_balance_peers, read_frame,
+        read_frame_unopened, run_allreduce,
+    },
 };
 use serde::{Deserialize, Serialize};
 use tokio::{
-    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
     net::{TcpListener, TcpStream, tcp::OwnedWriteHalf},
 };
 
@@ -347,40 +350,45 @@ async fn stream_test(
             s.set_nodelay(true)?;
             let mut cipher = FrameCipher::new(&key)?;
             let src = vec![1u8; frame_payload];
-            let mut frame = Vec::with_capacity(frame_payload + 64);
+            // The data plane's own frame builder: the same header, length
+            // and tag on the wire as a round's parts.
+            let mut frame = FrameBuf::new(Box::new(Vec::with_capacity(frame_payload + 64)));
             let mut left = bytes_per_target;
+            let mut index = 0u32;
             while left > 0 {
                 let n = (left as usize).min(frame_payload);
-                frame.clear();
-                frame.extend_from_slice(&[0u8; 12]);
-                frame.extend_from_slice(&src[..n]);
-                if sealed {
-                    cipher.seal_frame(&mut frame)?;
+                frame.start(Kind::Part, index, n).copy_from_slice(&src[..n]);
+                let bytes = if sealed {
+                    frame.seal(&mut cipher)?
                 } else {
-                    let len = u32::try_from(frame.len() - 4 + TAG_LEN)?;
-                    frame[..4].copy_from_slice(&len.to_le_bytes());
-                    frame.extend_from_slice(&[0u8; TAG_LEN]);
-                }
-                s.write_all(&frame).await?;
+                    frame.unsealed()
+                };
+                s.write_all(bytes).await?;
                 left -= n as u64;
+                index = index.wrapping_add(1);
             }
             anyhow::Ok(())
         }
     }));
+    let max_body = cfg.max_frame_len();
+    let idle = Duration::from_secs(60);
     let recv = futures::future::try_join_all(others.iter().map(|_| async {
         let (mut s, _) = listener.accept().await?;
         let mut cipher = FrameCipher::new(&key)?;
         let mut buf = Vec::new();
-        loop {
-            let mut len = [0u8; 4];
-            if s.read_exact(&mut len).await.is_err() {
-                break;
-            }
-            buf.resize(u32::from_le_bytes(len) as usize, 0);
-            s.read_exact(&mut buf).await?;
-            if sealed {
-                cipher.open_frame(len, &mut buf)?;
-            }
+        let mut got = 0u64;
+        while got < bytes_per_target {
+            // The data plane's own frame reader (opening with the AEAD, or
+            // the same framing and copies without it).
+            got += if sealed {
+                let (_, _, payload) =
+                    read_frame(&mut s, &mut cipher, &mut buf, max_body, idle).await?;
+                payload.len() as u64
+            } else {
+                read_frame_unopened(&mut s, &mut buf, max_body, idle)
+                    .await?
+                    .payload_len() as u64
+            };
         }
         anyhow::Ok(())
     }));

@@ -1,0 +1,408 @@
+//! The reducer side of a round: this peer's span, reduced from every
+//! sender's parts, with the averages streamed back as they finish.
+
+use std::{
+    ops::Range,
+    sync::{Arc, Mutex},
+};
+
+use futures::{StreamExt, stream::FuturesUnordered};
+use tokio::{io::AsyncWriteExt, sync::watch};
+
+use crate::{
+    compression::{Compression, all_finite},
+    crypto::FrameCipher,
+    dataplane::{BufferPool, Incoming},
+    error::{AveragingError, PeerFault, Result},
+    group::AveragingMode,
+    reducer::{PartReducer, PartResult},
+    wire::{self, FrameBuf, Hello, Kind},
+};
+
+use super::Ctx;
+
+/// Add this peer's own part `p` of its span (`parts` relative to `span`) to
+/// its reducer, checking it for NaN/inf first (then it is accumulated while
+pub(super) fn add_own_part<T: AsRef<[f32]> + Sync>(
+    ctx: &Ctx<'_, T>,
+    red: &mut PartReducer,
+    span: &Range<usize>,
+    parts: &[Range<usize>],
+    p: usize,
+) -> Result<()> {
+    let r = &parts[p];
+    let flat = span.start + r.start..span.start + r.end;
+    let pieces = ctx
+        .layout
+        .pieces(flat)
+        .map(|(i, local, _)| &ctx.tensors[i].as_ref()[local]);
+    if !pieces.clone().all(all_finite) {
+        ctx.withdraw();
+        red.ban(ctx.me);
+        return Ok(());
+    }
+    red.accumulate_finite_pieces(ctx.me, p, pieces, ctx.weight)
+        .map_err(|fault| AveragingError::Peer {
+            peer: ctx.me,
+            fault,
+        })
+}
+
+/// Accept the remote senders of this peer's span and serve them until every
+/// part is finalized and sent back. Returns banned senders and bytes written.
+pub(super) async fn serve_span<T: AsRef<[f32]> + Sync>(
+    ctx: &Ctx<'_, T>,
+    red: &Arc<Mutex<PartReducer>>,
+    tx: &watch::Sender<usize>,
+    rx: &mut tokio::sync::mpsc::Receiver<Incoming>,
+    expected: &[usize],
+) -> (Vec<(usize, PeerFault)>, u64, Option<EncodedAverages>) {
+    let mut banned: Vec<(usize, PeerFault)> = Vec::new();
+    let mut connected = vec![false; ctx.group.members.len()];
+    let mut pending = expected.len();
+    // Compressed averages are encoded once, into one pooled span-sized buffer,
+    // and copied into each recipient's frame (raw f32 "encoding" is already a
+    // copy, so it is not cached).
+    let encoded = Mutex::new(EncodedAverages::new(ctx.cfg.compression, red, ctx.pool));
+    let mut handlers = FuturesUnordered::new();
+    let mut bytes = 0u64;
+    let deadline = tokio::time::Instant::now() + ctx.cfg.sender_timeout;
+    let ban = |sender: usize, fault: PeerFault, banned: &mut Vec<(usize, PeerFault)>| {
+        tracing::warn!(sender, %fault, "averaging: banning sender");
+        if let Ok(mut r) = red.lock() {
+            r.ban(sender);
+            tx.send_replace(r.advance());
+        }
+        banned.push((sender, fault));
+    };
+    loop {
+        let accepting = pending > 0;
+        if !accepting && handlers.is_empty() {
+            break;
+        }
+        tokio::select! {
+            inc = rx.recv(), if accepting => {
+                let Some(inc) = inc else { pending = 0; continue };
+                let s = inc.preamble.sender as usize;
+                let valid = inc.preamble.reducer as usize == ctx.me
+                    && expected.contains(&s)
+                    && !connected[s];
+                if !valid {
+                    tracing::warn!(sender = s, "averaging: unexpected connection for this round");
+                    continue;
+                }
+                connected[s] = true;
+                pending -= 1;
+                handlers.push(serve_sender(ctx, red, tx, &encoded, inc));
+            }
+            _ = tokio::time::sleep_until(deadline), if accepting => {
+                for &s in expected {
+                    if !connected[s] {
+                        connected[s] = true;
+                        ban(s, PeerFault::Stalled { timeout: ctx.cfg.sender_timeout }, &mut banned);
+                    }
+                }
+                pending = 0;
+            }
+            Some((s, res, written)) = handlers.next(), if !handlers.is_empty() => {
+                bytes += written;
+                if let Err(fault) = res {
+                    let already = red.lock().map(|r| r.is_banned(s)).unwrap_or(true);
+                    if !already {
+                        ban(s, fault, &mut banned);
+                    } else if !banned.iter().any(|(b, _)| *b == s) {
+                        tracing::warn!(sender = s, %fault, "averaging: banned sender");
+                        banned.push((s, fault));
+                    }
+                }
+            }
+        }
+    }
+    drop(handlers);
+    (banned, bytes, encoded.into_inner().ok())
+}
+
+/// Byte offset of each part's encoding when parts of `lens` values are laid
+/// end to end in `codec`'s wire form; one more entry than parts (the total).
+pub(super) fn wire_offsets(codec: Compression, lens: impl Iterator<Item = usize>) -> Vec<usize> {
+    let mut offsets = vec![0];
+    let mut at = 0;
+    for len in lens {
+        at += codec.encoded_len(len);
+        offsets.push(at);
+    }
+    offsets
+}
+
+/// This reducer's averages in a compressed wire codec, each part encoded on
+/// first request into one span-sized pooled buffer and reused for every
+/// recipient: one encode per part, and no fresh pages per round.
+pub(super) struct EncodedAverages {
+    pub(super) codec: Compression,
+    /// Byte offset of each part's encoding; one more entry than parts.
+    pub(super) offsets: Vec<usize>,
+    /// The encodings (in an `f32` buffer, for pooling).
+    pub(super) buf: Vec<f32>,
+    pub(super) done: Vec<bool>,
+}
+
+impl EncodedAverages {
+    pub(super) fn new(
+        codec: Compression,
+        red: &Arc<Mutex<PartReducer>>,
+        pool: &BufferPool,
+    ) -> Self {
+        let lens: Vec<usize> = red
+            .lock()
+            .map(|r| (0..r.num_parts()).map(|p| r.part_len(p)).collect())
+            .unwrap_or_default();
+        let offsets = wire_offsets(codec, lens.iter().copied());
+        let total = offsets[offsets.len() - 1];
+        let buf = if codec == Compression::None || total == 0 {
+            Vec::new()
+        } else {
+            pool.take(total.div_ceil(4))
+        };
+        Self {
+            codec,
+            offsets,
+            buf,
+            done: vec![false; lens.len()],
+        }
+    }
+
+    /// The encoding of part `p`, whose averages are `values`.
+    pub(super) fn part(
+        &mut self,
+        p: usize,
+        values: &[f32],
+    ) -> std::result::Result<&[u8], PeerFault> {
+        let (start, end) = match (self.offsets.get(p), self.offsets.get(p + 1)) {
+            (Some(&s), Some(&e)) => (s, e),
+            _ => {
+                return Err(PeerFault::ProtocolViolation {
+                    reason: "part outside the span",
+                });
+            }
+        };
+        let bytes = &mut bytemuck::cast_slice_mut::<f32, u8>(&mut self.buf)[start..end];
+        if !self.done[p] {
+            self.codec
+                .encode_into(values, bytes)
+                .map_err(|_| PeerFault::ProtocolViolation {
+                    reason: "averages do not encode",
+                })?;
+            self.done[p] = true;
+        }
+        Ok(bytes)
+    }
+
+    pub(super) fn release(self, pool: &BufferPool) {
+        pool.give(self.buf);
+    }
+}
+
+async fn serve_sender<T: AsRef<[f32]> + Sync>(
+    ctx: &Ctx<'_, T>,
+    red: &Arc<Mutex<PartReducer>>,
+    tx: &watch::Sender<usize>,
+    encoded: &Mutex<EncodedAverages>,
+    inc: Incoming,
+) -> (usize, std::result::Result<(), PeerFault>, u64) {
+    let s = inc.preamble.sender as usize;
+    let setup = || -> std::result::Result<_, PeerFault> {
+        let peer_key = &ctx.group.members[s].round_public_key;
+        let keys = ctx
+            .keys
+            .connection_keys(peer_key, &ctx.group.group_id, s as u32, ctx.me as u32)
+            .map_err(|_| PeerFault::ProtocolViolation {
+                reason: "bad round public key",
+            })?;
+        let up = FrameCipher::new(&keys.up)
+            .map_err(|_| PeerFault::ProtocolViolation { reason: "bad key" })?;
+        let down = FrameCipher::new(&keys.down)
+            .map_err(|_| PeerFault::ProtocolViolation { reason: "bad key" })?;
+        Ok((up, down))
+    };
+    let (mut up, mut down) = match setup() {
+        Ok(k) => k,
+        Err(f) => return (s, Err(f), 0),
+    };
+    let (mut rd, mut wr) = inc.stream.into_split();
+    let mut buf = ctx.bytes.take();
+    let nparts = red.lock().map(|r| r.num_parts()).unwrap_or(0);
+    let hello = async {
+        let (kind, _, payload) = wire::read_frame(
+            &mut rd,
+            &mut up,
+            &mut buf,
+            ctx.cfg.max_frame_len(),
+            ctx.cfg.request_timeout,
+        )
+        .await?;
+        if kind == Kind::Withdraw {
+            return Ok(None);
+        }
+        if kind != Kind::Hello {
+            return Err(PeerFault::ProtocolViolation {
+                reason: "first frame is not hello",
+            });
+        }
+        let hello = Hello::decode(&buf[payload])?;
+        if hello.schema_hash != ctx.schema {
+            return Err(PeerFault::BadSchemaHash);
+        }
+        if hello.compression != ctx.cfg.compression.code() {
+            return Err(PeerFault::ProtocolViolation {
+                reason: "compression differs",
+            });
+        }
+        if hello.num_parts as usize != nparts {
+            return Err(PeerFault::UnexpectedPart {
+                expected: nparts,
+                got: hello.num_parts as usize,
+                count: nparts,
+            });
+        }
+        if !hello.weight.is_finite() || hello.weight < 0.0 {
+            return Err(PeerFault::NonFinite { part: 0 });
+        }
+        Ok(Some(hello.weight))
+    };
+    let weight = match hello.await {
+        Ok(Some(w)) => w,
+        Ok(None) => {
+            // Withdrawn: finish its parts without it; it wants no results.
+            tracing::info!(sender = s, "averaging: sender withdrew from the round");
+            if let Ok(mut r) = red.lock() {
+                r.ban(s);
+                tx.send_replace(r.advance());
+            }
+            return (s, Ok(()), 0);
+        }
+        Err(f) => return (s, Err(f), 0),
+    };
+    let compression = ctx.cfg.compression;
+    let reader = async {
+        let mut scratch = Vec::new();
+        for _ in 0..nparts {
+            let (kind, index, payload) = wire::read_frame(
+                &mut rd,
+                &mut up,
+                &mut buf,
+                ctx.cfg.max_frame_len(),
+                ctx.cfg.sender_timeout,
+            )
+            .await?;
+            if kind == Kind::Withdraw {
+                // The sender found NaN/inf in its tensors: it contributes no
+                // more parts (those delivered were finite and stay).
+                tracing::info!(sender = s, "averaging: sender withdrew from the round");
+                let mut r = red.lock().map_err(|_| PeerFault::ProtocolViolation {
+                    reason: "reducer state poisoned",
+                })?;
+                r.ban(s);
+                tx.send_replace(r.advance());
+                return Ok(());
+            }
+            if kind != Kind::Part {
+                return Err(PeerFault::ProtocolViolation {
+                    reason: "expected a part frame",
+                });
+            }
+            let index = index as usize;
+            let mut r = red.lock().map_err(|_| PeerFault::ProtocolViolation {
+                reason: "reducer state poisoned",
+            })?;
+            r.accumulate_encoded(s, index, &buf[payload], compression, weight, &mut scratch)?;
+            tx.send_replace(r.advance());
+        }
+        Ok::<(), PeerFault>(())
+    };
+    // A client-mode sender gets results only once it has sent all its parts
+    // (the reference's `should_delay_results`): on asymmetric links, results
+    // flowing down while parts go up compress the sender's ACKs and slow both.
+    let delay_results = ctx.group.members[s].mode == AveragingMode::Client;
+    let writer = async {
+        let mut rx = tx.subscribe();
+        let mut frame = FrameBuf::new(ctx.bytes.take());
+        let mut written = 0u64;
+        for p in 0..nparts {
+            // Wait until part p is finalized (or this sender is out of the round).
+            loop {
+                let (ready, gone) = {
+                    let r = red.lock().map_err(|_| PeerFault::ProtocolViolation {
+                        reason: "reducer state poisoned",
+                    })?;
+                    // A banned client gets what it delivered, then the writer ends.
+                    let sent_all = !delay_results || r.delivered(s) == nparts || r.is_banned(s);
+                    (
+                        r.finalized() > p && sent_all,
+                        r.is_banned(s) && r.delivered(s) <= p,
+                    )
+                };
+                if gone {
+                    return Ok(written);
+                }
+                if ready {
+                    break;
+                }
+                if rx.changed().await.is_err() {
+                    return Ok(written);
+                }
+            }
+            // Averages are encrypted straight from the reducer (or the encoded
+            // averages) into the frame: no plaintext copy per recipient.
+            let len = {
+                let r = red.lock().map_err(|_| PeerFault::ProtocolViolation {
+                    reason: "reducer state poisoned",
+                })?;
+                let at = p as u32;
+                match r.part(p) {
+                    Some((PartResult::Averaged, values)) if compression == Compression::None => {
+                        let bytes: &[u8] = bytemuck::cast_slice(values);
+                        frame
+                            .seal_from(Kind::Averaged, at, bytes.len(), [bytes], &mut down)?
+                            .len()
+                    }
+                    Some((PartResult::Averaged, values)) => {
+                        let mut enc = encoded.lock().map_err(|_| PeerFault::ProtocolViolation {
+                            reason: "encoded averages poisoned",
+                        })?;
+                        let bytes = enc.part(p, values)?;
+                        frame
+                            .seal_from(Kind::Averaged, at, bytes.len(), [bytes], &mut down)?
+                            .len()
+                    }
+                    _ => {
+                        frame.start(Kind::Empty, at, 0);
+                        frame.seal(&mut down)?.len()
+                    }
+                }
+            };
+            let sealed = frame.sealed(len);
+            wire::write_all_timeout(&mut wr, sealed, ctx.cfg.reducer_timeout).await?;
+            written += sealed.len() as u64;
+        }
+        let _ = wr.shutdown().await;
+        Ok::<u64, PeerFault>(written)
+    };
+    let reader = async {
+        let res = reader.await;
+        if res.is_err() {
+            // Ban here, not after the join: this sender's own writer may be
+            // waiting for a part that only the ban can complete.
+            if let Ok(mut r) = red.lock() {
+                r.ban(s);
+                tx.send_replace(r.advance());
+            }
+        }
+        res
+    };
+    let (read_res, write_res) = tokio::join!(reader, writer);
+    let written = *write_res.as_ref().unwrap_or(&0);
+    if let Err(f) = &write_res {
+        tracing::debug!(sender = s, fault = %f, "averaging: could not return results");
+    }
+    (s, read_res, written)
+}
