@@ -8,7 +8,7 @@ use tokio::sync::mpsc;
 
 use crate::{
     control::{self, ControlMsg},
-    matchmaking::shell::Command,
+    matchmaking::shell::{Command, InboundJoin},
 };
 
 /// Join requests being read at once; more wait in the DHT's stream queue.
@@ -33,12 +33,12 @@ pub(super) async fn accept_joins(
             let _permit = permit;
             match control::recv(&mut stream, request_timeout).await {
                 Ok(ControlMsg::Join { request, member }) => {
-                    let join = Command::Join {
+                    let join = Command::Join(Box::new(InboundJoin {
                         peer,
                         stream,
                         request,
                         member,
-                    };
+                    }));
                     if tx.send(join).await.is_err() {
                         tracing::debug!(%peer, "join arrived after the averager stopped");
                     }

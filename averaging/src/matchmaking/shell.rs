@@ -33,15 +33,19 @@ pub(crate) enum Command {
         reply: oneshot::Sender<Result<AssembledGroup>>,
     },
     /// A peer asks to join (its first message, read by the join server).
-    Join {
-        peer: PeerId,
-        stream: Stream,
-        request: JoinRequest,
-        member: GroupMember,
-    },
+    Join(Box<InboundJoin>),
     /// Report `(followers, declared expiration, looking)`.
     #[cfg(test)]
     Inspect(oneshot::Sender<(usize, Option<f64>, bool)>),
+}
+
+/// A join request read from an inbound stream.
+#[derive(Debug)]
+pub(crate) struct InboundJoin {
+    pub(crate) peer: PeerId,
+    pub(crate) stream: Stream,
+    pub(crate) request: JoinRequest,
+    pub(crate) member: GroupMember,
 }
 
 /// What the shell needs to perform actions.
@@ -92,7 +96,8 @@ pub(crate) async fn run(mut machine: Matchmaker, io: ShellIo, mut rx: mpsc::Rece
                     reply = Some(r);
                     Event::Look { key, me, deadline }
                 }
-                Some(Command::Join { peer, stream, request, member }) => {
+                Some(Command::Join(join)) => {
+                    let InboundJoin { peer, stream, request, member } = *join;
                     let join = next_join;
                     next_join += 1;
                     joins.insert(join, stream);
