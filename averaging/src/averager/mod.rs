@@ -148,18 +148,15 @@ impl DecentralizedAverager {
         };
         let (donor_cmd, donor_rx) = watch::channel(DonorCommand::Idle);
         let client_mode = cfg.mode == AveragingMode::Client;
-        let machine = Matchmaker::new(
-            MatchmakerConfig {
-                peer_id: peer_id.clone(),
-                schema_hash: crate::group::schema_hash(&layout),
-                client_mode,
-                target_group_size: cfg.target_group_size,
-                min_group_size: cfg.min_group_size,
-                min_matchmaking_time: cfg.min_matchmaking_time.as_secs_f64(),
-                request_timeout: cfg.request_timeout.as_secs_f64(),
-            },
-            group_key(&cfg.prefix, &bits),
-        );
+        let machine = Matchmaker::new(MatchmakerConfig {
+            peer_id: peer_id.clone(),
+            schema_hash: crate::group::schema_hash(&layout),
+            client_mode,
+            target_group_size: cfg.target_group_size,
+            min_group_size: cfg.min_group_size,
+            min_matchmaking_time: cfg.min_matchmaking_time.as_secs_f64(),
+            request_timeout: cfg.request_timeout.as_secs_f64(),
+        });
         let io = ShellIo {
             dht: dht.clone(),
             protocol: join_protocol(&cfg.prefix)?,

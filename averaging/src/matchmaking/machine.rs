@@ -120,18 +120,16 @@ pub struct Matchmaker {
     looking: Option<Looking>,
     /// Declarations not yet superseded: `(key, expiration)`.
     declared: Option<(String, f64)>,
-    group_key: String,
     next_attempt: u64,
 }
 
 impl Matchmaker {
     /// An idle matchmaker.
-    pub fn new(cfg: MatchmakerConfig, group_key: String) -> Self {
+    pub fn new(cfg: MatchmakerConfig) -> Self {
         Self {
             cfg,
             looking: None,
             declared: None,
-            group_key,
             next_attempt: 0,
         }
     }
@@ -222,7 +220,6 @@ impl Matchmaker {
         // A search that is still running is replaced (its followers are told).
         self.stop(now, out);
         let expiration = (now + self.cfg.min_matchmaking_time).min(deadline);
-        self.group_key = key.clone();
         out.push(Action::Declare {
             key: key.clone(),
             expiration,

@@ -41,7 +41,7 @@ struct Harness {
 impl Harness {
     fn new(cfg: MatchmakerConfig) -> Self {
         Self {
-            m: Matchmaker::new(cfg, KEY.into()),
+            m: Matchmaker::new(cfg),
             rng: StdRng::seed_from_u64(7),
         }
     }
