@@ -200,9 +200,7 @@ async fn run_round<T: AsRef<[f32]> + Sync>(
         let parts = &own_parts;
         for p in 1..parts.len() {
             tokio::task::yield_now().await;
-            let mut r = red.lock().map_err(|_| AveragingError::InvalidGroup {
-                reason: "reducer state poisoned".into(),
-            })?;
+            let mut r = reducer_side::lock(red);
             // Withdrawn (poison found in any part) or failed: the reducer
             // stops waiting for this peer's remaining parts.
             let added = if ctx.is_withdrawn() {

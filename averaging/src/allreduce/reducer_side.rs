@@ -298,9 +298,7 @@ async fn serve_sender<T: AsRef<[f32]> + Sync>(
                 // The sender found NaN/inf in its tensors: it contributes no
                 // more parts (those delivered were finite and stay).
                 tracing::info!(sender = s, "averaging: sender withdrew from the round");
-                let mut r = red.lock().map_err(|_| PeerFault::ProtocolViolation {
-                    reason: "reducer state poisoned",
-                })?;
+                let mut r = lock(red);
                 r.ban(s);
                 tx.send_replace(r.advance());
                 return Ok(());
@@ -311,9 +309,7 @@ async fn serve_sender<T: AsRef<[f32]> + Sync>(
                 });
             }
             let index = index as usize;
-            let mut r = red.lock().map_err(|_| PeerFault::ProtocolViolation {
-                reason: "reducer state poisoned",
-            })?;
+            let mut r = lock(red);
             r.accumulate_encoded(s, index, &buf[payload], compression, weight, &mut scratch)?;
             tx.send_replace(r.advance());
         }
@@ -331,9 +327,7 @@ async fn serve_sender<T: AsRef<[f32]> + Sync>(
             // Wait until part p is finalized (or this sender is out of the round).
             loop {
                 let (ready, gone) = {
-                    let r = red.lock().map_err(|_| PeerFault::ProtocolViolation {
-                        reason: "reducer state poisoned",
-                    })?;
+                    let r = lock(red);
                     // A banned client gets what it delivered, then the writer ends.
                     let sent_all = !delay_results || r.delivered(s) == nparts || r.is_banned(s);
                     (
@@ -354,9 +348,7 @@ async fn serve_sender<T: AsRef<[f32]> + Sync>(
             // Averages are encrypted straight from the reducer (or the encoded
             // averages) into the frame: no plaintext copy per recipient.
             let len = {
-                let r = red.lock().map_err(|_| PeerFault::ProtocolViolation {
-                    reason: "reducer state poisoned",
-                })?;
+                let r = lock(red);
                 let at = p as u32;
                 match r.part(p) {
                     Some((PartResult::Averaged, values)) if compression == Compression::None => {
@@ -366,9 +358,7 @@ async fn serve_sender<T: AsRef<[f32]> + Sync>(
                             .len()
                     }
                     Some((PartResult::Averaged, values)) => {
-                        let mut enc = encoded.lock().map_err(|_| PeerFault::ProtocolViolation {
-                            reason: "encoded averages poisoned",
-                        })?;
+                        let mut enc = lock(encoded);
                         let bytes = enc.part(p, values)?;
                         frame
                             .seal_from(Kind::Averaged, at, bytes.len(), [bytes], &mut down)?
@@ -405,4 +395,13 @@ async fn serve_sender<T: AsRef<[f32]> + Sync>(
         tracing::debug!(sender = s, fault = %f, "averaging: could not return results");
     }
     (s, read_res, written)
+}
+
+/// The reducer's (or the encoded averages') state. Every connection of a round runs in one task, so a
+/// panic while the lock is held unwinds the whole round: nothing can observe
+/// a poisoned state, and recovering the guard never reads a torn update.
+pub(super) fn lock<T>(state: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    state
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
