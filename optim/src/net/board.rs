@@ -1,19 +1,19 @@
-//! Where peers publish and read progress records: the [`ProgressBoard`] trait and its
-//! implementation over `colony-dht` ([`DhtProgressBoard`]).
+//! [`DhtProgressBoard`]: the [`ProgressBoard`] over `colony-dht`, and the schema of its
+//! records ([`TrainingProgressSchema`]).
 
 use std::{
     collections::BTreeMap,
-    future::Future,
     sync::{Arc, Mutex},
 };
 
-use colony_dht::{Dht, DhtValue, SchemaRecordValidator};
+use colony_dht::{Dht, DhtValue, GossipMessage, LatestPerOwner, SchemaRecordValidator};
 use colony_schema::{Checked, OwnerKey, SchemaValidator, from_msgpack_strict, to_msgpack};
 use tokio::sync::mpsc;
 use validator::Validate;
 
 use crate::{
     error::{OptimError, Result},
+    ports::ProgressBoard,
     progress::TrainingProgress,
     tracker::PeerRecord,
 };
@@ -27,29 +27,8 @@ pub struct TrainingProgressSchema {
     pub progress: BTreeMap<OwnerKey, Option<Checked<TrainingProgress>>>,
 }
 
-/// A place where peers publish their progress and read everyone's.
-///
-/// Implementations must be cheap to clone (handles) and authenticate records: a record
-/// under a peer's key was written by that peer.
-pub trait ProgressBoard: Clone + Send + Sync + 'static {
-    /// This peer's subkey (its owner marker).
-    fn self_key(&self) -> Vec<u8>;
-    /// This peer's network id (put in its records for averaging and monitoring).
-    fn peer_id(&self) -> String;
-    /// The swarm's clock (Unix seconds).
-    fn now(&self) -> f64;
-    /// Publishes this peer's progress (`None`: a goodbye) until `expiration`.
-    fn publish(
-        &self,
-        progress: Option<TrainingProgress>,
-        expiration: f64,
-    ) -> impl Future<Output = Result<()>> + Send;
-    /// Reads every peer's latest record (own included).
-    fn fetch(&self) -> impl Future<Output = Result<Vec<PeerRecord>>> + Send;
-}
-
-/// Records pushed over gossipsub, keyed by owner subkey: `(progress, expiration)`.
-type PushedRecords = Arc<Mutex<BTreeMap<Vec<u8>, (Option<TrainingProgress>, f64)>>>;
+/// Records pushed over gossipsub: the latest per owner, later expiration wins.
+type PushedRecords = Arc<Mutex<LatestPerOwner<Option<TrainingProgress>>>>;
 
 /// [`ProgressBoard`] over a [`Dht`]: signed records under `{prefix}_progress` with this
 /// node's owner subkey, checked against [`TrainingProgressSchema`] on every storing node
@@ -76,11 +55,53 @@ struct PushedRecord {
     expiration: f64,
 }
 
-fn owner_of_source(owner: &[u8], source: Option<&colony_dht::PeerId>) -> Option<OwnerKey> {
-    let bytes: [u8; 32] = owner.try_into().ok()?;
-    let public = libp2p::identity::ed25519::PublicKey::try_from_bytes(&bytes).ok()?;
-    let peer = libp2p::identity::PublicKey::from(public).to_peer_id();
-    (Some(&peer) == source).then(|| OwnerKey::from_bytes(bytes))
+/// Whether `progress` (if any: a goodbye names nobody) was made by `owner`: its
+/// `peer_id` must be the peer id of the owner key. A record that lies about it is
+/// dropped, so nobody can point averaging or monitoring at another peer.
+fn names_its_owner(owner: &OwnerKey, progress: Option<&TrainingProgress>) -> bool {
+    let Some(progress) = progress else {
+        return true;
+    };
+    let matches =
+        colony_dht::peer_id_of_owner(owner).is_ok_and(|peer| peer.to_base58() == progress.peer_id);
+    if !matches {
+        tracing::warn!(
+            %owner,
+            claimed = %progress.peer_id,
+            "progress record names a peer id that is not its owner's; dropped"
+        );
+    }
+    matches
+}
+
+/// Decodes a pushed record and keeps it only if the message's source owns it, it
+/// validates, and it names its owner's peer id.
+fn accept_pushed(message: &GossipMessage) -> Option<(OwnerKey, Option<TrainingProgress>, f64)> {
+    let Ok(record) = from_msgpack_strict::<PushedRecord>(&message.data) else {
+        tracing::debug!(source = ?message.source, "undecodable pushed progress");
+        return None;
+    };
+    let owner = <[u8; 32]>::try_from(record.owner.as_slice())
+        .ok()
+        .map(OwnerKey::from_bytes)
+        .filter(|owner| message.is_from_owner(owner));
+    let Some(owner) = owner else {
+        tracing::warn!(source = ?message.source, "pushed progress for a foreign owner");
+        return None;
+    };
+    if record
+        .progress
+        .as_ref()
+        .is_some_and(|p| p.validate().is_err())
+    {
+        tracing::warn!(source = ?message.source, "pushed progress fails validation");
+        return None;
+    }
+    names_its_owner(&owner, record.progress.as_ref()).then_some((
+        owner,
+        record.progress,
+        record.expiration,
+    ))
 }
 
 impl DhtProgressBoard {
@@ -89,54 +110,39 @@ impl DhtProgressBoard {
     /// the optimizer can refresh its estimate at once.
     ///
     /// # Errors
-    /// [`OptimError::Dht`] if the schema cannot be built or the subscription fails.
+    /// [`OptimError::Schema`] if the schema cannot be built, [`OptimError::Dht`] if the
+    /// subscription fails.
     pub async fn new(dht: Dht, prefix: &str, wake: Option<mpsc::Sender<()>>) -> Result<Self> {
-        let schema =
-            SchemaValidator::for_schema::<TrainingProgressSchema>(Some(prefix)).map_err(|e| {
-                OptimError::Dht {
-                    operation: "schema",
-                    message: e.to_string(),
-                }
-            })?;
+        let schema = SchemaValidator::for_schema::<TrainingProgressSchema>(Some(prefix)).map_err(
+            |source| OptimError::Schema {
+                op: "build the progress schema",
+                source,
+            },
+        )?;
         dht.add_validator(Arc::new(SchemaRecordValidator::new(schema)));
         let key = format!("{prefix}_progress");
         let pushed: PushedRecords = Arc::default();
-        let mut messages = dht.subscribe(&key).await.map_err(|e| OptimError::Dht {
-            operation: "subscribe",
-            message: e.to_string(),
-        })?;
+        let mut messages = dht
+            .subscribe(&key)
+            .await
+            .map_err(|source| OptimError::Dht {
+                op: "subscribe to progress pushes",
+                source,
+            })?;
         let sink = Arc::downgrade(&pushed);
         let wake_task = wake.clone();
         tokio::spawn(async move {
             while let Some(message) = messages.recv().await {
                 let Some(sink) = sink.upgrade() else { break };
-                let Ok(record) = from_msgpack_strict::<PushedRecord>(&message.data) else {
-                    tracing::debug!(source = ?message.source, "undecodable pushed progress");
+                let Some((owner, progress, expiration)) = accept_pushed(&message) else {
                     continue;
                 };
-                let Some(owner) = owner_of_source(&record.owner, message.source.as_ref()) else {
-                    tracing::warn!(source = ?message.source, "pushed progress for a foreign owner");
-                    continue;
+                let Ok(mut map) = sink.lock() else {
+                    tracing::error!("pushed-progress map poisoned; no longer accepting pushes");
+                    break;
                 };
-                if record
-                    .progress
-                    .as_ref()
-                    .is_some_and(|p| p.validate().is_err())
-                {
-                    tracing::warn!(source = ?message.source, "pushed progress fails validation");
-                    continue;
-                }
-                {
-                    let mut map = sink
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner);
-                    let entry = map
-                        .entry(owner.marker())
-                        .or_insert((None, f64::NEG_INFINITY));
-                    if record.expiration > entry.1 {
-                        *entry = (record.progress, record.expiration);
-                    }
-                }
+                map.offer(owner, progress, expiration);
+                drop(map);
                 if let Some(wake) = &wake_task {
                     // A full channel already holds a wake-up; dropping this one is fine.
                     let _ = wake.try_send(());
@@ -172,9 +178,9 @@ impl ProgressBoard for DhtProgressBoard {
 
     async fn publish(&self, progress: Option<TrainingProgress>, expiration: f64) -> Result<()> {
         let value = match &progress {
-            Some(p) => to_msgpack(p).map_err(|e| OptimError::Dht {
-                operation: "encode",
-                message: e.to_string(),
+            Some(p) => to_msgpack(p).map_err(|source| OptimError::Schema {
+                op: "encode a progress record",
+                source,
             })?,
             None => vec![0xc0],
         };
@@ -182,9 +188,9 @@ impl ProgressBoard for DhtProgressBoard {
         self.dht
             .store(self.key.as_bytes(), Some(&subkey), value, expiration)
             .await
-            .map_err(|e| OptimError::Dht {
-                operation: "store progress",
-                message: e.to_string(),
+            .map_err(|source| OptimError::Dht {
+                op: "store progress",
+                source,
             })?;
         let push = PushedRecord {
             owner: self.dht.public_key().to_vec(),
@@ -205,13 +211,17 @@ impl ProgressBoard for DhtProgressBoard {
             .dht
             .get(self.key.as_bytes(), true)
             .await
-            .map_err(|e| OptimError::Dht {
-                operation: "get progress",
-                message: e.to_string(),
+            .map_err(|source| OptimError::Dht {
+                op: "get progress",
+                source,
             })?;
-        let mut merged: BTreeMap<Vec<u8>, (Option<TrainingProgress>, f64)> = BTreeMap::new();
+        let mut merged = LatestPerOwner::new();
         if let Some(DhtValue::Dictionary(entries)) = found {
             for (subkey, entry) in entries {
+                // The schema validator requires an owner marker in every subkey.
+                let Ok(owner) = OwnerKey::require_in(&subkey) else {
+                    continue;
+                };
                 // The DHT already validated the schema; a value that still fails to decode
                 // strictly counts as a goodbye.
                 let progress =
@@ -219,27 +229,24 @@ impl ProgressBoard for DhtProgressBoard {
                         .ok()
                         .flatten()
                         .map(Checked::into_inner);
-                merged.insert(subkey, (progress, entry.expiration));
+                if names_its_owner(&owner, progress.as_ref()) {
+                    merged.offer(owner, progress, entry.expiration);
+                }
             }
         }
         {
-            let now = self.now();
-            let mut pushed = self
-                .pushed
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            pushed.retain(|_, (_, exp)| *exp > now);
-            for (subkey, (progress, expiration)) in pushed.iter() {
-                let newer = merged.get(subkey).is_none_or(|(_, e)| expiration > e);
-                if newer {
-                    merged.insert(subkey.clone(), (progress.clone(), *expiration));
-                }
+            let mut pushed = self.pushed.lock().map_err(|_| OptimError::Internal {
+                what: "the pushed-progress map was poisoned by a panic",
+            })?;
+            pushed.prune(self.now());
+            for (owner, progress, expiration) in pushed.iter() {
+                merged.offer(*owner, progress.clone(), expiration);
             }
         }
         Ok(merged
             .into_iter()
-            .map(|(key, (progress, expiration))| PeerRecord {
-                key,
+            .map(|(owner, progress, expiration)| PeerRecord {
+                key: owner.marker(),
                 progress,
                 expiration,
             })
@@ -309,17 +316,65 @@ mod tests {
         assert!(v.validate(b"run_progress", Some(b"anyone"), &good).is_err());
     }
 
+    fn pushed(secret: u8, source: Option<u8>, progress: Option<TrainingProgress>) -> GossipMessage {
+        let owner = colony_dht::owner_key_from_secret([secret; 32]);
+        let data = to_msgpack(&PushedRecord {
+            owner: owner.as_bytes().to_vec(),
+            progress,
+            expiration: 100.0,
+        })
+        .unwrap();
+        GossipMessage {
+            topic: "run_progress".into(),
+            source: source.map(peer_of),
+            data,
+        }
+    }
+
+    fn peer_of(secret: u8) -> colony_dht::PeerId {
+        colony_dht::peer_id_of_owner(&colony_dht::owner_key_from_secret([secret; 32])).unwrap()
+    }
+
+    fn honest(secret: u8) -> TrainingProgress {
+        TrainingProgress {
+            peer_id: peer_of(secret).to_base58(),
+            ..sample()
+        }
+    }
+
     #[test]
     fn pushed_records_must_come_from_their_owner() {
-        let keypair = libp2p::identity::Keypair::generate_ed25519();
-        let peer = keypair.public().to_peer_id();
-        let ed = keypair.public().try_into_ed25519().unwrap().to_bytes();
-        assert!(owner_of_source(&ed, Some(&peer)).is_some());
-        let other = libp2p::identity::Keypair::generate_ed25519()
-            .public()
-            .to_peer_id();
-        assert!(owner_of_source(&ed, Some(&other)).is_none());
-        assert!(owner_of_source(&ed, None).is_none());
-        assert!(owner_of_source(&ed[..5], Some(&peer)).is_none());
+        let (owner, progress, expiration) =
+            accept_pushed(&pushed(1, Some(1), Some(honest(1)))).unwrap();
+        assert_eq!(owner, colony_dht::owner_key_from_secret([1; 32]));
+        assert_eq!((progress, expiration), (Some(honest(1)), 100.0));
+        // Signed by someone else, or by nobody: refused.
+        assert!(accept_pushed(&pushed(1, Some(2), Some(honest(1)))).is_none());
+        assert!(accept_pushed(&pushed(1, None, Some(honest(1)))).is_none());
+        // A goodbye from its owner is accepted; a truncated owner key is not.
+        assert!(accept_pushed(&pushed(1, Some(1), None)).is_some());
+        let mut short = pushed(1, Some(1), None);
+        short.data = to_msgpack(&PushedRecord {
+            owner: vec![1; 5],
+            progress: None,
+            expiration: 100.0,
+        })
+        .unwrap();
+        assert!(accept_pushed(&short).is_none());
+    }
+
+    #[test]
+    fn a_record_that_lies_about_its_peer_id_is_dropped() {
+        // Peer 1 signs its own record but claims to be peer 2 (or someone made up).
+        let lie = TrainingProgress {
+            peer_id: peer_of(2).to_base58(),
+            ..sample()
+        };
+        assert!(accept_pushed(&pushed(1, Some(1), Some(lie.clone()))).is_none());
+        let owner = colony_dht::owner_key_from_secret([1; 32]);
+        assert!(!names_its_owner(&owner, Some(&lie)));
+        assert!(!names_its_owner(&owner, Some(&sample())));
+        assert!(names_its_owner(&owner, Some(&honest(1))));
+        assert!(names_its_owner(&owner, None), "a goodbye names nobody");
     }
 }
