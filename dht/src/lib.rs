@@ -72,7 +72,7 @@ mod value;
 pub use behaviour::{IDENTIFY_PROTOCOL, KAD_PROTOCOL};
 pub use config::{DhtConfig, IdentitySource};
 pub use dht::Dht;
-pub use error::{DhtError, ValidationError};
+pub use error::{DhtError, PubSubError, ValidationError};
 pub use gossip::LatestPerOwner;
 pub use node::{GossipMessage, NodeStats, PeerAddresses};
 pub use owner::{owner_key_from_secret, peer_id_of_owner};
