@@ -17,7 +17,7 @@ use crate::{
     accumulator::GradAccumulator,
     config::OptimConfig,
     ema::PerformanceEma,
-    error::{OptimError, Result},
+    error::{ErrorChain, OptimError, Result},
     local::LocalOptimizer,
     ports::{PeerState, ProgressBoard, SwarmAverager},
     progress::TrainingProgress,
@@ -328,7 +328,7 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
                 state
             }
             Err(e) => {
-                tracing::warn!(error = %e, "could not refresh the collaboration state");
+                tracing::warn!(error = %ErrorChain(&e), "could not refresh the collaboration state");
                 lock(&self.shared).state.clone()
             }
         }
@@ -375,7 +375,7 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
                 if !self.accumulator.reuses_grad_buffers() {
                     self.grads.fill(0.0);
                 }
-                tracing::warn!(error = %e, "skipping a batch with non-finite gradients");
+                tracing::warn!(error = %ErrorChain(&e), "skipping a batch with non-finite gradients");
                 return Err(e);
             }
             Err(e) => return Err(e),
@@ -470,7 +470,7 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
                     tracing::warn!("averaging returned non-finite values; using local tensors")
                 }
                 Err(e) => {
-                    tracing::info!(error = %e, "skipped averaging; stepping on local gradients")
+                    tracing::info!(error = %ErrorChain(&e), "skipped averaging; stepping on local gradients")
                 }
             }
         }
@@ -499,7 +499,7 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
             optimizer_state: self.local.state().to_vec(),
         };
         if let Err(e) = self.averager.share_state(state).await {
-            tracing::warn!(error = %e, "could not share the state");
+            tracing::warn!(error = %ErrorChain(&e), "could not share the state");
         }
     }
 
@@ -532,7 +532,7 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
         let group_size = match self.averager.assist(timeout).await {
             Ok(size) => size,
             Err(e) => {
-                tracing::info!(error = %e, "auxiliary averaging round failed");
+                tracing::info!(error = %ErrorChain(&e), "auxiliary averaging round failed");
                 1
             }
         };
@@ -567,7 +567,7 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
                 return Ok(false);
             }
             Err(e) => {
-                tracing::warn!(error = %e, "loading the state from peers failed");
+                tracing::warn!(error = %ErrorChain(&e), "loading the state from peers failed");
                 return Ok(false);
             }
         };
@@ -644,13 +644,10 @@ async fn fetch_records<B: ProgressBoard>(
 
 /// A board operation that ran past `request_timeout` (s).
 fn timed_out(op: &'static str, timeout_s: f64) -> OptimError {
-    OptimError::Dht {
-        op,
-        source: DhtError::Timeout {
-            operation: op,
-            timeout_s,
-        },
-    }
+    OptimError::dht(op)(DhtError::Timeout {
+        operation: op,
+        timeout_s,
+    })
 }
 
 async fn refresh_loop<B: ProgressBoard>(
@@ -692,7 +689,7 @@ async fn refresh_loop<B: ProgressBoard>(
         let records = match fetch_records(&board, &config).await {
             Ok(records) => records,
             Err(e) => {
-                tracing::debug!(error = %e, "progress fetch failed");
+                tracing::debug!(error = %ErrorChain(&e), "progress fetch failed");
                 let mut s = lock(&shared);
                 s.state.next_fetch_time = board.now() + config.min_refresh_period.max(1.0);
                 continue;
@@ -743,7 +740,7 @@ async fn report_loop<B: ProgressBoard>(
         let publish = board.publish(Some(record), now + config.metadata_expiration);
         match tokio::time::timeout(secs(config.request_timeout), publish).await {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::debug!(error = %e, "progress report failed"),
+            Ok(Err(e)) => tracing::debug!(error = %ErrorChain(&e), "progress report failed"),
             Err(_) => tracing::debug!("progress report timed out"),
         }
         // Coalesce bursts of step() calls: at most two reports per refresh period.

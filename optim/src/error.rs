@@ -52,9 +52,10 @@ pub enum OptimError {
     Dht {
         /// What the optimizer was doing.
         op: &'static str,
-        /// The DHT's error.
+        /// The DHT's error (boxed: it carries peer ids and would make every `Result` of
+        /// this crate large).
         #[source]
-        source: colony_dht::DhtError,
+        source: Box<colony_dht::DhtError>,
     },
     /// The averaging layer failed.
     #[error("averaging: {op} failed")]
@@ -104,6 +105,32 @@ pub enum OptimError {
 /// `Result` with [`OptimError`].
 pub type Result<T, E = OptimError> = std::result::Result<T, E>;
 
+impl OptimError {
+    /// Wraps a DHT error met while doing `op`.
+    pub(crate) fn dht(op: &'static str) -> impl FnOnce(colony_dht::DhtError) -> Self {
+        move |source| Self::Dht {
+            op,
+            source: Box::new(source),
+        }
+    }
+}
+
+/// Displays an error and its whole `source` chain, `outer: cause: root`, for log lines
+/// (an error's own message names only its part).
+pub(crate) struct ErrorChain<'a>(pub(crate) &'a dyn std::error::Error);
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(cause) = source {
+            write!(f, ": {cause}")?;
+            source = cause.source();
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::error::Error as _;
@@ -114,7 +141,7 @@ mod tests {
     fn causes_are_chained_not_repeated() {
         let e = OptimError::Dht {
             op: "store progress",
-            source: colony_dht::DhtError::Shutdown,
+            source: Box::new(colony_dht::DhtError::Shutdown),
         };
         assert_eq!(e.to_string(), "dht: store progress failed");
         let source = e.source().map(ToString::to_string);
@@ -125,5 +152,9 @@ mod tests {
         };
         assert!(!e.to_string().contains("donor"));
         assert!(e.source().is_some());
+        assert_eq!(
+            ErrorChain(&e).to_string(),
+            "averaging: step failed: no donor could provide state (2 tried)"
+        );
     }
 }

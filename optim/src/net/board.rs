@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use validator::Validate;
 
 use crate::{
-    error::{OptimError, Result},
+    error::{ErrorChain, OptimError, Result},
     ports::ProgressBoard,
     progress::TrainingProgress,
     tracker::PeerRecord,
@@ -37,7 +37,8 @@ type PushedRecords = Arc<Mutex<LatestPerOwner<Option<TrainingProgress>>>>;
 ///
 /// A pushed record is accepted only if the gossip message was signed by the peer whose
 /// owner key it claims (the libp2p identity key is the owner key), so nobody can push a
-/// record for someone else.
+/// record for someone else. A record, fetched or pushed, whose `peer_id` is not the peer
+/// id of its owner key is dropped with a warning, so nobody can claim another's identity.
 #[derive(Debug, Clone)]
 pub struct DhtProgressBoard {
     dht: Dht,
@@ -125,10 +126,7 @@ impl DhtProgressBoard {
         let mut messages = dht
             .subscribe(&key)
             .await
-            .map_err(|source| OptimError::Dht {
-                op: "subscribe to progress pushes",
-                source,
-            })?;
+            .map_err(OptimError::dht("subscribe to progress pushes"))?;
         let sink = Arc::downgrade(&pushed);
         let wake_task = wake.clone();
         tokio::spawn(async move {
@@ -188,10 +186,7 @@ impl ProgressBoard for DhtProgressBoard {
         self.dht
             .store(self.key.as_bytes(), Some(&subkey), value, expiration)
             .await
-            .map_err(|source| OptimError::Dht {
-                op: "store progress",
-                source,
-            })?;
+            .map_err(OptimError::dht("store progress"))?;
         let push = PushedRecord {
             owner: self.dht.public_key().to_vec(),
             progress,
@@ -200,7 +195,7 @@ impl ProgressBoard for DhtProgressBoard {
         if let Ok(bytes) = to_msgpack(&push) {
             // Nobody subscribed yet (a lone peer) is not an error worth reporting.
             if let Err(e) = self.dht.publish(&self.key, bytes).await {
-                tracing::debug!(error = %e, "progress push not delivered");
+                tracing::debug!(error = %ErrorChain(&e), "progress push not delivered");
             }
         }
         Ok(())
@@ -211,10 +206,7 @@ impl ProgressBoard for DhtProgressBoard {
             .dht
             .get(self.key.as_bytes(), true)
             .await
-            .map_err(|source| OptimError::Dht {
-                op: "get progress",
-                source,
-            })?;
+            .map_err(OptimError::dht("get progress"))?;
         let mut merged = LatestPerOwner::new();
         if let Some(DhtValue::Dictionary(entries)) = found {
             for (subkey, entry) in entries {
