@@ -192,12 +192,8 @@ async fn three_peers_over_the_dht_match_union_batch_sgd() {
         *hub.expected.lock().unwrap() = PEERS;
         let mut handles = Vec::new();
         for (p, dht) in dhts.iter().enumerate() {
-            let (tx, rx) = mpsc::channel(1);
             let mut cfg = config((PEERS * BATCH) as u64);
             cfg.prefix = "equiv".into();
-            let board = DhtProgressBoard::new(dht.clone(), &cfg.prefix, Some(tx))
-                .await
-                .unwrap();
             let layout = Layout::packed([("w", vec![DIM])], 1).unwrap();
             let sgd = Sgd {
                 momentum: 0.0,
@@ -208,10 +204,15 @@ async fn three_peers_over_the_dht_match_union_batch_sgd() {
                 name: format!("p{p}"),
                 hub: hub.clone(),
             };
-            let mut opt =
-                CollaborativeOptimizer::new(cfg, vec![0.0; DIM], local, board, averager, Some(rx))
-                    .await
-                    .unwrap();
+            let mut opt = CollaborativeOptimizer::join_with(
+                dht.clone(),
+                cfg,
+                vec![0.0; DIM],
+                local,
+                averager,
+            )
+            .await
+            .unwrap();
             let data = data.clone();
             handles.push(tokio::spawn(async move {
                 for s in 0..STEPS {

@@ -1,6 +1,7 @@
 //! The network adapters of the driver's ports: [`DhtProgressBoard`] (progress records in
 //! `colony-dht`, pushed over gossipsub) and [`NetworkAverager`] (`colony-averaging`), and
-//! the one place that wires them into a peer: [`CollaborativeOptimizer::join`].
+//! the one place that wires them into a peer: [`CollaborativeOptimizer::join`] (and
+//! [`CollaborativeOptimizer::join_with`] for a caller's own averager).
 
 mod averager;
 mod board;
@@ -27,8 +28,10 @@ impl CollaborativeOptimizer<DhtProgressBoard, NetworkAverager> {
     /// `params` (the initial values, identical on every peer or loaded later) with the
     /// `local` update rule.
     ///
-    /// This is the composition point for real swarms; tests that inject in-memory ports
-    /// use [`new`](CollaborativeOptimizer::new).
+    /// This is the composition point for real swarms;
+    /// [`join_with`](CollaborativeOptimizer::join_with) takes the caller's averager
+    /// instead, and [`new`](CollaborativeOptimizer::new) takes both ports (in-memory test
+    /// doubles).
     ///
     /// # Errors
     /// [`OptimError::InvalidConfig`] or [`OptimError::LengthMismatch`] before anything is
@@ -71,15 +74,8 @@ impl CollaborativeOptimizer<DhtProgressBoard, NetworkAverager> {
         params: Vec<f32>,
         local: LocalOptimizer,
     ) -> Result<Self> {
-        config.validate()?;
-        if params.len() != local.num_params() {
-            return Err(OptimError::LengthMismatch {
-                what: "parameters",
-                expected: local.num_params(),
-                actual: params.len(),
-            });
-        }
-        let mut averager = NetworkAverager::new(
+        check_inputs(&config, &params, &local)?;
+        let averager = NetworkAverager::new(
             dht.clone(),
             &config,
             averaging,
@@ -87,6 +83,29 @@ impl CollaborativeOptimizer<DhtProgressBoard, NetworkAverager> {
             local.state().len(),
         )
         .await?;
+        Self::join_with(dht, config, params, local, averager).await
+    }
+}
+
+impl<A: SwarmAverager> CollaborativeOptimizer<DhtProgressBoard, A> {
+    /// Like [`join`](CollaborativeOptimizer::join) with an averager of the caller's (an
+    /// in-process double, a bench's no-op averager): sets up the [`DhtProgressBoard`] and
+    /// its wake channel on `dht`, then starts the optimizer. If the board cannot be set up,
+    /// `averager` is shut down.
+    ///
+    /// # Errors
+    /// As [`join`](CollaborativeOptimizer::join), without the averager's own.
+    pub async fn join_with(
+        dht: Dht,
+        config: OptimConfig,
+        params: Vec<f32>,
+        local: LocalOptimizer,
+        mut averager: A,
+    ) -> Result<Self> {
+        if let Err(e) = check_inputs(&config, &params, &local) {
+            averager.shutdown().await;
+            return Err(e);
+        }
         // One pending wake-up is enough: the optimizer refreshes everything it wakes for.
         let (wake_tx, wake_rx) = mpsc::channel(1);
         let board = match DhtProgressBoard::new(dht, &config.prefix, Some(wake_tx)).await {
@@ -97,5 +116,20 @@ impl CollaborativeOptimizer<DhtProgressBoard, NetworkAverager> {
             }
         };
         Self::new(config, params, local, board, averager, Some(wake_rx)).await
+    }
+}
+
+/// What [`CollaborativeOptimizer::new`] would refuse, checked before anything is started
+/// on the network.
+fn check_inputs(config: &OptimConfig, params: &[f32], local: &LocalOptimizer) -> Result<()> {
+    config.validate()?;
+    if params.len() == local.num_params() {
+        Ok(())
+    } else {
+        Err(OptimError::LengthMismatch {
+            what: "parameters",
+            expected: local.num_params(),
+            actual: params.len(),
+        })
     }
 }
