@@ -67,20 +67,19 @@ struct InstantAverager {
 }
 
 impl SwarmAverager for InstantAverager {
-    async fn average(&mut self, _: &mut [f32], _: f64, _: u64, _: Duration) -> Result<usize> {
+    async fn average(&mut self, _: &mut [f32], _: f64, _: Duration) -> Result<usize> {
+        const WAIT: Duration = Duration::from_secs(10);
         if let Some(b) = &self.barrier
-            && tokio::time::timeout(Duration::from_secs(10), b.wait())
-                .await
-                .is_err()
+            && tokio::time::timeout(WAIT, b.wait()).await.is_err()
         {
             return Err(colony_optim::OptimError::Averaging {
-                operation: "bench round",
-                message: "peers missing".into(),
+                op: "bench round",
+                source: colony_optim::AveragingError::NoGroupFound { waited: WAIT },
             });
         }
         Ok(self.group)
     }
-    async fn assist(&mut self, _: usize, _: u64, _: Duration) -> Result<usize> {
+    async fn assist(&mut self, _: Duration) -> Result<usize> {
         Ok(self.group)
     }
     async fn share_state(&mut self, _: PeerState) -> Result<()> {

@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::{
     behaviour::build_swarm,
     config::DhtConfig,
-    error::DhtError,
+    error::{DhtError, PubSubError},
     identity::load_identity,
     node::{Command, GossipMessage, Node, NodeStats, PeerAddresses, strip_p2p},
     record::DhtRecord,
@@ -298,11 +298,10 @@ impl Dht {
         if data.len() > self.inner.max_gossip_size {
             return Err(DhtError::PubSub {
                 topic: topic.to_owned(),
-                reason: format!(
-                    "message of {} bytes exceeds {} bytes",
-                    data.len(),
-                    self.inner.max_gossip_size
-                ),
+                source: PubSubError::TooLarge {
+                    size: data.len(),
+                    limit: self.inner.max_gossip_size,
+                },
             });
         }
         let topic = topic.to_owned();
@@ -340,7 +339,8 @@ impl Dht {
     /// # Errors
     ///
     /// [`DhtError::Stream`] if the peer cannot be reached or does not speak
-    /// `protocol`; [`DhtError::Timeout`] after twice the query timeout.
+    /// `protocol`, [`DhtError::PeerNotFound`] if it is not connected and a DHT
+    /// lookup does not find it; [`DhtError::Timeout`] after twice the query timeout.
     pub async fn open_stream(
         &self,
         peer: PeerId,
@@ -361,23 +361,17 @@ impl Dht {
                         })
                         .await?;
                     if !found {
-                        return Err(DhtError::Stream {
+                        return Err(DhtError::PeerNotFound {
                             peer,
-                            reason: format!("{first}; the peer was not found in the DHT"),
+                            source: libp2p_stream::OpenStreamError::Io(first),
                         });
                     }
                     control
                         .open_stream(peer, protocol)
                         .await
-                        .map_err(|e| DhtError::Stream {
-                            peer,
-                            reason: e.to_string(),
-                        })
+                        .map_err(|source| DhtError::Stream { peer, source })
                 }
-                Err(e) => Err(DhtError::Stream {
-                    peer,
-                    reason: e.to_string(),
-                }),
+                Err(source) => Err(DhtError::Stream { peer, source }),
             }
         };
         tokio::time::timeout(timeout * 2, attempt)

@@ -1,6 +1,6 @@
 //! The crate's error types.
 
-use libp2p::{Multiaddr, PeerId};
+use libp2p::{Multiaddr, PeerId, gossipsub, kad};
 
 /// Why a record failed validation.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -120,21 +120,36 @@ pub enum DhtError {
         timeout_s: f64,
     },
     /// Gossipsub refused to publish or subscribe.
-    #[error("pubsub on topic `{topic}`: {reason}")]
+    #[error("pubsub on topic `{topic}` failed")]
     PubSub {
         /// The topic.
         topic: String,
         /// Why it failed.
-        reason: String,
+        #[source]
+        source: PubSubError,
     },
     /// A stream to a peer could not be opened.
-    #[error("cannot open stream to {peer}: {reason}")]
+    #[error("cannot open stream to {peer}")]
     Stream {
         /// The remote peer.
         peer: PeerId,
         /// Why it failed.
-        reason: String,
+        #[source]
+        source: libp2p_stream::OpenStreamError,
     },
+    /// A stream to a peer could not be opened: no connection, and a DHT lookup did
+    /// not find the peer either.
+    #[error("cannot open stream to {peer}: not connected, and the DHT does not know it")]
+    PeerNotFound {
+        /// The remote peer.
+        peer: PeerId,
+        /// Why the first attempt (before the lookup) failed.
+        #[source]
+        source: libp2p_stream::OpenStreamError,
+    },
+    /// This node's own record store refused a record it was about to publish.
+    #[error("the local record store refused the record")]
+    LocalStore(#[source] kad::store::Error),
     /// The stream protocol is already registered for accepting.
     #[error("protocol {protocol} already has an acceptor")]
     AlreadyRegistered {
@@ -144,4 +159,24 @@ pub enum DhtError {
     /// The background task has stopped (after [`Dht::shutdown`](crate::Dht::shutdown) or a panic).
     #[error("the DHT node has shut down")]
     Shutdown,
+}
+
+/// Why gossipsub refused an operation ([`DhtError::PubSub`]).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PubSubError {
+    /// The message is larger than `max_gossip_size`.
+    #[error("message of {size} bytes exceeds the limit of {limit} bytes")]
+    TooLarge {
+        /// Message size in bytes.
+        size: usize,
+        /// The configured limit.
+        limit: usize,
+    },
+    /// Gossipsub refused to publish (e.g. no connected peer subscribes to the topic).
+    #[error("gossipsub refused to publish")]
+    Publish(#[source] gossipsub::PublishError),
+    /// Gossipsub refused the subscription.
+    #[error("gossipsub refused to subscribe")]
+    Subscribe(#[source] gossipsub::SubscriptionError),
 }

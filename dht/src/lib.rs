@@ -12,6 +12,10 @@
 //!   ([`Ed25519SignatureValidator`]); this node signs its own records.
 //! - Validators ([`RecordValidator`], e.g. [`SchemaRecordValidator`]) run on
 //!   every storing node (`StoreInserts::FilterBoth`) and on every reader.
+//! - A node's owner key is its libp2p identity key: [`peer_id_of_owner`] maps
+//!   one to the other, [`GossipMessage::is_from_owner`] checks that a gossip
+//!   message speaks for an owner, and [`LatestPerOwner`] keeps pushed records
+//!   with the DHT's merge rule (later expiration wins).
 //!
 //! # Wire format (version 1)
 //!
@@ -52,8 +56,10 @@ mod behaviour;
 mod config;
 mod dht;
 mod error;
+mod gossip;
 mod identity;
 mod node;
+mod owner;
 mod record;
 mod schema;
 mod signature;
@@ -66,8 +72,10 @@ mod value;
 pub use behaviour::{IDENTIFY_PROTOCOL, KAD_PROTOCOL};
 pub use config::{DhtConfig, IdentitySource};
 pub use dht::Dht;
-pub use error::{DhtError, ValidationError};
+pub use error::{DhtError, PubSubError, ValidationError};
+pub use gossip::LatestPerOwner;
 pub use node::{GossipMessage, NodeStats, PeerAddresses};
+pub use owner::{owner_key_from_secret, peer_id_of_owner};
 pub use record::{DhtRecord, WIRE_VERSION, WireEntry, decode_wire, encode_wire};
 pub use schema::SchemaRecordValidator;
 pub use signature::{

@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::{
     behaviour::{Behaviour, BehaviourEvent, KAD_PROTOCOL},
-    error::{DhtError, ValidationError},
+    error::{DhtError, PubSubError, ValidationError},
     record::{DhtRecord, WireEntry, decode_wire, encode_wire},
     storage::merge_values,
     time::dht_time,
@@ -229,7 +229,7 @@ impl Node {
                     .map(|_| ())
                     .map_err(|e| DhtError::PubSub {
                         topic,
-                        reason: e.to_string(),
+                        source: PubSubError::Publish(e),
                     });
                 let _ = reply.send(result);
             }
@@ -247,7 +247,7 @@ impl Node {
                     .map(|_| ())
                     .map_err(|e| DhtError::PubSub {
                         topic,
-                        reason: e.to_string(),
+                        source: PubSubError::Subscribe(e),
                     });
                 if result.is_ok() {
                     self.subscriptions
@@ -328,9 +328,7 @@ impl Node {
                 self.pending_puts.insert(id, (true, reply));
             }
             Err(e) => {
-                let _ = reply.send(Err(DhtError::Transport {
-                    reason: format!("local record store: {e}"),
-                }));
+                let _ = reply.send(Err(DhtError::LocalStore(e)));
             }
         }
     }

@@ -5,7 +5,9 @@ mod common;
 
 use std::time::Duration;
 
-use colony_dht::{Dht, DhtConfig, DhtError, DhtValue, IdentitySource, StreamProtocol, dht_time};
+use colony_dht::{
+    Dht, DhtConfig, DhtError, DhtValue, IdentitySource, PubSubError, StreamProtocol, dht_time,
+};
 use common::{expires_in, msgpack, swarm};
 use futures::{AsyncReadExt, AsyncWriteExt};
 
@@ -149,7 +151,10 @@ async fn pubsub_and_streams() {
         let too_big = vec![0u8; DhtConfig::default().max_gossip_size + 1];
         assert!(matches!(
             client.publish("progress", too_big).await,
-            Err(DhtError::PubSub { .. })
+            Err(DhtError::PubSub {
+                source: PubSubError::TooLarge { .. },
+                ..
+            })
         ));
 
         // Streams: the server accepts; the client (which dialed it) and a

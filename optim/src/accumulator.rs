@@ -106,8 +106,7 @@ impl GradAccumulator {
         }
         if let (Some(acc), Some(per_step)) = (self.acc.as_mut(), self.batch_size_per_step) {
             let alpha = batch as f32 / per_step as f32;
-            colony_kernels::cpu::accumulate(acc, grads, alpha)
-                .map_err(|e| OptimError::Kernel(e.to_string()))?;
+            colony_kernels::cpu::accumulate(acc, grads, alpha)?;
         }
         self.local_samples = self.local_samples.saturating_add(batch);
         self.local_steps = self.local_steps.saturating_add(1);

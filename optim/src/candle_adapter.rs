@@ -7,8 +7,8 @@ use colony_kernels::Layout;
 
 use crate::error::{OptimError, Result};
 
-fn candle_err(e: candle_core::Error) -> OptimError {
-    OptimError::Kernel(format!("candle: {e}"))
+fn candle_err(op: &'static str) -> impl Fn(candle_core::Error) -> OptimError {
+    move |source| OptimError::Candle { op, source }
 }
 
 /// A candle model's trainable variables in a fixed order (sorted by name), mapped onto
@@ -35,7 +35,7 @@ impl CandleParams {
     /// All variables of `varmap`, sorted by name (so every peer agrees on the order).
     ///
     /// # Errors
-    /// [`OptimError::Kernel`] if a variable is not `f32`.
+    /// [`OptimError::NotF32`] if a variable is not `f32`.
     pub fn from_varmap(varmap: &VarMap) -> Result<Self> {
         let data = varmap
             .data()
@@ -51,13 +51,16 @@ impl CandleParams {
     /// The given variables, in the given order.
     ///
     /// # Errors
-    /// [`OptimError::Kernel`] if a variable is not `f32` or the layout cannot be built.
+    /// [`OptimError::NotF32`] if a variable is not `f32`, [`OptimError::Kernel`] if the
+    /// layout cannot be built.
     pub fn from_vars(vars: Vec<(String, Var)>) -> Result<Self> {
-        if let Some((name, _)) = vars.iter().find(|(_, v)| v.dtype() != DType::F32) {
-            return Err(OptimError::Kernel(format!("variable {name} is not f32")));
+        if let Some((name, var)) = vars.iter().find(|(_, v)| v.dtype() != DType::F32) {
+            return Err(OptimError::NotF32 {
+                name: name.clone(),
+                dtype: format!("{:?}", var.dtype()),
+            });
         }
-        let layout = Layout::packed(vars.iter().map(|(n, v)| (n.clone(), v.dims().to_vec())), 1)
-            .map_err(|e| OptimError::Kernel(e.to_string()))?;
+        let layout = Layout::packed(vars.iter().map(|(n, v)| (n.clone(), v.dims().to_vec())), 1)?;
         Ok(Self { vars, layout })
     }
 
@@ -86,7 +89,7 @@ impl CandleParams {
     /// The model's current parameters, flat.
     ///
     /// # Errors
-    /// [`OptimError::Kernel`] on a candle error.
+    /// [`OptimError::Candle`] on a candle error.
     pub fn read_params(&self) -> Result<Vec<f32>> {
         let mut out = vec![0.0; self.num_params()];
         for ((_, var), entry) in self.vars.iter().zip(self.layout.tensors()) {
@@ -94,7 +97,7 @@ impl CandleParams {
                 .as_tensor()
                 .flatten_all()
                 .and_then(|t| t.to_vec1::<f32>())
-                .map_err(candle_err)?;
+                .map_err(candle_err("read parameters"))?;
             out[entry.range()].copy_from_slice(&values);
         }
         Ok(out)
@@ -104,7 +107,7 @@ impl CandleParams {
     /// loss does not depend on gets zeros.
     ///
     /// # Errors
-    /// [`OptimError::LengthMismatch`] or [`OptimError::Kernel`].
+    /// [`OptimError::LengthMismatch`] or [`OptimError::Candle`].
     pub fn read_grads(&self, grads: &GradStore, out: &mut [f32]) -> Result<()> {
         self.check("gradients", out.len())?;
         for ((_, var), entry) in self.vars.iter().zip(self.layout.tensors()) {
@@ -114,7 +117,7 @@ impl CandleParams {
                     let values = g
                         .flatten_all()
                         .and_then(|t| t.to_vec1::<f32>())
-                        .map_err(candle_err)?;
+                        .map_err(candle_err("read gradients"))?;
                     dst.copy_from_slice(&values);
                 }
                 None => dst.fill(0.0),
@@ -126,13 +129,13 @@ impl CandleParams {
     /// Writes flat `params` back into the model's variables.
     ///
     /// # Errors
-    /// [`OptimError::LengthMismatch`] or [`OptimError::Kernel`].
+    /// [`OptimError::LengthMismatch`] or [`OptimError::Candle`].
     pub fn write_params(&self, params: &[f32]) -> Result<()> {
         self.check("parameters", params.len())?;
         for ((_, var), entry) in self.vars.iter().zip(self.layout.tensors()) {
             let t = Tensor::from_slice(&params[entry.range()], var.dims(), var.device())
-                .map_err(candle_err)?;
-            var.set(&t).map_err(candle_err)?;
+                .map_err(candle_err("build a parameter tensor"))?;
+            var.set(&t).map_err(candle_err("write parameters"))?;
         }
         Ok(())
     }

@@ -1,5 +1,7 @@
 //! The optimizer's configuration, with the reference's defaults.
 
+use colony_averaging::AveragingMode;
+
 use crate::{
     error::{OptimError, Result},
     schedule::LrSchedule,
@@ -49,11 +51,12 @@ pub struct OptimConfig {
     /// Accumulate in the caller's gradient buffer instead of a private accumulator (saves
     /// memory; the caller then must not zero its gradients itself). Default false.
     pub reuse_grad_buffers: bool,
-    /// This peer accepts no inbound connections; it contributes samples but does not count
-    /// toward the global step. Default false.
-    pub client_mode: bool,
-    /// This peer computes no gradients and only helps averaging (`step_aux`). Default false.
-    pub auxiliary: bool,
+    /// How this peer takes part, the one role from the CLI down to the averager:
+    /// [`AveragingMode::Node`] trains and averages; [`AveragingMode::Client`] accepts no
+    /// inbound connections, contributes samples but does not count toward the global
+    /// step; [`AveragingMode::Aux`] computes no gradients and only helps averaging
+    /// (`step_aux`). Default node.
+    pub role: AveragingMode,
     /// Records whose `time` lies further than this in the future are ignored (s): a peer
     /// cannot extrapolate its own progress forward by lying about the clock. Default 30.
     pub max_clock_skew: f64,
@@ -87,8 +90,7 @@ impl Default for OptimConfig {
             request_timeout: 10.0,
             step_tolerance: 1,
             reuse_grad_buffers: false,
-            client_mode: false,
-            auxiliary: false,
+            role: AveragingMode::Node,
             max_clock_skew: 30.0,
             step_quorum: 2,
             throughput_outlier_factor: 10.0,
@@ -115,6 +117,16 @@ impl OptimConfig {
     /// The averaging prefix of this run: `{prefix}_averaging`.
     pub fn averaging_prefix(&self) -> String {
         format!("{}_averaging", self.prefix)
+    }
+
+    /// Whether this peer runs in client mode (published in its progress records).
+    pub fn is_client(&self) -> bool {
+        self.role == AveragingMode::Client
+    }
+
+    /// Whether this peer is auxiliary (calls `step_aux`, never `step`).
+    pub fn is_auxiliary(&self) -> bool {
+        self.role == AveragingMode::Aux
     }
 
     /// Checks every field against its documented range.
@@ -176,13 +188,7 @@ impl OptimConfig {
         if !(self.throughput_outlier_factor.is_finite() && self.throughput_outlier_factor >= 1.0) {
             return Err(bad("throughput_outlier_factor", "must be finite and >= 1"));
         }
-        if self.auxiliary && self.client_mode {
-            return Err(bad(
-                "auxiliary",
-                "an auxiliary peer must accept connections (not client_mode)",
-            ));
-        }
-        if self.reuse_grad_buffers && self.auxiliary {
+        if self.reuse_grad_buffers && self.role == AveragingMode::Aux {
             return Err(bad(
                 "reuse_grad_buffers",
                 "an auxiliary peer has no gradients",
@@ -207,7 +213,8 @@ mod tests {
         assert_eq!(c.performance_ema_alpha, 0.1);
         assert_eq!(c.metadata_expiration, 60.0);
         assert_eq!(c.step_tolerance, 1);
-        assert!(!c.reuse_grad_buffers && !c.client_mode);
+        assert!(!c.reuse_grad_buffers && c.role == AveragingMode::Node);
+        assert!(!c.is_client() && !c.is_auxiliary());
         c.validate().unwrap();
         assert_eq!(OptimConfig::new("run", 64).progress_key(), "run_progress");
         assert_eq!(
@@ -279,16 +286,9 @@ mod tests {
                 Box::new(|c| c.throughput_outlier_factor = 0.5),
             ),
             (
-                "auxiliary",
-                Box::new(|c| {
-                    c.auxiliary = true;
-                    c.client_mode = true;
-                }),
-            ),
-            (
                 "reuse_grad_buffers",
                 Box::new(|c| {
-                    c.auxiliary = true;
+                    c.role = AveragingMode::Aux;
                     c.reuse_grad_buffers = true;
                 }),
             ),
@@ -297,6 +297,15 @@ mod tests {
                 Box::new(|c| c.lr_schedule = LrSchedule::Constant { lr: -1.0 }),
             ),
         ];
+        // A client may reuse its gradient buffers; only an auxiliary peer has none.
+        let mut client = OptimConfig {
+            role: AveragingMode::Client,
+            reuse_grad_buffers: true,
+            ..OptimConfig::default()
+        };
+        client.validate().unwrap();
+        client.role = AveragingMode::Aux;
+        assert!(client.is_auxiliary());
         for (field, mutate) in cases {
             let mut c = OptimConfig::default();
             mutate(&mut c);

@@ -11,18 +11,19 @@ use tokio::{
     task::JoinHandle,
 };
 
+use colony_dht::DhtError;
+
 use crate::{
     accumulator::GradAccumulator,
-    averager::{PeerState, SwarmAverager},
-    board::ProgressBoard,
     config::OptimConfig,
     ema::PerformanceEma,
-    error::{OptimError, Result},
+    error::{ErrorChain, OptimError, Result},
     local::LocalOptimizer,
+    ports::{PeerState, ProgressBoard, SwarmAverager},
     progress::TrainingProgress,
     tracker::{
         CollaborationState, LocalProgress, PeerRecord, StepPlan, catch_up,
-        estimate_collaboration_state, next_local_step, plan_step,
+        estimate_collaboration_state, next_local_step, next_report_time, plan_step,
     },
 };
 
@@ -54,6 +55,8 @@ struct Shared {
     records: Vec<PeerRecord>,
 }
 
+/// Every critical section on `Shared` only assigns whole values, so a panic elsewhere
+/// cannot leave it half-written: a poisoned lock is safe to reuse.
 fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
     shared.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -106,7 +109,8 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
     /// Starts an optimizer for `params` (initial values, identical on every peer or loaded
     /// later with [`load_state_from_peers`](Self::load_state_from_peers)), reading the
     /// collaboration state once before returning. `wake` receives a message whenever
-    /// peers push new progress (see [`DhtProgressBoard::new`](crate::DhtProgressBoard::new)).
+    /// peers push new progress (see [`DhtProgressBoard::new`](crate::DhtProgressBoard::new)). To build a
+    /// peer on a real swarm, use [`join`](CollaborativeOptimizer::join) instead.
     ///
     /// Must be called inside a tokio runtime.
     ///
@@ -134,7 +138,7 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
             step: 0,
             samples_accumulated: 0,
             samples_per_second: 0.0,
-            client_mode: config.client_mode,
+            client_mode: config.is_client(),
         };
         let records = fetch_records(&board, &config).await.unwrap_or_default();
         let state = estimate_collaboration_state(
@@ -157,7 +161,7 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
             wake,
             version_tx,
         ))];
-        if !config.auxiliary {
+        if !config.is_auxiliary() {
             tasks.push(tokio::spawn(report_loop(
                 config.clone(),
                 board.clone(),
@@ -299,7 +303,7 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
             step: self.local_step,
             samples_accumulated: self.accumulator.local_samples(),
             samples_per_second: self.ema.samples_per_second(),
-            client_mode: self.config.client_mode,
+            client_mode: self.config.is_client(),
         };
         self.progress.send_replace(progress);
     }
@@ -324,7 +328,7 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
                 state
             }
             Err(e) => {
-                tracing::warn!(error = %e, "could not refresh the collaboration state");
+                tracing::warn!(error = %ErrorChain(&e), "could not refresh the collaboration state");
                 lock(&self.shared).state.clone()
             }
         }
@@ -344,9 +348,9 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
     /// Not cancel safe: cancelling during averaging leaves the accumulated gradients in
     /// place but may skip this peer's step.
     pub async fn step(&mut self, batch_size: Option<u64>) -> Result<StepOutcome> {
-        if self.config.auxiliary {
+        if self.config.is_auxiliary() {
             return Err(OptimError::InvalidConfig {
-                field: "auxiliary",
+                field: "role",
                 reason: "auxiliary peers call step_aux, not step".to_owned(),
             });
         }
@@ -371,7 +375,7 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
                 if !self.accumulator.reuses_grad_buffers() {
                     self.grads.fill(0.0);
                 }
-                tracing::warn!(error = %e, "skipping a batch with non-finite gradients");
+                tracing::warn!(error = %ErrorChain(&e), "skipping a batch with non-finite gradients");
                 return Err(e);
             }
             Err(e) => return Err(e),
@@ -454,11 +458,7 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
             buf.extend_from_slice(&self.scratch);
             buf.extend_from_slice(self.local.state());
             let timeout = secs(self.config.averaging_timeout);
-            match self
-                .averager
-                .average(&mut buf, weight, self.local_step, timeout)
-                .await
-            {
+            match self.averager.average(&mut buf, weight, timeout).await {
                 Ok(size) if buf.iter().all(|v| v.is_finite()) => {
                     group_size = size;
                     self.params.copy_from_slice(&buf[..n]);
@@ -470,7 +470,7 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
                     tracing::warn!("averaging returned non-finite values; using local tensors")
                 }
                 Err(e) => {
-                    tracing::info!(error = %e, "skipped averaging; stepping on local gradients")
+                    tracing::info!(error = %ErrorChain(&e), "skipped averaging; stepping on local gradients")
                 }
             }
         }
@@ -499,7 +499,7 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
             optimizer_state: self.local.state().to_vec(),
         };
         if let Err(e) = self.averager.share_state(state).await {
-            tracing::warn!(error = %e, "could not share the state");
+            tracing::warn!(error = %ErrorChain(&e), "could not share the state");
         }
     }
 
@@ -509,9 +509,9 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
     /// # Errors
     /// [`OptimError::InvalidConfig`] on a non-auxiliary peer.
     pub async fn step_aux(&mut self) -> Result<StepOutcome> {
-        if !self.config.auxiliary {
+        if !self.config.is_auxiliary() {
             return Err(OptimError::InvalidConfig {
-                field: "auxiliary",
+                field: "role",
                 reason: "only auxiliary peers call step_aux".to_owned(),
             });
         }
@@ -527,16 +527,12 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
             return Ok(StepOutcome::Accumulated);
         }
         let state = self.refresh_now().await;
-        let len = 2 * self.params.len() + self.local.state().len();
         let step = self.local_step.max(state.optimizer_step);
-        let group_size = match self
-            .averager
-            .assist(len, step, secs(self.config.averaging_timeout))
-            .await
-        {
+        let timeout = secs(self.config.averaging_timeout);
+        let group_size = match self.averager.assist(timeout).await {
             Ok(size) => size,
             Err(e) => {
-                tracing::info!(error = %e, "auxiliary averaging round failed");
+                tracing::info!(error = %ErrorChain(&e), "auxiliary averaging round failed");
                 1
             }
         };
@@ -571,7 +567,7 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
                 return Ok(false);
             }
             Err(e) => {
-                tracing::warn!(error = %e, "loading the state from peers failed");
+                tracing::warn!(error = %ErrorChain(&e), "loading the state from peers failed");
                 return Ok(false);
             }
         };
@@ -620,12 +616,10 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
         self.averager.shutdown().await;
         let expiration = self.board.now() + self.config.metadata_expiration;
         let goodbye = self.board.publish(None, expiration);
-        match tokio::time::timeout(secs(self.config.request_timeout), goodbye).await {
+        let timeout = self.config.request_timeout;
+        match tokio::time::timeout(secs(timeout), goodbye).await {
             Ok(result) => result,
-            Err(_) => Err(OptimError::Dht {
-                operation: "goodbye",
-                message: "timed out".to_owned(),
-            }),
+            Err(_) => Err(timed_out("goodbye", timeout)),
         }
     }
 }
@@ -644,11 +638,16 @@ async fn fetch_records<B: ProgressBoard>(
 ) -> Result<Vec<PeerRecord>> {
     match tokio::time::timeout(secs(config.request_timeout), board.fetch()).await {
         Ok(result) => result,
-        Err(_) => Err(OptimError::Dht {
-            operation: "fetch progress",
-            message: "timed out".to_owned(),
-        }),
+        Err(_) => Err(timed_out("fetch progress", config.request_timeout)),
     }
+}
+
+/// A board operation that ran past `request_timeout` (s).
+fn timed_out(op: &'static str, timeout_s: f64) -> OptimError {
+    OptimError::dht(op)(DhtError::Timeout {
+        operation: op,
+        timeout_s,
+    })
 }
 
 async fn refresh_loop<B: ProgressBoard>(
@@ -690,7 +689,7 @@ async fn refresh_loop<B: ProgressBoard>(
         let records = match fetch_records(&board, &config).await {
             Ok(records) => records,
             Err(e) => {
-                tracing::debug!(error = %e, "progress fetch failed");
+                tracing::debug!(error = %ErrorChain(&e), "progress fetch failed");
                 let mut s = lock(&shared);
                 s.state.next_fetch_time = board.now() + config.min_refresh_period.max(1.0);
                 continue;
@@ -716,16 +715,18 @@ async fn report_loop<B: ProgressBoard>(
     board: B,
     mut progress: watch::Receiver<LocalProgress>,
 ) {
-    let period = secs(config.metadata_expiration / 2.0);
     let min_gap = secs(config.min_refresh_period / 2.0);
     let peer_id = board.peer_id();
+    let mut last_report = board.now();
     loop {
+        let heartbeat = secs((next_report_time(&config, last_report) - board.now()).max(0.0));
         tokio::select! {
             changed = progress.changed() => if changed.is_err() { break },
-            () = tokio::time::sleep(period) => {}
+            () = tokio::time::sleep(heartbeat) => {}
         }
         let local = *progress.borrow_and_update();
         let now = board.now();
+        last_report = now;
         let record = TrainingProgress {
             peer_id: peer_id.clone(),
             step: local.step,
@@ -739,7 +740,7 @@ async fn report_loop<B: ProgressBoard>(
         let publish = board.publish(Some(record), now + config.metadata_expiration);
         match tokio::time::timeout(secs(config.request_timeout), publish).await {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::debug!(error = %e, "progress report failed"),
+            Ok(Err(e)) => tracing::debug!(error = %ErrorChain(&e), "progress report failed"),
             Err(_) => tracing::debug!("progress report timed out"),
         }
         // Coalesce bursts of step() calls: at most two reports per refresh period.

@@ -9,17 +9,18 @@
 //!   out-of-sync detection, averaging weight), inputs in, decisions out;
 //! * [`PerformanceEma`], [`LrSchedule`], [`GradAccumulator`]: pure building blocks;
 //! * [`OptimConfig`]: every knob, with the reference's defaults;
-//! * [`CollaborativeOptimizer`]: the async driver over a [`ProgressBoard`] (the DHT,
-//!   [`DhtProgressBoard`]) and a [`SwarmAverager`] (the averaging layer,
-//!   [`NetworkAverager`] over `colony-averaging`);
+//! * [`CollaborativeOptimizer`]: the async driver over two ports (`ports`): a
+//!   [`ProgressBoard`] and a [`SwarmAverager`]; their network adapters (`net`) are
+//!   [`DhtProgressBoard`] over `colony-dht` and [`NetworkAverager`] over
+//!   `colony-averaging`, wired into a peer by [`CollaborativeOptimizer::join`];
+//! * [`AveragingMode`]: the peer's one role (node, client, auxiliary), set in
+//!   [`OptimConfig::role`] and handed down to the averager;
 //! * [`LocalOptimizer`]: SGD with momentum, AdamW, LAMB from `colony-kernels`.
 //!
 //! Re-exports of the kernels' hyperparameter types: [`Sgd`], [`AdamW`], [`Lamb`],
 //! [`Layout`].
 
 mod accumulator;
-mod averager;
-mod board;
 #[cfg(feature = "candle")]
 mod candle_adapter;
 mod config;
@@ -27,24 +28,25 @@ mod driver;
 mod ema;
 mod error;
 mod local;
-mod network_averager;
+mod net;
+mod ports;
 mod progress;
 mod schedule;
 pub mod tracker;
 
 pub use accumulator::GradAccumulator;
-pub use averager::{AveragingRole, PeerState, SwarmAverager};
-pub use board::{DhtProgressBoard, ProgressBoard, TrainingProgressSchema};
 #[cfg(feature = "candle")]
 pub use candle_adapter::CandleParams;
-pub use colony_averaging::{AveragerConfig, Compression};
+pub use colony_averaging::{AveragerConfig, AveragingError, AveragingMode, Compression};
+pub use colony_dht::DhtError;
 pub use colony_kernels::{AdamW, Lamb, Layout, Sgd};
 pub use config::OptimConfig;
 pub use driver::{CollaborativeOptimizer, StepOutcome};
 pub use ema::PerformanceEma;
 pub use error::{OptimError, Result};
 pub use local::{LocalOptimizer, LocalOptimizerKind};
-pub use network_averager::NetworkAverager;
+pub use net::{DhtProgressBoard, NetworkAverager, TrainingProgressSchema};
+pub use ports::{PeerState, ProgressBoard, SwarmAverager};
 pub use progress::{MAX_SAMPLES_PER_SECOND, TrainingProgress};
 pub use schedule::LrSchedule;
 pub use tracker::{CollaborationState, LocalProgress, PeerRecord, StepPlan};

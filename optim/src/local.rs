@@ -35,17 +35,14 @@ impl LocalOptimizer {
     /// A fresh optimizer (zero state) for parameters laid out as `layout`.
     ///
     /// # Errors
-    /// [`OptimError::InvalidConfig`] when the hyperparameters are out of range.
+    /// [`OptimError::InvalidHyperparameters`] when the hyperparameters are out of range.
     pub fn new(kind: LocalOptimizerKind, layout: Layout) -> Result<Self> {
         let check = match &kind {
             LocalOptimizerKind::Sgd(h) => h.validate(),
             LocalOptimizerKind::AdamW(h) => h.validate(),
             LocalOptimizerKind::Lamb(h) => h.validate(),
         };
-        check.map_err(|e| OptimError::InvalidConfig {
-            field: "local_optimizer",
-            reason: e.to_string(),
-        })?;
+        check.map_err(OptimError::InvalidHyperparameters)?;
         let n = layout.total_len();
         let state_len = match kind {
             LocalOptimizerKind::Sgd(_) => n,
@@ -120,7 +117,7 @@ impl LocalOptimizer {
                 cpu::lamb_step(params, grads, m, v, &self.layout, &Lamb { lr, ..hp }, t)
             }
         };
-        result.map_err(|e| OptimError::Kernel(e.to_string()))
+        Ok(result?)
     }
 }
 

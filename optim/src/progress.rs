@@ -14,7 +14,9 @@ pub const MAX_SAMPLES_PER_SECOND: f64 = 1e9;
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, Validate)]
 #[serde(deny_unknown_fields)]
 pub struct TrainingProgress {
-    /// The peer's network identity (its libp2p peer id, base58), used by averaging.
+    /// The peer's network identity (its libp2p peer id, base58), used by averaging and
+    /// monitoring. It must be the peer id of the record's owner key: the DHT board drops
+    /// a record that names any other peer.
     #[validate(length(min = 1, max = 128))]
     pub peer_id: String,
     /// The peer's local optimizer step.

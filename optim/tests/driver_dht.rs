@@ -9,9 +9,8 @@ use std::{sync::Arc, time::Duration};
 
 use colony_dht::{Dht, DhtConfig, dht_time};
 use colony_optim::{
-    AveragerConfig, AveragingRole, CollaborativeOptimizer, DhtProgressBoard, Layout,
-    LocalOptimizer, LocalOptimizerKind, NetworkAverager, ProgressBoard, Sgd, StepOutcome,
-    TrainingProgress,
+    AveragerConfig, CollaborativeOptimizer, DhtProgressBoard, Layout, LocalOptimizer,
+    LocalOptimizerKind, ProgressBoard, Sgd, StepOutcome, TrainingProgress,
 };
 use common::{Hub, MemoryAverager, config, dataset, gradient, one_global_step};
 use tokio::sync::mpsc;
@@ -59,7 +58,8 @@ async fn progress_records_are_signed_validated_pushed_and_withdrawn() {
             .unwrap();
         // Gossipsub needs a moment to build its mesh; records also go through the DHT.
         let expiration = dht_time() + 30.0;
-        a.publish(Some(record("a", 3)), expiration).await.unwrap();
+        let a_id = a.peer_id();
+        a.publish(Some(record(&a_id, 3)), expiration).await.unwrap();
         let mut seen = None;
         for _ in 0..100 {
             let records = b.fetch().await.unwrap();
@@ -76,7 +76,7 @@ async fn progress_records_are_signed_validated_pushed_and_withdrawn() {
         // The push reaches b once the mesh exists: re-publish until it does (bounded).
         let mut pushed = false;
         for i in 0..40 {
-            a.publish(Some(record("a", 4)), expiration + 1.0 + f64::from(i))
+            a.publish(Some(record(&a_id, 4)), expiration + 1.0 + f64::from(i))
                 .await
                 .unwrap();
             if tokio::time::timeout(Duration::from_millis(250), wake_rx.recv())
@@ -130,6 +130,32 @@ async fn progress_records_are_signed_validated_pushed_and_withdrawn() {
                 .is_err()
         );
 
+        // b lies about its peer id (it claims to be a) in a record it signs itself: the
+        // DHT stores it and gossip delivers it (neither can know), but the board drops
+        // it, and a's own record is unaffected.
+        b.publish(Some(record(&a_id, 99)), expiration)
+            .await
+            .unwrap();
+        let mut served = false;
+        for _ in 0..100 {
+            let raw = dhts[1].get(b"run_progress", true).await.unwrap();
+            if let Some(colony_dht::DhtValue::Dictionary(entries)) = raw
+                && entries.contains_key(&b.self_key())
+            {
+                served = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(served, "the DHT serves b's record");
+        let records = a.fetch().await.unwrap();
+        assert!(
+            records.iter().all(|r| r.key != b.self_key()),
+            "a record naming another peer is dropped: {records:?}"
+        );
+        let own = records.iter().find(|r| r.key == a.self_key()).unwrap();
+        assert_eq!(own.progress.as_ref().unwrap().peer_id, a_id);
+
         // A goodbye (nil) withdraws a's progress for every reader.
         a.publish(None, expiration + 200.0).await.unwrap();
         let mut gone = false;
@@ -166,12 +192,8 @@ async fn three_peers_over_the_dht_match_union_batch_sgd() {
         *hub.expected.lock().unwrap() = PEERS;
         let mut handles = Vec::new();
         for (p, dht) in dhts.iter().enumerate() {
-            let (tx, rx) = mpsc::channel(1);
             let mut cfg = config((PEERS * BATCH) as u64);
             cfg.prefix = "equiv".into();
-            let board = DhtProgressBoard::new(dht.clone(), &cfg.prefix, Some(tx))
-                .await
-                .unwrap();
             let layout = Layout::packed([("w", vec![DIM])], 1).unwrap();
             let sgd = Sgd {
                 momentum: 0.0,
@@ -182,10 +204,15 @@ async fn three_peers_over_the_dht_match_union_batch_sgd() {
                 name: format!("p{p}"),
                 hub: hub.clone(),
             };
-            let mut opt =
-                CollaborativeOptimizer::new(cfg, vec![0.0; DIM], local, board, averager, Some(rx))
-                    .await
-                    .unwrap();
+            let mut opt = CollaborativeOptimizer::join_with(
+                dht.clone(),
+                cfg,
+                vec![0.0; DIM],
+                local,
+                averager,
+            )
+            .await
+            .unwrap();
             let data = data.clone();
             handles.push(tokio::spawn(async move {
                 for s in 0..STEPS {
@@ -243,13 +270,9 @@ async fn four_peers_with_real_averaging_match_union_batch_sgd_after_10_steps() {
         let dhts = nodes(PEERS).await;
         let mut handles = Vec::new();
         for (p, dht) in dhts.iter().enumerate() {
-            let (tx, rx) = mpsc::channel(1);
             let mut cfg = config((PEERS * BATCH) as u64);
             cfg.prefix = "realavg".into();
             cfg.averaging_timeout = 30.0;
-            let board = DhtProgressBoard::new(dht.clone(), &cfg.prefix, Some(tx))
-                .await
-                .unwrap();
             let layout = Layout::packed([("w", vec![DIM])], 1).unwrap();
             let sgd = Sgd {
                 momentum: 0.0,
@@ -259,13 +282,8 @@ async fn four_peers_with_real_averaging_match_union_batch_sgd_after_10_steps() {
             let mut acfg = AveragerConfig::new(cfg.averaging_prefix());
             acfg.target_group_size = Some(PEERS);
             acfg.min_matchmaking_time = Duration::from_secs(3);
-            let state_len = local.state().len();
-            let averager =
-                NetworkAverager::new(dht.clone(), acfg, AveragingRole::Node, DIM, state_len)
-                    .await
-                    .unwrap();
             let mut opt =
-                CollaborativeOptimizer::new(cfg, vec![0.0; DIM], local, board, averager, Some(rx))
+                CollaborativeOptimizer::join(dht.clone(), cfg, acfg, vec![0.0; DIM], local)
                     .await
                     .unwrap();
             let data = data.clone();

@@ -8,7 +8,7 @@ mod common;
 
 use std::time::Duration;
 
-use colony_optim::{OptimError, StepOutcome};
+use colony_optim::{AveragingMode, OptimError, StepOutcome};
 use common::{Swarm, config, dataset, gradient, one_global_step};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -158,7 +158,7 @@ async fn goodbye_removes_a_peer_and_clients_contribute_samples() {
     let swarm = Swarm::new(2);
     let mut a = swarm.peer("a", config(1000), vec![0.0; 2]).await;
     let mut client_config = config(1000);
-    client_config.client_mode = true;
+    client_config.role = AveragingMode::Client;
     let mut c = swarm.peer("c", client_config, vec![0.0; 2]).await;
     c.grads_mut().copy_from_slice(&[1.0, 1.0]);
     assert_eq!(c.step(Some(30)).await.unwrap(), StepOutcome::Accumulated);
@@ -192,7 +192,7 @@ async fn an_auxiliary_peer_follows_the_swarm_and_assists_when_it_is_ready() {
     let swarm = Swarm::new(1);
     let mut a = swarm.peer("a", config(8), vec![0.0; 2]).await;
     let mut aux_config = config(8);
-    aux_config.auxiliary = true;
+    aux_config.role = AveragingMode::Aux;
     let mut aux = swarm.peer("aux", aux_config, vec![0.0; 2]).await;
     assert!(matches!(
         aux.step(Some(1)).await,

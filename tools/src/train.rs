@@ -6,12 +6,10 @@ use anyhow::Context;
 use clap::Args;
 use colony_dht::{Dht, DhtConfig, Multiaddr};
 use colony_optim::{
-    AveragerConfig, AveragingRole, CollaborativeOptimizer, Compression, DhtProgressBoard,
-    LocalOptimizer, LocalOptimizerKind, LrSchedule, NetworkAverager, OptimConfig, OptimError, Sgd,
-    StepOutcome,
+    AveragerConfig, AveragingMode, CollaborativeOptimizer, Compression, LocalOptimizer,
+    LocalOptimizerKind, LrSchedule, OptimConfig, OptimError, Sgd, StepOutcome,
 };
 use serde::Serialize;
-use tokio::sync::mpsc;
 
 use crate::model::{Digits, Mlp, Rng, params_hash};
 
@@ -156,6 +154,17 @@ pub(crate) fn emit(json: bool, event: &Event) {
     }
 }
 
+impl TrainArgs {
+    /// The peer's role, from `--client` (the one place the CLI decides it).
+    pub(crate) fn role(&self) -> AveragingMode {
+        if self.client {
+            AveragingMode::Client
+        } else {
+            AveragingMode::Node
+        }
+    }
+}
+
 fn parse_shard(s: &str) -> anyhow::Result<(usize, usize)> {
     let (i, n) = s.split_once('/').context("--shard must be INDEX/COUNT")?;
     let (i, n): (usize, usize) = (i.parse()?, n.parse()?);
@@ -172,7 +181,7 @@ pub(crate) fn optim_config(args: &TrainArgs) -> OptimConfig {
         metadata_expiration: 10.0,
         averaging_timeout: 15.0,
         load_state_timeout: 30.0,
-        client_mode: args.client,
+        role: args.role(),
         lr_schedule: LrSchedule::Constant { lr: args.lr },
         ..OptimConfig::new(args.run_id.clone(), args.target_batch_size)
     }
@@ -191,7 +200,8 @@ async fn train(args: TrainArgs) -> anyhow::Result<()> {
     let (shard, shards) = parse_shard(&args.shard)?;
     let mut dht_config = DhtConfig {
         initial_peers: args.initial_peers.clone(),
-        client_mode: args.client,
+        // A client accepts no inbound connections on any layer.
+        client_mode: args.role() == AveragingMode::Client,
         ..DhtConfig::default()
     };
     if !args.listen.is_empty() {
@@ -242,30 +252,8 @@ async fn train_with(
         anyhow::ensure!(size >= 2, "--target-group-size must be at least 2");
         averaging.target_group_size = Some(size);
     }
-    let role = if args.client {
-        AveragingRole::Client
-    } else {
-        AveragingRole::Node
-    };
-    let averager = NetworkAverager::new(
-        dht.clone(),
-        averaging,
-        role,
-        mlp.num_params(),
-        local.state().len(),
-    )
-    .await?;
-    let (wake_tx, wake_rx) = mpsc::channel(1);
-    let board = DhtProgressBoard::new(dht, &config.prefix, Some(wake_tx)).await?;
-    let mut opt = CollaborativeOptimizer::new(
-        config,
-        mlp.init(args.seed),
-        local,
-        board,
-        averager,
-        Some(wake_rx),
-    )
-    .await?;
+    let mut opt =
+        CollaborativeOptimizer::join(dht, config, averaging, mlp.init(args.seed), local).await?;
     let indices = digits.shard(shard, shards);
     anyhow::ensure!(!indices.is_empty(), "shard {shard}/{shards} is empty");
     let training = async {

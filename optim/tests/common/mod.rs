@@ -1,5 +1,6 @@
 //! Test doubles shared by the driver tests: an in-memory board, an in-process averaging
-//! hub, a least-squares problem, and a helper that takes one global step.
+//! hub that groups peers averaging at the same time (as matchmaking does), a
+//! least-squares problem, and a helper that takes one global step.
 
 #![allow(clippy::unwrap_used, dead_code, unreachable_pub)] // test helpers
 
@@ -10,9 +11,9 @@ use std::{
 };
 
 use colony_optim::{
-    CollaborativeOptimizer, Layout, LocalOptimizer, LocalOptimizerKind, LrSchedule, OptimConfig,
-    OptimError, PeerRecord, PeerState, ProgressBoard, Result, Sgd, StepOutcome, SwarmAverager,
-    TrainingProgress,
+    AveragingError, CollaborativeOptimizer, Layout, LocalOptimizer, LocalOptimizerKind, LrSchedule,
+    OptimConfig, OptimError, PeerRecord, PeerState, ProgressBoard, Result, Sgd, StepOutcome,
+    SwarmAverager, TrainingProgress,
 };
 use tokio::sync::Notify;
 
@@ -65,19 +66,26 @@ impl ProgressBoard for MemoryBoard {
     }
 }
 
-/// One averaging round per step: it closes when `expected` peers joined or `window`
-/// after the first arrival, and averages what it has.
-#[derive(Default)]
+/// One averaging round: the peers that call `average` while it is open, as matchmaking
+/// groups them in production. It closes when `expected` peers joined or `WINDOW` after
+/// its first arrival, and averages what it has; a later caller opens the next round.
 pub struct Round {
-    parts: Vec<(Vec<f32>, f64)>,
-    first: Option<Instant>,
+    /// Who joined, with what tensors and weight.
+    parts: Vec<(String, Vec<f32>, f64)>,
+    first: Instant,
     result: Option<Vec<f32>>,
     members: usize,
 }
 
+/// Rounds in the order they opened; at most the last one is open.
+#[derive(Default)]
+pub struct Rounds {
+    pub all: Vec<Round>,
+}
+
 #[derive(Default)]
 pub struct Hub {
-    pub rounds: Mutex<BTreeMap<u64, Round>>,
+    pub rounds: Mutex<Rounds>,
     pub states: Mutex<BTreeMap<String, PeerState>>,
     pub changed: Notify,
     pub expected: Mutex<usize>,
@@ -90,40 +98,60 @@ pub struct MemoryAverager {
 
 pub const WINDOW: Duration = Duration::from_secs(3);
 
+fn no_group(waited: Duration) -> OptimError {
+    OptimError::Averaging {
+        op: "round",
+        source: AveragingError::NoGroupFound { waited },
+    }
+}
+
+impl MemoryAverager {
+    /// Joins the open round (or opens one) and returns its index.
+    fn join(&self, tensors: &[f32], weight: f64) -> usize {
+        let mut rounds = self.hub.rounds.lock().unwrap();
+        let open =
+            (rounds.all.len().checked_sub(1)).filter(|&last| rounds.all[last].result.is_none());
+        let index = match open {
+            Some(index) => index,
+            None => {
+                rounds.all.push(Round {
+                    parts: Vec::new(),
+                    first: Instant::now(),
+                    result: None,
+                    members: 0,
+                });
+                rounds.all.len() - 1
+            }
+        };
+        rounds.all[index]
+            .parts
+            .push((self.name.clone(), tensors.to_vec(), weight));
+        index
+    }
+}
+
 impl SwarmAverager for MemoryAverager {
     async fn average(
         &mut self,
         tensors: &mut [f32],
         weight: f64,
-        step: u64,
         timeout: Duration,
     ) -> Result<usize> {
-        let deadline = Instant::now() + timeout;
-        {
-            let mut rounds = self.hub.rounds.lock().unwrap();
-            let round = rounds.entry(step).or_default();
-            if round.result.is_some() {
-                return Err(OptimError::Averaging {
-                    operation: "join",
-                    message: "round closed".into(),
-                });
-            }
-            round.first.get_or_insert_with(Instant::now);
-            round.parts.push((tensors.to_vec(), weight));
-        }
+        let started = Instant::now();
+        let index = self.join(tensors, weight);
         self.hub.changed.notify_waiters();
         loop {
             let notified = self.hub.changed.notified();
             {
                 let expected = *self.hub.expected.lock().unwrap();
                 let mut rounds = self.hub.rounds.lock().unwrap();
-                let round = rounds.get_mut(&step).expect("round exists");
+                let round = &mut rounds.all[index];
                 let full = round.parts.len() >= expected;
-                let late = round.first.is_some_and(|f| f.elapsed() >= WINDOW);
+                let late = round.first.elapsed() >= WINDOW;
                 if round.result.is_none() && (full || late) {
-                    let total: f64 = round.parts.iter().map(|(_, w)| w).sum();
+                    let total: f64 = round.parts.iter().map(|(_, _, w)| w).sum();
                     let mut out = vec![0.0f64; tensors.len()];
-                    for (part, w) in &round.parts {
+                    for (_, part, w) in &round.parts {
                         for (o, v) in out.iter_mut().zip(part) {
                             *o += w / total * f64::from(*v);
                         }
@@ -137,16 +165,20 @@ impl SwarmAverager for MemoryAverager {
                     return Ok(round.members);
                 }
             }
-            if Instant::now() >= deadline {
-                return Err(OptimError::Averaging {
-                    operation: "round",
-                    message: "timeout".into(),
-                });
+            if started.elapsed() >= timeout {
+                // Leave the round so that it never averages a peer that gave up.
+                let mut rounds = self.hub.rounds.lock().unwrap();
+                let round = &mut rounds.all[index];
+                if round.result.is_none() {
+                    round.parts.retain(|(name, _, _)| *name != self.name);
+                }
+                return Err(no_group(started.elapsed()));
             }
             let _ = tokio::time::timeout(Duration::from_millis(100), notified).await;
         }
     }
-    async fn assist(&mut self, _len: usize, _step: u64, _timeout: Duration) -> Result<usize> {
+    /// Auxiliary peers are not part of the in-memory rounds: they assist nobody.
+    async fn assist(&mut self, _timeout: Duration) -> Result<usize> {
         Ok(1)
     }
     async fn share_state(&mut self, state: PeerState) -> Result<()> {

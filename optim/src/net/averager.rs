@@ -7,20 +7,16 @@ use colony_averaging::{AveragerConfig, AveragingMode, DecentralizedAverager};
 use colony_dht::{Dht, dht_time};
 
 use crate::{
-    averager::{AveragingRole, PeerState, SwarmAverager},
+    config::OptimConfig,
     error::{OptimError, Result},
+    ports::{PeerState, SwarmAverager},
 };
 
 /// How long a state-donor declaration lives (s); re-declared after every step.
 const DONOR_TTL: f64 = 600.0;
 
-fn averaging_err(
-    operation: &'static str,
-) -> impl Fn(colony_averaging::AveragingError) -> OptimError {
-    move |e| OptimError::Averaging {
-        operation,
-        message: e.to_string(),
-    }
+fn averaging_err(op: &'static str) -> impl Fn(colony_averaging::AveragingError) -> OptimError {
+    move |source| OptimError::Averaging { op, source }
 }
 
 /// The optimizer's averaging layer on a real swarm.
@@ -39,24 +35,22 @@ pub struct NetworkAverager {
 
 impl NetworkAverager {
     /// Starts an averager for a model of `num_params` parameters and `state_len`
-    /// optimizer-state values. `config.prefix` should be the optimizer's
-    /// [`averaging_prefix`](crate::OptimConfig::averaging_prefix); `config.mode` is set
-    /// from `role`.
+    /// optimizer-state values, in the role of `optim.role` (the one source of the
+    /// peer's role: `averaging.mode` is set from it). `averaging.prefix` should be the
+    /// optimizer's [`averaging_prefix`](crate::OptimConfig::averaging_prefix).
     ///
     /// # Errors
-    /// [`OptimError::Averaging`] if the averager cannot start.
+    /// [`OptimError::InvalidConfig`] if `averaging.mode` was set to a role other than the
+    /// default and `optim.role`; [`OptimError::Averaging`] if the averager cannot start.
     pub async fn new(
         dht: Dht,
-        mut config: AveragerConfig,
-        role: AveragingRole,
+        optim: &OptimConfig,
+        mut averaging: AveragerConfig,
         num_params: usize,
         state_len: usize,
     ) -> Result<Self> {
-        config.mode = match role {
-            AveragingRole::Node => AveragingMode::Node,
-            AveragingRole::Client => AveragingMode::Client,
-            AveragingRole::Auxiliary => AveragingMode::Aux,
-        };
+        averaging.mode = role_for(optim, &averaging)?;
+        let config = averaging;
         let len = 2 * num_params + state_len;
         let averager = DecentralizedAverager::new(dht, vec![vec![0.0; len]], config)
             .await
@@ -78,12 +72,26 @@ impl NetworkAverager {
     }
 }
 
+/// The averaging mode for `optim`'s role. `averaging.mode` left at its default takes the
+/// role; set to anything else, it must agree, so the two configs never disagree.
+fn role_for(optim: &OptimConfig, averaging: &AveragerConfig) -> Result<AveragingMode> {
+    if averaging.mode != AveragingMode::default() && averaging.mode != optim.role {
+        return Err(OptimError::InvalidConfig {
+            field: "role",
+            reason: format!(
+                "is {:?} but the averager config says {:?}; set the role in OptimConfig only",
+                optim.role, averaging.mode
+            ),
+        });
+    }
+    Ok(optim.role)
+}
+
 impl SwarmAverager for NetworkAverager {
     async fn average(
         &mut self,
         tensors: &mut [f32],
         weight: f64,
-        _step: u64,
         timeout: Duration,
     ) -> Result<usize> {
         if tensors.len() != self.len() {
@@ -103,7 +111,7 @@ impl SwarmAverager for NetworkAverager {
         Ok(outcome.group.members.len())
     }
 
-    async fn assist(&mut self, _len: usize, _step: u64, timeout: Duration) -> Result<usize> {
+    async fn assist(&mut self, timeout: Duration) -> Result<usize> {
         let outcome = self
             .averager
             .step(None, timeout)
@@ -129,9 +137,9 @@ impl SwarmAverager for NetworkAverager {
             buf[2 * n..].copy_from_slice(&state.optimizer_state);
         }
         let metadata =
-            colony_schema::to_msgpack(&state.step).map_err(|e| OptimError::Averaging {
-                operation: "share state",
-                message: e.to_string(),
+            colony_schema::to_msgpack(&state.step).map_err(|source| OptimError::Schema {
+                op: "encode the shared state's step",
+                source,
             })?;
         self.averager
             .declare_state(state.step as f64, metadata, dht_time() + DONOR_TTL)
@@ -149,9 +157,9 @@ impl SwarmAverager for NetworkAverager {
             Err(e) => return Err(averaging_err("load state")(e)),
         };
         let step: u64 =
-            colony_schema::from_msgpack_strict(&metadata).map_err(|e| OptimError::Averaging {
-                operation: "load state",
-                message: e.to_string(),
+            colony_schema::from_msgpack_strict(&metadata).map_err(|source| OptimError::Schema {
+                op: "decode the donor's step",
+                source,
             })?;
         let n = self.num_params;
         let tensors = self.averager.tensors().await;
@@ -165,5 +173,35 @@ impl SwarmAverager for NetworkAverager {
 
     async fn shutdown(&mut self) {
         self.averager.shutdown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_averager_takes_its_mode_from_the_optimizer_role() {
+        let mut optim = OptimConfig::new("run", 8);
+        let averaging = AveragerConfig::new(optim.averaging_prefix());
+        for role in [
+            AveragingMode::Node,
+            AveragingMode::Client,
+            AveragingMode::Aux,
+        ] {
+            optim.role = role;
+            assert_eq!(role_for(&optim, &averaging).unwrap(), role);
+            // Saying the same twice is fine; saying something else is refused.
+            let mut same = averaging.clone();
+            same.mode = role;
+            assert_eq!(role_for(&optim, &same).unwrap(), role);
+        }
+        optim.role = AveragingMode::Node;
+        let mut other = averaging;
+        other.mode = AveragingMode::Client;
+        assert!(matches!(
+            role_for(&optim, &other),
+            Err(OptimError::InvalidConfig { field: "role", .. })
+        ));
     }
 }

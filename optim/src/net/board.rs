@@ -1,0 +1,372 @@
+//! [`DhtProgressBoard`]: the [`ProgressBoard`] over `colony-dht`, and the schema of its
+//! records ([`TrainingProgressSchema`]).
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+};
+
+use colony_dht::{Dht, DhtValue, GossipMessage, LatestPerOwner, SchemaRecordValidator};
+use colony_schema::{Checked, OwnerKey, SchemaValidator, from_msgpack_strict, to_msgpack};
+use tokio::sync::mpsc;
+use validator::Validate;
+
+use crate::{
+    error::{ErrorChain, OptimError, Result},
+    ports::ProgressBoard,
+    progress::TrainingProgress,
+    tracker::PeerRecord,
+};
+
+/// The schema of this crate's DHT records: one dictionary `{prefix}_progress` mapping
+/// an owner subkey to a peer's [`TrainingProgress`] (or nil, a goodbye).
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize, Validate)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainingProgressSchema {
+    /// Progress per peer, keyed by the peer's owner key.
+    pub progress: BTreeMap<OwnerKey, Option<Checked<TrainingProgress>>>,
+}
+
+/// Records pushed over gossipsub: the latest per owner, later expiration wins.
+type PushedRecords = Arc<Mutex<LatestPerOwner<Option<TrainingProgress>>>>;
+
+/// [`ProgressBoard`] over a [`Dht`]: signed records under `{prefix}_progress` with this
+/// node's owner subkey, checked against [`TrainingProgressSchema`] on every storing node
+/// and reader; each publication is also pushed on the gossipsub topic
+/// `{prefix}_progress` so that peers learn of it without waiting for their next poll.
+///
+/// A pushed record is accepted only if the gossip message was signed by the peer whose
+/// owner key it claims (the libp2p identity key is the owner key), so nobody can push a
+/// record for someone else. A record, fetched or pushed, whose `peer_id` is not the peer
+/// id of its owner key is dropped with a warning, so nobody can claim another's identity.
+#[derive(Debug, Clone)]
+pub struct DhtProgressBoard {
+    dht: Dht,
+    key: String,
+    pushed: PushedRecords,
+    wake: Option<mpsc::Sender<()>>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PushedRecord {
+    #[serde(with = "serde_bytes")]
+    owner: Vec<u8>,
+    progress: Option<TrainingProgress>,
+    expiration: f64,
+}
+
+/// Whether `progress` (if any: a goodbye names nobody) was made by `owner`: its
+/// `peer_id` must be the peer id of the owner key. A record that lies about it is
+/// dropped, so nobody can point averaging or monitoring at another peer.
+fn names_its_owner(owner: &OwnerKey, progress: Option<&TrainingProgress>) -> bool {
+    let Some(progress) = progress else {
+        return true;
+    };
+    let matches =
+        colony_dht::peer_id_of_owner(owner).is_ok_and(|peer| peer.to_base58() == progress.peer_id);
+    if !matches {
+        tracing::warn!(
+            %owner,
+            claimed = %progress.peer_id,
+            "progress record names a peer id that is not its owner's; dropped"
+        );
+    }
+    matches
+}
+
+/// Decodes a pushed record and keeps it only if the message's source owns it, it
+/// validates, and it names its owner's peer id.
+fn accept_pushed(message: &GossipMessage) -> Option<(OwnerKey, Option<TrainingProgress>, f64)> {
+    let Ok(record) = from_msgpack_strict::<PushedRecord>(&message.data) else {
+        tracing::debug!(source = ?message.source, "undecodable pushed progress");
+        return None;
+    };
+    let owner = <[u8; 32]>::try_from(record.owner.as_slice())
+        .ok()
+        .map(OwnerKey::from_bytes)
+        .filter(|owner| message.is_from_owner(owner));
+    let Some(owner) = owner else {
+        tracing::warn!(source = ?message.source, "pushed progress for a foreign owner");
+        return None;
+    };
+    if record
+        .progress
+        .as_ref()
+        .is_some_and(|p| p.validate().is_err())
+    {
+        tracing::warn!(source = ?message.source, "pushed progress fails validation");
+        return None;
+    }
+    names_its_owner(&owner, record.progress.as_ref()).then_some((
+        owner,
+        record.progress,
+        record.expiration,
+    ))
+}
+
+impl DhtProgressBoard {
+    /// Installs the progress schema validator on `dht` for run `prefix` and subscribes to
+    /// pushed records. `wake` (optional) is signalled whenever a pushed record arrives, so
+    /// the optimizer can refresh its estimate at once.
+    ///
+    /// # Errors
+    /// [`OptimError::Schema`] if the schema cannot be built, [`OptimError::Dht`] if the
+    /// subscription fails.
+    pub async fn new(dht: Dht, prefix: &str, wake: Option<mpsc::Sender<()>>) -> Result<Self> {
+        let schema = SchemaValidator::for_schema::<TrainingProgressSchema>(Some(prefix)).map_err(
+            |source| OptimError::Schema {
+                op: "build the progress schema",
+                source,
+            },
+        )?;
+        dht.add_validator(Arc::new(SchemaRecordValidator::new(schema)));
+        let key = format!("{prefix}_progress");
+        let pushed: PushedRecords = Arc::default();
+        let mut messages = dht
+            .subscribe(&key)
+            .await
+            .map_err(OptimError::dht("subscribe to progress pushes"))?;
+        let sink = Arc::downgrade(&pushed);
+        let wake_task = wake.clone();
+        tokio::spawn(async move {
+            while let Some(message) = messages.recv().await {
+                let Some(sink) = sink.upgrade() else { break };
+                let Some((owner, progress, expiration)) = accept_pushed(&message) else {
+                    continue;
+                };
+                let Ok(mut map) = sink.lock() else {
+                    tracing::error!("pushed-progress map poisoned; no longer accepting pushes");
+                    break;
+                };
+                map.offer(owner, progress, expiration);
+                drop(map);
+                if let Some(wake) = &wake_task {
+                    // A full channel already holds a wake-up; dropping this one is fine.
+                    let _ = wake.try_send(());
+                }
+            }
+        });
+        Ok(Self {
+            dht,
+            key,
+            pushed,
+            wake,
+        })
+    }
+
+    /// The DHT handle.
+    pub fn dht(&self) -> &Dht {
+        &self.dht
+    }
+}
+
+impl ProgressBoard for DhtProgressBoard {
+    fn self_key(&self) -> Vec<u8> {
+        self.dht.owner_subkey()
+    }
+
+    fn peer_id(&self) -> String {
+        self.dht.peer_id().to_base58()
+    }
+
+    fn now(&self) -> f64 {
+        colony_dht::dht_time()
+    }
+
+    async fn publish(&self, progress: Option<TrainingProgress>, expiration: f64) -> Result<()> {
+        let value = match &progress {
+            Some(p) => to_msgpack(p).map_err(|source| OptimError::Schema {
+                op: "encode a progress record",
+                source,
+            })?,
+            None => vec![0xc0],
+        };
+        let subkey = self.self_key();
+        self.dht
+            .store(self.key.as_bytes(), Some(&subkey), value, expiration)
+            .await
+            .map_err(OptimError::dht("store progress"))?;
+        let push = PushedRecord {
+            owner: self.dht.public_key().to_vec(),
+            progress,
+            expiration,
+        };
+        if let Ok(bytes) = to_msgpack(&push) {
+            // Nobody subscribed yet (a lone peer) is not an error worth reporting.
+            if let Err(e) = self.dht.publish(&self.key, bytes).await {
+                tracing::debug!(error = %ErrorChain(&e), "progress push not delivered");
+            }
+        }
+        Ok(())
+    }
+
+    async fn fetch(&self) -> Result<Vec<PeerRecord>> {
+        let found = self
+            .dht
+            .get(self.key.as_bytes(), true)
+            .await
+            .map_err(OptimError::dht("get progress"))?;
+        let mut merged = LatestPerOwner::new();
+        if let Some(DhtValue::Dictionary(entries)) = found {
+            for (subkey, entry) in entries {
+                // The schema validator requires an owner marker in every subkey.
+                let Ok(owner) = OwnerKey::require_in(&subkey) else {
+                    continue;
+                };
+                // The DHT already validated the schema; a value that still fails to decode
+                // strictly counts as a goodbye.
+                let progress =
+                    from_msgpack_strict::<Option<Checked<TrainingProgress>>>(&entry.value)
+                        .ok()
+                        .flatten()
+                        .map(Checked::into_inner);
+                if names_its_owner(&owner, progress.as_ref()) {
+                    merged.offer(owner, progress, entry.expiration);
+                }
+            }
+        }
+        {
+            let mut pushed = self.pushed.lock().map_err(|_| OptimError::Internal {
+                what: "the pushed-progress map was poisoned by a panic",
+            })?;
+            pushed.prune(self.now());
+            for (owner, progress, expiration) in pushed.iter() {
+                merged.offer(*owner, progress.clone(), expiration);
+            }
+        }
+        Ok(merged
+            .into_iter()
+            .map(|(owner, progress, expiration)| PeerRecord {
+                key: owner.marker(),
+                progress,
+                expiration,
+            })
+            .collect())
+    }
+}
+
+impl DhtProgressBoard {
+    /// Asks the optimizer that owns the wake channel to refresh (used after shutdown of a
+    /// peer is noticed); a no-op without a channel.
+    pub fn wake(&self) {
+        if let Some(w) = &self.wake {
+            let _ = w.try_send(());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> TrainingProgress {
+        TrainingProgress {
+            peer_id: "p".into(),
+            step: 1,
+            samples_accumulated: 2,
+            samples_per_second: 3.0,
+            time: 4.0,
+            client_mode: false,
+        }
+    }
+
+    #[test]
+    fn schema_accepts_records_and_goodbyes_and_rejects_absurd_values() {
+        let v = SchemaValidator::for_schema::<TrainingProgressSchema>(Some("run")).unwrap();
+        let subkey = OwnerKey::from_bytes([7; 32]).marker();
+        let good = to_msgpack(&sample()).unwrap();
+        v.validate(b"run_progress", Some(&subkey), &good).unwrap();
+        v.validate(b"run_progress", Some(&subkey), &[0xc0]).unwrap();
+        let bad = to_msgpack(&TrainingProgress {
+            samples_per_second: 1e12,
+            ..sample()
+        })
+        .unwrap();
+        assert!(v.validate(b"run_progress", Some(&subkey), &bad).is_err());
+        // Negative step: encode by hand as the struct cannot hold one.
+        #[derive(serde::Serialize)]
+        struct Negative {
+            peer_id: String,
+            step: i64,
+            samples_accumulated: u64,
+            samples_per_second: f64,
+            time: f64,
+            client_mode: bool,
+        }
+        let neg = to_msgpack(&Negative {
+            peer_id: "p".into(),
+            step: -1,
+            samples_accumulated: 0,
+            samples_per_second: 0.0,
+            time: 1.0,
+            client_mode: false,
+        })
+        .unwrap();
+        assert!(v.validate(b"run_progress", Some(&subkey), &neg).is_err());
+        // A subkey without an owner marker is refused.
+        assert!(v.validate(b"run_progress", Some(b"anyone"), &good).is_err());
+    }
+
+    fn pushed(secret: u8, source: Option<u8>, progress: Option<TrainingProgress>) -> GossipMessage {
+        let owner = colony_dht::owner_key_from_secret([secret; 32]);
+        let data = to_msgpack(&PushedRecord {
+            owner: owner.as_bytes().to_vec(),
+            progress,
+            expiration: 100.0,
+        })
+        .unwrap();
+        GossipMessage {
+            topic: "run_progress".into(),
+            source: source.map(peer_of),
+            data,
+        }
+    }
+
+    fn peer_of(secret: u8) -> colony_dht::PeerId {
+        colony_dht::peer_id_of_owner(&colony_dht::owner_key_from_secret([secret; 32])).unwrap()
+    }
+
+    fn honest(secret: u8) -> TrainingProgress {
+        TrainingProgress {
+            peer_id: peer_of(secret).to_base58(),
+            ..sample()
+        }
+    }
+
+    #[test]
+    fn pushed_records_must_come_from_their_owner() {
+        let (owner, progress, expiration) =
+            accept_pushed(&pushed(1, Some(1), Some(honest(1)))).unwrap();
+        assert_eq!(owner, colony_dht::owner_key_from_secret([1; 32]));
+        assert_eq!((progress, expiration), (Some(honest(1)), 100.0));
+        // Signed by someone else, or by nobody: refused.
+        assert!(accept_pushed(&pushed(1, Some(2), Some(honest(1)))).is_none());
+        assert!(accept_pushed(&pushed(1, None, Some(honest(1)))).is_none());
+        // A goodbye from its owner is accepted; a truncated owner key is not.
+        assert!(accept_pushed(&pushed(1, Some(1), None)).is_some());
+        let mut short = pushed(1, Some(1), None);
+        short.data = to_msgpack(&PushedRecord {
+            owner: vec![1; 5],
+            progress: None,
+            expiration: 100.0,
+        })
+        .unwrap();
+        assert!(accept_pushed(&short).is_none());
+    }
+
+    #[test]
+    fn a_record_that_lies_about_its_peer_id_is_dropped() {
+        // Peer 1 signs its own record but claims to be peer 2 (or someone made up).
+        let lie = TrainingProgress {
+            peer_id: peer_of(2).to_base58(),
+            ..sample()
+        };
+        assert!(accept_pushed(&pushed(1, Some(1), Some(lie.clone()))).is_none());
+        let owner = colony_dht::owner_key_from_secret([1; 32]);
+        assert!(!names_its_owner(&owner, Some(&lie)));
+        assert!(!names_its_owner(&owner, Some(&sample())));
+        assert!(names_its_owner(&owner, Some(&honest(1))));
+        assert!(names_its_owner(&owner, None), "a goodbye names nobody");
+    }
+}

@@ -1,0 +1,78 @@
+//! The ports of the driver: what [`CollaborativeOptimizer`](crate::CollaborativeOptimizer)
+//! needs from the network. [`ProgressBoard`] is where peers publish and read progress,
+//! [`SwarmAverager`] averages with the peers that are averaging at the same time and
+//! shares state. The adapters over `colony-dht` and `colony-averaging` live in the `net`
+//! module ([`DhtProgressBoard`](crate::DhtProgressBoard),
+//! [`NetworkAverager`](crate::NetworkAverager)); tests plug in in-memory doubles.
+
+use std::{future::Future, time::Duration};
+
+use crate::{error::Result, progress::TrainingProgress, tracker::PeerRecord};
+
+/// A place where peers publish their progress and read everyone's.
+///
+/// Implementations must be cheap to clone (handles) and authenticate records: a record
+/// under a peer's key was written by that peer.
+pub trait ProgressBoard: Clone + Send + Sync + 'static {
+    /// This peer's subkey (its owner marker).
+    fn self_key(&self) -> Vec<u8>;
+    /// This peer's network id (put in its records for averaging and monitoring).
+    fn peer_id(&self) -> String;
+    /// The swarm's clock (Unix seconds).
+    fn now(&self) -> f64;
+    /// Publishes this peer's progress (`None`: a goodbye) until `expiration`.
+    fn publish(
+        &self,
+        progress: Option<TrainingProgress>,
+        expiration: f64,
+    ) -> impl Future<Output = Result<()>> + Send;
+    /// Reads every peer's latest record (own included).
+    fn fetch(&self) -> impl Future<Output = Result<Vec<PeerRecord>>> + Send;
+}
+
+/// A peer's training state as shared with late joiners and stragglers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeerState {
+    /// The donor's local step.
+    pub step: u64,
+    /// Its parameters, flat.
+    pub params: Vec<f32>,
+    /// Its local optimizer state, flat.
+    pub optimizer_state: Vec<f32>,
+}
+
+/// The averaging layer as the optimizer uses it: one weighted all-reduce per global step
+/// over one flat buffer, and state sharing.
+///
+/// A round groups the peers that are averaging at the same time (matchmaking), whatever
+/// step each of them believes it is at; the driver calls [`average`](Self::average) only
+/// when the swarm is ready for its global step, which is what lines the peers up.
+/// `colony-averaging`'s `DecentralizedAverager` is adapted to this trait
+/// ([`NetworkAverager`](crate::NetworkAverager)); tests use in-process implementations.
+pub trait SwarmAverager: Send + 'static {
+    /// Averages `tensors` in place with the peers averaging now, weighting this peer by
+    /// `weight`. Returns the group size. No group formed is an error, not a success; on
+    /// error `tensors` must be left as they were.
+    fn average(
+        &mut self,
+        tensors: &mut [f32],
+        weight: f64,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<usize>> + Send;
+
+    /// Joins the current round as an auxiliary peer: reduces without contributing
+    /// tensors (the averager knows their layout). Returns the group size.
+    fn assist(&mut self, timeout: Duration) -> impl Future<Output = Result<usize>> + Send;
+
+    /// Makes `state` downloadable by other peers (replacing the previous one).
+    fn share_state(&mut self, state: PeerState) -> impl Future<Output = Result<()>> + Send;
+
+    /// Downloads the most advanced state a peer offers, `None` if nobody offers one.
+    fn load_state(
+        &mut self,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<Option<PeerState>>> + Send;
+
+    /// Stops taking part in averaging and state sharing.
+    fn shutdown(&mut self) -> impl Future<Output = ()> + Send;
+}
