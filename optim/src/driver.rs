@@ -305,7 +305,13 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
             samples_per_second: self.ema.samples_per_second(),
             client_mode: self.config.is_client(),
         };
-        self.progress.send_replace(progress);
+        // Republish only what changed: callers report on every poll while a
+        // round forms, and an unchanged record would load the DHT for nothing.
+        self.progress.send_if_modified(|p| {
+            let changed = *p != progress;
+            *p = progress;
+            changed
+        });
     }
 
     async fn refresh_now(&self) -> CollaborationState {

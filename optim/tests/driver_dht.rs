@@ -282,6 +282,7 @@ async fn four_peers_with_real_averaging_match_union_batch_sgd_after_10_steps() {
             let mut acfg = AveragerConfig::new(cfg.averaging_prefix());
             acfg.target_group_size = Some(PEERS);
             acfg.min_matchmaking_time = Duration::from_secs(3);
+            acfg.request_timeout = Duration::from_millis(1500);
             let mut opt =
                 CollaborativeOptimizer::join(dht.clone(), cfg, acfg, vec![0.0; DIM], local)
                     .await

@@ -242,6 +242,11 @@ async fn train_with(
     );
     let mut averaging = AveragerConfig::new(config.averaging_prefix());
     averaging.min_matchmaking_time = Duration::from_secs_f64(args.matchmaking_time);
+    // A leader's answer must fit well inside one declaration (the averager
+    // refuses request_timeout >= min_matchmaking_time).
+    averaging.request_timeout = averaging
+        .request_timeout
+        .min(averaging.min_matchmaking_time / 2);
     averaging.allreduce.compression = Compression::parse(&args.compression).with_context(|| {
         format!(
             "--compression {:?}: expected none, fp16, bf16 or 8bit",
