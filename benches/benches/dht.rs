@@ -7,6 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use colony_benches::Summary;
 use colony_dht::{Dht, DhtConfig, IdentitySource, dht_time};
 use criterion::{Criterion, Throughput, criterion_main};
 use tokio::{
@@ -57,8 +58,7 @@ async fn loopback_rtt() -> Duration {
         c.read_exact(&mut buf).await.expect("read");
         times.push(t.elapsed());
     }
-    times.sort();
-    times[times.len() / 2]
+    Summary::new(times).median()
 }
 
 fn value(i: u64) -> Vec<u8> {

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
+use colony_benches::{Summary, ms};
 use colony_dht::{Dht, DhtConfig, DhtValue, IdentitySource, dht_time};
 use rand::{Rng, SeedableRng, rngs::StdRng, seq::SliceRandom};
 
@@ -58,28 +59,16 @@ struct Tally {
 }
 
 impl Tally {
-    fn report(&mut self, name: &str) {
-        self.latencies.sort();
-        let n = self.latencies.len().max(1);
-        let mean = self.latencies.iter().sum::<Duration>() / n as u32;
-        let median = self
-            .latencies
-            .get(self.latencies.len() / 2)
-            .copied()
-            .unwrap_or_default();
-        let p99 = self
-            .latencies
-            .get(self.latencies.len() * 99 / 100)
-            .copied()
-            .unwrap_or_default();
+    fn report(&self, name: &str) {
+        let s = Summary::new(self.latencies.iter().copied());
         println!(
             "{name}: success {:.2}% ({}/{}), mean {:.3} ms, median {:.3} ms, p99 {:.3} ms",
             100.0 * self.ok as f64 / self.attempts.max(1) as f64,
             self.ok,
             self.attempts,
-            mean.as_secs_f64() * 1e3,
-            median.as_secs_f64() * 1e3,
-            p99.as_secs_f64() * 1e3,
+            ms(s.mean()),
+            ms(s.median()),
+            ms(s.percentile(99.0)),
         );
     }
 }
