@@ -331,3 +331,27 @@ async fn four_peers_with_real_averaging_match_union_batch_sgd_after_10_steps() {
     .await
     .unwrap();
 }
+
+/// A peer whose averaging prefix is not its run's would never meet the others
+/// and train alone without an error: `join` refuses it before starting anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_refuses_an_averaging_prefix_of_another_run() {
+    let dht = nodes(1).await.remove(0);
+    let cfg = config(8);
+    let layout = Layout::packed([("w", vec![4])], 1).unwrap();
+    let local = LocalOptimizer::new(LocalOptimizerKind::Sgd(Sgd::default()), layout).unwrap();
+    let other = AveragerConfig::new(format!("{}x", cfg.averaging_prefix()));
+    let res = CollaborativeOptimizer::join(dht.clone(), cfg, other, vec![0.0; 4], local).await;
+    assert!(
+        matches!(
+            res,
+            Err(colony_optim::OptimError::InvalidConfig {
+                field: "averaging.prefix",
+                ..
+            })
+        ),
+        "{:?}",
+        res.err()
+    );
+    dht.shutdown().await;
+}

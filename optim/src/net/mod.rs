@@ -34,8 +34,9 @@ impl CollaborativeOptimizer<DhtProgressBoard, NetworkAverager> {
     /// doubles).
     ///
     /// # Errors
-    /// [`OptimError::InvalidConfig`] or [`OptimError::LengthMismatch`] before anything is
-    /// started; [`OptimError::Averaging`] if the averager cannot start (e.g. an auxiliary
+    /// [`OptimError::InvalidConfig`] (also when `averaging.prefix` is not
+    /// [`config.averaging_prefix()`](OptimConfig::averaging_prefix)) or
+    /// [`OptimError::LengthMismatch`] before anything is started; [`OptimError::Averaging`] if the averager cannot start (e.g. an auxiliary
     /// peer on a client-mode DHT); [`OptimError::Schema`] or [`OptimError::Dht`] if the
     /// board cannot be set up (the averager is then shut down again).
     ///
@@ -75,6 +76,19 @@ impl CollaborativeOptimizer<DhtProgressBoard, NetworkAverager> {
         local: LocalOptimizer,
     ) -> Result<Self> {
         check_inputs(&config, &params, &local)?;
+        if averaging.prefix != config.averaging_prefix() {
+            // Peers of one run must meet under one key; a mismatch would
+            // train alone without an error.
+            return Err(OptimError::InvalidConfig {
+                field: "averaging.prefix",
+                reason: format!(
+                    "is {:?}; the run {:?} averages under {:?}",
+                    averaging.prefix,
+                    config.prefix,
+                    config.averaging_prefix()
+                ),
+            });
+        }
         let averager = NetworkAverager::new(
             dht.clone(),
             &config,
