@@ -62,7 +62,7 @@ pub fn accumulate_checked(
     }
 }
 
-/// `dst = src` on the buffers' device (a plain copy: the bandwidth baseline).
+/// `dst = src` on the buffers' device (a plain copy).
 ///
 /// # Errors
 /// [`KernelError::DeviceMismatch`], [`KernelError::LengthMismatch`], or a CUDA error.

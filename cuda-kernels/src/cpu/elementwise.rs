@@ -114,7 +114,8 @@ pub fn scale(buf: &mut [f32], s: f32) -> Result<()> {
     Ok(())
 }
 
-/// `dst = src`, multi-threaded (the baseline the benches compare against).
+/// `dst = src`, multi-threaded (the kernels bench measures its own copy loop, written like
+/// the ops, as the baseline).
 ///
 /// # Errors
 /// [`KernelError::LengthMismatch`] if the lengths differ.
