@@ -164,9 +164,10 @@ pub enum AveragingError {
     Dht {
         /// What was being done.
         context: &'static str,
-        /// The DHT's error.
+        /// The DHT's error (boxed: it carries peer ids, and every result of
+        /// this crate would pay for its size).
         #[source]
-        source: colony_dht::DhtError,
+        source: Box<colony_dht::DhtError>,
     },
     /// An invariant of this crate broke (a poisoned lock, a task gone); a bug,
     /// not a peer's fault.
@@ -186,7 +187,10 @@ pub enum AveragingError {
 impl AveragingError {
     /// Wraps a DHT error with what was being done (for `map_err`).
     pub(crate) fn dht(context: &'static str) -> impl Fn(colony_dht::DhtError) -> Self {
-        move |source| Self::Dht { context, source }
+        move |source| Self::Dht {
+            context,
+            source: Box::new(source),
+        }
     }
 }
 
