@@ -86,4 +86,4 @@ pub use validation::{CompositeValidator, RecordValidator};
 pub use value::{DhtValue, StoreOutcome, ValueWithExpiration};
 
 /// Re-exports of the libp2p types in this crate's API.
-pub use libp2p::{Multiaddr, PeerId, Stream, StreamProtocol};
+pub use libp2p::{Multiaddr, PeerId, Stream, StreamProtocol, multiaddr::Protocol};

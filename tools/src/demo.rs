@@ -220,6 +220,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<bool> {
                     hash,
                     wall_s,
                     averaged_steps,
+                    ..
                 },
             ))) => {
                 bar.println(format!(

@@ -25,6 +25,17 @@ pub(crate) struct TrainArgs {
     /// Address to listen on (repeatable). Default: /ip4/127.0.0.1/tcp/0.
     #[arg(long = "listen")]
     pub(crate) listen: Vec<Multiaddr>,
+    /// Where the averaging data plane listens (TCP, `IP:PORT`). Default: the IP
+    /// of the first `--listen` address on any free port, so the data plane is
+    /// reachable wherever the DHT is (`0.0.0.0` there: every interface, with a
+    /// non-loopback IP of this host announced).
+    #[arg(long)]
+    pub(crate) data_listen: Option<std::net::SocketAddr>,
+    /// The data-plane address group members are told to connect to, when it
+    /// differs from the bound one (port forwarding: bind `0.0.0.0:7000`,
+    /// announce `203.0.113.5:7000`). Default: derived from the bound address.
+    #[arg(long)]
+    pub(crate) data_announce: Option<std::net::SocketAddr>,
     /// Samples the whole swarm accumulates per global step.
     #[arg(long, default_value_t = 256)]
     pub(crate) target_batch_size: u64,
@@ -111,8 +122,12 @@ pub(crate) enum Event {
         hash: String,
         /// Seconds of training.
         wall_s: f64,
-        /// Global steps this peer took with a full group / alone / by loading state.
+        /// Global steps this peer took after averaging with at least one peer.
         averaged_steps: u64,
+        /// Of those, steps averaged in a group of at least `--target-group-size`
+        /// (0 when it is not set).
+        #[serde(default)]
+        full_group_steps: u64,
     },
 }
 
@@ -146,8 +161,9 @@ pub(crate) fn emit(json: bool, event: &Event) {
                 hash,
                 wall_s,
                 averaged_steps,
+                full_group_steps,
             } => println!(
-                "done: step {step}, held-out accuracy {:.2}%, {wall_s:.1} s, {averaged_steps} averaged steps, params sha256 {hash}",
+                "done: step {step}, held-out accuracy {:.2}%, {wall_s:.1} s, {averaged_steps} averaged steps ({full_group_steps} in full groups), params sha256 {hash}",
                 accuracy * 100.0
             ),
         }
@@ -163,6 +179,24 @@ impl TrainArgs {
             AveragingMode::Node
         }
     }
+}
+
+/// The data plane's default bind address: the IP of the first DHT listen
+/// address (any port), so peers that reach this node's DHT can reach its data
+/// plane too; loopback when the DHT listens on loopback or nowhere given.
+fn data_listen_following(listen: &[Multiaddr]) -> std::net::SocketAddr {
+    use colony_dht::Protocol;
+    let ip = listen.first().and_then(|a| {
+        a.iter().find_map(|p| match p {
+            Protocol::Ip4(ip) => Some(std::net::IpAddr::V4(ip)),
+            Protocol::Ip6(ip) => Some(std::net::IpAddr::V6(ip)),
+            _ => None,
+        })
+    });
+    std::net::SocketAddr::new(
+        ip.unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)),
+        0,
+    )
 }
 
 fn parse_shard(s: &str) -> anyhow::Result<(usize, usize)> {
@@ -241,6 +275,10 @@ async fn train_with(
         "--matchmaking-time must be > 0"
     );
     let mut averaging = AveragerConfig::new(config.averaging_prefix());
+    averaging.data_listen_addr = args
+        .data_listen
+        .unwrap_or_else(|| data_listen_following(&args.listen));
+    averaging.data_announce_addr = args.data_announce;
     averaging.min_matchmaking_time = Duration::from_secs_f64(args.matchmaking_time);
     // A leader's answer must fit well inside one declaration (the averager
     // refuses request_timeout >= min_matchmaking_time).
@@ -266,6 +304,7 @@ async fn train_with(
         let start = Instant::now();
         let mut grads = vec![0.0; mlp.num_params()];
         let mut averaged_steps = 0;
+        let mut full_group_steps = 0;
         let mut last_report = Instant::now();
         loop {
             anyhow::ensure!(
@@ -292,6 +331,9 @@ async fn train_with(
                 StepOutcome::Stepped { group_size, .. } => {
                     if group_size > 1 {
                         averaged_steps += 1;
+                    }
+                    if args.target_group_size.is_some_and(|t| group_size >= t) {
+                        full_group_steps += 1;
                     }
                     true
                 }
@@ -324,6 +366,7 @@ async fn train_with(
                             hash: params_hash(opt.params()),
                             wall_s: start.elapsed().as_secs_f64(),
                             averaged_steps,
+                            full_group_steps,
                         },
                     );
                     break;
