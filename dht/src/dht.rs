@@ -14,7 +14,7 @@ use crate::{
     behaviour::build_swarm,
     config::DhtConfig,
     error::{DhtError, PubSubError},
-    identity::load_identity,
+    identity::{IdentityLock, LoadedIdentity, load_identity},
     node::{Command, GossipMessage, Node, NodeStats, PeerAddresses, strip_p2p},
     record::DhtRecord,
     signature::Ed25519SignatureValidator,
@@ -42,6 +42,8 @@ struct Inner {
     query_timeout: Duration,
     max_gossip_size: usize,
     subscription_capacity: usize,
+    /// The identity file's lock, released when the last handle drops.
+    _identity_lock: Option<IdentityLock>,
 }
 
 /// A cloneable handle to one DHT node: a background task owning a libp2p swarm
@@ -85,7 +87,11 @@ impl Dht {
     /// `ensure_bootstrap` is set.
     pub async fn new(config: DhtConfig) -> Result<Self, DhtError> {
         config.validate()?;
-        let (keypair, secret) = load_identity(&config.identity)?;
+        let LoadedIdentity {
+            keypair,
+            secret,
+            lock: identity_lock,
+        } = load_identity(&config.identity)?;
         let signer = Ed25519SignatureValidator::new(&secret);
         let public_key = *signer.owner().as_bytes();
         let mut composite = CompositeValidator::new();
@@ -125,6 +131,7 @@ impl Dht {
                 query_timeout: config.query_timeout,
                 max_gossip_size: config.max_gossip_size,
                 subscription_capacity: config.subscription_capacity,
+                _identity_lock: identity_lock,
             }),
         })
     }

@@ -71,6 +71,7 @@ mod value;
 
 pub use behaviour::{IDENTIFY_PROTOCOL, KAD_PROTOCOL};
 pub use config::{DhtConfig, IdentitySource};
+pub use identity::{create_identity_file, read_identity_file};
 pub use dht::Dht;
 pub use error::{DhtError, PubSubError, ValidationError};
 pub use gossip::LatestPerOwner;
