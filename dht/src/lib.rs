@@ -71,10 +71,10 @@ mod value;
 
 pub use behaviour::{IDENTIFY_PROTOCOL, KAD_PROTOCOL};
 pub use config::{DhtConfig, IdentitySource};
-pub use identity::{create_identity_file, read_identity_file};
 pub use dht::Dht;
 pub use error::{DhtError, PubSubError, ValidationError};
 pub use gossip::LatestPerOwner;
+pub use identity::{create_identity_file, read_identity_file};
 pub use node::{GossipMessage, NodeStats, PeerAddresses};
 pub use owner::{owner_key_from_secret, peer_id_of_owner};
 pub use record::{DhtRecord, WIRE_VERSION, WireEntry, decode_wire, encode_wire};

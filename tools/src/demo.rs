@@ -22,42 +22,42 @@ use crate::train::Event;
 #[derive(Debug, Args)]
 pub(crate) struct DemoArgs {
     /// Number of peers (processes); the first is the bootstrap node.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, env = "COLONY_PEERS")]
     peers: usize,
     /// Samples the swarm accumulates per global step.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, env = "COLONY_TARGET_BATCH_SIZE")]
     target_batch_size: u64,
     /// Samples per local micro-batch.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, env = "COLONY_BATCH_SIZE")]
     batch_size: u64,
     /// Stop after this many global steps.
-    #[arg(long, default_value_t = 150)]
+    #[arg(long, default_value_t = 150, env = "COLONY_MAX_STEPS")]
     max_steps: u64,
     /// Held-out accuracy at which training stops (the demo passes at >= 95%).
-    #[arg(long, default_value_t = 0.96)]
+    #[arg(long, default_value_t = 0.96, env = "COLONY_TARGET_ACCURACY")]
     target_accuracy: f64,
     /// Accuracy the demo requires to pass.
-    #[arg(long, default_value_t = 0.95)]
+    #[arg(long, default_value_t = 0.95, env = "COLONY_PASS_ACCURACY")]
     pass_accuracy: f64,
     /// Give up after this many seconds.
-    #[arg(long, default_value_t = 175.0)]
+    #[arg(long, default_value_t = 175.0, env = "COLONY_TIMEOUT_S")]
     timeout_s: f64,
     /// How long a peer waits for others to join an averaging round (s). A
     /// round assembles as soon as all peers have joined, so this only bounds
     /// the wait for a slow or vanished peer; a peer that misses the last round
     /// would end with different parameters.
-    #[arg(long, default_value_t = 4.0)]
+    #[arg(long, default_value_t = 4.0, env = "COLONY_MATCHMAKING_TIME")]
     matchmaking_time: f64,
     /// Emulated compute per micro-batch (ms), so peers leave CPU to the network.
-    #[arg(long, default_value_t = 2.0)]
+    #[arg(long, default_value_t = 2.0, env = "COLONY_COMPUTE_MS")]
     compute_ms: f64,
     /// Wire compression of the averaging rounds: none, fp16, bf16 or 8bit.
     /// Peers still end with identical parameters: every peer applies the
     /// same decoded averages.
-    #[arg(long, default_value = "none")]
+    #[arg(long, default_value = "none", env = "COLONY_COMPRESSION")]
     compression: String,
     /// Folder for the peers' logs (default: a temporary folder).
-    #[arg(long)]
+    #[arg(long, env = "COLONY_LOG_DIR")]
     log_dir: Option<PathBuf>,
 }
 
@@ -85,6 +85,13 @@ fn spawn_peer(
     let exe = std::env::current_exe().context("locating the colony binary")?;
     let log = std::fs::File::create(log_dir.join(format!("peer-{index}.log")))?;
     let mut cmd = Command::new(exe);
+    // The demo's peers take their settings from the demo, not from COLONY_*
+    // variables meant for a real peer of this host.
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("COLONY_") {
+            cmd.env_remove(key);
+        }
+    }
     cmd.arg("train")
         .args(["--json", "--run-id", run_id])
         .args(["--shard", &format!("{index}/{}", args.peers)])

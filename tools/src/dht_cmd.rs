@@ -23,16 +23,20 @@ pub(crate) enum DhtCommand {
 #[derive(Debug, Args)]
 pub(crate) struct ServeArgs {
     /// Address to listen on (repeatable). Default: /ip4/127.0.0.1/tcp/0.
-    #[arg(long = "listen")]
+    #[arg(long = "listen", env = "COLONY_LISTEN", value_delimiter = ',')]
     listen: Vec<Multiaddr>,
     /// Peer to bootstrap from, with /p2p/<peer id> (repeatable).
-    #[arg(long = "initial-peers")]
+    #[arg(
+        long = "initial-peers",
+        env = "COLONY_INITIAL_PEERS",
+        value_delimiter = ','
+    )]
     initial_peers: Vec<Multiaddr>,
     /// Identity file: loaded if it exists, created otherwise (keeps the peer id).
-    #[arg(long)]
+    #[arg(long, env = "COLONY_IDENTITY")]
     identity: Option<PathBuf>,
     /// Client mode: listen nowhere, never serve the DHT.
-    #[arg(long)]
+    #[arg(long, env = "COLONY_CLIENT")]
     client: bool,
 }
 
@@ -40,17 +44,25 @@ pub(crate) struct ServeArgs {
 #[derive(Debug, Args)]
 pub(crate) struct StoreArgs {
     /// Peer to bootstrap from, with /p2p/<peer id> (repeatable).
-    #[arg(long = "initial-peers", required = true)]
+    #[arg(
+        long = "initial-peers",
+        required = true,
+        env = "COLONY_INITIAL_PEERS",
+        value_delimiter = ','
+    )]
     initial_peers: Vec<Multiaddr>,
+    /// Identity file of this short-lived node (loaded, or created with mode 0600).
+    #[arg(long, env = "COLONY_IDENTITY")]
+    identity: Option<PathBuf>,
     /// The key (UTF-8).
     key: String,
     /// The value (JSON, or a plain string).
     value: String,
     /// Store under this subkey of a dictionary (UTF-8).
-    #[arg(long)]
+    #[arg(long, env = "COLONY_SUBKEY")]
     subkey: Option<String>,
     /// Lifetime in seconds.
-    #[arg(long, default_value_t = 600.0)]
+    #[arg(long, default_value_t = 600.0, env = "COLONY_TTL")]
     ttl: f64,
 }
 
@@ -58,15 +70,23 @@ pub(crate) struct StoreArgs {
 #[derive(Debug, Args)]
 pub(crate) struct GetArgs {
     /// Peer to bootstrap from, with /p2p/<peer id> (repeatable).
-    #[arg(long = "initial-peers", required = true)]
+    #[arg(
+        long = "initial-peers",
+        required = true,
+        env = "COLONY_INITIAL_PEERS",
+        value_delimiter = ','
+    )]
     initial_peers: Vec<Multiaddr>,
+    /// Identity file of this short-lived node (loaded, or created with mode 0600).
+    #[arg(long, env = "COLONY_IDENTITY")]
+    identity: Option<PathBuf>,
     /// The key (UTF-8).
     key: String,
     /// Ask every replica and merge (instead of the first answer).
-    #[arg(long)]
+    #[arg(long, env = "COLONY_LATEST")]
     latest: bool,
     /// Print the value(s) and expirations as JSON.
-    #[arg(long)]
+    #[arg(long, env = "COLONY_JSON")]
     json: bool,
 }
 
@@ -133,11 +153,14 @@ async fn wait_for_signal() -> anyhow::Result<()> {
     tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")
 }
 
-async fn client(initial_peers: Vec<Multiaddr>) -> anyhow::Result<Dht> {
-    let config = DhtConfig {
+async fn client(initial_peers: Vec<Multiaddr>, identity: Option<PathBuf>) -> anyhow::Result<Dht> {
+    let mut config = DhtConfig {
         query_timeout: Duration::from_secs(10),
         ..DhtConfig::client(initial_peers)
     };
+    if let Some(path) = identity {
+        config.identity = IdentitySource::File(path);
+    }
     Dht::new(config).await.context("joining the swarm")
 }
 
@@ -148,7 +171,7 @@ async fn store(args: StoreArgs) -> anyhow::Result<()> {
     let json: serde_json::Value =
         serde_json::from_str(&args.value).unwrap_or(serde_json::Value::String(args.value.clone()));
     let value = rmp_serde::to_vec_named(&json).context("encoding the value as MessagePack")?;
-    let dht = client(args.initial_peers).await?;
+    let dht = client(args.initial_peers, args.identity).await?;
     let expiration = dht_time() + args.ttl;
     let outcome = dht
         .store(
@@ -221,7 +244,7 @@ fn rmpv_to_json(v: &rmpv::Value) -> serde_json::Value {
 }
 
 async fn get(args: GetArgs) -> anyhow::Result<()> {
-    let dht = client(args.initial_peers).await?;
+    let dht = client(args.initial_peers, args.identity).await?;
     let found = dht.get(args.key.as_bytes(), args.latest).await;
     dht.shutdown().await;
     let Some(found) = found.context("get failed")? else {

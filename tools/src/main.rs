@@ -2,6 +2,7 @@
 
 mod demo;
 mod dht_cmd;
+mod identity_cmd;
 mod model;
 mod monitor;
 mod train;
@@ -28,6 +29,9 @@ enum Command {
     Train(train::TrainArgs),
     /// Show a run's live state (peers, throughput, global step, ETA) without training.
     Monitor(monitor::MonitorArgs),
+    /// Create or inspect a node identity file (its peer id, before a node starts).
+    #[command(subcommand)]
+    Identity(identity_cmd::IdentityCommand),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -49,5 +53,39 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Train(args) => train::run(args),
         Command::Monitor(args) => monitor::run(args),
+        Command::Identity(command) => identity_cmd::run(command),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    /// Every option of every subcommand also reads `COLONY_<LONG NAME>`, and
+    /// repeatable options take a comma-separated list there.
+    #[test]
+    fn every_flag_reads_an_environment_variable() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let Some(long) = arg.get_long() else { continue };
+                if matches!(long, "help" | "version") {
+                    continue;
+                }
+                let want = format!("COLONY_{}", long.replace('-', "_").to_uppercase());
+                let env = arg.get_env().map(|e| e.to_string_lossy().into_owned());
+                if env.as_deref() != Some(want.as_str()) {
+                    missing.push(format!("{path} --{long}: {env:?}, want {want}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "colony", &mut missing);
+        assert!(missing.is_empty(), "{missing:#?}");
+        Cli::command().debug_assert();
     }
 }

@@ -15,19 +15,27 @@ use colony_optim::{
 #[derive(Debug, Args)]
 pub(crate) struct MonitorArgs {
     /// A peer of the run, with /p2p/<peer id> (repeatable).
-    #[arg(long = "initial-peers", required = true)]
+    #[arg(
+        long = "initial-peers",
+        required = true,
+        env = "COLONY_INITIAL_PEERS",
+        value_delimiter = ','
+    )]
     initial_peers: Vec<Multiaddr>,
+    /// Identity file of this observer node (loaded, or created with mode 0600).
+    #[arg(long, env = "COLONY_IDENTITY")]
+    identity: Option<std::path::PathBuf>,
     /// The run to watch.
-    #[arg(long, default_value = "colony-digits")]
+    #[arg(long, default_value = "colony-digits", env = "COLONY_RUN_ID")]
     run_id: String,
     /// The run's target batch size (for the ETA).
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, env = "COLONY_TARGET_BATCH_SIZE")]
     target_batch_size: u64,
     /// Seconds between refreshes.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, env = "COLONY_INTERVAL")]
     interval: f64,
     /// Print this many snapshots, then exit (0: run until Ctrl-C).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, env = "COLONY_COUNT")]
     count: u64,
 }
 
@@ -45,9 +53,11 @@ async fn monitor(args: MonitorArgs) -> anyhow::Result<()> {
         args.interval.is_finite() && args.interval > 0.0,
         "--interval must be > 0"
     );
-    let dht = Dht::new(DhtConfig::client(args.initial_peers.clone()))
-        .await
-        .context("joining the swarm")?;
+    let mut config = DhtConfig::client(args.initial_peers.clone());
+    if let Some(path) = &args.identity {
+        config.identity = colony_dht::IdentitySource::File(path.clone());
+    }
+    let dht = Dht::new(config).await.context("joining the swarm")?;
     let board = DhtProgressBoard::new(dht.clone(), &args.run_id, None).await?;
     let config = OptimConfig::new(args.run_id.clone(), args.target_batch_size);
     config.validate()?;

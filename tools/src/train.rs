@@ -17,74 +17,82 @@ use crate::model::{Digits, Mlp, Rng, params_hash};
 #[derive(Debug, Clone, Args)]
 pub(crate) struct TrainArgs {
     /// A peer of the run to join, with /p2p/<peer id> (repeatable). None: start a run.
-    #[arg(long = "initial-peers")]
+    #[arg(
+        long = "initial-peers",
+        env = "COLONY_INITIAL_PEERS",
+        value_delimiter = ','
+    )]
     pub(crate) initial_peers: Vec<Multiaddr>,
     /// The run's name: peers with the same run id train together.
-    #[arg(long, default_value = "colony-digits")]
+    #[arg(long, default_value = "colony-digits", env = "COLONY_RUN_ID")]
     pub(crate) run_id: String,
+    /// Identity file: loaded if it exists, created (mode 0600) otherwise, so the
+    /// peer id survives restarts. Default: a fresh identity per start.
+    #[arg(long, env = "COLONY_IDENTITY")]
+    pub(crate) identity: Option<std::path::PathBuf>,
     /// Address to listen on (repeatable). Default: /ip4/127.0.0.1/tcp/0.
-    #[arg(long = "listen")]
+    #[arg(long = "listen", env = "COLONY_LISTEN", value_delimiter = ',')]
     pub(crate) listen: Vec<Multiaddr>,
     /// Where the averaging data plane listens (TCP, `IP:PORT`). Default: the IP
     /// of the first `--listen` address on any free port, so the data plane is
     /// reachable wherever the DHT is (`0.0.0.0` there: every interface, with a
     /// non-loopback IP of this host announced).
-    #[arg(long)]
+    #[arg(long, env = "COLONY_DATA_LISTEN")]
     pub(crate) data_listen: Option<std::net::SocketAddr>,
     /// The data-plane address group members are told to connect to, when it
     /// differs from the bound one (port forwarding: bind `0.0.0.0:7000`,
     /// announce `203.0.113.5:7000`). Default: derived from the bound address.
-    #[arg(long)]
+    #[arg(long, env = "COLONY_DATA_ANNOUNCE")]
     pub(crate) data_announce: Option<std::net::SocketAddr>,
     /// Samples the whole swarm accumulates per global step.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, env = "COLONY_TARGET_BATCH_SIZE")]
     pub(crate) target_batch_size: u64,
     /// Samples per local micro-batch.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, env = "COLONY_BATCH_SIZE")]
     pub(crate) batch_size: u64,
     /// Hidden units of the MLP.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, env = "COLONY_HIDDEN")]
     pub(crate) hidden: usize,
     /// Learning rate (constant).
-    #[arg(long, default_value_t = 0.3)]
+    #[arg(long, default_value_t = 0.3, env = "COLONY_LR")]
     pub(crate) lr: f64,
     /// SGD momentum.
-    #[arg(long, default_value_t = 0.9)]
+    #[arg(long, default_value_t = 0.9, env = "COLONY_MOMENTUM")]
     pub(crate) momentum: f32,
     /// Stop after this many global steps.
-    #[arg(long, default_value_t = 150)]
+    #[arg(long, default_value_t = 150, env = "COLONY_MAX_STEPS")]
     pub(crate) max_steps: u64,
     /// Stop once held-out accuracy reaches this (checked after every global step).
-    #[arg(long, default_value_t = 0.96)]
+    #[arg(long, default_value_t = 0.96, env = "COLONY_TARGET_ACCURACY")]
     pub(crate) target_accuracy: f64,
     /// This peer's data shard, `INDEX/COUNT`.
-    #[arg(long, default_value = "0/1")]
+    #[arg(long, default_value = "0/1", env = "COLONY_SHARD")]
     pub(crate) shard: String,
     /// Seed of the initial parameters (must match across the run) and of sampling.
-    #[arg(long, default_value_t = 42)]
+    #[arg(long, default_value_t = 42, env = "COLONY_SEED")]
     pub(crate) seed: u64,
     /// Client mode: no inbound connections; contributes samples, not the global step.
-    #[arg(long)]
+    #[arg(long, env = "COLONY_CLIENT")]
     pub(crate) client: bool,
     /// Give up after this many seconds.
-    #[arg(long, default_value_t = 600.0)]
+    #[arg(long, default_value_t = 600.0, env = "COLONY_MAX_SECONDS")]
     pub(crate) max_seconds: f64,
     /// How long a peer waits for others to join an averaging round (s).
-    #[arg(long, default_value_t = 2.0)]
+    #[arg(long, default_value_t = 2.0, env = "COLONY_MATCHMAKING_TIME")]
     pub(crate) matchmaking_time: f64,
     /// Assemble an averaging group as soon as it has this many peers, without
     /// waiting out the matchmaking window (default: wait out the window).
-    #[arg(long)]
+    #[arg(long, env = "COLONY_TARGET_GROUP_SIZE")]
     pub(crate) target_group_size: Option<usize>,
     /// Emulated compute time per micro-batch (ms), to pace the demo on small machines.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, env = "COLONY_COMPUTE_MS")]
     pub(crate) compute_ms: f64,
     /// Wire compression of the averaging rounds: none, fp16, bf16 or 8bit
     /// (every peer of a run must use the same).
-    #[arg(long, default_value = "none")]
+    #[arg(long, default_value = "none", env = "COLONY_COMPRESSION")]
     pub(crate) compression: String,
     /// Print machine-readable JSON lines on stdout (used by `colony demo`).
-    #[arg(long)]
+    #[arg(long, env = "COLONY_JSON")]
     pub(crate) json: bool,
 }
 
@@ -240,6 +248,9 @@ async fn train(args: TrainArgs) -> anyhow::Result<()> {
     };
     if !args.listen.is_empty() {
         dht_config.listen_addrs = args.listen.clone();
+    }
+    if let Some(path) = &args.identity {
+        dht_config.identity = colony_dht::IdentitySource::File(path.clone());
     }
     let dht = Dht::new(dht_config)
         .await

@@ -192,3 +192,79 @@ fn serve_store_get_across_processes() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `colony identity new|show` print the peer id a node will have before it
+/// starts; a node reads its flags from `COLONY_*` variables; a second node
+/// with the same identity file is refused with a message saying why.
+#[test]
+fn identity_commands_env_flags_and_one_node_per_identity() {
+    let dir = std::env::temp_dir().join(format!("colony-identity-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = dir.join("node.key");
+    let key_s = key.to_str().unwrap();
+
+    let out = colony(&["identity", "new", key_s]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let peer = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    assert!(peer.starts_with("12D3KooW"), "{peer}");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&key).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    let out = colony(&["identity", "show", key_s]);
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8(out.stdout).unwrap().trim(), peer);
+    let out = colony(&["identity", "new", key_s]);
+    assert!(!out.status.success(), "an identity file was overwritten");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
+
+    // Flags from the environment only: the node listens where COLONY_LISTEN says,
+    // under the identity COLONY_IDENTITY names.
+    let mut child = Command::new(BIN)
+        .args(["dht", "serve"])
+        .env("RUST_LOG", "warn")
+        .env("COLONY_IDENTITY", key_s)
+        .env("COLONY_LISTEN", "/ip4/127.0.0.1/tcp/0")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn colony");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = lines.next().expect("a line").expect("utf-8");
+    assert!(
+        line.starts_with("listening on /ip4/127.0.0.1/tcp/") && line.ends_with(&peer),
+        "{line}"
+    );
+    let node = Node {
+        child,
+        addrs: vec![line["listening on ".len()..].to_owned()],
+    };
+
+    // The same identity file on the same host: refused, nothing joins the swarm.
+    let out = Command::new(BIN)
+        .args([
+            "dht",
+            "serve",
+            "--identity",
+            key_s,
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+        ])
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run colony");
+    assert!(
+        !out.status.success(),
+        "a second node ran with a locked identity"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("another node"), "{stderr}");
+    terminate(node);
+    std::fs::remove_dir_all(&dir).ok();
+}
