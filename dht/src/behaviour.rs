@@ -6,7 +6,7 @@ use libp2p::{
     StreamProtocol, Swarm, gossipsub, identify,
     identity::Keypair,
     kad::{self, Caching, Mode, StoreInserts},
-    noise,
+    noise, ping,
     swarm::NetworkBehaviour,
     tcp, yamux,
 };
@@ -31,6 +31,9 @@ pub(crate) struct Behaviour {
     pub(crate) kad: kad::Behaviour<ColonyStore>,
     pub(crate) gossipsub: gossipsub::Behaviour,
     pub(crate) identify: identify::Behaviour,
+    /// Liveness: a connection whose ping goes unanswered is closed, so
+    /// queries and streams stop waiting on a peer that has vanished.
+    pub(crate) ping: ping::Behaviour,
     /// Outbound application streams (`Dht::open_stream`); no protocol is
     /// ever registered with it for accepting.
     pub(crate) stream: libp2p_stream::Behaviour,
@@ -98,6 +101,11 @@ pub(crate) fn build_swarm(
         kad,
         gossipsub,
         identify,
+        ping: ping::Behaviour::new(
+            ping::Config::new()
+                .with_interval(config.ping_interval)
+                .with_timeout(config.liveness_timeout),
+        ),
         stream: libp2p_stream::Behaviour::new(),
         inbound: InboundStreams::new(inbound),
     };
@@ -113,6 +121,7 @@ pub(crate) fn build_swarm(
         .with_behaviour(|_| behaviour)
         .map_err(|e| transport_err(&e))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
+        .with_connection_timeout(config.connect_timeout)
         .build();
     Ok(swarm)
 }

@@ -71,6 +71,17 @@ pub struct DhtConfig {
     pub command_capacity: usize,
     /// How long an idle connection is kept open. Default: 120 s.
     pub idle_connection_timeout: Duration,
+    /// Limit on dialing and securing one connection. Default: 3 s (libp2p's
+    /// is 10 s; a dial to a vanished host holds a lookup that long, and a
+    /// TCP + noise + yamux handshake is a few round trips even across oceans).
+    pub connect_timeout: Duration,
+    /// How often every connection is pinged. Default: 1 s.
+    pub ping_interval: Duration,
+    /// A connection that has not answered a ping for this long is closed
+    /// (the peer vanished: link cut, host gone, NAT mapping lost), so lookups
+    /// and streams stop waiting on it. Default: 4 s (a ping queues behind
+    /// other traffic of the connection, so not much shorter on slow links).
+    pub liveness_timeout: Duration,
 }
 
 impl Default for DhtConfig {
@@ -94,6 +105,9 @@ impl Default for DhtConfig {
             subscription_capacity: 256,
             command_capacity: 1024,
             idle_connection_timeout: Duration::from_secs(120),
+            connect_timeout: Duration::from_secs(3),
+            ping_interval: Duration::from_secs(1),
+            liveness_timeout: Duration::from_secs(4),
         }
     }
 }
@@ -169,6 +183,15 @@ impl DhtConfig {
         }
         if self.max_gossip_size == 0 {
             return bad("max_gossip_size", "must be positive");
+        }
+        if self.connect_timeout.is_zero() {
+            return bad("connect_timeout", "must be positive");
+        }
+        if self.ping_interval.is_zero() {
+            return bad("ping_interval", "must be positive");
+        }
+        if self.liveness_timeout <= self.ping_interval {
+            return bad("liveness_timeout", "must exceed ping_interval");
         }
         if self.subscription_capacity == 0 || self.command_capacity == 0 {
             return bad(

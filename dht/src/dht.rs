@@ -113,6 +113,7 @@ impl Dht {
             limits,
             listen_addrs.clone(),
             config.replication,
+            config.liveness_timeout,
         );
         start(&mut node, &config).await?;
         let (commands, receiver) = mpsc::channel(config.command_capacity);
@@ -248,12 +249,32 @@ impl Dht {
     ///
     /// [`DhtError::Timeout`], [`DhtError::Shutdown`]. A key nobody holds is `Ok(None)`.
     pub async fn get(&self, key: &[u8], latest: bool) -> Result<Option<DhtValue>, DhtError> {
-        let timeout = self.inner.query_timeout + REPLY_MARGIN;
+        self.get_within(key, latest, self.inner.query_timeout).await
+    }
+
+    /// As [`get`](Self::get), but answers within `budget` with what has been
+    /// gathered by then (the local copy merged with every replica that
+    /// answered), instead of waiting for replicas that do not answer. A
+    /// replica that has vanished from the network (its link cut, its host
+    /// gone) holds a `latest` lookup until the query timeout otherwise.
+    ///
+    /// # Errors
+    ///
+    /// As [`get`](Self::get).
+    pub async fn get_within(
+        &self,
+        key: &[u8],
+        latest: bool,
+        budget: Duration,
+    ) -> Result<Option<DhtValue>, DhtError> {
+        let budget = budget.min(self.inner.query_timeout);
+        let timeout = budget + REPLY_MARGIN;
         let key_vec = key.to_vec();
         let found = self
             .request("get", timeout, |reply| Command::Get {
                 key: key_vec,
                 latest,
+                budget,
                 reply,
             })
             .await?;
@@ -511,10 +532,19 @@ async fn start(node: &mut Node, config: &DhtConfig) -> Result<(), DhtError> {
         }
         node.on_swarm_event(event);
     }
+    let own = node.swarm.local_peer_id().to_owned();
+    node.initial_peers = config
+        .initial_peers
+        .iter()
+        .filter(|a| {
+            !a.iter()
+                .any(|p| matches!(p, Protocol::P2p(peer) if peer == own))
+        })
+        .cloned()
+        .collect();
     if config.initial_peers.is_empty() {
         return Ok(());
     }
-    let own = node.swarm.local_peer_id().to_owned();
     let mut tried = 0;
     for addr in &config.initial_peers {
         let peer = addr.iter().find_map(|p| match p {

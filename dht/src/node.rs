@@ -14,7 +14,7 @@ use libp2p::{
     identify,
     kad::{self, GetRecordOk, PutRecordError, QueryId, QueryResult, Quorum, Record, RecordKey},
     multiaddr::Protocol,
-    swarm::SwarmEvent,
+    swarm::{ConnectionId, SwarmEvent},
 };
 use serde_bytes::ByteBuf;
 use tokio::sync::{mpsc, oneshot};
@@ -63,6 +63,8 @@ pub(crate) enum Command {
     Get {
         key: Vec<u8>,
         latest: bool,
+        /// Answer with what was gathered once this much time has passed.
+        budget: Duration,
         reply: Reply<Option<DhtValue>>,
     },
     Publish {
@@ -135,7 +137,26 @@ pub(crate) struct Node {
     pub(crate) bootstrap_failed: usize,
     /// The bootstrap lookup, while it runs.
     pub(crate) bootstrap_query: Option<QueryId>,
+    /// Gets whose budget ran out (sent by their timers).
+    budget_tx: mpsc::UnboundedSender<QueryId>,
+    budget_rx: Option<mpsc::UnboundedReceiver<QueryId>>,
+    /// Open connections and when each last answered a ping.
+    liveness: HashMap<ConnectionId, (PeerId, std::time::Instant)>,
+    liveness_timeout: Duration,
+    /// The configured initial peers, dialed again whenever this node has no
+    /// connection left (its link was cut and came back, its network changed).
+    pub(crate) initial_peers: Vec<Multiaddr>,
+    /// When to dial the initial peers again while disconnected, and the
+    /// current backoff between such attempts.
+    redial: Option<(std::time::Instant, Duration)>,
+    /// Whether this node lost every connection and a routing-table refresh is
+    /// due once it reconnects.
+    rejoining: bool,
 }
+
+/// First and largest pause between redials of the initial peers while disconnected.
+const REDIAL_FIRST: Duration = Duration::from_secs(1);
+const REDIAL_MAX: Duration = Duration::from_secs(30);
 
 fn lock_read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
     lock.read()
@@ -161,7 +182,9 @@ impl Node {
         limits: RecordLimits,
         listen_addrs: Arc<RwLock<Vec<Multiaddr>>>,
         replication: usize,
+        liveness_timeout: Duration,
     ) -> Self {
+        let (budget_tx, budget_rx) = mpsc::unbounded_channel();
         Self {
             swarm,
             validators,
@@ -178,6 +201,13 @@ impl Node {
             bootstrap_connected: 0,
             bootstrap_failed: 0,
             bootstrap_query: None,
+            budget_tx,
+            budget_rx: Some(budget_rx),
+            liveness: HashMap::new(),
+            liveness_timeout,
+            initial_peers: Vec::new(),
+            redial: None,
+            rejoining: false,
         }
     }
 
@@ -185,8 +215,15 @@ impl Node {
     pub(crate) async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
         let mut prune = tokio::time::interval(PRUNE_INTERVAL);
         prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let Some(mut budgets) = self.budget_rx.take() else {
+            return;
+        };
+        let mut liveness = tokio::time::interval(self.liveness_timeout / 4);
+        liveness.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let shutdown_reply = loop {
             tokio::select! {
+                _ = liveness.tick() => self.drop_silent_connections(),
+                Some(id) = budgets.recv() => self.on_get_budget_spent(id),
                 command = commands.recv() => match command {
                     None => break None,
                     Some(Command::Shutdown { reply }) => break Some(reply),
@@ -219,7 +256,12 @@ impl Node {
     fn on_command(&mut self, command: Command) {
         match command {
             Command::Store { record, reply } => self.start_store(record, reply),
-            Command::Get { key, latest, reply } => self.start_get(key, latest, reply),
+            Command::Get {
+                key,
+                latest,
+                budget,
+                reply,
+            } => self.start_get(key, latest, budget, reply),
             Command::Publish { topic, data, reply } => {
                 let result = self
                     .swarm
@@ -333,7 +375,13 @@ impl Node {
         }
     }
 
-    fn start_get(&mut self, key: Vec<u8>, latest: bool, reply: Reply<Option<DhtValue>>) {
+    fn start_get(
+        &mut self,
+        key: Vec<u8>,
+        latest: bool,
+        budget: Duration,
+        reply: Reply<Option<DhtValue>>,
+    ) {
         let local = self
             .swarm
             .behaviour_mut()
@@ -358,6 +406,77 @@ impl Node {
                 reply,
             },
         );
+        let timer = self.budget_tx.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(budget).await;
+            let _ = timer.send(id);
+        });
+    }
+
+    /// Closes every connection that has not answered a ping for the liveness
+    /// timeout: its peer vanished (link cut, host gone, NAT mapping lost).
+    /// Requests on it fail now instead of at their own timeouts, and the
+    /// peer's routes are forgotten so lookups do not dial a dead address; a
+    /// peer that comes back reconnects and identify adds it again. (libp2p's
+    /// ping reports only the second consecutive failure, and the second ping
+    /// waits for a new substream's negotiation timeout: far too late.)
+    fn drop_silent_connections(&mut self) {
+        let now = std::time::Instant::now();
+        let silent: Vec<(ConnectionId, PeerId)> = self
+            .liveness
+            .iter()
+            .filter(|(_, (_, last))| now.duration_since(*last) > self.liveness_timeout)
+            .map(|(c, (p, _))| (*c, *p))
+            .collect();
+        for (connection, peer) in silent {
+            tracing::info!(%peer, timeout_s = self.liveness_timeout.as_secs_f64(), "peer stopped answering pings; dropping its connection and routes");
+            self.liveness.remove(&connection);
+            self.swarm.close_connection(connection);
+            self.swarm.behaviour_mut().kad.remove_peer(&peer);
+        }
+        self.redial_if_alone(now);
+    }
+
+    /// With no connection left, dials the initial peers again (backing off
+    /// from 1 s to 30 s between attempts) so a node whose link was cut finds
+    /// its way back to the swarm when the link returns.
+    fn redial_if_alone(&mut self, now: std::time::Instant) {
+        if self.initial_peers.is_empty() || self.swarm.connected_peers().next().is_some() {
+            self.redial = None;
+            return;
+        }
+        let (at, backoff) = *self
+            .redial
+            .get_or_insert((now + REDIAL_FIRST, REDIAL_FIRST));
+        if now < at {
+            return;
+        }
+        if !self.rejoining {
+            tracing::warn!("no connection to any peer left; dialing the initial peers again");
+            self.rejoining = true;
+        }
+        for addr in self.initial_peers.clone() {
+            if let Err(error) = self.swarm.dial(addr.clone()) {
+                tracing::debug!(%addr, %error, "cannot redial initial peer");
+            }
+        }
+        let next = (backoff * 2).min(REDIAL_MAX);
+        self.redial = Some((now + backoff, next));
+    }
+
+    /// A get's budget ran out: answer with what it gathered and stop the query.
+    fn on_get_budget_spent(&mut self, id: QueryId) {
+        let Some(pending) = self.pending_gets.remove(&id) else {
+            return;
+        };
+        tracing::debug!(
+            ?id,
+            "get answered at its budget with what replicas sent so far"
+        );
+        let _ = pending.reply.send(Ok(pending.acc));
+        if let Some(mut query) = self.swarm.behaviour_mut().kad.query_mut(&id) {
+            query.finish();
+        }
     }
 
     /// Decodes and validates received record bytes; returns the valid entries
@@ -492,6 +611,22 @@ impl Node {
                 }
                 self.peers.entry(peer_id).or_default().listen = listen;
             }
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(libp2p::ping::Event {
+                connection,
+                result,
+                peer,
+            })) => match result {
+                Ok(_) => {
+                    if let Some(entry) = self.liveness.get_mut(&connection) {
+                        entry.1 = std::time::Instant::now();
+                    }
+                }
+                Err(libp2p::ping::Failure::Unsupported) => {
+                    tracing::debug!(%peer, "peer does not answer pings; its liveness is not checked");
+                    self.liveness.remove(&connection);
+                }
+                Err(error) => tracing::debug!(%peer, %error, "ping failed"),
+            },
             SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message {
                 message,
                 ..
@@ -515,9 +650,19 @@ impl Node {
                 lock_write(&self.listen_addrs).retain(|a| a != &full);
             }
             SwarmEvent::ConnectionEstablished {
-                peer_id, endpoint, ..
+                peer_id,
+                endpoint,
+                connection_id,
+                ..
             } => {
                 self.bootstrap_connected += 1;
+                self.liveness
+                    .insert(connection_id, (peer_id, std::time::Instant::now()));
+                if std::mem::take(&mut self.rejoining) {
+                    tracing::info!(%peer_id, "reconnected to the swarm; refreshing routes");
+                    let own = *self.swarm.local_peer_id();
+                    self.swarm.behaviour_mut().kad.get_closest_peers(own);
+                }
                 let remote = match &endpoint {
                     ConnectedPoint::Dialer { address, .. } => address.clone(),
                     ConnectedPoint::Listener { send_back_addr, .. } => send_back_addr.clone(),
@@ -532,8 +677,10 @@ impl Node {
                 peer_id,
                 endpoint,
                 num_established,
+                connection_id,
                 ..
             } => {
+                self.liveness.remove(&connection_id);
                 if num_established == 0 {
                     self.peers.remove(&peer_id);
                 } else if let Some(entry) = self.peers.get_mut(&peer_id) {

@@ -46,6 +46,11 @@ pub enum StepOutcome {
     },
     /// This peer is out of sync but no peer offered a newer state; nothing was done.
     OutOfSync,
+    /// This peer lost every connection to the swarm it trained with (see
+    /// [`ProgressBoard::is_isolated`](crate::ProgressBoard::is_isolated)): the
+    /// gradients were accumulated, but it does not step alone; it waits for
+    /// the swarm and, if the swarm moved on meanwhile, downloads its state.
+    Isolated,
 }
 
 /// What the background tasks and the caller share.
@@ -93,6 +98,8 @@ pub struct CollaborativeOptimizer<B: ProgressBoard, A: SwarmAverager> {
     version: watch::Receiver<u64>,
     progress: watch::Sender<LocalProgress>,
     tasks: Vec<JoinHandle<()>>,
+    /// Whether the last global-step attempt found this peer cut off from the swarm.
+    isolated: bool,
 }
 
 impl<B: ProgressBoard, A: SwarmAverager> std::fmt::Debug for CollaborativeOptimizer<B, A> {
@@ -189,6 +196,7 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
             version,
             progress,
             tasks,
+            isolated: false,
         })
     }
 
@@ -403,14 +411,32 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
         }
         tracing::debug!(step = self.local_step, "beginning global optimizer step");
         let state = self.refresh_now().await;
-        match plan_step(
+        let plan = plan_step(
             &self.config,
             self.local_step,
             self.accumulator.local_samples(),
             &state,
-        ) {
+        );
+        let isolated = plan == StepPlan::StepAlone && self.board.is_isolated().await;
+        if isolated != self.isolated {
+            self.isolated = isolated;
+            if isolated {
+                tracing::warn!(
+                    step = self.local_step,
+                    "lost every connection to the swarm; not stepping alone until it is back"
+                );
+            } else {
+                tracing::info!(step = self.local_step, "the swarm is reachable again");
+            }
+        }
+        match plan {
             StepPlan::LoadState => self.resync().await,
             StepPlan::Average { weight } => self.global_step(Some(weight), &state).await,
+            StepPlan::StepAlone if isolated => {
+                // Do not spin through micro-batches while cut off.
+                tokio::time::sleep(secs(self.config.default_refresh_period)).await;
+                Ok(StepOutcome::Isolated)
+            }
             StepPlan::StepAlone => self.global_step(None, &state).await,
         }
     }
@@ -744,7 +770,11 @@ async fn report_loop<B: ProgressBoard>(
             client_mode: local.client_mode,
         };
         let publish = board.publish(Some(record), now + config.metadata_expiration);
-        match tokio::time::timeout(secs(config.request_timeout), publish).await {
+        // A replica that vanished holds a store until the DHT's query timeout;
+        // the next report must not wait that long or this peer's record expires
+        // at the others. Dropping the call leaves the store running in the DHT.
+        let report_timeout = config.request_timeout.min(config.metadata_expiration / 3.0);
+        match tokio::time::timeout(secs(report_timeout), publish).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::debug!(error = %ErrorChain(&e), "progress report failed"),
             Err(_) => tracing::debug!("progress report timed out"),

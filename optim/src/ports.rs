@@ -28,6 +28,14 @@ pub trait ProgressBoard: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<()>> + Send;
     /// Reads every peer's latest record (own included).
     fn fetch(&self) -> impl Future<Output = Result<Vec<PeerRecord>>> + Send;
+    /// Whether this peer has lost the swarm: it has seen other peers' records
+    /// before and now has no connection to any peer at all (its link is cut,
+    /// its network changed). Such a peer must not step alone: its "global"
+    /// steps would run ahead of the swarm it belongs to. A peer that started
+    /// the run alone is not isolated. Default: never.
+    fn is_isolated(&self) -> impl Future<Output = bool> + Send {
+        async { false }
+    }
 }
 
 /// A peer's training state as shared with late joiners and stragglers.

@@ -136,6 +136,12 @@ pub(crate) enum Event {
         /// (0 when it is not set).
         #[serde(default)]
         full_group_steps: u64,
+        /// Times this peer fell behind and downloaded the swarm's state from a peer.
+        #[serde(default)]
+        state_loads: u64,
+        /// Samples this peer contributed to the swarm's steps.
+        #[serde(default)]
+        samples: u64,
     },
 }
 
@@ -170,8 +176,10 @@ pub(crate) fn emit(json: bool, event: &Event) {
                 wall_s,
                 averaged_steps,
                 full_group_steps,
+                state_loads,
+                samples,
             } => println!(
-                "done: step {step}, held-out accuracy {:.2}%, {wall_s:.1} s, {averaged_steps} averaged steps ({full_group_steps} in full groups), params sha256 {hash}",
+                "done: step {step}, held-out accuracy {:.2}%, {wall_s:.1} s, {averaged_steps} averaged steps ({full_group_steps} in full groups), {samples} samples contributed, {state_loads} state downloads, params sha256 {hash}",
                 accuracy * 100.0
             ),
         }
@@ -316,6 +324,8 @@ async fn train_with(
         let mut grads = vec![0.0; mlp.num_params()];
         let mut averaged_steps = 0;
         let mut full_group_steps = 0;
+        let mut state_loads = 0;
+        let mut samples = 0;
         let mut last_report = Instant::now();
         loop {
             anyhow::ensure!(
@@ -338,6 +348,9 @@ async fn train_with(
                 Err(OptimError::NonFiniteGradients { .. }) => continue,
                 Err(e) => return Err(e.into()),
             };
+            if !matches!(outcome, StepOutcome::OutOfSync) {
+                samples += args.batch_size;
+            }
             let stepped = match outcome {
                 StepOutcome::Stepped { group_size, .. } => {
                     if group_size > 1 {
@@ -348,8 +361,11 @@ async fn train_with(
                     }
                     true
                 }
-                StepOutcome::LoadedState { .. } => true,
-                StepOutcome::Accumulated | StepOutcome::OutOfSync => false,
+                StepOutcome::LoadedState { .. } => {
+                    state_loads += 1;
+                    true
+                }
+                StepOutcome::Accumulated | StepOutcome::OutOfSync | StepOutcome::Isolated => false,
             };
             if stepped || last_report.elapsed() > Duration::from_millis(250) {
                 last_report = Instant::now();
@@ -378,6 +394,8 @@ async fn train_with(
                             wall_s: start.elapsed().as_secs_f64(),
                             averaged_steps,
                             full_group_steps,
+                            state_loads,
+                            samples,
                         },
                     );
                     break;

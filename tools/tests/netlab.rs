@@ -1,253 +1,124 @@
-//! The real `colony` binary on several hosts: each host is a network
-//! namespace with its own IP on one bridge, nothing shared but the wire (the
-//! network lab; it needs root, `ip` from iproute2, and skips with a printed
-//! reason without them). Every namespace, link and process is removed when a
-//! test ends, also when it fails.
+//! The real `colony` binary on several hosts of the network lab (see
+//! `lab/mod.rs`: namespaces on a bridge, NAT routers, tbf link caps). Each
+//! scenario needs root and skips with a printed reason without it; each is
+//! bounded (< 3 min) and asserts outcomes: parameter hashes, steps, averaged
+//! steps, samples, state downloads.
 //!
-//! Scenario a of the lab: one `colony dht serve` host and four `colony train`
-//! hosts. Before the data plane followed the DHT's address, every round here
-//! failed (each peer announced 127.0.0.1 and trained alone).
+//! Run them alone with `scripts/netlab.sh` (root).
 
-use std::{
-    io::{BufRead, BufReader},
-    process::{Child, Command, Stdio},
-    sync::mpsc,
-    time::{Duration, Instant},
-};
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod lab;
+
+use std::time::{Duration, Instant};
+
+use lab::{Host, Lab, Proc, bootstrap, wait_event};
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_colony");
-
-/// Hosts on one bridge; removed on drop.
-struct Lab {
-    tag: String,
-    subnet: String,
-    hosts: usize,
-    children: Vec<Child>,
+/// `colony train` arguments for trainer `shard` of `shards` in run `run`.
+fn train_args(
+    run: &str,
+    listen: &str,
+    bootstrap: &str,
+    shard: usize,
+    shards: usize,
+    max_steps: u64,
+    extra: &[&str],
+) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "train",
+        "--json",
+        "--run-id",
+        run,
+        "--listen",
+        listen,
+        "--initial-peers",
+        bootstrap,
+        "--target-batch-size",
+        "256",
+        "--compute-ms",
+        "5",
+        "--target-accuracy",
+        "2",
+        "--max-seconds",
+        "150",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    args.extend([
+        "--shard".to_owned(),
+        format!("{shard}/{shards}"),
+        "--max-steps".to_owned(),
+        max_steps.to_string(),
+    ]);
+    args.extend(extra.iter().map(|s| (*s).to_owned()));
+    args
 }
 
-fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| format!("ip: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
+fn spawn_trainer(lab: &mut Lab, host: usize, args: &[String]) -> Proc {
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    lab.spawn(host, &refs)
 }
 
-impl Lab {
-    /// `hosts` namespaces on a fresh bridge, or `None` (with the reason
-    /// printed) where this machine cannot build them.
-    fn new(hosts: usize) -> Option<Self> {
-        let root = Command::new("id")
-            .arg("-u")
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-            .unwrap_or(false);
-        if !root {
-            eprintln!("skipping the network lab: needs root (ip netns)");
-            return None;
-        }
-        // Unique per process, so concurrent runs never share a bridge.
-        let pid = std::process::id();
-        let lab = Self {
-            tag: format!("{}", pid % 100_000),
-            subnet: format!("10.79.{}", pid % 250),
-            hosts,
-            children: Vec::new(),
-        };
-        match lab.build() {
-            Ok(()) => Some(lab),
-            Err(e) => {
-                eprintln!("skipping the network lab: {e}");
-                None
-            }
-        }
-    }
-
-    fn ns(&self, i: usize) -> String {
-        format!("clab{}-{i}", self.tag)
-    }
-
-    fn bridge(&self) -> String {
-        format!("clb{}", self.tag)
-    }
-
-    fn veth(&self, i: usize) -> (String, String) {
-        (format!("clh{}{i}", self.tag), format!("cln{}{i}", self.tag))
-    }
-
-    /// Host `i`'s IP.
-    fn addr(&self, i: usize) -> String {
-        format!("{}.{}", self.subnet, i + 1)
-    }
-
-    fn build(&self) -> Result<(), String> {
-        let br = self.bridge();
-        ip(&["link", "add", &br, "type", "bridge"])?;
-        ip(&["link", "set", &br, "up"])?;
-        for i in 0..self.hosts {
-            let ns = self.ns(i);
-            let (host, inner) = self.veth(i);
-            ip(&["netns", "add", &ns])?;
-            ip(&["link", "add", &host, "type", "veth", "peer", "name", &inner])?;
-            ip(&["link", "set", &inner, "netns", &ns])?;
-            ip(&["link", "set", &host, "master", &br, "up"])?;
-            let cidr = format!("{}/24", self.addr(i));
-            ip(&["-n", &ns, "addr", "add", &cidr, "dev", &inner])?;
-            ip(&["-n", &ns, "link", "set", &inner, "up"])?;
-            ip(&["-n", &ns, "link", "set", "lo", "up"])?;
-        }
-        Ok(())
-    }
-
-    /// Runs `colony args…` on host `i`, its stdout lines parsed as JSON.
-    fn spawn(&mut self, i: usize, args: &[&str]) -> mpsc::Receiver<String> {
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &self.ns(i), BIN])
-            .args(args)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn colony in the namespace");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        self.children.push(child);
-        rx
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        for i in 0..self.hosts {
-            let _ = ip(&["netns", "del", &self.ns(i)]);
-            let _ = ip(&["link", "del", &self.veth(i).0]);
-        }
-        let _ = ip(&["link", "del", &self.bridge()]);
-    }
-}
-
-/// The first line from `rx` that `pick` accepts, within `timeout`.
-fn wait_line<T>(
-    rx: &mpsc::Receiver<String>,
-    what: &str,
-    timeout: Duration,
-    pick: impl Fn(&str) -> Option<T>,
-) -> T {
+/// Every trainer's `done` event, within `timeout` in all.
+fn all_done(trainers: &[Proc], timeout: Duration) -> Vec<Value> {
     let deadline = Instant::now() + timeout;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(line) => {
-                if let Some(v) = pick(&line) {
-                    return v;
-                }
-            }
-            Err(_) => panic!("timed out waiting for {what}"),
-        }
-    }
-}
-
-#[test]
-fn four_hosts_and_a_bootstrap_train_to_one_hash_in_full_groups() {
-    const PEERS: usize = 4;
-    let Some(mut lab) = Lab::new(PEERS + 1) else {
-        return;
-    };
-    let boot_listen = format!("/ip4/{}/tcp/31337", lab.addr(0));
-    let boot = lab.spawn(0, &["dht", "serve", "--listen", &boot_listen]);
-    let bootstrap = wait_line(
-        &boot,
-        "the bootstrap's address",
-        Duration::from_secs(30),
-        |l| {
-            l.strip_prefix("listening on ")
-                .filter(|a| a.contains("/p2p/"))
-                .map(str::to_owned)
-        },
-    );
-    let shards: Vec<String> = (0..PEERS).map(|i| format!("{i}/{PEERS}")).collect();
-    let listens: Vec<String> = (0..PEERS)
-        .map(|i| format!("/ip4/{}/tcp/0", lab.addr(i + 1)))
-        .collect();
-    let peers: Vec<_> = (0..PEERS)
-        .map(|i| {
-            lab.spawn(
-                i + 1,
-                &[
-                    "train",
-                    "--json",
-                    "--run-id",
-                    "lab-a",
-                    "--listen",
-                    &listens[i],
-                    "--initial-peers",
-                    &bootstrap,
-                    "--shard",
-                    &shards[i],
-                    "--target-group-size",
-                    "4",
-                    "--target-batch-size",
-                    "256",
-                    "--compute-ms",
-                    "5",
-                    "--max-steps",
-                    "30",
-                    "--target-accuracy",
-                    "2",
-                    "--max-seconds",
-                    "150",
-                ],
-            )
-        })
-        .collect();
-    let done: Vec<Value> = peers
+    trainers
         .iter()
         .enumerate()
-        .map(|(i, rx)| {
-            wait_line(
-                rx,
-                &format!("peer {i} done"),
-                Duration::from_secs(170),
-                |l| {
-                    serde_json::from_str::<Value>(l)
-                        .ok()
-                        .filter(|v| v["event"] == "done")
-                },
-            )
+        .map(|(i, p)| {
+            let left = deadline.saturating_duration_since(Instant::now());
+            wait_event(p, "done", &format!("trainer {i} done"), left)
         })
-        .collect();
-    for d in &done {
-        eprintln!("lab scenario a: {d}");
+        .collect()
+}
+
+fn assert_one_hash(scenario: &str, done: &[Value]) {
+    for (i, d) in done.iter().enumerate() {
+        eprintln!("lab scenario {scenario}: trainer {i}: {d}");
     }
     let hash = &done[0]["hash"];
     assert!(
         done.iter().all(|d| d["hash"] == *hash),
-        "parameters differ across hosts: {done:?}"
+        "scenario {scenario}: parameters differ across hosts: {done:?}"
     );
+}
+
+fn field(d: &Value, name: &str) -> u64 {
+    d[name].as_u64().unwrap_or(0)
+}
+
+/// Scenario a: one `colony dht serve` host and four `colony train` hosts.
+/// Before the data plane followed the DHT's address, every round here failed
+/// (each peer announced 127.0.0.1 and trained alone).
+#[test]
+fn a_four_hosts_and_a_bootstrap_train_to_one_hash_in_full_groups() {
+    const PEERS: usize = 4;
+    let Some(mut lab) = Lab::new("a", &[Host::Public; PEERS + 1]) else {
+        return;
+    };
+    let (_boot, boot_addr) = bootstrap(&mut lab, 0, 31337, &[]);
+    let trainers: Vec<Proc> = (0..PEERS)
+        .map(|i| {
+            let listen = format!("/ip4/{}/tcp/0", lab.addr(i + 1));
+            let args = train_args(
+                "lab-a",
+                &listen,
+                &boot_addr,
+                i,
+                PEERS,
+                30,
+                &["--target-group-size", "4"],
+            );
+            spawn_trainer(&mut lab, i + 1, &args)
+        })
+        .collect();
+    let done = all_done(&trainers, Duration::from_secs(170));
+    assert_one_hash("a", &done);
     for d in &done {
-        let steps = d["step"].as_u64().unwrap_or(0);
-        let full = d["full_group_steps"].as_u64().unwrap_or(0);
+        let steps = field(d, "step");
+        let full = field(d, "full_group_steps");
         assert!(steps >= 30, "{d}");
         // Every step after the first few averaged across all four hosts.
         assert!(
@@ -255,4 +126,122 @@ fn four_hosts_and_a_bootstrap_train_to_one_hash_in_full_groups() {
             "only {full} of {steps} steps averaged in full groups: {d}"
         );
     }
+}
+
+/// Scenario b: one trainer behind NAT (no inbound route at all), the others
+/// public. The NATed peer dials out, contributes samples to every global step
+/// and ends with the swarm's parameters.
+#[test]
+fn b_a_peer_behind_nat_contributes_and_ends_with_the_swarm_hash() {
+    const PEERS: usize = 4;
+    let hosts = [
+        Host::Public,
+        Host::Public,
+        Host::Public,
+        Host::Public,
+        Host::Nat,
+    ];
+    let Some(mut lab) = Lab::new("b", &hosts) else {
+        return;
+    };
+    let (_boot, boot_addr) = bootstrap(&mut lab, 0, 31337, &[]);
+    let trainers: Vec<Proc> = (0..PEERS)
+        .map(|i| {
+            let host = i + 1;
+            let listen = format!("/ip4/{}/tcp/0", lab.addr(host));
+            let mut extra = vec!["--target-group-size", "4"];
+            if hosts[host] == Host::Nat {
+                // No inbound route: nothing can dial this host.
+                extra.push("--client");
+            }
+            let args = train_args("lab-b", &listen, &boot_addr, i, PEERS, 30, &extra);
+            spawn_trainer(&mut lab, host, &args)
+        })
+        .collect();
+    let done = all_done(&trainers, Duration::from_secs(170));
+    assert_one_hash("b", &done);
+    let natted = &done[PEERS - 1];
+    assert!(field(natted, "step") >= 30, "{natted}");
+    // It took part in the averaging of (nearly) every step and its samples
+    // counted toward the swarm's batches.
+    assert!(
+        field(natted, "averaged_steps") as f64 >= 0.9 * field(natted, "step") as f64,
+        "{natted}"
+    );
+    assert!(field(natted, "samples") >= 30 * 32, "{natted}");
+}
+
+/// Scenario d: one host's link is cut mid-run and restored. The others keep
+/// stepping while it is gone; when it returns it downloads the swarm's state
+/// from a peer and ends with the swarm's parameters.
+#[test]
+fn d_a_host_cut_off_mid_run_resyncs_and_ends_with_the_swarm_hash() {
+    const PEERS: usize = 4;
+    let Some(mut lab) = Lab::new("d", &[Host::Public; PEERS + 1]) else {
+        return;
+    };
+    let (_boot, boot_addr) = bootstrap(&mut lab, 0, 31337, &[]);
+    let trainers: Vec<Proc> = (0..PEERS)
+        .map(|i| {
+            let listen = format!("/ip4/{}/tcp/0", lab.addr(i + 1));
+            let args = train_args(
+                "lab-d",
+                &listen,
+                &boot_addr,
+                i,
+                PEERS,
+                40,
+                &["--target-group-size", "4"],
+            );
+            spawn_trainer(&mut lab, i + 1, &args)
+        })
+        .collect();
+    let cut_host = PEERS; // trainer PEERS-1
+    let cut = &trainers[PEERS - 1];
+    let global = |p: &Proc, at_least: u64, what: &str, timeout: Duration| {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let v = wait_event(p, "progress", what, left);
+            if field(&v, "global_step") >= at_least {
+                return field(&v, "global_step");
+            }
+        }
+    };
+    global(cut, 10, "the swarm at step 10", Duration::from_secs(60));
+    lab.link_down(cut_host);
+    let cut_at = Instant::now();
+    // While the host is gone the others keep stepping: within the run's
+    // metadata_expiration (10 s) they are several steps further.
+    let before = match trainers[0].latest("progress") {
+        Some(v) => field(&v, "global_step"),
+        None => global(&trainers[0], 0, "progress", Duration::from_secs(10)),
+    };
+    let during = global(
+        &trainers[0],
+        before + 3,
+        "steps without the cut host",
+        Duration::from_secs(10),
+    );
+    // Keep it away long enough for its records to expire.
+    while cut_at.elapsed() < Duration::from_secs(6) {
+        let _ = wait_event(
+            &trainers[0],
+            "progress",
+            "progress",
+            Duration::from_secs(10),
+        );
+    }
+    lab.link_up(cut_host);
+    eprintln!(
+        "lab scenario d: link down {:.1} s; the others went {before} -> {during} meanwhile",
+        cut_at.elapsed().as_secs_f64()
+    );
+    let done = all_done(&trainers, Duration::from_secs(150));
+    assert_one_hash("d", &done);
+    let returned = &done[PEERS - 1];
+    assert!(
+        field(returned, "state_loads") >= 1,
+        "the cut host never downloaded the swarm's state: {returned}"
+    );
 }

@@ -34,6 +34,8 @@ pub(super) struct DonorRecord {
     pub(super) last_expiration: Arc<StdMutex<f64>>,
     /// Serializes stores, so a re-declaration never lands after a withdrawal.
     pub(super) stores: Arc<Mutex<()>>,
+    /// How long a store waits for replicas before returning (see `store`).
+    pub(super) store_budget: Duration,
 }
 
 impl DonorRecord {
@@ -56,11 +58,28 @@ impl DonorRecord {
         if let Ok(mut last) = self.last_expiration.lock() {
             *last = last.max(expiration);
         }
-        self.dht
-            .store(&self.key, Some(&self.subkey), value, expiration)
-            .await
-            .map_err(AveragingError::dht("declaring state"))?;
-        Ok(())
+        self.store(value, expiration, "declaring state").await
+    }
+
+    /// Stores under the donor key, waiting at most `store_budget` for the
+    /// replicas: the node stores the record locally as soon as it takes the
+    /// command, in order, and replication goes on in the background, so a
+    /// replica that vanished mid-run (which holds a store until the DHT's
+    /// query timeout) must not hold up the optimizer's step.
+    async fn store(&self, value: Vec<u8>, expiration: f64, context: &'static str) -> Result<()> {
+        let store = self
+            .dht
+            .store(&self.key, Some(&self.subkey), value, expiration);
+        match tokio::time::timeout(self.store_budget, store).await {
+            Ok(result) => result.map(|_| ()).map_err(AveragingError::dht(context)),
+            Err(_) => {
+                tracing::debug!(
+                    context,
+                    "stored locally; replication goes on in the background"
+                );
+                Ok(())
+            }
+        }
     }
 
     /// Store nil just after the latest declaration (nothing to do once it expired).
@@ -73,11 +92,8 @@ impl DonorRecord {
         if let Ok(mut l) = self.last_expiration.lock() {
             *l = last + 1e-3;
         }
-        self.dht
-            .store(&self.key, Some(&self.subkey), vec![0xc0], last + 1e-3)
+        self.store(vec![0xc0], last + 1e-3, "withdrawing state")
             .await
-            .map_err(AveragingError::dht("withdrawing state"))?;
-        Ok(())
     }
 }
 

@@ -145,6 +145,7 @@ impl DecentralizedAverager {
             peer_id: peer_id.clone(),
             last_expiration: Arc::new(StdMutex::new(0.0)),
             stores: Arc::new(Mutex::new(())),
+            store_budget: cfg.request_timeout,
         };
         let (donor_cmd, donor_rx) = watch::channel(DonorCommand::Idle);
         let client_mode = cfg.mode == AveragingMode::Client;

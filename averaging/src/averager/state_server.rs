@@ -22,10 +22,13 @@ impl DecentralizedAverager {
     /// [`AveragingError::NoStateDonor`] when no donor delivered valid state.
     pub async fn load_state_from_peers(&self, timeout: Duration) -> Result<Vec<u8>> {
         let inner = &self.inner;
-        let found = tokio::time::timeout(timeout, inner.dht.get(&inner.donor.key, true))
-            .await
-            .map_err(|_| AveragingError::NoStateDonor { tried: 0 })?
-            .map_err(AveragingError::dht("finding state donors"))?;
+        let found = tokio::time::timeout(
+            timeout,
+            inner.dht.get_within(&inner.donor.key, true, timeout),
+        )
+        .await
+        .map_err(|_| AveragingError::NoStateDonor { tried: 0 })?
+        .map_err(AveragingError::dht("finding state donors"))?;
         let mut donors: Vec<(PeerId, f64)> = Vec::new();
         if let Some(DhtValue::Dictionary(d)) = found {
             for v in d.values() {

@@ -184,7 +184,8 @@ fn perform(
         Action::ReadDeclarations { key } => {
             let dht = io.dht.clone();
             ops.push(
-                async move { Done::Event(Event::Declarations(declared(&dht, &key).await)) }.boxed(),
+                async move { Done::Event(Event::Declarations(declared(&dht, &key, t).await)) }
+                    .boxed(),
             );
         }
         Action::AskLeader {
@@ -429,9 +430,12 @@ fn spawn_store(io: &ShellIo, key: String, expiration: f64, active: bool) {
     });
 }
 
-/// The averagers declared under `key` (unreadable entries skipped).
-async fn declared(dht: &Dht, key: &str) -> Vec<Declared> {
-    let Ok(Some(DhtValue::Dictionary(d))) = dht.get(key.as_bytes(), true).await else {
+/// The averagers declared under `key` (unreadable entries skipped), as far
+/// as the replicas that answered within `budget` know them: a replica that
+/// vanished mid-run must not hold matchmaking for the DHT's query timeout.
+async fn declared(dht: &Dht, key: &str, budget: Duration) -> Vec<Declared> {
+    let Ok(Some(DhtValue::Dictionary(d))) = dht.get_within(key.as_bytes(), true, budget).await
+    else {
         return Vec::new();
     };
     d.values()

@@ -4,6 +4,7 @@
 use std::{
     collections::BTreeMap,
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use colony_dht::{Dht, DhtValue, GossipMessage, LatestPerOwner, SchemaRecordValidator};
@@ -45,7 +46,15 @@ pub struct DhtProgressBoard {
     key: String,
     pushed: PushedRecords,
     wake: Option<mpsc::Sender<()>>,
+    fetch_budget: Duration,
+    /// Set once a fetch returned another peer's record: from then on, no
+    /// connection at all means this peer lost the swarm.
+    saw_others: Arc<std::sync::atomic::AtomicBool>,
 }
+
+/// How long a fetch waits for replicas by default (see
+/// `DhtProgressBoard::with_fetch_budget`).
+pub(crate) const DEFAULT_FETCH_BUDGET: Duration = Duration::from_secs(2);
 
 #[derive(serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -152,7 +161,18 @@ impl DhtProgressBoard {
             key,
             pushed,
             wake,
+            fetch_budget: DEFAULT_FETCH_BUDGET,
+            saw_others: Arc::default(),
         })
+    }
+
+    /// A fetch answers within `budget` with the replicas that answered by then
+    /// (merged with pushed records), instead of waiting out the DHT's query
+    /// timeout for a replica that vanished mid-run. Default 2 s.
+    #[must_use]
+    pub fn with_fetch_budget(mut self, budget: Duration) -> Self {
+        self.fetch_budget = budget;
+        self
     }
 
     /// The DHT handle.
@@ -201,10 +221,17 @@ impl ProgressBoard for DhtProgressBoard {
         Ok(())
     }
 
+    async fn is_isolated(&self) -> bool {
+        if !self.saw_others.load(std::sync::atomic::Ordering::Relaxed) {
+            return false;
+        }
+        matches!(self.dht.stats().await, Ok(stats) if stats.connected_peers == 0)
+    }
+
     async fn fetch(&self) -> Result<Vec<PeerRecord>> {
         let found = self
             .dht
-            .get(self.key.as_bytes(), true)
+            .get_within(self.key.as_bytes(), true, self.fetch_budget)
             .await
             .map_err(OptimError::dht("get progress"))?;
         let mut merged = LatestPerOwner::new();
@@ -235,14 +262,20 @@ impl ProgressBoard for DhtProgressBoard {
                 merged.offer(*owner, progress.clone(), expiration);
             }
         }
-        Ok(merged
+        let records: Vec<PeerRecord> = merged
             .into_iter()
             .map(|(owner, progress, expiration)| PeerRecord {
                 key: owner.marker(),
                 progress,
                 expiration,
             })
-            .collect())
+            .collect();
+        let me = self.self_key();
+        if records.iter().any(|r| r.key != me && r.progress.is_some()) {
+            self.saw_others
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(records)
     }
 }
 

@@ -123,7 +123,11 @@ impl<A: SwarmAverager> CollaborativeOptimizer<DhtProgressBoard, A> {
         // One pending wake-up is enough: the optimizer refreshes everything it wakes for.
         let (wake_tx, wake_rx) = mpsc::channel(1);
         let board = match DhtProgressBoard::new(dht, &config.prefix, Some(wake_tx)).await {
-            Ok(board) => board,
+            // A vanished replica must not hold a refresh for long: records live
+            // metadata_expiration, so a fifth of that at most.
+            Ok(board) => board.with_fetch_budget(std::time::Duration::from_secs_f64(
+                (config.metadata_expiration / 5.0).min(config.request_timeout),
+            )),
             Err(e) => {
                 averager.shutdown().await;
                 return Err(e);
