@@ -181,6 +181,20 @@ async fn exchange<T: AsRef<[f32]> + Sync>(
             tracing::debug!(reducer = r, fault = %f, "averaging: sending parts failed");
         }
     }
+    // A direct connection closed or silent before any average came back may have
+    // reached someone else's data plane (a wrong or lying address): the
+    // frames cannot be replayed on another path (their nonces are spent),
+    // but the next rounds reach this reducer over libp2p.
+    if let (
+        Err(f @ (PeerFault::Disconnected { .. } | PeerFault::Stalled { .. })),
+        Some(DataPath::Direct),
+        Some(p2p),
+        Some(addr),
+    ) = (&rres, *path, plane.p2p.as_ref(), member.data_addr)
+        && !result.averaged.iter().any(|a| *a)
+    {
+        p2p.note_direct_failure(&member.peer_id, addr, f);
+    }
     rres
 }
 
