@@ -107,15 +107,20 @@ pub(crate) async fn probe(
         s.write_all(&probe_request(&nonce))
             .await
             .map_err(|e| Unusable::Unreachable(e.to_string()))?;
-        let mut head = [0u8; 8 + 32 + 1];
-        // A service that closes, or sends too little, is not a data plane.
-        s.read_exact(&mut head)
+        // A service that closes, or sends something else, is not a data
+        // plane: the magic is checked first, so a banner fails at once.
+        let mut magic = [0u8; 8];
+        s.read_exact(&mut magic)
             .await
             .map_err(|_| Unusable::NotADataPlane)?;
-        if &head[..8] != PROBE_ACK || head[8..40] != nonce || usize::from(head[40]) > PROBE_MAX_ID {
+        let mut head = [0u8; 32 + 1];
+        if &magic != PROBE_ACK || s.read_exact(&mut head).await.is_err() {
             return Err(Unusable::NotADataPlane);
         }
-        let mut id = vec![0u8; usize::from(head[40])];
+        if head[..32] != nonce || usize::from(head[32]) > PROBE_MAX_ID {
+            return Err(Unusable::NotADataPlane);
+        }
+        let mut id = vec![0u8; usize::from(head[32])];
         s.read_exact(&mut id)
             .await
             .map_err(|_| Unusable::NotADataPlane)?;
@@ -301,5 +306,103 @@ mod tests {
             assert_eq!(vet_announced_addr(sa(a), &[ip("198.51.100.7")]), Ok(()));
             assert_eq!(vet_announced_addr(sa(a), &[ip("127.0.0.1")]), Ok(()));
         }
+    }
+}
+
+#[cfg(test)]
+mod probe_tests {
+    use colony_dht::{DhtConfig, StreamProtocol};
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::{AveragingMode, GroupMember, round::DataPlane};
+
+    /// A listener that accepts and holds connections, writing `greeting`
+    /// to each (nothing when empty).
+    async fn impostor(greeting: &'static [u8]) -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((mut s, _)) = l.accept().await {
+                if !greeting.is_empty() {
+                    let _ = s.write_all(greeting).await;
+                }
+                held.push(s);
+            }
+        });
+        addr
+    }
+
+    fn closed_port() -> SocketAddr {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    }
+
+    fn member(peer_id: Vec<u8>, data_addr: SocketAddr) -> GroupMember {
+        GroupMember {
+            peer_id,
+            data_addr: Some(data_addr),
+            mode: AveragingMode::Node,
+            bandwidth: None,
+            round_public_key: [7; 32],
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn only_the_announcing_peers_data_plane_passes_the_probe() {
+        tokio::time::timeout(Duration::from_secs(30), async {
+            let dht = Dht::new(DhtConfig::default()).await.unwrap();
+            let plane = DataPlane::bind("127.0.0.1:0".parse().unwrap(), Duration::from_secs(2))
+                .await
+                .unwrap()
+                .with_libp2p(&dht, StreamProtocol::new("/colony/averaging/probe/data/1"))
+                .unwrap();
+            let addr = plane.local_addr().unwrap();
+            let me = dht.peer_id().to_bytes();
+            let t = Duration::from_millis(400);
+            assert_eq!(probe(addr, &me, t).await, Ok(()));
+            assert_eq!(
+                probe(addr, b"someone else", t).await,
+                Err(Unusable::OtherPeer)
+            );
+            let silent = impostor(b"").await;
+            assert!(matches!(
+                probe(silent, &me, t).await,
+                Err(Unusable::Unreachable(_))
+            ));
+            let chatty = impostor(b"SSH-2.0-OpenSSH_9.6\r\n").await;
+            assert_eq!(probe(chatty, &me, t).await, Err(Unusable::NotADataPlane));
+            assert!(matches!(
+                probe(closed_port(), &me, t).await,
+                Err(Unusable::Unreachable(_))
+            ));
+            // Probes are answered, not rejected.
+            assert!(plane.recent_rejections().is_empty());
+
+            // The leader's vetting drops exactly the unusable addresses, and
+            // remembers its verdicts.
+            let reach = Reachability::new(dht.clone(), t);
+            let group = AssembledGroup {
+                group_id: [1; 32],
+                members: vec![
+                    member(me.clone(), addr),
+                    member(b"silent".to_vec(), silent),
+                    member(b"chatty".to_vec(), chatty),
+                    member(b"nohost".to_vec(), "0.0.0.0:7000".parse().unwrap()),
+                ],
+            };
+            let vetted = reach.vet(group, Duration::from_secs(5)).await;
+            let kept: Vec<_> = vetted.members.iter().map(|m| m.data_addr).collect();
+            assert_eq!(kept, vec![Some(addr), None, None, None]);
+            let a = reach.start(b"silent", silent);
+            assert!(a.ptr_eq(&reach.start(b"silent", silent)), "cached");
+            assert_eq!(
+                a.await,
+                Err(Unusable::Unreachable(format!("no answer within {t:?}")))
+            );
+        })
+        .await
+        .expect("test timed out");
     }
 }
