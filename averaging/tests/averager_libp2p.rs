@@ -4,6 +4,8 @@
 //! reached over its libp2p connection, and every peer ends with the exact
 //! weighted average. Real `colony-dht` swarms in one process.
 
+#![allow(clippy::unwrap_used)]
+
 use std::{net::SocketAddr, time::Duration};
 
 use colony_averaging::{AveragerConfig, DataPath, DecentralizedAverager, StepOutcome};
