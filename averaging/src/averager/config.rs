@@ -206,6 +206,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn without_a_tcp_data_plane_there_is_no_address_to_announce() {
+        let mut c = AveragerConfig::new("run");
+        c.direct_data_plane = false;
+        assert!(c.validate().is_ok());
+        c.data_announce_addr = Some("203.0.113.5:7000".parse().unwrap());
+        assert!(matches!(
+            c.validate(),
+            Err(AveragingError::InvalidConfig {
+                field: "data_announce_addr",
+                ..
+            })
+        ));
+    }
+
+    #[test]
     fn a_leader_answer_must_fit_inside_a_declaration() {
         let mut c = AveragerConfig::new("run");
         assert!(c.validate().is_ok());
