@@ -1,38 +1,164 @@
-//! The data plane: one TCP listener per averager that hands inbound connections
-//! to the round (group id) they name.
+//! The data plane: one endpoint per averager that hands inbound connections
+//! to the round (group id) they name. Connections arrive on a TCP listener
+//! (the direct path) and, with [`DataPlane::with_libp2p`], as libp2p streams
+//! of the averager's data protocol on the DHT's connections (for peers whose
+//! data address is missing or unreachable). Both are routed by
+//! [`route`]; a libp2p stream's authenticated peer id must be the group
+//! member whose sender slot its preamble claims. The endpoint also answers
+//! reachability probes (see [`crate::wire::PROBE_MAGIC`]).
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     net::SocketAddr,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, OnceLock},
     time::Duration,
 };
 
+use colony_dht::{Dht, PeerId, StreamProtocol};
 use tokio::{
-    io::AsyncReadExt,
-    net::{TcpListener, TcpStream},
-    sync::{Notify, mpsc},
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpListener,
+    sync::{Notify, Semaphore, mpsc},
     task::JoinHandle,
 };
 
 use crate::{
+    conn::{DataPath, DataStream},
     error::{AveragingError, PeerFault, Result},
-    wire::{PREAMBLE_LEN, Preamble},
+    expiring::ExpiringMap,
+    wire::{Opening, PREAMBLE_LEN, Preamble, probe_reply},
 };
 
 /// An inbound connection routed to a round.
 #[derive(Debug)]
 pub(crate) struct Incoming {
-    pub(crate) stream: TcpStream,
+    pub(crate) stream: DataStream,
     pub(crate) preamble: Preamble,
 }
 
-type Routes = Mutex<HashMap<[u8; 32], mpsc::Sender<Incoming>>>;
+/// A data-plane connection refused before it reached a round's reducer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RejectedConnection {
+    /// The libp2p peer of a stream (`None` for TCP, which authenticates
+    /// only through the AEAD).
+    pub peer: Option<PeerId>,
+    /// The path it came by.
+    pub path: DataPath,
+    /// The sender index its preamble claimed, when it got that far.
+    pub claimed_sender: Option<usize>,
+    /// Why it was refused.
+    pub fault: PeerFault,
+}
 
-#[derive(Debug, Default)]
+/// One registered round.
+#[derive(Debug)]
+struct Route {
+    tx: mpsc::Sender<Incoming>,
+    /// Member peer ids in group order, to check a libp2p stream's peer.
+    members: Arc<Vec<Vec<u8>>>,
+    rejected: Arc<Mutex<Vec<RejectedConnection>>>,
+}
+
+type Routes = Mutex<HashMap<[u8; 32], Route>>;
+
+/// Rejections kept per round, and recent ones per plane.
+const MAX_REJECTIONS: usize = 32;
+/// Inbound connections (both paths) read or routed at once; more wait.
+const MAX_ROUTING: usize = 256;
+/// Inbound libp2p data streams queued before the plane takes them.
+const P2P_BACKLOG: usize = 64;
+/// Peers whose direct address failed, remembered for [`DIRECT_FAILURE_TTL`].
+const MAX_DIRECT_FAILURES: usize = 1024;
+/// How long a failed direct address is skipped in favour of libp2p.
+const DIRECT_FAILURE_TTL: Duration = Duration::from_secs(300);
+
+#[derive(Debug)]
 struct Shared {
     routes: Routes,
     registered: Notify,
+    /// This plane's libp2p peer id, sent in probe answers.
+    identity: OnceLock<Vec<u8>>,
+    recent: Mutex<VecDeque<RejectedConnection>>,
+    rejection: Notify,
+    routing: Arc<Semaphore>,
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Self {
+            routes: Mutex::default(),
+            registered: Notify::new(),
+            identity: OnceLock::new(),
+            recent: Mutex::default(),
+            rejection: Notify::new(),
+            routing: Arc::new(Semaphore::new(MAX_ROUTING)),
+        }
+    }
+}
+
+impl Shared {
+    fn note_rejection(&self, r: RejectedConnection) {
+        if let Ok(mut recent) = self.recent.lock() {
+            if recent.len() >= MAX_REJECTIONS {
+                recent.pop_front();
+            }
+            recent.push_back(r);
+        }
+        self.rejection.notify_waiters();
+    }
+}
+
+/// The libp2p side of a plane: dialing reducers over the DHT connection.
+#[derive(Debug)]
+pub(crate) struct P2p {
+    dht: Dht,
+    protocol: StreamProtocol,
+    direct_failed: Mutex<ExpiringMap<(Vec<u8>, SocketAddr), ()>>,
+}
+
+impl P2p {
+    /// Whether `peer`'s direct address `addr` failed recently.
+    pub(crate) fn direct_failed(&self, peer: &[u8], addr: SocketAddr) -> bool {
+        let now = tokio::time::Instant::now();
+        self.direct_failed
+            .lock()
+            .is_ok_and(|m| m.get(&(peer.to_vec(), addr), now).is_some())
+    }
+
+    /// Remember that `peer`'s direct address failed; warns once per entry.
+    pub(crate) fn note_direct_failure(&self, peer: &[u8], addr: SocketAddr, fault: &PeerFault) {
+        let now = tokio::time::Instant::now();
+        let fresh = self
+            .direct_failed
+            .lock()
+            .is_ok_and(|mut m| m.insert((peer.to_vec(), addr), (), now));
+        if fresh {
+            tracing::warn!(
+                peer = %crate::averager::peer_label(peer),
+                %addr,
+                %fault,
+                "averaging: data address unreachable; using the libp2p connection for this peer"
+            );
+        }
+    }
+
+    /// Open a data stream to `peer` within `timeout`.
+    pub(crate) async fn open(
+        &self,
+        peer: &[u8],
+        timeout: Duration,
+    ) -> std::result::Result<DataStream, PeerFault> {
+        let id = PeerId::from_bytes(peer).map_err(|_| PeerFault::ProtocolViolation {
+            reason: "member peer id is not a libp2p peer id",
+        })?;
+        match tokio::time::timeout(timeout, self.dht.open_stream(id, self.protocol.clone())).await {
+            Err(_) => Err(PeerFault::Stalled { timeout }),
+            Ok(Err(e)) => Err(PeerFault::Disconnected {
+                reason: e.to_string(),
+            }),
+            Ok(Ok(s)) => Ok(DataStream::p2p(s)),
+        }
+    }
 }
 
 /// Reusable `f32` buffers, so rounds do not fault in fresh pages every time.
@@ -150,20 +276,24 @@ impl Drop for PooledBytes {
     }
 }
 
-/// A data-plane endpoint. Node and auxiliary peers listen; client-mode peers use
-/// [`DataPlane::client`] and only connect out.
+/// A data-plane endpoint. Node and auxiliary peers listen (on TCP with
+/// [`DataPlane::bind`], or only on libp2p with [`DataPlane::libp2p_only`]);
+/// client-mode peers use [`DataPlane::client`] and only connect out.
 #[derive(Debug)]
 pub struct DataPlane {
     shared: Arc<Shared>,
     pub(crate) pool: Arc<BufferPool>,
     pub(crate) bytes: Arc<BytePool>,
     local_addr: Option<SocketAddr>,
-    accept_task: Option<JoinHandle<()>>,
+    /// Preamble timeout of inbound connections (`None`: accepts nothing).
+    accepts: Option<Duration>,
+    pub(crate) p2p: Option<P2p>,
+    accept_tasks: Vec<JoinHandle<()>>,
 }
 
 impl Drop for DataPlane {
     fn drop(&mut self) {
-        if let Some(t) = self.accept_task.take() {
+        for t in self.accept_tasks.drain(..) {
             t.abort();
         }
     }
@@ -190,11 +320,17 @@ impl DataPlane {
         let task_shared = shared.clone();
         let accept_task = tokio::spawn(async move {
             loop {
+                let Ok(permit) = task_shared.routing.clone().acquire_owned().await else {
+                    return;
+                };
                 match listener.accept().await {
                     Ok((stream, peer)) => {
                         let shared = task_shared.clone();
                         tokio::spawn(async move {
-                            if let Err(fault) = route(shared, stream, preamble_timeout).await {
+                            let _permit = permit;
+                            let stream = DataStream::Tcp(stream);
+                            if let Err(fault) = route(&shared, stream, None, preamble_timeout).await
+                            {
                                 tracing::debug!(%peer, %fault, "rejected data-plane connection");
                             }
                         });
@@ -212,8 +348,20 @@ impl DataPlane {
             pool: Arc::default(),
             bytes: Arc::default(),
             local_addr: Some(local_addr),
-            accept_task: Some(accept_task),
+            accepts: Some(preamble_timeout),
+            p2p: None,
+            accept_tasks: vec![accept_task],
         })
+    }
+
+    /// An endpoint with no TCP listener that still reduces: with
+    /// [`with_libp2p`](Self::with_libp2p) it accepts data streams on the DHT
+    /// connection (a peer that can open only its DHT port). Inbound streams
+    /// must send their preamble within `preamble_timeout`.
+    pub fn libp2p_only(preamble_timeout: Duration) -> Self {
+        let mut plane = Self::client();
+        plane.accepts = Some(preamble_timeout);
+        plane
     }
 
     /// An endpoint that accepts nothing (client mode).
@@ -223,13 +371,88 @@ impl DataPlane {
             pool: Arc::default(),
             bytes: Arc::default(),
             local_addr: None,
-            accept_task: None,
+            accepts: None,
+            p2p: None,
+            accept_tasks: Vec::new(),
         }
     }
 
-    /// The listening address (`None` in client mode).
+    /// Also carry connections over libp2p streams of `protocol` on `dht`:
+    /// a reducer whose data address is absent, refuses, times out or failed
+    /// recently is dialed there, and (unless this is a client endpoint)
+    /// inbound streams of `protocol` are routed like TCP connections, their
+    /// peer id checked against the sender slot they claim. Probes are
+    /// answered with `dht`'s peer id.
+    ///
+    /// # Errors
+    /// [`AveragingError::Dht`] if `protocol` already has an acceptor on `dht`.
+    pub fn with_libp2p(mut self, dht: &Dht, protocol: StreamProtocol) -> Result<Self> {
+        let _ = self.shared.identity.set(dht.peer_id().to_bytes());
+        if let Some(preamble_timeout) = self.accepts {
+            let mut rx = dht
+                .accept_streams(protocol.clone(), P2P_BACKLOG)
+                .map_err(AveragingError::dht("registering the data protocol"))?;
+            let shared = self.shared.clone();
+            self.accept_tasks.push(tokio::spawn(async move {
+                while let Some((peer, stream)) = rx.recv().await {
+                    let Ok(permit) = shared.routing.clone().acquire_owned().await else {
+                        return;
+                    };
+                    let shared = shared.clone();
+                    tokio::spawn(async move {
+                        let _permit = permit;
+                        let stream = DataStream::p2p(stream);
+                        if let Err(fault) =
+                            route(&shared, stream, Some(peer), preamble_timeout).await
+                        {
+                            tracing::info!(%peer, %fault, "rejected libp2p data stream");
+                        }
+                    });
+                }
+            }));
+        }
+        self.p2p = Some(P2p {
+            dht: dht.clone(),
+            protocol,
+            direct_failed: Mutex::new(ExpiringMap::new(MAX_DIRECT_FAILURES, DIRECT_FAILURE_TTL)),
+        });
+        Ok(self)
+    }
+
+    /// The listening address (`None` without a TCP listener).
     pub fn local_addr(&self) -> Option<SocketAddr> {
         self.local_addr
+    }
+
+    /// Whether this endpoint can dial and accept libp2p data streams.
+    pub fn has_libp2p(&self) -> bool {
+        self.p2p.is_some()
+    }
+
+    /// The latest inbound connections refused before reaching a round (a
+    /// bad preamble, an unknown group, an impersonating stream), newest last;
+    /// at most 32.
+    pub fn recent_rejections(&self) -> Vec<RejectedConnection> {
+        self.shared
+            .recent
+            .lock()
+            .map(|r| r.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Wait until a rejection matching `pred` has been recorded.
+    #[cfg(test)]
+    pub(crate) async fn rejection_where(
+        &self,
+        pred: impl Fn(&RejectedConnection) -> bool,
+    ) -> RejectedConnection {
+        loop {
+            let notified = self.shared.rejection.notified();
+            if let Some(r) = self.recent_rejections().into_iter().find(|r| pred(r)) {
+                return r;
+            }
+            notified.await;
+        }
     }
 
     /// A scratch buffer of `n` values from the pool.
@@ -237,17 +460,32 @@ impl DataPlane {
         self.pool.take(n)
     }
 
-    /// Route connections for `group_id` into a channel until the guard drops.
-    pub(crate) fn register(&self, group_id: [u8; 32], capacity: usize) -> RouteGuard {
+    /// Route connections for `group_id` (whose members' peer ids are
+    /// `members`, in group order) into a channel until the guard drops.
+    pub(crate) fn register(
+        &self,
+        group_id: [u8; 32],
+        members: Vec<Vec<u8>>,
+        capacity: usize,
+    ) -> RouteGuard {
         let (tx, rx) = mpsc::channel(capacity.max(1));
+        let rejected = Arc::new(Mutex::new(Vec::new()));
         if let Ok(mut routes) = self.shared.routes.lock() {
-            routes.insert(group_id, tx);
+            routes.insert(
+                group_id,
+                Route {
+                    tx,
+                    members: Arc::new(members),
+                    rejected: rejected.clone(),
+                },
+            );
         }
         self.shared.registered.notify_waiters();
         RouteGuard {
             shared: self.shared.clone(),
             group_id,
             rx,
+            rejected,
         }
     }
 }
@@ -258,6 +496,14 @@ pub(crate) struct RouteGuard {
     shared: Arc<Shared>,
     group_id: [u8; 32],
     pub(crate) rx: mpsc::Receiver<Incoming>,
+    rejected: Arc<Mutex<Vec<RejectedConnection>>>,
+}
+
+impl RouteGuard {
+    /// Connections for this round refused so far.
+    pub(crate) fn rejected(&self) -> Vec<RejectedConnection> {
+        self.rejected.lock().map(|r| r.clone()).unwrap_or_default()
+    }
 }
 
 impl Drop for RouteGuard {
@@ -268,45 +514,129 @@ impl Drop for RouteGuard {
     }
 }
 
+/// Read a connection's opening within `timeout`: answer a probe, or hand a
+/// sender to the round it names once that round is registered (and, for a
+/// libp2p stream from `remote`, once `remote` is the member it claims to be).
 async fn route(
-    shared: Arc<Shared>,
-    mut stream: TcpStream,
+    shared: &Shared,
+    stream: DataStream,
+    remote: Option<PeerId>,
     timeout: Duration,
 ) -> std::result::Result<(), PeerFault> {
+    let path = stream.path();
+    let res = route_inner(shared, stream, remote, timeout).await;
+    if let Err((claimed_sender, fault)) = &res {
+        shared.note_rejection(RejectedConnection {
+            peer: remote,
+            path,
+            claimed_sender: *claimed_sender,
+            fault: fault.clone(),
+        });
+    }
+    res.map_err(|(_, f)| f)
+}
+
+async fn route_inner(
+    shared: &Shared,
+    mut stream: DataStream,
+    remote: Option<PeerId>,
+    timeout: Duration,
+) -> std::result::Result<(), (Option<usize>, PeerFault)> {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut pre = [0u8; PREAMBLE_LEN];
     match tokio::time::timeout_at(deadline, stream.read_exact(&mut pre)).await {
-        Err(_) => return Err(PeerFault::Stalled { timeout }),
+        Err(_) => return Err((None, PeerFault::Stalled { timeout })),
         Ok(Err(e)) => {
-            return Err(PeerFault::Disconnected {
-                reason: e.to_string(),
-            });
+            return Err((
+                None,
+                PeerFault::Disconnected {
+                    reason: e.to_string(),
+                },
+            ));
         }
         Ok(Ok(_)) => {}
     }
-    let preamble = Preamble::decode(&pre)?;
-    let _ = stream.set_nodelay(true);
+    let preamble = match Opening::decode(&pre).map_err(|f| (None, f))? {
+        Opening::Probe(nonce) => {
+            let id = shared.identity.get().map(Vec::as_slice).unwrap_or(&[]);
+            let reply = probe_reply(&nonce, id);
+            let answer = async {
+                stream.write_all(&reply).await?;
+                stream.shutdown().await
+            };
+            // A prober that does not read its answer is its own problem.
+            let _ = tokio::time::timeout_at(deadline, answer).await;
+            return Ok(());
+        }
+        Opening::Round(p) => p,
+    };
+    let sender = Some(preamble.sender as usize);
+    if let DataStream::Tcp(s) = &stream {
+        let _ = s.set_nodelay(true);
+    }
     // A sender may connect before this peer has registered the round: wait for
     // the registration until the deadline.
     loop {
         let notified = shared.registered.notified();
-        let tx = shared
-            .routes
-            .lock()
-            .ok()
-            .and_then(|r| r.get(&preamble.group_id).cloned());
-        if let Some(tx) = tx {
+        let found = shared.routes.lock().ok().and_then(|r| {
+            r.get(&preamble.group_id)
+                .map(|r| (r.tx.clone(), r.members.clone(), r.rejected.clone()))
+        });
+        if let Some((tx, members, rejected)) = found {
+            if let Some(peer) = remote {
+                check_stream_peer(peer, &members, preamble.sender as usize).map_err(|fault| {
+                    if let Ok(mut r) = rejected.lock()
+                        && r.len() < MAX_REJECTIONS
+                    {
+                        r.push(RejectedConnection {
+                            peer: Some(peer),
+                            path: DataPath::Libp2p,
+                            claimed_sender: sender,
+                            fault: fault.clone(),
+                        });
+                    }
+                    (sender, fault)
+                })?;
+            }
             return tx
                 .send_timeout(Incoming { stream, preamble }, timeout)
                 .await
-                .map_err(|_| PeerFault::ProtocolViolation {
-                    reason: "round is not accepting connections",
+                .map_err(|_| {
+                    (
+                        sender,
+                        PeerFault::ProtocolViolation {
+                            reason: "round is not accepting connections",
+                        },
+                    )
                 });
         }
         if tokio::time::timeout_at(deadline, notified).await.is_err() {
-            return Err(PeerFault::BadGroupId);
+            return Err((sender, PeerFault::BadGroupId));
         }
     }
+}
+
+/// A libp2p stream from `peer` may take only its own sender slot.
+fn check_stream_peer(
+    peer: PeerId,
+    members: &[Vec<u8>],
+    sender: usize,
+) -> std::result::Result<(), PeerFault> {
+    let Some(claimed) = members.get(sender) else {
+        return Err(PeerFault::ProtocolViolation {
+            reason: "sender index outside the group",
+        });
+    };
+    if *claimed == peer.to_bytes() {
+        return Ok(());
+    }
+    tracing::warn!(
+        %peer,
+        claimed = %crate::averager::peer_label(claimed),
+        sender,
+        "averaging: libp2p data stream claims another member's sender slot"
+    );
+    Err(PeerFault::ImpersonatedSender { sender })
 }
 
 #[cfg(test)]

@@ -56,6 +56,13 @@ pub enum PeerFault {
         /// The I/O error or reason.
         reason: String,
     },
+    /// A libp2p data stream claimed the sender slot of a group member whose
+    /// peer id is not the stream's (noise-authenticated) peer.
+    #[error("stream's libp2p peer is not group member {sender}")]
+    ImpersonatedSender {
+        /// The sender index the preamble claimed.
+        sender: usize,
+    },
     /// The peer broke the protocol in some other way.
     #[error("protocol violation: {reason}")]
     ProtocolViolation {

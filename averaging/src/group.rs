@@ -36,7 +36,10 @@ impl AveragingMode {
 pub struct GroupMember {
     /// Peer id bytes (libp2p peer id, or any unique id in tests).
     pub peer_id: Vec<u8>,
-    /// Data-plane address; `None` for client-mode peers.
+    /// Direct (TCP) data-plane address. `None` for client-mode peers, and
+    /// for node and auxiliary peers reachable only through their libp2p
+    /// connection (no TCP data plane, or an address the leader found
+    /// unusable): senders then open a data stream to `peer_id`.
     pub data_addr: Option<SocketAddr>,
     /// Averaging mode.
     pub mode: AveragingMode,
@@ -76,9 +79,6 @@ impl AssembledGroup {
         for (i, m) in self.members.iter().enumerate() {
             if self.members[..i].iter().any(|o| o.peer_id == m.peer_id) {
                 return bad(format!("duplicate peer id at {i}"));
-            }
-            if m.mode != AveragingMode::Client && m.data_addr.is_none() {
-                return bad(format!("member {i} reduces but has no data address"));
             }
         }
         if !self.members.iter().any(|m| m.mode != AveragingMode::Client) {

@@ -8,7 +8,20 @@
 //!   `colony-kernels` device through [`DecentralizedAverager::step_buffers`];
 //! * the round's knobs ([`AllreduceConfig`], [`Compression`]), the peer's
 //!   role ([`AveragingMode`]), what a step reports ([`StepOutcome`],
-//!   [`AssembledGroup`], [`RoundOutcome`]) and the errors.
+//!   [`AssembledGroup`], [`RoundOutcome`] with the [`DataPath`] of each
+//!   connection and any [`RejectedConnection`]) and the errors.
+//!
+//! Data-plane connections go direct over TCP to a member's announced
+//! `data_addr` or, when it has none, it refuses, times out or failed
+//! recently, as libp2p streams of the data protocol
+//! `/colony/averaging/{prefix}/data/1` on the DHT connection: the same
+//! preamble, frames and AEAD either way. A stream's noise-authenticated
+//! peer id must be the member whose sender slot it claims. Before a round
+//! the leader drops data addresses it finds unusable (no host; loopback
+//! announced to a remote peer; a probe that the announcing peer's own data
+//! plane does not answer), so those members are reached over libp2p. With
+//! [`AveragerConfig::direct_data_plane`] off a peer opens no TCP port at
+//! all and still reduces.
 //!
 //! Modules:
 //! * [`matchmaking`]: the sans-I/O [`Matchmaker`](matchmaking::Matchmaker)
@@ -22,10 +35,12 @@
 mod allreduce;
 mod averager;
 mod compression;
+mod conn;
 mod control;
 mod crypto;
 mod dataplane;
 mod error;
+mod expiring;
 mod group;
 pub mod group_keys;
 mod load_balancing;
@@ -38,6 +53,8 @@ mod wire;
 pub use allreduce::RoundOutcome;
 pub use averager::{AveragerConfig, DecentralizedAverager, StepOutcome};
 pub use compression::Compression;
+pub use conn::DataPath;
+pub use dataplane::RejectedConnection;
 pub use error::{AveragingError, PeerFault, Result};
 pub use group::{AllreduceConfig, AssembledGroup, AveragingMode, GroupMember, schema_hash};
 pub use partition::TensorLayout;

@@ -90,6 +90,61 @@ impl Preamble {
     }
 }
 
+/// Magic of a reachability probe (in place of [`MAGIC`]): `PROBE_MAGIC ‖
+/// nonce (32) ‖ 8 zero bytes`, as long as a preamble. The data plane answers
+/// `PROBE_ACK ‖ nonce ‖ id length u8 ‖ its libp2p peer id` and closes, so a
+/// leader can tell a Colony data plane of the announcing peer from a port
+/// held by another service or by another peer.
+pub(crate) const PROBE_MAGIC: &[u8; 8] = b"COLNYPRB";
+/// Magic of a probe's answer.
+pub(crate) const PROBE_ACK: &[u8; 8] = b"COLNYPOK";
+/// Longest peer id a probe answer carries.
+pub(crate) const PROBE_MAX_ID: usize = 64;
+
+/// What a connection opens with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Opening {
+    /// A sender joining a round.
+    Round(Preamble),
+    /// A reachability probe with its nonce.
+    Probe([u8; 32]),
+}
+
+impl Opening {
+    pub(crate) fn decode(b: &[u8; PREAMBLE_LEN]) -> Result<Self, PeerFault> {
+        if &b[..8] == PROBE_MAGIC {
+            let mut nonce = [0u8; 32];
+            nonce.copy_from_slice(&b[8..40]);
+            return Ok(Self::Probe(nonce));
+        }
+        Preamble::decode(b).map(Self::Round)
+    }
+}
+
+/// A probe's first bytes.
+pub(crate) fn probe_request(nonce: &[u8; 32]) -> [u8; PREAMBLE_LEN] {
+    let mut out = [0u8; PREAMBLE_LEN];
+    out[..8].copy_from_slice(PROBE_MAGIC);
+    out[8..40].copy_from_slice(nonce);
+    out
+}
+
+/// The data plane's answer to a probe (an id longer than
+/// [`PROBE_MAX_ID`] is sent empty).
+pub(crate) fn probe_reply(nonce: &[u8; 32], peer_id: &[u8]) -> Vec<u8> {
+    let id = if peer_id.len() <= PROBE_MAX_ID {
+        peer_id
+    } else {
+        &[]
+    };
+    let mut out = Vec::with_capacity(8 + 32 + 1 + id.len());
+    out.extend_from_slice(PROBE_ACK);
+    out.extend_from_slice(nonce);
+    out.push(id.len() as u8);
+    out.extend_from_slice(id);
+    out
+}
+
 /// Hello body (after the header).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct Hello {

@@ -46,7 +46,7 @@ use crate::{
 
 pub use self::results::{RoundOutcome, SpanResult};
 use self::{
-    reducer_side::{add_own_part, serve_span},
+    reducer_side::{Served, add_own_part, serve_span},
     sender_side::send_to_reducer,
 };
 
@@ -218,9 +218,15 @@ async fn run_round<T: AsRef<[f32]> + Sync>(
         }
         Ok::<(), AveragingError>(())
     };
+    let members: Vec<Vec<u8>> = ctx
+        .group
+        .members
+        .iter()
+        .map(|m| m.peer_id.clone())
+        .collect();
     let route = reducer_side
         .as_ref()
-        .map(|_| plane.register(ctx.group.group_id, n));
+        .map(|_| plane.register(ctx.group.group_id, members, n));
 
     let remote_senders: Vec<usize> = (0..n)
         .filter(|&i| i != ctx.me && ctx.group.members[i].mode.is_sender())
@@ -236,9 +242,10 @@ async fn run_round<T: AsRef<[f32]> + Sync>(
     let serve = async {
         match (&reducer_side, route) {
             (Some((red, tx)), Some(mut route)) => {
-                serve_span(ctx, red, tx, &mut route.rx, &remote_senders).await
+                let served = serve_span(ctx, red, tx, &mut route.rx, &remote_senders).await;
+                (served, route.rejected())
             }
-            _ => (Vec::new(), 0, None),
+            _ => (Served::default(), Vec::new()),
         }
     };
     let send = async {
@@ -248,15 +255,25 @@ async fn run_round<T: AsRef<[f32]> + Sync>(
             .collect();
         futs.collect::<Vec<_>>().await
     };
-    let (own, (banned_senders, served_bytes, mut encoded), sent) = tokio::join!(own, serve, send);
+    let (own, (served, rejected), sent) = tokio::join!(own, serve, send);
     own?;
+    let Served {
+        banned: banned_senders,
+        bytes: served_bytes,
+        mut encoded,
+        paths: served_paths,
+    } = served;
 
     let mut spans = Vec::new();
     let mut failed_reducers = Vec::new();
     let mut bytes_sent = served_bytes;
     let mut any_remote_result = false;
-    for (result, bytes, fault, checked) in sent {
+    let mut sent_paths = Vec::new();
+    for (result, bytes, fault, checked, path) in sent {
         bytes_sent += bytes;
+        if let Some(path) = path {
+            sent_paths.push((result.reducer, path));
+        }
         // Parts that were never encoded (the reducer failed first) were never
         // checked either: check them now, so NaN/inf anywhere in the local
         // tensors still ends the round in NonFiniteLocal.
@@ -352,5 +369,8 @@ async fn run_round<T: AsRef<[f32]> + Sync>(
         failed_reducers,
         banned_senders,
         bytes_sent,
+        sent_paths,
+        served_paths,
+        rejected,
     })
 }

@@ -11,6 +11,7 @@ use tokio::{io::AsyncWriteExt, sync::watch};
 
 use crate::{
     compression::{Compression, all_finite},
+    conn::DataPath,
     crypto::FrameCipher,
     dataplane::{BufferPool, Incoming},
     error::{AveragingError, PeerFault, Result},
@@ -48,16 +49,30 @@ pub(super) fn add_own_part<T: AsRef<[f32]> + Sync>(
         })
 }
 
+/// What serving this peer's span did.
+#[derive(Default)]
+pub(super) struct Served {
+    /// Senders banned, with the reason.
+    pub(super) banned: Vec<(usize, PeerFault)>,
+    /// Bytes written back.
+    pub(super) bytes: u64,
+    /// The compressed averages, when the codec compresses.
+    pub(super) encoded: Option<EncodedAverages>,
+    /// The path each connected sender came by.
+    pub(super) paths: Vec<(usize, DataPath)>,
+}
+
 /// Accept the remote senders of this peer's span and serve them until every
-/// part is finalized and sent back. Returns banned senders and bytes written.
+/// part is finalized and sent back.
 pub(super) async fn serve_span<T: AsRef<[f32]> + Sync>(
     ctx: &Ctx<'_, T>,
     red: &Arc<Mutex<PartReducer>>,
     tx: &watch::Sender<usize>,
     rx: &mut tokio::sync::mpsc::Receiver<Incoming>,
     expected: &[usize],
-) -> (Vec<(usize, PeerFault)>, u64, Option<EncodedAverages>) {
+) -> Served {
     let mut banned: Vec<(usize, PeerFault)> = Vec::new();
+    let mut paths = Vec::new();
     let mut connected = vec![false; ctx.group.members.len()];
     let mut pending = expected.len();
     // Compressed averages are encoded once, into one pooled span-sized buffer,
@@ -93,6 +108,7 @@ pub(super) async fn serve_span<T: AsRef<[f32]> + Sync>(
                 }
                 connected[s] = true;
                 pending -= 1;
+                paths.push((s, inc.stream.path()));
                 handlers.push(serve_sender(ctx, red, tx, &encoded, inc));
             }
             _ = tokio::time::sleep_until(deadline), if accepting => {
@@ -119,7 +135,12 @@ pub(super) async fn serve_span<T: AsRef<[f32]> + Sync>(
         }
     }
     drop(handlers);
-    (banned, bytes, encoded.into_inner().ok())
+    Served {
+        banned,
+        bytes,
+        encoded: encoded.into_inner().ok(),
+        paths,
+    }
 }
 
 /// Byte offset of each part's encoding when parts of `lens` values are laid

@@ -2,12 +2,11 @@
 
 use std::{ops::Range, sync::Arc};
 
-use tokio::net::tcp::OwnedReadHalf;
-
 use crate::{
     compression::{Compression, all_finite},
+    conn::{DataPath, DataReadHalf},
     crypto::{FrameCipher, TAG_LEN},
-    dataplane::BufferPool,
+    dataplane::{BufferPool, RejectedConnection},
     error::{PeerFault, Result},
     partition::TensorLayout,
     wire::{self, Kind},
@@ -74,6 +73,15 @@ pub struct RoundOutcome {
     pub banned_senders: Vec<(usize, PeerFault)>,
     /// Bytes this peer wrote to the data plane.
     pub bytes_sent: u64,
+    /// Per remote reducer this peer connected to (as a sender), the path
+    /// the connection took.
+    pub sent_paths: Vec<(usize, DataPath)>,
+    /// Per remote sender that connected to this peer (as a reducer), the
+    /// path it came by.
+    pub served_paths: Vec<(usize, DataPath)>,
+    /// Connections for this round refused before they reached the reducer
+    /// (a libp2p stream claiming another member's sender slot).
+    pub rejected: Vec<RejectedConnection>,
 }
 
 impl Drop for RoundOutcome {
@@ -87,6 +95,34 @@ impl Drop for RoundOutcome {
 }
 
 impl RoundOutcome {
+    /// Connections of this round (both directions) that went direct over TCP.
+    pub fn direct_connections(&self) -> usize {
+        self.connections_by(DataPath::Direct)
+    }
+
+    /// Connections of this round (both directions) over libp2p streams.
+    pub fn libp2p_connections(&self) -> usize {
+        self.connections_by(DataPath::Libp2p)
+    }
+
+    /// The path of this peer's connection with member `peer`: the one it
+    /// opened to `peer` as a reducer, else the one `peer` opened to it.
+    pub fn path_with(&self, peer: usize) -> Option<DataPath> {
+        self.sent_paths
+            .iter()
+            .chain(&self.served_paths)
+            .find(|(p, _)| *p == peer)
+            .map(|(_, path)| *path)
+    }
+
+    fn connections_by(&self, path: DataPath) -> usize {
+        self.sent_paths
+            .iter()
+            .chain(&self.served_paths)
+            .filter(|(_, p)| *p == path)
+            .count()
+    }
+
     /// Elements that were averaged (the rest keep local values).
     pub fn averaged_elements(&self) -> usize {
         self.spans.iter().map(SpanResult::averaged_elements).sum()
@@ -137,7 +173,7 @@ impl RoundOutcome {
 
 pub(super) async fn read_results<T: AsRef<[f32]> + Sync>(
     ctx: &Ctx<'_, T>,
-    mut rd: OwnedReadHalf,
+    mut rd: DataReadHalf,
     down: &mut FrameCipher,
     result: &mut SpanResult,
 ) -> std::result::Result<(), PeerFault> {

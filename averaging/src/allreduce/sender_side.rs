@@ -3,13 +3,11 @@
 
 use std::ops::Range;
 
-use tokio::{
-    io::AsyncWriteExt,
-    net::{TcpStream, tcp::OwnedWriteHalf},
-};
+use tokio::{io::AsyncWriteExt, net::TcpStream};
 
 use crate::{
     compression::{Compression, all_finite},
+    conn::{DataPath, DataStream, DataWriteHalf},
     crypto::FrameCipher,
     dataplane::DataPlane,
     error::{AveragingError, PeerFault},
@@ -24,13 +22,14 @@ use super::{
 };
 
 /// Stream this peer's parts of reducer `r`'s span and collect the averages.
-/// Returns the results, the bytes written, the reducer's fault if any, and
-/// how many leading parts were encoded (and so checked for NaN/inf).
+/// Returns the results, the bytes written, the reducer's fault if any, how
+/// many leading parts were encoded (and so checked for NaN/inf), and the
+/// path the connection took (`None` if none was made).
 pub(super) async fn send_to_reducer<T: AsRef<[f32]> + Sync>(
     plane: &DataPlane,
     ctx: &Ctx<'_, T>,
     r: usize,
-) -> (SpanResult, u64, Option<PeerFault>, usize) {
+) -> (SpanResult, u64, Option<PeerFault>, usize, Option<DataPath>) {
     let span = ctx.spans[r].clone();
     let parts = part_ranges(span.clone(), ctx.cfg.part_len());
     // Compressed results stay in wire form (a half or a quarter of the
@@ -56,23 +55,73 @@ pub(super) async fn send_to_reducer<T: AsRef<[f32]> + Sync>(
     };
     let mut bytes = 0u64;
     let mut checked = 0;
-    let fault = exchange(ctx, r, &mut result, &mut bytes, &mut checked)
+    let mut path = None;
+    let fault = exchange(
+        plane,
+        ctx,
+        r,
+        &mut result,
+        &mut bytes,
+        &mut checked,
+        &mut path,
+    )
+    .await
+    .err();
+    (result, bytes, fault, checked, path)
+}
+
+/// Connect to reducer `r` within `request_timeout`: its data address first
+/// (unless it failed recently), then, when this plane has a libp2p side,
+/// a data stream on the DHT connection. With a fallback available the
+/// direct try gets a third of the budget, so a black-holed address leaves
+/// the stream two thirds.
+async fn connect(
+    plane: &DataPlane,
+    ctx: &Ctx<'_, impl Sync>,
+    r: usize,
+) -> std::result::Result<DataStream, PeerFault> {
+    let member = &ctx.group.members[r];
+    let budget = ctx.cfg.request_timeout;
+    let start = tokio::time::Instant::now();
+    let p2p = plane.p2p.as_ref();
+    if let Some(addr) = member.data_addr
+        && !p2p.is_some_and(|p| p.direct_failed(&member.peer_id, addr))
+    {
+        let direct = if p2p.is_some() { budget / 3 } else { budget };
+        let fault = match tokio::time::timeout(direct, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => {
+                let _ = s.set_nodelay(true);
+                return Ok(DataStream::Tcp(s));
+            }
+            Ok(Err(e)) => PeerFault::Disconnected {
+                reason: e.to_string(),
+            },
+            Err(_) => PeerFault::Stalled { timeout: direct },
+        };
+        match p2p {
+            Some(p) => p.note_direct_failure(&member.peer_id, addr, &fault),
+            None => return Err(fault),
+        }
+    }
+    let Some(p) = p2p else {
+        return Err(PeerFault::ProtocolViolation {
+            reason: "reducer has no data address",
+        });
+    };
+    p.open(&member.peer_id, budget.saturating_sub(start.elapsed()))
         .await
-        .err();
-    (result, bytes, fault, checked)
 }
 
 async fn exchange<T: AsRef<[f32]> + Sync>(
+    plane: &DataPlane,
     ctx: &Ctx<'_, T>,
     r: usize,
     result: &mut SpanResult,
     bytes: &mut u64,
     checked: &mut usize,
+    path: &mut Option<DataPath>,
 ) -> std::result::Result<(), PeerFault> {
     let member = &ctx.group.members[r];
-    let addr = member.data_addr.ok_or(PeerFault::ProtocolViolation {
-        reason: "reducer has no data address",
-    })?;
     let keys = ctx
         .keys
         .connection_keys(
@@ -87,21 +136,8 @@ async fn exchange<T: AsRef<[f32]> + Sync>(
     let bad_key = |_| PeerFault::ProtocolViolation { reason: "bad key" };
     let mut up = FrameCipher::new(&keys.up).map_err(bad_key)?;
     let mut down = FrameCipher::new(&keys.down).map_err(bad_key)?;
-    let stream = match tokio::time::timeout(ctx.cfg.request_timeout, TcpStream::connect(addr)).await
-    {
-        Err(_) => {
-            return Err(PeerFault::Stalled {
-                timeout: ctx.cfg.request_timeout,
-            });
-        }
-        Ok(Err(e)) => {
-            return Err(PeerFault::Disconnected {
-                reason: e.to_string(),
-            });
-        }
-        Ok(Ok(s)) => s,
-    };
-    let _ = stream.set_nodelay(true);
+    let stream = connect(plane, ctx, r).await?;
+    *path = Some(stream.path());
     let (rd, mut wr) = stream.into_split();
     let preamble = Preamble {
         group_id: ctx.group.group_id,
@@ -145,6 +181,20 @@ async fn exchange<T: AsRef<[f32]> + Sync>(
             tracing::debug!(reducer = r, fault = %f, "averaging: sending parts failed");
         }
     }
+    // A direct connection closed or silent before any average came back may have
+    // reached someone else's data plane (a wrong or lying address): the
+    // frames cannot be replayed on another path (their nonces are spent),
+    // but the next rounds reach this reducer over libp2p.
+    if let (
+        Err(f @ (PeerFault::Disconnected { .. } | PeerFault::Stalled { .. })),
+        Some(DataPath::Direct),
+        Some(p2p),
+        Some(addr),
+    ) = (&rres, *path, plane.p2p.as_ref(), member.data_addr)
+        && !result.averaged.iter().any(|a| *a)
+    {
+        p2p.note_direct_failure(&member.peer_id, addr, f);
+    }
     rres
 }
 
@@ -162,7 +212,7 @@ async fn write_parts<T: AsRef<[f32]> + Sync>(
     ctx: &Ctx<'_, T>,
     parts: &[Range<usize>],
     up: &mut FrameCipher,
-    wr: &mut OwnedWriteHalf,
+    wr: &mut DataWriteHalf,
     checked: &mut usize,
 ) -> std::result::Result<u64, PeerFault> {
     let compression = ctx.cfg.compression;

@@ -40,6 +40,14 @@ pub struct AveragerConfig {
     pub allow_state_sharing: Option<bool>,
     /// Data-plane listen address. Default `127.0.0.1:0`.
     pub data_listen_addr: SocketAddr,
+    /// Whether node and auxiliary peers open a TCP data plane. Default
+    /// `true`. `false`: no TCP listener is bound and no data address is
+    /// announced (`data_listen_addr` is unused); group members reach this
+    /// peer with data streams on its libp2p connection (the averager's data
+    /// protocol, `/colony/averaging/{prefix}/data/1`), for a peer that can
+    /// open only its DHT port. Data streams are always accepted as well, for
+    /// senders that cannot reach the TCP address.
+    pub direct_data_plane: bool,
     /// Data-plane address announced to group members, when it differs from the
     /// bound one (port forwarding, NAT: bind `0.0.0.0:7000`, announce
     /// `203.0.113.5:7000`). Must name a concrete IP and a non-zero port; not
@@ -69,6 +77,7 @@ impl AveragerConfig {
             mode: AveragingMode::Node,
             allow_state_sharing: None,
             data_listen_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            direct_data_plane: true,
             data_announce_addr: None,
             declare_state_period: Duration::from_secs(30),
         }
@@ -115,6 +124,12 @@ impl AveragerConfig {
             return bad("declare_state_period", "must be positive");
         }
         if let Some(a) = self.data_announce_addr {
+            if !self.direct_data_plane {
+                return bad(
+                    "data_announce_addr",
+                    "there is no TCP data plane to announce (direct_data_plane is false)",
+                );
+            }
             if self.mode == AveragingMode::Client {
                 return bad(
                     "data_announce_addr",
@@ -178,7 +193,7 @@ pub(super) fn announced_data_addr(
 }
 
 /// The IP of a multiaddr's leading `/ip4/..` or `/ip6/..` component.
-fn multiaddr_ip(addr: &str) -> Option<IpAddr> {
+pub(super) fn multiaddr_ip(addr: &str) -> Option<IpAddr> {
     let mut parts = addr.split('/').skip_while(|p| p.is_empty());
     match (parts.next()?, parts.next()?) {
         ("ip4" | "ip6", ip) => ip.parse().ok(),
@@ -189,6 +204,21 @@ fn multiaddr_ip(addr: &str) -> Option<IpAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn without_a_tcp_data_plane_there_is_no_address_to_announce() {
+        let mut c = AveragerConfig::new("run");
+        c.direct_data_plane = false;
+        assert!(c.validate().is_ok());
+        c.data_announce_addr = Some("203.0.113.5:7000".parse().unwrap());
+        assert!(matches!(
+            c.validate(),
+            Err(AveragingError::InvalidConfig {
+                field: "data_announce_addr",
+                ..
+            })
+        ));
+    }
 
     #[test]
     fn a_leader_answer_must_fit_inside_a_declaration() {

@@ -1,11 +1,12 @@
 //! The join server: reads the first message of each inbound join stream and
 //! hands the request to the matchmaker task, which decides and answers.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use colony_dht::{PeerId, Stream};
 use tokio::sync::mpsc;
 
+use super::reachability::Reachability;
 use crate::{
     control::{self, ControlMsg},
     matchmaking::shell::{Command, InboundJoin},
@@ -20,6 +21,7 @@ pub(super) async fn accept_joins(
     matchmaker: mpsc::WeakSender<Command>,
     mut rx: mpsc::Receiver<(PeerId, Stream)>,
     request_timeout: Duration,
+    reach: Option<Arc<Reachability>>,
 ) {
     let reading = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_READING));
     while let Some((peer, mut stream)) = rx.recv().await {
@@ -29,10 +31,18 @@ pub(super) async fn accept_joins(
         let Ok(permit) = reading.clone().acquire_owned().await else {
             return;
         };
+        let reach = reach.clone();
         tokio::spawn(async move {
             let _permit = permit;
             match control::recv(&mut stream, request_timeout).await {
                 Ok(ControlMsg::Join { request, member }) => {
+                    // Probe its data address while the window runs; the
+                    // group is checked against the verdicts at begin.
+                    if let (Some(reach), Some(addr)) = (&reach, member.data_addr)
+                        && member.peer_id == peer.to_bytes()
+                    {
+                        drop(reach.start(&member.peer_id, addr));
+                    }
                     let join = Command::Join(Box::new(InboundJoin {
                         peer,
                         stream,

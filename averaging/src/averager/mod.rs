@@ -11,6 +11,7 @@ mod config;
 mod device;
 mod donor;
 mod join_server;
+mod reachability;
 mod state_server;
 
 use std::{
@@ -24,6 +25,7 @@ use tokio::sync::{Mutex, MutexGuard, mpsc, watch};
 
 pub use self::config::AveragerConfig;
 use self::donor::{DonorCommand, DonorRecord};
+pub(crate) use self::reachability::Reachability;
 use crate::{
     allreduce::{RoundOutcome, run_allreduce},
     crypto::RoundKeyPair,
@@ -109,6 +111,12 @@ fn state_protocol(prefix: &str) -> Result<StreamProtocol> {
     protocol(prefix, "state")
 }
 
+/// The data protocol: all-reduce connections carried on the libp2p
+/// connection, `/colony/averaging/{prefix}/data/1`.
+fn data_protocol(prefix: &str) -> Result<StreamProtocol> {
+    protocol(prefix, "data")
+}
+
 impl DecentralizedAverager {
     /// Start an averager over `tensors` on `dht`.
     ///
@@ -127,9 +135,12 @@ impl DecentralizedAverager {
         let layout = TensorLayout::new(&tensors.iter().map(Vec::len).collect::<Vec<_>>());
         let plane = if cfg.mode == AveragingMode::Client {
             DataPlane::client()
-        } else {
+        } else if cfg.direct_data_plane {
             DataPlane::bind(cfg.data_listen_addr, cfg.request_timeout).await?
+        } else {
+            DataPlane::libp2p_only(cfg.request_timeout)
         };
+        let plane = plane.with_libp2p(&dht, data_protocol(&cfg.prefix)?)?;
         let data_addr = config::announced_data_addr(&cfg, &plane, &dht)?;
         let bits = cfg.initial_group_bits.clone();
         let sharing = cfg.mode != AveragingMode::Client
@@ -158,11 +169,16 @@ impl DecentralizedAverager {
             min_matchmaking_time: cfg.min_matchmaking_time.as_secs_f64(),
             request_timeout: cfg.request_timeout.as_secs_f64(),
         });
+        // Probes get a quarter of the request timeout, so a leader's group
+        // waits for them at most about that long past its window.
+        let reach = (!client_mode)
+            .then(|| reachability::Reachability::new(dht.clone(), cfg.request_timeout / 4));
         let io = ShellIo {
             dht: dht.clone(),
             protocol: join_protocol(&cfg.prefix)?,
             client_mode,
             request_timeout: cfg.request_timeout,
+            reach: reach.clone(),
         };
         let (matchmaker, commands) = mpsc::channel(MATCHMAKER_QUEUE);
         let mut tasks = vec![tokio::spawn(shell::run(machine, io, commands))];
@@ -175,6 +191,7 @@ impl DecentralizedAverager {
                 matchmaker.downgrade(),
                 joins,
                 cfg.request_timeout,
+                reach,
             )));
         }
         let inner = Arc::new(Inner {
@@ -216,12 +233,14 @@ impl DecentralizedAverager {
     }
 
     /// The data-plane address group members connect to (the announced one;
-    /// `None` in client mode).
+    /// `None` in client mode and without a TCP data plane, when members
+    /// reach this peer over its libp2p connection).
     pub fn data_addr(&self) -> Option<SocketAddr> {
         self.inner.data_addr
     }
 
-    /// The address the data-plane listener is bound to (`None` in client mode).
+    /// The address the data-plane listener is bound to (`None` in client
+    /// mode and without a TCP data plane).
     pub fn data_listen_addr(&self) -> Option<SocketAddr> {
         self.inner.plane.local_addr()
     }
@@ -357,6 +376,14 @@ impl DecentralizedAverager {
             next_group_bits: next,
         })
     }
+}
+
+/// A member's peer id for logs: the libp2p form, or hex for other ids.
+pub(crate) fn peer_label(peer_id: &[u8]) -> String {
+    PeerId::from_bytes(peer_id).map_or_else(
+        |_| peer_id.iter().map(|b| format!("{b:02x}")).collect(),
+        |p| p.to_string(),
+    )
 }
 
 /// The last characters of a peer id, for logs.

@@ -462,10 +462,21 @@ impl Matchmaker {
         match message {
             LeaderMessage::Begin(group) => {
                 let me = self.looking.as_ref().map(|l| &l.me);
+                // The leader may have dropped this peer's data address
+                // (unusable from where it stands): the rest must be ours.
                 let ok = group.validate().is_ok()
-                    && group
-                        .position(&self.cfg.peer_id)
-                        .is_some_and(|i| Some(&group.members[i]) == me);
+                    && group.position(&self.cfg.peer_id).is_some_and(|i| {
+                        let m = &group.members[i];
+                        me.is_some_and(|me| {
+                            m == me
+                                || (m.data_addr.is_none()
+                                    && *m
+                                        == GroupMember {
+                                            data_addr: None,
+                                            ..me.clone()
+                                        })
+                        })
+                    });
                 if ok {
                     self.finish(Ok((group, Vec::new())), now, out);
                 } else {

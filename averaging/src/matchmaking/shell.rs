@@ -55,6 +55,9 @@ pub(crate) struct ShellIo {
     pub(crate) protocol: StreamProtocol,
     pub(crate) client_mode: bool,
     pub(crate) request_timeout: Duration,
+    /// The leader's data-address checks (`None`: the group goes out as
+    /// assembled).
+    pub(crate) reach: Option<std::sync::Arc<crate::averager::Reachability>>,
 }
 
 /// Results of I/O started for the machine.
@@ -299,7 +302,14 @@ fn perform(
         } => {
             let streams: Vec<Stream> = which.iter().filter_map(|j| joins.remove(j)).collect();
             let reply = reply.take();
+            let reach = io.reach.clone();
             tokio::spawn(async move {
+                // Probes began as joins arrived; the wait here is what is
+                // left of them, at most half a request timeout.
+                let group = match reach {
+                    Some(r) => r.vet(group, t / 2).await,
+                    None => group,
+                };
                 let msg = ControlMsg::Begin {
                     group: group.clone(),
                 };

@@ -184,7 +184,8 @@ async fn bad_reducer(
     how: BadReducer,
     hold: oneshot::Receiver<()>,
 ) {
-    let mut route = peers[me].plane.register(group.group_id, 8);
+    let members = group.members.iter().map(|m| m.peer_id.clone()).collect();
+    let mut route = peers[me].plane.register(group.group_id, members, 8);
     let mut conns = Vec::new();
     for _ in 0..senders {
         let Some(inc) = route.rx.recv().await else {

@@ -4,5 +4,6 @@
 mod adversarial;
 mod client_delay;
 mod matchmaking;
+mod p2p;
 mod rounds;
 mod support;

@@ -9,6 +9,12 @@
 //! number of bytes to every other worker at once, over TCP with the same
 //! AEAD framing, and the aggregate rate A gives the lower bound
 //! `bytes all peers send in a round / A`.
+//!
+//! With `--compare-paths` every worker also runs a DHT node, and each timed
+//! round runs twice, alternating: once over the direct TCP data plane (the
+//! baseline) and once with no data addresses, so every connection is a
+//! libp2p data stream on the DHT connections; both throughputs print side
+//! by side.
 
 use std::{
     net::SocketAddr,
@@ -19,7 +25,8 @@ use std::{
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use colony_averaging::{
-    AllreduceConfig, AssembledGroup, AveragingMode, Compression, GroupMember, TensorLayout,
+    AllreduceConfig, AssembledGroup, AveragingMode, Compression, DataPath, GroupMember,
+    TensorLayout,
     round::{
         DataPlane, FrameBuf, FrameCipher, Kind, RoundKeyPair, load_balance_peers, read_frame,
         read_frame_unopened, run_allreduce,
@@ -74,6 +81,13 @@ struct Args {
     /// Internal: the address this worker listens on.
     #[arg(long, hide = true, default_value = "127.0.0.1")]
     bind_ip: std::net::IpAddr,
+    /// Also run every round over libp2p data streams (each worker runs a
+    /// DHT node) and print both paths' throughput.
+    #[arg(long)]
+    compare_paths: bool,
+    /// Internal: DHT addresses to bootstrap from (with `--compare-paths`).
+    #[arg(long, hide = true, value_delimiter = ',')]
+    bootstrap: Vec<String>,
     /// Internal: run as worker with this index.
     #[arg(long, hide = true)]
     worker: Option<usize>,
@@ -88,6 +102,11 @@ enum Msg {
         index: usize,
         data_addr: SocketAddr,
         stream_addr: SocketAddr,
+        /// The DHT node's peer id and listen addresses (`--compare-paths`).
+        #[serde(default)]
+        peer_id: Vec<u8>,
+        #[serde(default)]
+        dht_addrs: Vec<String>,
     },
     StreamTest {
         peers: Vec<SocketAddr>,
@@ -111,6 +130,9 @@ enum Msg {
         minor_faults: u64,
         bytes_sent: u64,
         failed: usize,
+        /// Connections of the round over libp2p data streams.
+        #[serde(default)]
+        libp2p: usize,
     },
     Verify,
     Verified {
@@ -235,12 +257,36 @@ async fn worker(args: Args, index: usize) -> Result<()> {
     let mut ctl = Line::new(TcpStream::connect(coord).await?);
     let plane = DataPlane::bind(SocketAddr::new(args.bind_ip, 0), Duration::from_secs(10)).await?;
     let data_addr = plane.local_addr().context("no data address")?;
+    let (plane, dht) = if args.compare_paths {
+        let dht = colony_dht::Dht::new(colony_dht::DhtConfig {
+            listen_addrs: vec![format!("/ip4/{}/tcp/0", args.bind_ip).parse()?],
+            initial_peers: args
+                .bootstrap
+                .iter()
+                .map(|a| a.parse())
+                .collect::<Result<_, _>>()?,
+            ..colony_dht::DhtConfig::default()
+        })
+        .await?;
+        let protocol = colony_dht::StreamProtocol::new("/colony/averaging/bench/data/1");
+        (plane.with_libp2p(&dht, protocol)?, Some(dht))
+    } else {
+        (plane, None)
+    };
     let stream_listener = TcpListener::bind(SocketAddr::new(args.bind_ip, 0)).await?;
     let stream_addr = stream_listener.local_addr()?;
     ctl.send(&Msg::Hello {
         index,
         data_addr,
         stream_addr,
+        peer_id: dht
+            .as_ref()
+            .map(|d| d.peer_id().to_bytes())
+            .unwrap_or_default(),
+        dht_addrs: dht
+            .as_ref()
+            .map(|d| d.listen_addrs().iter().map(|a| a.to_string()).collect())
+            .unwrap_or_default(),
     })
     .await?;
     let cfg = config(&args, compression);
@@ -300,6 +346,7 @@ async fn worker(args: Args, index: usize) -> Result<()> {
                     minor_faults: minor_faults() - f0,
                     bytes_sent: out.bytes_sent,
                     failed: out.failed_reducers.len() + out.banned_senders.len(),
+                    libp2p: out.libp2p_connections(),
                 })
                 .await?;
             }
@@ -435,8 +482,7 @@ async fn parent(args: Args) -> Result<()> {
     let listener = TcpListener::bind(SocketAddr::new(args.coord_ip, 0)).await?;
     let coord = listener.local_addr()?;
     let exe = std::env::current_exe()?;
-    let mut children = Vec::new();
-    for i in 0..n {
+    let spawn = |i: usize, bootstrap: &[String]| {
         let mut cmd = match args.netns.get(i) {
             Some(ns) => {
                 let mut c = tokio::process::Command::new("ip");
@@ -450,41 +496,68 @@ async fn parent(args: Args) -> Result<()> {
             .get(i)
             .copied()
             .unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]));
-        children.push(
-            cmd.args(["--worker", &i.to_string(), "--coord", &coord.to_string()])
-                .args(["--bind-ip", &bind_ip.to_string()])
-                .args([
-                    "--peers",
-                    &n.to_string(),
-                    "--floats",
-                    &args.floats.to_string(),
-                ])
-                .args([
-                    "--compression",
-                    &args.compression,
-                    "--part-size",
-                    &args.part_size.to_string(),
-                ])
-                .stdin(Stdio::null())
-                .kill_on_drop(true)
-                .spawn()?,
-        );
-    }
-    let mut ctls: Vec<Option<(Line, SocketAddr, SocketAddr)>> = (0..n).map(|_| None).collect();
-    for _ in 0..n {
-        let (s, _) = tokio::time::timeout(Duration::from_secs(60), listener.accept()).await??;
-        let mut l = Line::new(s);
+        cmd.args(["--worker", &i.to_string(), "--coord", &coord.to_string()])
+            .args(["--bind-ip", &bind_ip.to_string()])
+            .args([
+                "--peers",
+                &n.to_string(),
+                "--floats",
+                &args.floats.to_string(),
+            ])
+            .args([
+                "--compression",
+                &args.compression,
+                "--part-size",
+                &args.part_size.to_string(),
+            ]);
+        if args.compare_paths {
+            cmd.arg("--compare-paths");
+        }
+        if !bootstrap.is_empty() {
+            cmd.args(["--bootstrap", &bootstrap.join(",")]);
+        }
+        cmd.stdin(Stdio::null()).kill_on_drop(true).spawn()
+    };
+    let hello = |l: Line| async move {
+        let mut l = l;
         let Msg::Hello {
             index,
             data_addr,
             stream_addr,
+            peer_id,
+            dht_addrs,
         } = l.recv().await?
         else {
             bail!("expected hello")
         };
-        ctls[index] = Some((l, data_addr, stream_addr));
+        Ok((index, (l, data_addr, stream_addr, peer_id), dht_addrs))
+    };
+    let accept = || async {
+        let (s, _) = tokio::time::timeout(Duration::from_secs(60), listener.accept()).await??;
+        hello(Line::new(s)).await
+    };
+    let mut ctls: Vec<Option<(Line, SocketAddr, SocketAddr, Vec<u8>)>> =
+        (0..n).map(|_| None).collect();
+    let mut children = Vec::new();
+    // With a DHT per worker, worker 0 starts first and the others bootstrap
+    // from it.
+    let mut bootstrap = Vec::new();
+    let mut started = 0;
+    if args.compare_paths {
+        children.push(spawn(0, &[])?);
+        let (index, ctl, addrs) = accept().await?;
+        ctls[index] = Some(ctl);
+        bootstrap = addrs;
+        started = 1;
     }
-    let mut ctls: Vec<(Line, SocketAddr, SocketAddr)> = ctls
+    for i in started..n {
+        children.push(spawn(i, &bootstrap)?);
+    }
+    for _ in started..n {
+        let (index, ctl, _) = accept().await?;
+        ctls[index] = Some(ctl);
+    }
+    let mut ctls: Vec<(Line, SocketAddr, SocketAddr, Vec<u8>)> = ctls
         .into_iter()
         .map(|c| c.context("worker missing"))
         .collect::<Result<_>>()?;
@@ -530,56 +603,31 @@ async fn parent(args: Args) -> Result<()> {
     let mut round_secs = Vec::new();
     let mut round_cpu = Vec::new();
     let mut round_faults = Vec::new();
+    let mut libp2p_secs = Vec::new();
     let mut bytes_sent = 0u64;
     let mut failures = 0usize;
-    for _ in 0..args.rounds {
-        let mut members = Vec::new();
-        for (i, c) in ctls.iter_mut().enumerate() {
-            c.0.send(&Msg::NewRound).await?;
-            let Msg::RoundKey { key } = c.0.recv().await? else {
-                bail!("expected key")
-            };
-            members.push(GroupMember {
-                peer_id: vec![i as u8],
-                data_addr: Some(c.1),
-                mode: AveragingMode::Node,
-                bandwidth: args.bandwidths.get(i).copied(),
-                round_public_key: key,
-            });
-        }
-        let group = AssembledGroup {
-            group_id: rand_group_id(),
-            members,
-        };
-        for c in ctls.iter_mut() {
-            c.0.send(&Msg::Group {
-                group: group.clone(),
-            })
-            .await?;
-        }
-        let mut worst = 0.0f64;
-        let mut cpu_sum = 0.0;
-        let mut faults_sum = 0u64;
-        for c in ctls.iter_mut() {
-            let Msg::RoundDone {
-                seconds,
-                cpu,
-                minor_faults,
-                bytes_sent: b,
-                failed,
-            } = c.0.recv().await?
-            else {
-                bail!("expected round done")
-            };
-            worst = worst.max(seconds);
-            cpu_sum += cpu;
-            faults_sum += minor_faults;
-            bytes_sent = bytes_sent.max(b);
+    // With --compare-paths each round runs on both paths, the order
+    // alternating so neither always runs on a warmer machine.
+    let paths: &[DataPath] = if args.compare_paths {
+        &[DataPath::Direct, DataPath::Libp2p]
+    } else {
+        &[DataPath::Direct]
+    };
+    for r in 0..args.rounds {
+        for k in 0..paths.len() {
+            let path = paths[(k + r) % paths.len()];
+            let (worst, cpu_sum, faults_sum, b, failed) = round(&mut ctls, &args, path).await?;
             failures += failed;
+            match path {
+                DataPath::Direct => {
+                    round_secs.push(worst);
+                    round_cpu.push(cpu_sum);
+                    round_faults.push(faults_sum);
+                    bytes_sent = bytes_sent.max(b);
+                }
+                DataPath::Libp2p => libp2p_secs.push(worst),
+            }
         }
-        round_secs.push(worst);
-        round_cpu.push(cpu_sum);
-        round_faults.push(faults_sum);
     }
     // The balancer's split, as every peer computes it from the declared bandwidths.
     let declared: Vec<Option<f64>> = (0..n).map(|i| args.bandwidths.get(i).copied()).collect();
@@ -626,6 +674,9 @@ async fn parent(args: Args) -> Result<()> {
     let spr = median(&mut round_secs);
     let size_bytes = 4.0 * args.floats as f64;
     let bus = size_bytes / spr * 2.0 * (n as f64 - 1.0) / n as f64;
+    let all_libp2p = libp2p_secs.clone();
+    let libp2p_spr = (!libp2p_secs.is_empty()).then(|| median(&mut libp2p_secs));
+    let libp2p_bus = libp2p_spr.map(|t| size_bytes / t * 2.0 * (n as f64 - 1.0) / n as f64);
     // Bytes all peers send in a round (payload plus framing, as measured).
     let round_bytes = (bytes_sent * n as u64) as f64;
     let lower_bound = round_bytes / aggregate;
@@ -659,6 +710,9 @@ async fn parent(args: Args) -> Result<()> {
                 "lower_bound_plain_tcp_seconds": lower_bound_plain,
                 "cpu_seconds_plain_tcp_test_all_peers": plain_cpu,
                 "machine_cores": std::thread::available_parallelism().map_or(0, |n| n.get()),
+                "libp2p_seconds_per_round": libp2p_spr,
+                "libp2p_round_seconds": all_libp2p,
+                "libp2p_bus_bandwidth_bytes_per_s": libp2p_bus,
             })
         );
     } else {
@@ -669,6 +723,14 @@ async fn parent(args: Args) -> Result<()> {
         println!("seconds_per_round (median)    {spr:.3}  (all: {all_rounds:.3?})");
         println!("bytes_sent_per_peer           {bytes_sent}");
         println!("bus_bandwidth                 {:.3} GB/s", bus / 1e9);
+        if let (Some(t), Some(b)) = (libp2p_spr, libp2p_bus) {
+            println!(
+                "paths (median s, bus GB/s)    direct TCP {spr:.3} s {:.3} GB/s | libp2p streams {t:.3} s {:.3} GB/s ({:.2}x the direct time; all: {all_libp2p:.3?})",
+                bus / 1e9,
+                b / 1e9,
+                t / spr
+            );
+        }
         println!("aggregate_stream (limit A)    {:.3} GB/s", aggregate / 1e9);
         println!("lower_bound_seconds           {lower_bound:.3}");
         println!("ratio to lower bound          {:.2}", spr / lower_bound);
@@ -704,6 +766,73 @@ async fn parent(args: Args) -> Result<()> {
         bail!("max_abs_err {max_err} exceeds 1e-5");
     }
     Ok(())
+}
+
+type Ctl = (Line, SocketAddr, SocketAddr, Vec<u8>);
+
+/// One round on every worker over `path`; returns the slowest worker's
+/// seconds, the CPU seconds and minor faults of all, the most bytes one
+/// worker sent, and the peers excluded (or connections on the wrong path).
+async fn round(
+    ctls: &mut [Ctl],
+    args: &Args,
+    path: DataPath,
+) -> Result<(f64, f64, u64, u64, usize)> {
+    let n = ctls.len();
+    let mut members = Vec::new();
+    for (i, c) in ctls.iter_mut().enumerate() {
+        c.0.send(&Msg::NewRound).await?;
+        let Msg::RoundKey { key } = c.0.recv().await? else {
+            bail!("expected key")
+        };
+        members.push(GroupMember {
+            peer_id: if c.3.is_empty() {
+                vec![i as u8]
+            } else {
+                c.3.clone()
+            },
+            // No data address: senders open libp2p data streams.
+            data_addr: (path == DataPath::Direct).then_some(c.1),
+            mode: AveragingMode::Node,
+            bandwidth: args.bandwidths.get(i).copied(),
+            round_public_key: key,
+        });
+    }
+    let group = AssembledGroup {
+        group_id: rand_group_id(),
+        members,
+    };
+    for c in ctls.iter_mut() {
+        c.0.send(&Msg::Group {
+            group: group.clone(),
+        })
+        .await?;
+    }
+    let (mut worst, mut cpu_sum, mut faults_sum, mut bytes, mut failures) = (0.0f64, 0.0, 0, 0, 0);
+    for c in ctls.iter_mut() {
+        let Msg::RoundDone {
+            seconds,
+            cpu,
+            minor_faults,
+            bytes_sent,
+            failed,
+            libp2p,
+        } = c.0.recv().await?
+        else {
+            bail!("expected round done")
+        };
+        worst = worst.max(seconds);
+        cpu_sum += cpu;
+        faults_sum += minor_faults;
+        bytes = bytes.max(bytes_sent);
+        let want = if path == DataPath::Libp2p {
+            2 * (n - 1)
+        } else {
+            0
+        };
+        failures += failed + usize::from(libp2p != want);
+    }
+    Ok((worst, cpu_sum, faults_sum, bytes, failures))
 }
 
 fn rand_group_id() -> [u8; 32] {

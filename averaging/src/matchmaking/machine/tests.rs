@@ -297,6 +297,55 @@ fn a_group_that_lost_this_peers_entry_is_refused() {
     assert!(!out.iter().any(|a| matches!(a, Action::AskLeader { .. })));
 }
 
+/// A follower accepted by leader 9, waiting for its group.
+fn accepted_follower() -> Harness {
+    let mut h = Harness::new(config(5, Some(4), 2));
+    h.look(5, 100.0, 30.0);
+    h.on(Event::Declarations(vec![declared(9, 103.0)]), 100.1);
+    h.on(
+        Event::LeaderAnswer {
+            attempt: 0,
+            answer: LeaderAnswer::Accepted {
+                leader_expiration: Some(103.0),
+            },
+        },
+        100.2,
+    );
+    h
+}
+
+#[test]
+fn a_group_may_drop_this_peers_data_address_but_not_change_it() {
+    let begin = |h: &mut Harness, mine: GroupMember| {
+        let group = AssembledGroup {
+            group_id: [1; 32],
+            members: vec![member(9), mine],
+        };
+        let out = h.on(
+            Event::LeaderMessage {
+                attempt: 0,
+                message: LeaderMessage::Begin(group.clone()),
+            },
+            103.0,
+        );
+        begun(&out).map(|(g, _)| g.clone())
+    };
+    // The leader found this peer's address unusable: reached over libp2p.
+    let mut dropped = member(5);
+    dropped.data_addr = None;
+    let mut h = accepted_follower();
+    assert_eq!(
+        begin(&mut h, dropped.clone()).map(|g| g.members[1].clone()),
+        Some(dropped)
+    );
+    // Pointing it elsewhere is tampering.
+    let mut moved = member(5);
+    moved.data_addr = Some(SocketAddr::from(([10, 0, 0, 1], 9)));
+    let mut h = accepted_follower();
+    assert_eq!(begin(&mut h, moved), None);
+    assert!(h.m.is_looking());
+}
+
 #[test]
 fn a_leader_accepted_elsewhere_hands_its_followers_over() {
     let mut h = Harness::new(config(5, Some(4), 2));
