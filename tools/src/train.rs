@@ -44,6 +44,11 @@ pub(crate) struct TrainArgs {
     /// announce `203.0.113.5:7000`). Default: derived from the bound address.
     #[arg(long, env = "COLONY_DATA_ANNOUNCE")]
     pub(crate) data_announce: Option<std::net::SocketAddr>,
+    /// Open no data-plane port: averaging data travels over the libp2p
+    /// connection of the DHT port (same framing and encryption, slower), for
+    /// hosts that can open only one port.
+    #[arg(long, env = "COLONY_ONE_PORT")]
+    pub(crate) one_port: bool,
     /// Samples the whole swarm accumulates per global step.
     #[arg(long, default_value_t = 256, env = "COLONY_TARGET_BATCH_SIZE")]
     pub(crate) target_batch_size: u64,
@@ -142,6 +147,12 @@ pub(crate) enum Event {
         /// Samples this peer contributed to the swarm's steps.
         #[serde(default)]
         samples: u64,
+        /// Data-plane connections of its rounds that went direct (TCP).
+        #[serde(default)]
+        direct_connections: u64,
+        /// Data-plane connections of its rounds that went over libp2p.
+        #[serde(default)]
+        libp2p_connections: u64,
     },
 }
 
@@ -178,8 +189,10 @@ pub(crate) fn emit(json: bool, event: &Event) {
                 full_group_steps,
                 state_loads,
                 samples,
+                direct_connections,
+                libp2p_connections,
             } => println!(
-                "done: step {step}, held-out accuracy {:.2}%, {wall_s:.1} s, {averaged_steps} averaged steps ({full_group_steps} in full groups), {samples} samples contributed, {state_loads} state downloads, params sha256 {hash}",
+                "done: step {step}, held-out accuracy {:.2}%, {wall_s:.1} s, {averaged_steps} averaged steps ({full_group_steps} in full groups), {samples} samples contributed, {state_loads} state downloads, data connections {direct_connections} direct / {libp2p_connections} over libp2p, params sha256 {hash}",
                 accuracy * 100.0
             ),
         }
@@ -298,6 +311,13 @@ async fn train_with(
         .data_listen
         .unwrap_or_else(|| data_listen_following(&args.listen));
     averaging.data_announce_addr = args.data_announce;
+    if args.one_port {
+        anyhow::ensure!(
+            args.data_listen.is_none() && args.data_announce.is_none(),
+            "--one-port opens no data-plane port: drop --data-listen / --data-announce"
+        );
+        averaging.direct_data_plane = false;
+    }
     averaging.min_matchmaking_time = Duration::from_secs_f64(args.matchmaking_time);
     // A leader's answer must fit well inside one declaration (the averager
     // refuses request_timeout >= min_matchmaking_time).
@@ -383,6 +403,7 @@ async fn train_with(
                 );
             }
             if stepped {
+                let paths = opt.averager_mut().path_counts();
                 let accuracy = mlp.accuracy(opt.params(), &digits.test_x, &digits.test_y);
                 if accuracy >= args.target_accuracy || opt.local_step() >= args.max_steps {
                     emit(
@@ -396,6 +417,8 @@ async fn train_with(
                             full_group_steps,
                             state_loads,
                             samples,
+                            direct_connections: paths.direct,
+                            libp2p_connections: paths.libp2p,
                         },
                     );
                     break;

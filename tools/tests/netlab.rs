@@ -245,3 +245,76 @@ fn d_a_host_cut_off_mid_run_resyncs_and_ends_with_the_swarm_hash() {
         "the cut host never downloaded the swarm's state: {returned}"
     );
 }
+
+/// Scenario f: one host announces a wrong data address (a closed port on
+/// another host), one host can open only its DHT port (a firewall drops
+/// every other inbound connection) and runs `--one-port`. The leaders' probes
+/// detect the wrong address and report it naming the peer; both peers'
+/// parts travel over the libp2p connection; every round stays a full group
+/// and every host ends with the same parameters.
+#[test]
+fn f_a_wrong_data_address_and_a_one_port_host_still_average_in_full_groups() {
+    const PEERS: usize = 4;
+    let Some(mut lab) = Lab::new("f", &[Host::Public; PEERS + 1]) else {
+        return;
+    };
+    let (_boot, boot_addr) = bootstrap(&mut lab, 0, 31337, &[]);
+    let (liar, one_port) = (PEERS - 2, PEERS - 1);
+    lab.open_only(one_port + 1, 4001);
+    let wrong = format!("{}:9", lab.addr(1));
+    let trainers: Vec<Proc> = (0..PEERS)
+        .map(|i| {
+            let host = i + 1;
+            let port = if i == one_port { 4001 } else { 0 };
+            let listen = format!("/ip4/{}/tcp/{port}", lab.addr(host));
+            let mut extra = vec!["--target-group-size", "4"];
+            if i == liar {
+                extra.extend(["--data-announce", &wrong]);
+            }
+            if i == one_port {
+                extra.push("--one-port");
+            }
+            let args = train_args("lab-f", &listen, &boot_addr, i, PEERS, 30, &extra);
+            spawn_trainer(&mut lab, host, &args)
+        })
+        .collect();
+    let liar_id = {
+        let listening = wait_event(
+            &trainers[liar],
+            "listening",
+            "the liar's address",
+            Duration::from_secs(30),
+        );
+        let addr = listening["addrs"][0]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        addr.rsplit('/').next().unwrap_or_default().to_owned()
+    };
+    let done = all_done(&trainers, Duration::from_secs(170));
+    assert_one_hash("f", &done);
+    for (i, d) in done.iter().enumerate() {
+        let steps = field(d, "step");
+        assert!(steps >= 30, "{d}");
+        assert!(
+            field(d, "full_group_steps") as f64 >= 0.9 * steps as f64,
+            "trainer {i} averaged too few steps in full groups: {d}"
+        );
+        if i == liar || i == one_port {
+            assert!(field(d, "libp2p_connections") > 0, "trainer {i}: {d}");
+        } else {
+            assert!(field(d, "direct_connections") > 0, "trainer {i}: {d}");
+        }
+    }
+    let reported = trainers.iter().any(|t| {
+        lab.log(t).lines().any(|l| {
+            l.contains("dropping an unusable data address")
+                && l.contains(&liar_id)
+                && l.contains(&wrong)
+        })
+    });
+    assert!(
+        reported,
+        "no peer reported the wrong data address {wrong} of {liar_id}"
+    );
+}

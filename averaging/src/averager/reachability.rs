@@ -147,6 +147,9 @@ pub(crate) struct Reachability {
     timeout: Duration,
     slots: Arc<Semaphore>,
     verdicts: Mutex<ExpiringMap<(Vec<u8>, SocketAddr), Verdict>>,
+    /// Addresses already reported at warn (every round's vetting sees them
+    /// again; they are logged once per verdict lifetime, then at debug).
+    reported: Mutex<ExpiringMap<(Vec<u8>, SocketAddr), ()>>,
 }
 
 impl std::fmt::Debug for Reachability {
@@ -164,6 +167,7 @@ impl Reachability {
             timeout,
             slots: Arc::new(Semaphore::new(MAX_PROBES)),
             verdicts: Mutex::new(ExpiringMap::new(MAX_VERDICTS, VERDICT_TTL)),
+            reported: Mutex::new(ExpiringMap::new(MAX_VERDICTS, VERDICT_TTL)),
         })
     }
 
@@ -226,12 +230,25 @@ impl Reachability {
         let verdicts = futures::future::join_all(checks).await;
         for (m, why) in group.members.iter_mut().zip(verdicts) {
             if let (Some(why), Some(addr)) = (why, m.data_addr) {
-                tracing::warn!(
-                    peer = %peer_label(&m.peer_id),
-                    %addr,
-                    reason = %why,
-                    "averaging: dropping an unusable data address; the member is reached over libp2p"
-                );
+                let now = tokio::time::Instant::now();
+                let key = (m.peer_id.clone(), addr);
+                let first = self.reported.lock().is_ok_and(|mut r| {
+                    let fresh = r.get(&key, now).is_none();
+                    if fresh {
+                        r.insert(key, (), now);
+                    }
+                    fresh
+                });
+                if first {
+                    tracing::warn!(
+                        peer = %peer_label(&m.peer_id),
+                        %addr,
+                        reason = %why,
+                        "averaging: dropping an unusable data address; the member is reached over libp2p"
+                    );
+                } else {
+                    tracing::debug!(peer = %peer_label(&m.peer_id), %addr, reason = %why, "averaging: data address still unusable");
+                }
                 m.data_addr = None;
             }
         }

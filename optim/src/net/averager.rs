@@ -31,6 +31,17 @@ pub struct NetworkAverager {
     averager: DecentralizedAverager,
     num_params: usize,
     state_len: usize,
+    paths: DataPathCounts,
+}
+
+/// Data-plane connections of this peer's rounds so far, by the path they took.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DataPathCounts {
+    /// Direct TCP connections to a member's announced data address.
+    pub direct: u64,
+    /// Streams over the libp2p connection (one-port peers, unreachable or
+    /// wrong data addresses).
+    pub libp2p: u64,
 }
 
 impl NetworkAverager {
@@ -59,12 +70,23 @@ impl NetworkAverager {
             averager,
             num_params,
             state_len,
+            paths: DataPathCounts::default(),
         })
     }
 
     /// The underlying averager.
     pub fn inner(&self) -> &DecentralizedAverager {
         &self.averager
+    }
+
+    /// Connections of the rounds so far (sent and served), by path.
+    pub fn path_counts(&self) -> DataPathCounts {
+        self.paths
+    }
+
+    fn count_paths(&mut self, round: &colony_averaging::RoundOutcome) {
+        self.paths.direct += round.direct_connections() as u64;
+        self.paths.libp2p += round.libp2p_connections() as u64;
     }
 
     fn len(&self) -> usize {
@@ -108,6 +130,7 @@ impl SwarmAverager for NetworkAverager {
             .await
             .map_err(averaging_err("step"))?;
         tensors.copy_from_slice(&self.averager.tensors().await[0]);
+        self.count_paths(&outcome.round);
         Ok(outcome.group.members.len())
     }
 
@@ -117,6 +140,7 @@ impl SwarmAverager for NetworkAverager {
             .step(None, timeout)
             .await
             .map_err(averaging_err("assist"))?;
+        self.count_paths(&outcome.round);
         Ok(outcome.group.members.len())
     }
 

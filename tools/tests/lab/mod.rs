@@ -134,7 +134,7 @@ impl Lab {
                 return None;
             }
         }
-        if hosts.contains(&Host::Nat) && !have("nft") {
+        if !have("nft") {
             eprintln!("skipping lab scenario {name}: `nft` (nftables) is missing");
             return None;
         }
@@ -274,8 +274,13 @@ impl Lab {
              chain forward { type filter hook forward priority filter; policy drop;\n\
                ct state established,related accept; iifname \"lan\" oifname \"wan\" accept; }\n\
              }\n";
+        self.nft_in(router, rules)
+    }
+
+    /// Loads nftables `rules` in namespace `ns`.
+    fn nft_in(&self, ns: &str, rules: &str) -> Result<(), String> {
         let mut child = Command::new("ip")
-            .args(["netns", "exec", router, "nft", "-f", "-"])
+            .args(["netns", "exec", ns, "nft", "-f", "-"])
             .stdin(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -296,6 +301,20 @@ impl Lab {
                 String::from_utf8_lossy(&out.stderr).trim()
             ))
         }
+    }
+
+    /// A firewall on public host `i` that accepts new inbound TCP connections
+    /// on `port` only (a host that can open one port).
+    pub(crate) fn open_only(&self, i: usize, port: u16) {
+        assert_eq!(self.hosts[i], Host::Public, "open_only is for public hosts");
+        let rules = format!(
+            "table inet colony_fw {{\n\
+             chain input {{ type filter hook input priority filter; policy accept;\n\
+               ct state established,related accept; iif lo accept;\n\
+               tcp dport {port} accept; tcp flags syn drop; }}\n\
+             }}\n"
+        );
+        self.nft_in(&self.ns(i), &rules).expect("nft firewall");
     }
 
     /// Caps host `i`'s link at `mbit` Mbit/s in both directions (tc tbf on
