@@ -45,7 +45,9 @@ pub use driver::{CollaborativeOptimizer, StepOutcome};
 pub use ema::PerformanceEma;
 pub use error::{OptimError, Result};
 pub use local::{LocalOptimizer, LocalOptimizerKind};
-pub use net::{DataPathCounts, DhtProgressBoard, NetworkAverager, TrainingProgressSchema};
+pub use net::{
+    DataPathCounts, DhtProgressBoard, NetworkAverager, RoundStats, TrainingProgressSchema,
+};
 pub use ports::{PeerState, ProgressBoard, SwarmAverager};
 pub use progress::{MAX_SAMPLES_PER_SECOND, TrainingProgress};
 pub use schedule::LrSchedule;

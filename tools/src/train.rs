@@ -96,6 +96,15 @@ pub(crate) struct TrainArgs {
     /// (every peer of a run must use the same).
     #[arg(long, default_value = "none", env = "COLONY_COMPRESSION")]
     pub(crate) compression: String,
+    /// This host's link bandwidth in Mbit/s, a hint for the load balancer: a
+    /// peer on a slow link is given a smaller share to reduce (default: unknown,
+    /// treated like the others).
+    #[arg(long, env = "COLONY_BANDWIDTH")]
+    pub(crate) bandwidth: Option<f64>,
+    /// Bytes per part on the wire, in KiB (every peer of a run must use the
+    /// same). Smaller parts pipeline better on slow links.
+    #[arg(long, default_value_t = 4096, env = "COLONY_PART_SIZE_KIB")]
+    pub(crate) part_size_kib: usize,
     /// Print machine-readable JSON lines on stdout (used by `colony demo`).
     #[arg(long, env = "COLONY_JSON")]
     pub(crate) json: bool,
@@ -153,6 +162,15 @@ pub(crate) enum Event {
         /// Data-plane connections of its rounds that went over libp2p.
         #[serde(default)]
         libp2p_connections: u64,
+        /// Median wall time of its rounds' all-reduce (s).
+        #[serde(default)]
+        allreduce_s_median: f64,
+        /// Mean share of the elements it reduced per round.
+        #[serde(default)]
+        span_fraction: f64,
+        /// Elements averaged per round (parameters, gradients, optimizer state).
+        #[serde(default)]
+        averaged_elements: u64,
     },
 }
 
@@ -191,9 +209,13 @@ pub(crate) fn emit(json: bool, event: &Event) {
                 samples,
                 direct_connections,
                 libp2p_connections,
+                allreduce_s_median,
+                span_fraction,
+                ..
             } => println!(
-                "done: step {step}, held-out accuracy {:.2}%, {wall_s:.1} s, {averaged_steps} averaged steps ({full_group_steps} in full groups), {samples} samples contributed, {state_loads} state downloads, data connections {direct_connections} direct / {libp2p_connections} over libp2p, params sha256 {hash}",
-                accuracy * 100.0
+                "done: step {step}, held-out accuracy {:.2}%, {wall_s:.1} s, {averaged_steps} averaged steps ({full_group_steps} in full groups), {samples} samples contributed, {state_loads} state downloads, data connections {direct_connections} direct / {libp2p_connections} over libp2p, all-reduce median {allreduce_s_median:.3} s reducing {:.1}% of the elements, params sha256 {hash}",
+                accuracy * 100.0,
+                span_fraction * 100.0
             ),
         }
     }
@@ -226,6 +248,20 @@ fn data_listen_following(listen: &[Multiaddr]) -> std::net::SocketAddr {
         ip.unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)),
         0,
     )
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+fn mean(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        0.0
+    } else {
+        v.iter().sum::<f64>() / v.len() as f64
+    }
 }
 
 fn parse_shard(s: &str) -> anyhow::Result<(usize, usize)> {
@@ -330,6 +366,15 @@ async fn train_with(
             args.compression
         )
     })?;
+    anyhow::ensure!(
+        (1..=65_536).contains(&args.part_size_kib),
+        "--part-size-kib must be between 1 and 65536"
+    );
+    averaging.allreduce.part_size_bytes = args.part_size_kib * 1024;
+    if let Some(b) = args.bandwidth {
+        anyhow::ensure!(b.is_finite() && b > 0.0, "--bandwidth must be > 0 Mbit/s");
+        averaging.bandwidth = Some(b);
+    }
     if let Some(size) = args.target_group_size {
         anyhow::ensure!(size >= 2, "--target-group-size must be at least 2");
         averaging.target_group_size = Some(size);
@@ -404,6 +449,7 @@ async fn train_with(
             }
             if stepped {
                 let paths = opt.averager_mut().path_counts();
+                let rounds = opt.averager_mut().round_stats().clone();
                 let accuracy = mlp.accuracy(opt.params(), &digits.test_x, &digits.test_y);
                 if accuracy >= args.target_accuracy || opt.local_step() >= args.max_steps {
                     emit(
@@ -419,6 +465,9 @@ async fn train_with(
                             samples,
                             direct_connections: paths.direct,
                             libp2p_connections: paths.libp2p,
+                            allreduce_s_median: median(&rounds.allreduce_s),
+                            span_fraction: mean(&rounds.span_fraction),
+                            averaged_elements: rounds.elements as u64,
                         },
                     );
                     break;

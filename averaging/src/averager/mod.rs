@@ -49,6 +49,8 @@ pub struct StepOutcome {
     pub round: RoundOutcome,
     /// Group bits for the next round.
     pub next_group_bits: String,
+    /// Wall time of the all-reduce itself (after matchmaking, before applying).
+    pub allreduce_time: std::time::Duration,
 }
 
 /// Commands queued for the matchmaker task (join requests and searches).
@@ -335,6 +337,7 @@ impl DecentralizedAverager {
                 what: "this peer is not in the group it joined",
             })?;
         let mut tensors = inner.tensors.lock().await;
+        let started = std::time::Instant::now();
         let round = run_allreduce(
             &inner.plane,
             &group,
@@ -346,6 +349,7 @@ impl DecentralizedAverager {
             &inner.cfg.allreduce,
         )
         .await?;
+        let allreduce_time = started.elapsed();
         if inner.cfg.mode != AveragingMode::Aux {
             round.apply(
                 &inner.layout,
@@ -374,6 +378,7 @@ impl DecentralizedAverager {
             group,
             round,
             next_group_bits: next,
+            allreduce_time,
         })
     }
 }

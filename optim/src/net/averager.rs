@@ -32,6 +32,19 @@ pub struct NetworkAverager {
     num_params: usize,
     state_len: usize,
     paths: DataPathCounts,
+    rounds: RoundStats,
+}
+
+/// What this peer's rounds looked like so far.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RoundStats {
+    /// Wall time of each round's all-reduce (s), in order.
+    pub allreduce_s: Vec<f64>,
+    /// This peer's share of the elements reduced in each round (0 for a
+    /// client or a peer the balancer gave nothing), in order.
+    pub span_fraction: Vec<f64>,
+    /// Elements averaged in the latest round (the whole flat buffer).
+    pub elements: usize,
 }
 
 /// Data-plane connections of this peer's rounds so far, by the path they took.
@@ -71,6 +84,7 @@ impl NetworkAverager {
             num_params,
             state_len,
             paths: DataPathCounts::default(),
+            rounds: RoundStats::default(),
         })
     }
 
@@ -84,9 +98,32 @@ impl NetworkAverager {
         self.paths
     }
 
-    fn count_paths(&mut self, round: &colony_averaging::RoundOutcome) {
+    /// Timing and span share of the rounds so far.
+    pub fn round_stats(&self) -> &RoundStats {
+        &self.rounds
+    }
+
+    fn record(&mut self, outcome: &colony_averaging::StepOutcome) {
+        let round = &outcome.round;
         self.paths.direct += round.direct_connections() as u64;
         self.paths.libp2p += round.libp2p_connections() as u64;
+        // Bounded: a long run keeps the latest rounds only.
+        const KEEP: usize = 4096;
+        if self.rounds.allreduce_s.len() >= KEEP {
+            self.rounds.allreduce_s.drain(..KEEP / 2);
+            self.rounds.span_fraction.drain(..KEEP / 2);
+        }
+        let total: usize = round.span_sizes.iter().sum();
+        self.rounds.elements = total;
+        let mine = round.span_sizes.get(round.my_index).copied().unwrap_or(0);
+        self.rounds
+            .allreduce_s
+            .push(outcome.allreduce_time.as_secs_f64());
+        self.rounds.span_fraction.push(if total == 0 {
+            0.0
+        } else {
+            mine as f64 / total as f64
+        });
     }
 
     fn len(&self) -> usize {
@@ -130,7 +167,7 @@ impl SwarmAverager for NetworkAverager {
             .await
             .map_err(averaging_err("step"))?;
         tensors.copy_from_slice(&self.averager.tensors().await[0]);
-        self.count_paths(&outcome.round);
+        self.record(&outcome);
         Ok(outcome.group.members.len())
     }
 
@@ -140,7 +177,7 @@ impl SwarmAverager for NetworkAverager {
             .step(None, timeout)
             .await
             .map_err(averaging_err("assist"))?;
-        self.count_paths(&outcome.round);
+        self.record(&outcome);
         Ok(outcome.group.members.len())
     }
 

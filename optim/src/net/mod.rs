@@ -6,7 +6,7 @@
 mod averager;
 mod board;
 
-pub use averager::{DataPathCounts, NetworkAverager};
+pub use averager::{DataPathCounts, NetworkAverager, RoundStats};
 pub use board::{DhtProgressBoard, TrainingProgressSchema};
 use colony_averaging::AveragerConfig;
 use colony_dht::Dht;

@@ -321,8 +321,10 @@ impl Lab {
     /// each end of the link that carries its traffic).
     pub(crate) fn cap(&self, i: usize, mbit: u32) {
         let rate = format!("{mbit}mbit");
-        // Burst: at least one 10 ms slice of the rate (and a few MTUs).
-        let burst = format!("{}kb", (mbit as usize * 10 / 8).max(32));
+        // Burst: a 10 ms slice of the rate, at least 64 KiB; a 50 ms queue
+        // (a deeper one delays the ACKs of the other direction's traffic:
+        // 200 ms made scenario e's rounds 20 % slower).
+        let burst = format!("{}kb", (mbit as usize * 10 / 8).max(64));
         let (near_ns, near_if, far_ns, far_if) = match self.hosts[i] {
             Host::Public => (self.ns(i), "eth0", None, self.port(i)),
             Host::Nat => (
