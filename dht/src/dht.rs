@@ -14,7 +14,7 @@ use crate::{
     behaviour::build_swarm,
     config::DhtConfig,
     error::{DhtError, PubSubError},
-    identity::{IdentityLock, LoadedIdentity, load_identity},
+    identity::{LoadedIdentity, load_identity},
     node::{Command, GossipMessage, Node, NodeStats, PeerAddresses, strip_p2p},
     record::DhtRecord,
     signature::Ed25519SignatureValidator,
@@ -42,8 +42,6 @@ struct Inner {
     query_timeout: Duration,
     max_gossip_size: usize,
     subscription_capacity: usize,
-    /// The identity file's lock, released when the last handle drops.
-    _identity_lock: Option<IdentityLock>,
 }
 
 /// A cloneable handle to one DHT node: a background task owning a libp2p swarm
@@ -115,6 +113,9 @@ impl Dht {
             config.replication,
             config.liveness_timeout,
         );
+        // The node task holds the identity file's lock: it is released when
+        // the node stops (shutdown, or the last handle dropped).
+        node.identity_lock = identity_lock;
         start(&mut node, &config).await?;
         let (commands, receiver) = mpsc::channel(config.command_capacity);
         tokio::spawn(node.run(receiver));
@@ -132,7 +133,6 @@ impl Dht {
                 query_timeout: config.query_timeout,
                 max_gossip_size: config.max_gossip_size,
                 subscription_capacity: config.subscription_capacity,
-                _identity_lock: identity_lock,
             }),
         })
     }

@@ -152,6 +152,8 @@ pub(crate) struct Node {
     /// Whether this node lost every connection and a routing-table refresh is
     /// due once it reconnects.
     rejoining: bool,
+    /// The identity file's lock, held while the node runs.
+    pub(crate) identity_lock: Option<crate::identity::IdentityLock>,
 }
 
 /// First and largest pause between redials of the initial peers while disconnected.
@@ -208,6 +210,7 @@ impl Node {
             initial_peers: Vec::new(),
             redial: None,
             rejoining: false,
+            identity_lock: None,
         }
     }
 
