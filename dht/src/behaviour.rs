@@ -23,6 +23,9 @@ pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/colony/kad/1.0.0"
 /// The identify protocol version string of Colony nodes.
 pub const IDENTIFY_PROTOCOL: &str = "/colony/1.0.0";
 
+/// The agent version identify reports: this crate and its version.
+pub const AGENT_VERSION: &str = concat!("colony/", env!("CARGO_PKG_VERSION"));
+
 /// Room for closer-peer lists and framing in one kad message, on top of a record.
 const KAD_PACKET_OVERHEAD: usize = 64 * 1024;
 
@@ -93,10 +96,13 @@ pub(crate) fn build_swarm(
         gossip_config,
     )
     .map_err(|e| transport_err(&e))?;
-    let identify = identify::Behaviour::new(identify::Config::new(
-        IDENTIFY_PROTOCOL.to_owned(),
-        keypair.public(),
-    ));
+    let identify = identify::Behaviour::new(
+        identify::Config::new(IDENTIFY_PROTOCOL.to_owned(), keypair.public())
+            .with_agent_version(AGENT_VERSION.to_owned())
+            // Announced addresses replace the listen addresses (a private
+            // bind behind a port forward is no use to anyone else).
+            .with_hide_listen_addrs(!config.announce_addrs.is_empty()),
+    );
     let behaviour = Behaviour {
         kad,
         gossipsub,

@@ -30,6 +30,12 @@ pub struct DhtConfig {
     /// client mode unless non-empty there too (a client may still listen, but it
     /// never serves the DHT).
     pub listen_addrs: Vec<Multiaddr>,
+    /// External addresses other peers should dial (a port forward, a public
+    /// IP in front of a private one; hivemind's `announce_maddrs`): each is an
+    /// `/ip4|ip6|dns|dns4|dns6/…/tcp/<port>` address, optionally ending in this
+    /// node's `/p2p/<peer id>`. When any is given, identify advertises only
+    /// these, not the listen addresses. Default: none.
+    pub announce_addrs: Vec<Multiaddr>,
     /// Peers to bootstrap from, ideally with a `/p2p/<peer id>` suffix.
     /// Default: none (this node starts a new swarm).
     pub initial_peers: Vec<Multiaddr>,
@@ -88,6 +94,7 @@ impl Default for DhtConfig {
     fn default() -> Self {
         Self {
             listen_addrs: vec![default_listen_addr()],
+            announce_addrs: Vec::new(),
             initial_peers: Vec::new(),
             identity: IdentitySource::Random,
             client_mode: false,
@@ -154,6 +161,12 @@ impl DhtConfig {
         if self.client_mode && self.initial_peers.is_empty() {
             return bad("initial_peers", "a client-mode node needs initial peers");
         }
+        for addr in &self.announce_addrs {
+            check_announce(addr).map_err(|reason| DhtError::Config {
+                field: "announce_addrs",
+                reason: format!("{addr}: {reason}"),
+            })?;
+        }
         if self.replication == 0 {
             return bad("replication", "must be at least 1");
         }
@@ -203,9 +216,70 @@ impl DhtConfig {
     }
 }
 
+/// An announce address must be something another host can dial over TCP.
+fn check_announce(addr: &Multiaddr) -> Result<(), String> {
+    use libp2p::multiaddr::Protocol;
+    let mut parts = addr.iter();
+    match parts.next() {
+        Some(Protocol::Ip4(ip))
+            if ip.is_unspecified() || ip.is_multicast() || ip.is_broadcast() =>
+        {
+            return Err("not a unicast IP another host can dial".into());
+        }
+        Some(Protocol::Ip6(ip)) if ip.is_unspecified() || ip.is_multicast() => {
+            return Err("not a unicast IP another host can dial".into());
+        }
+        Some(
+            Protocol::Ip4(_)
+            | Protocol::Ip6(_)
+            | Protocol::Dns(_)
+            | Protocol::Dns4(_)
+            | Protocol::Dns6(_),
+        ) => {}
+        _ => return Err("must start with /ip4, /ip6, /dns, /dns4 or /dns6".into()),
+    }
+    match parts.next() {
+        Some(Protocol::Tcp(0)) => return Err("the port must not be 0".into()),
+        Some(Protocol::Tcp(_)) => {}
+        _ => return Err("the second component must be /tcp/<port>".into()),
+    }
+    match (parts.next(), parts.next()) {
+        (None, _) | (Some(Protocol::P2p(_)), None) => Ok(()),
+        _ => Err("only a trailing /p2p/<peer id> may follow /tcp/<port>".into()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn announce_addresses_must_be_dialable() {
+        let with = |a: &str| DhtConfig {
+            announce_addrs: vec![a.parse().unwrap()],
+            ..DhtConfig::default()
+        };
+        for ok in [
+            "/ip4/203.0.113.5/tcp/31337",
+            "/dns4/peer.example.org/tcp/4001",
+            "/ip6/2001:db8::1/tcp/1/p2p/12D3KooWA2urmz9ukwWEixQAoN6cCgVEBQaFgmXUmU4uJhvXfM92",
+        ] {
+            with(ok).validate().unwrap();
+        }
+        for bad in [
+            "/ip4/0.0.0.0/tcp/31337",
+            "/ip4/203.0.113.5/tcp/0",
+            "/ip4/203.0.113.5/udp/4001",
+            "/tcp/4001",
+            "/ip4/203.0.113.5/tcp/1/ws",
+        ] {
+            let err = with(bad).validate().unwrap_err();
+            assert!(
+                matches!(&err, DhtError::Config { field: "announce_addrs", reason } if reason.contains(bad)),
+                "{bad}: {err}"
+            );
+        }
+    }
 
     #[test]
     fn default_is_valid_and_client_needs_peers() {

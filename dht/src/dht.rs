@@ -35,6 +35,8 @@ struct Inner {
     public_key: [u8; 32],
     client_mode: bool,
     listen_addrs: Arc<RwLock<Vec<Multiaddr>>>,
+    /// The configured external addresses, each with `/p2p/<peer id>`.
+    announce_addrs: Vec<Multiaddr>,
     validators: Arc<RwLock<CompositeValidator>>,
     limits: RecordLimits,
     control: libp2p_stream::Control,
@@ -116,6 +118,15 @@ impl Dht {
         // The node task holds the identity file's lock: it is released when
         // the node stops (shutdown, or the last handle dropped).
         node.identity_lock = identity_lock;
+        let announce_addrs: Vec<Multiaddr> = config
+            .announce_addrs
+            .iter()
+            .map(|a| {
+                let bare = strip_p2p(a);
+                node.swarm.add_external_address(bare.clone());
+                bare.with_p2p(peer_id).unwrap_or_else(|a| a)
+            })
+            .collect();
         start(&mut node, &config).await?;
         let (commands, receiver) = mpsc::channel(config.command_capacity);
         tokio::spawn(node.run(receiver));
@@ -126,6 +137,7 @@ impl Dht {
                 public_key,
                 client_mode: config.client_mode,
                 listen_addrs,
+                announce_addrs,
                 validators,
                 limits,
                 control,
@@ -163,6 +175,22 @@ impl Dht {
     /// (empty for a client that listens nowhere).
     pub fn listen_addrs(&self) -> Vec<Multiaddr> {
         read(&self.inner.listen_addrs)
+    }
+
+    /// The external addresses this node was told to announce
+    /// ([`DhtConfig::announce_addrs`]), each with `/p2p/<peer id>`.
+    pub fn announce_addrs(&self) -> Vec<Multiaddr> {
+        self.inner.announce_addrs.clone()
+    }
+
+    /// The addresses other peers should dial: the announced ones if any,
+    /// else the listen addresses.
+    pub fn advertised_addrs(&self) -> Vec<Multiaddr> {
+        if self.inner.announce_addrs.is_empty() {
+            self.listen_addrs()
+        } else {
+            self.inner.announce_addrs.clone()
+        }
     }
 
     /// Adds a validator to this node's pipeline (merged into an existing one of

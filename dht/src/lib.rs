@@ -69,7 +69,7 @@ mod time;
 mod validation;
 mod value;
 
-pub use behaviour::{IDENTIFY_PROTOCOL, KAD_PROTOCOL};
+pub use behaviour::{AGENT_VERSION, IDENTIFY_PROTOCOL, KAD_PROTOCOL};
 pub use config::{DhtConfig, IdentitySource};
 pub use dht::Dht;
 pub use error::{DhtError, PubSubError, ValidationError};

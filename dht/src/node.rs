@@ -49,8 +49,12 @@ pub struct PeerAddresses {
     /// Remote addresses of the currently open connections (for a peer that
     /// dialed us: the address and port it dialed from, i.e. its observed IP).
     pub connected: Vec<Multiaddr>,
-    /// Addresses the peer says it listens on (identify).
+    /// Addresses the peer says it listens on (identify: its announced
+    /// addresses instead when it announces any).
     pub listen: Vec<Multiaddr>,
+    /// The software it says it runs (identify's agent version, e.g.
+    /// `colony/0.1.0`); `None` before identify answered.
+    pub agent_version: Option<String>,
 }
 
 type Reply<T> = oneshot::Sender<Result<T, DhtError>>;
@@ -612,7 +616,9 @@ impl Node {
                             .add_address(&peer_id, addr.clone());
                     }
                 }
-                self.peers.entry(peer_id).or_default().listen = listen;
+                let entry = self.peers.entry(peer_id).or_default();
+                entry.listen = listen;
+                entry.agent_version = Some(info.agent_version);
             }
             SwarmEvent::Behaviour(BehaviourEvent::Ping(libp2p::ping::Event {
                 connection,

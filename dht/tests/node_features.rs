@@ -293,3 +293,50 @@ async fn identity_file_keeps_peer_id_and_bootstrap_failure_is_typed() {
         })
     ));
 }
+
+/// A node's announced addresses replace its listen addresses in what other
+/// peers learn (identify), and its agent version names Colony.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn announced_addresses_and_agent_version_reach_other_peers() {
+    common::init_tracing();
+    tokio::time::timeout(T, async {
+        let a = Dht::new(DhtConfig::default()).await.unwrap();
+        let announced: colony_dht::Multiaddr = "/ip4/203.0.113.7/tcp/31337".parse().unwrap();
+        let b = Dht::new(DhtConfig {
+            initial_peers: a.listen_addrs(),
+            announce_addrs: vec![announced.clone()],
+            ..DhtConfig::default()
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            b.advertised_addrs(),
+            vec![announced.clone().with_p2p(b.peer_id()).unwrap()]
+        );
+        // Identify runs on connect; wait (bounded) for A to have B's answer.
+        let seen = loop {
+            if let Some(p) = a.peer_addresses(b.peer_id()).await.unwrap()
+                && p.agent_version.is_some()
+            {
+                break p;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert_eq!(
+            seen.agent_version.as_deref(),
+            Some(colony_dht::AGENT_VERSION)
+        );
+        assert!(colony_dht::AGENT_VERSION.starts_with("colony/"));
+        assert!(seen.listen.contains(&announced), "{seen:?}");
+        assert!(
+            seen.listen
+                .iter()
+                .all(|l| !l.to_string().contains("127.0.0.1")),
+            "listen addresses leaked next to the announced one: {seen:?}"
+        );
+        b.shutdown().await;
+        a.shutdown().await;
+    })
+    .await
+    .unwrap();
+}

@@ -22,6 +22,12 @@ pub(crate) enum DhtCommand {
 /// Options of `colony dht serve`.
 #[derive(Debug, Args)]
 pub(crate) struct ServeArgs {
+    /// An external address other peers should dial, e.g. the public IP of a
+    /// port forward: /ip4/203.0.113.5/tcp/31337 (repeatable). It replaces the
+    /// listen addresses in what this node advertises; the data plane is
+    /// announced at its IP too. Default: the listen addresses.
+    #[arg(long = "announce", env = "COLONY_ANNOUNCE", value_delimiter = ',')]
+    announce: Vec<Multiaddr>,
     /// Address to listen on (repeatable). Default: /ip4/127.0.0.1/tcp/0.
     #[arg(long = "listen", env = "COLONY_LISTEN", value_delimiter = ',')]
     listen: Vec<Multiaddr>,
@@ -120,11 +126,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(path) = args.identity {
         config.identity = IdentitySource::File(path);
     }
+    config.announce_addrs = args.announce;
     let dht = Dht::new(config).await.context("starting the DHT node")?;
     {
         let mut out = std::io::stdout().lock();
         for addr in dht.listen_addrs() {
             writeln!(out, "listening on {addr}")?;
+        }
+        for addr in dht.announce_addrs() {
+            writeln!(out, "announced as {addr} (peers should dial this)")?;
         }
         if dht.is_client() {
             writeln!(out, "client mode: peer id {}", dht.peer_id())?;

@@ -30,6 +30,12 @@ pub(crate) struct TrainArgs {
     /// peer id survives restarts. Default: a fresh identity per start.
     #[arg(long, env = "COLONY_IDENTITY")]
     pub(crate) identity: Option<std::path::PathBuf>,
+    /// An external address other peers should dial, e.g. the public IP of a
+    /// port forward: /ip4/203.0.113.5/tcp/31337 (repeatable). It replaces the
+    /// listen addresses in what this node advertises; the data plane is
+    /// announced at its IP too. Default: the listen addresses.
+    #[arg(long = "announce", env = "COLONY_ANNOUNCE", value_delimiter = ',')]
+    pub(crate) announce: Vec<Multiaddr>,
     /// Address to listen on (repeatable). Default: /ip4/127.0.0.1/tcp/0.
     #[arg(long = "listen", env = "COLONY_LISTEN", value_delimiter = ',')]
     pub(crate) listen: Vec<Multiaddr>,
@@ -309,13 +315,18 @@ async fn train(args: TrainArgs) -> anyhow::Result<()> {
     if let Some(path) = &args.identity {
         dht_config.identity = colony_dht::IdentitySource::File(path.clone());
     }
+    dht_config.announce_addrs = args.announce.clone();
     let dht = Dht::new(dht_config)
         .await
         .context("starting the DHT node")?;
     emit(
         args.json,
         &Event::Listening {
-            addrs: dht.listen_addrs().iter().map(|a| a.to_string()).collect(),
+            addrs: dht
+                .advertised_addrs()
+                .iter()
+                .map(|a| a.to_string())
+                .collect(),
         },
     );
     let config = optim_config(&args);

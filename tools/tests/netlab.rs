@@ -171,6 +171,68 @@ fn b_a_peer_behind_nat_contributes_and_ends_with_the_swarm_hash() {
     assert!(field(natted, "samples") >= 30 * 32, "{natted}");
 }
 
+/// Scenario b, with a port forward: the NATed host's router forwards the
+/// DHT and data-plane ports, and the host announces the router's public
+/// address (`--announce`). It is then a full peer: others dial it, it
+/// reduces a share of every round, and it ends with the swarm's hash.
+#[test]
+fn b_a_peer_behind_a_port_forward_announces_its_public_address_and_reduces() {
+    const PEERS: usize = 4;
+    let hosts = [
+        Host::Public,
+        Host::Public,
+        Host::Public,
+        Host::Public,
+        Host::Nat,
+    ];
+    let Some(mut lab) = Lab::new("b-forward", &hosts) else {
+        return;
+    };
+    let (_boot, boot_addr) = bootstrap(&mut lab, 0, 31337, &[]);
+    let forwarded = PEERS; // host index of the NATed trainer
+    lab.forward(forwarded, &[4001, 4002]);
+    let announce = format!("/ip4/{}/tcp/4001", lab.public_addr(forwarded));
+    let trainers: Vec<Proc> = (0..PEERS)
+        .map(|i| {
+            let host = i + 1;
+            let mut extra = vec!["--target-group-size", "4"];
+            let listen = if host == forwarded {
+                extra.extend(["--announce", &announce, "--data-listen", "0.0.0.0:4002"]);
+                "/ip4/0.0.0.0/tcp/4001".to_owned()
+            } else {
+                format!("/ip4/{}/tcp/0", lab.addr(host))
+            };
+            let args = train_args("lab-bf", &listen, &boot_addr, i, PEERS, 30, &extra);
+            spawn_trainer(&mut lab, host, &args)
+        })
+        .collect();
+    let listening = wait_event(
+        &trainers[PEERS - 1],
+        "listening",
+        "the forwarded peer's addresses",
+        Duration::from_secs(30),
+    );
+    assert!(
+        listening["addrs"]
+            .as_array()
+            .is_some_and(|a| a.len() == 1 && a[0].as_str().unwrap_or("").starts_with(&announce)),
+        "the forwarded peer does not advertise its announced address: {listening}"
+    );
+    let done = all_done(&trainers, Duration::from_secs(170));
+    assert_one_hash("b-forward", &done);
+    let natted = &done[PEERS - 1];
+    assert!(
+        field(natted, "full_group_steps") as f64 >= 0.9 * field(natted, "step") as f64,
+        "{natted}"
+    );
+    assert!(
+        natted["span_fraction"].as_f64().unwrap_or(0.0) > 0.1,
+        "{natted}"
+    );
+    assert!(field(natted, "direct_connections") > 0, "{natted}");
+    assert_eq!(field(natted, "libp2p_connections"), 0, "{natted}");
+}
+
 /// Scenario d: one host's link is cut mid-run and restored. The others keep
 /// stepping while it is gone; when it returns it downloads the swarm's state
 /// from a peer and ends with the swarm's parameters.

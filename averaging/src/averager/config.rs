@@ -168,6 +168,16 @@ pub(super) fn announced_data_addr(
     let Some(bound) = plane.local_addr() else {
         return Ok(None);
     };
+    // The DHT node announces external addresses (a public IP in front of
+    // this host): the data plane is reached at the same IP, on its own port.
+    let announced = dht
+        .announce_addrs()
+        .iter()
+        .filter_map(|a| multiaddr_ip(&a.to_string()))
+        .find(|ip| ip.is_ipv4() == bound.is_ipv4() && !ip.is_unspecified());
+    if let Some(ip) = announced {
+        return Ok(Some(SocketAddr::new(ip, bound.port())));
+    }
     if !bound.ip().is_unspecified() {
         return Ok(Some(bound));
     }

@@ -211,7 +211,13 @@ impl Reachability {
     pub(crate) async fn vet(&self, mut group: AssembledGroup, limit: Duration) -> AssembledGroup {
         let me = self.dht.peer_id().to_bytes();
         let checks = group.members.iter().map(|m| {
-            let verdict = m.data_addr.map(|addr| (addr, self.start(&m.peer_id, addr)));
+            // Not its own: a host behind a port forward often cannot reach its
+            // public address from inside (no hairpin NAT), and its own view
+            // says nothing about what others can reach.
+            let verdict = (m.peer_id != me)
+                .then_some(m.data_addr)
+                .flatten()
+                .map(|addr| (addr, self.start(&m.peer_id, addr)));
             let (peer, dht, me) = (m.peer_id.clone(), self.dht.clone(), &me);
             async move {
                 let (addr, verdict) = verdict?;

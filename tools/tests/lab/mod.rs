@@ -272,7 +272,8 @@ impl Lab {
         let rules = "table ip colony_nat {\n\
              chain postrouting { type nat hook postrouting priority srcnat; oifname \"wan\" masquerade; }\n\
              chain forward { type filter hook forward priority filter; policy drop;\n\
-               ct state established,related accept; iifname \"lan\" oifname \"wan\" accept; }\n\
+               ct state established,related accept; ct status dnat accept;\n\
+               iifname \"lan\" oifname \"wan\" accept; }\n\
              }\n";
         self.nft_in(router, rules)
     }
@@ -301,6 +302,25 @@ impl Lab {
                 String::from_utf8_lossy(&out.stderr).trim()
             ))
         }
+    }
+
+    /// Port forwards on NATed host `i`'s router: TCP `ports` of its public
+    /// address go to the host (a home router's port forwarding).
+    pub(crate) fn forward(&self, i: usize, ports: &[u16]) {
+        assert_eq!(self.hosts[i], Host::Nat, "forward is for NATed hosts");
+        let list = ports
+            .iter()
+            .map(u16::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
+        let rules = format!(
+            "table ip colony_fwd {{\n\
+             chain prerouting {{ type nat hook prerouting priority dstnat; iifname \"wan\" tcp dport {{ {list} }} dnat to {}; }}\n\
+             }}\n",
+            self.addr(i)
+        );
+        self.nft_in(&self.router_ns(i), &rules)
+            .expect("nft port forward");
     }
 
     /// A firewall on public host `i` that accepts new inbound TCP connections
