@@ -33,7 +33,7 @@ struct Inner {
     commands: mpsc::Sender<Command>,
     peer_id: PeerId,
     public_key: [u8; 32],
-    client_mode: bool,
+    client_mode: std::sync::atomic::AtomicBool,
     listen_addrs: Arc<RwLock<Vec<Multiaddr>>>,
     /// The configured external addresses, each with `/p2p/<peer id>`.
     announce_addrs: Vec<Multiaddr>,
@@ -62,7 +62,7 @@ impl std::fmt::Debug for Dht {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Dht")
             .field("peer_id", &self.inner.peer_id)
-            .field("client_mode", &self.inner.client_mode)
+            .field("client_mode", &self.is_client())
             .finish_non_exhaustive()
     }
 }
@@ -130,12 +130,15 @@ impl Dht {
         start(&mut node, &config).await?;
         let (commands, receiver) = mpsc::channel(config.command_capacity);
         tokio::spawn(node.run(receiver));
+        if let Some(streams) = inbound.accept(crate::dialback::DIALBACK_PROTOCOL, 16) {
+            crate::dialback::serve(streams, commands.downgrade());
+        }
         Ok(Self {
             inner: Arc::new(Inner {
                 commands,
                 peer_id,
                 public_key,
-                client_mode: config.client_mode,
+                client_mode: std::sync::atomic::AtomicBool::new(config.client_mode),
                 listen_addrs,
                 announce_addrs,
                 validators,
@@ -168,7 +171,9 @@ impl Dht {
 
     /// Whether this node runs in client mode.
     pub fn is_client(&self) -> bool {
-        self.inner.client_mode
+        self.inner
+            .client_mode
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The addresses this node listens on, each with a `/p2p/<peer id>` suffix
@@ -386,6 +391,52 @@ impl Dht {
         })
         .await?;
         Ok(receiver)
+    }
+
+    /// Switches this node between server mode (it serves the DHT to others)
+    /// and client mode (it stores and reads through servers, never enters
+    /// routing tables), e.g. once a dial-back shows nobody can reach it.
+    ///
+    /// # Errors
+    ///
+    /// [`DhtError::Shutdown`] if the node stopped.
+    pub async fn set_client_mode(&self, client: bool) -> Result<(), DhtError> {
+        self.request("set_client_mode", LOCAL_TIMEOUT, |reply| {
+            Command::SetClientMode { client, reply }
+        })
+        .await?;
+        self.inner
+            .client_mode
+            .store(client, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Asks `peer` to dial this node back on TCP `ports` (at most
+    /// [`MAX_PORTS`](crate::MAX_PORTS)) at the IP this node's connection
+    /// comes from as `peer` sees it, and says which answered: whether others
+    /// can reach this node's DHT and data-plane ports, and its address as the
+    /// outside sees it (a NAT's public IP for a peer behind one). The peer
+    /// can lie; ask several.
+    ///
+    /// # Errors
+    ///
+    /// [`DhtError::DialBack`] for a failed or malformed exchange, the errors
+    /// of [`open_stream`](Self::open_stream), [`DhtError::Timeout`].
+    pub async fn dial_back(
+        &self,
+        peer: PeerId,
+        ports: &[u16],
+    ) -> Result<crate::dialback::DialBack, DhtError> {
+        let stream = self
+            .open_stream(peer, crate::dialback::DIALBACK_PROTOCOL)
+            .await?;
+        let limit = crate::dialback::DIAL_TIMEOUT * 3;
+        tokio::time::timeout(limit, crate::dialback::ask(peer, stream, ports))
+            .await
+            .map_err(|_| DhtError::Timeout {
+                operation: "dial_back",
+                timeout_s: limit.as_secs_f64(),
+            })?
     }
 
     /// Opens a stream to `peer` for `protocol`, dialing it first if needed

@@ -78,6 +78,14 @@ pub enum DhtError {
         /// Why it is invalid.
         reason: String,
     },
+    /// A dial-back request to `peer` failed or its answer was malformed.
+    #[error("dial-back via {peer}: {reason}")]
+    DialBack {
+        /// The peer asked.
+        peer: libp2p::PeerId,
+        /// What went wrong.
+        reason: String,
+    },
     /// The identity file could not be read, parsed or written.
     #[error("identity file {path}: {reason}")]
     Identity {

@@ -55,6 +55,7 @@
 mod behaviour;
 mod config;
 mod dht;
+mod dialback;
 mod error;
 mod gossip;
 mod identity;
@@ -72,6 +73,7 @@ mod value;
 pub use behaviour::{AGENT_VERSION, IDENTIFY_PROTOCOL, KAD_PROTOCOL};
 pub use config::{DhtConfig, IdentitySource};
 pub use dht::Dht;
+pub use dialback::{DIAL_TIMEOUT, DIALBACK_PROTOCOL, DialBack, MAX_PORTS, PortCheck};
 pub use error::{DhtError, PubSubError, ValidationError};
 pub use gossip::LatestPerOwner;
 pub use identity::{create_identity_file, read_identity_file};

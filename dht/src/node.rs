@@ -91,6 +91,10 @@ pub(crate) enum Command {
     RoutingTable {
         reply: Reply<Vec<PeerId>>,
     },
+    SetClientMode {
+        client: bool,
+        reply: Reply<()>,
+    },
     FindPeer {
         peer: PeerId,
         reply: Reply<bool>,
@@ -335,6 +339,16 @@ impl Node {
                     .flat_map(|b| b.iter().map(|e| *e.node.key.preimage()).collect::<Vec<_>>())
                     .collect();
                 let _ = reply.send(Ok(peers));
+            }
+            Command::SetClientMode { client, reply } => {
+                let mode = if client {
+                    kad::Mode::Client
+                } else {
+                    kad::Mode::Server
+                };
+                tracing::info!(?mode, "DHT mode changed");
+                self.swarm.behaviour_mut().kad.set_mode(Some(mode));
+                let _ = reply.send(Ok(()));
             }
             Command::Shutdown { reply } => {
                 // Handled by `run`; reaching here means a logic error, answer anyway.

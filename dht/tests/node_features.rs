@@ -340,3 +340,56 @@ async fn announced_addresses_and_agent_version_reach_other_peers() {
     .await
     .unwrap();
 }
+
+/// A peer dials back the ports it is asked about, at the asker's IP only,
+/// and says which answered; a malformed request is a typed error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dial_back_reports_reachable_and_closed_ports() {
+    common::init_tracing();
+    tokio::time::timeout(T, async {
+        let a = Dht::new(DhtConfig::default()).await.unwrap();
+        let b = Dht::new(DhtConfig {
+            initial_peers: a.listen_addrs(),
+            ..DhtConfig::default()
+        })
+        .await
+        .unwrap();
+        let port_of = |d: &Dht| -> u16 {
+            d.listen_addrs()[0]
+                .to_string()
+                .split('/')
+                .nth(4)
+                .unwrap()
+                .parse()
+                .unwrap()
+        };
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let answer = b
+            .dial_back(a.peer_id(), &[port_of(&b), closed])
+            .await
+            .unwrap();
+        assert_eq!(answer.peer, a.peer_id());
+        assert_eq!(answer.observed_ip.to_string(), "127.0.0.1");
+        assert!(answer.ports[0].reachable, "{answer:?}");
+        assert!(!answer.ports[1].reachable, "{answer:?}");
+        assert!(!answer.ports[1].detail.is_empty());
+        for bad in [&[][..], &[0][..], &[1, 2, 3, 4, 5][..]] {
+            assert!(
+                matches!(
+                    b.dial_back(a.peer_id(), bad).await,
+                    Err(DhtError::DialBack { .. })
+                ),
+                "{bad:?}"
+            );
+        }
+        b.set_client_mode(true).await.unwrap();
+        assert!(b.is_client());
+        b.shutdown().await;
+        a.shutdown().await;
+    })
+    .await
+    .unwrap();
+}

@@ -237,7 +237,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<bool> {
                 peers[i].done = Some((step, accuracy, hash, wall_s, averaged_steps));
                 remaining -= 1;
             }
-            Ok(Some((_, Event::Listening { .. }))) => {}
+            Ok(Some((_, Event::Listening { .. } | Event::Reachability { .. }))) => {}
             Ok(None) => break,
             Err(_) => {
                 bar.println("timed out");

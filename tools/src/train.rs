@@ -83,8 +83,13 @@ pub(crate) struct TrainArgs {
     #[arg(long, default_value_t = 42, env = "COLONY_SEED")]
     pub(crate) seed: u64,
     /// Client mode: no inbound connections; contributes samples, not the global step.
+    /// Default: chosen at start-up by asking the initial peers to dial this
+    /// node's DHT port back (unreachable from all of them: client mode).
     #[arg(long, env = "COLONY_CLIENT")]
     pub(crate) client: bool,
+    /// Skip the start-up dial-back check and run as a full peer.
+    #[arg(long, env = "COLONY_ASSUME_REACHABLE", conflicts_with = "client")]
+    pub(crate) assume_reachable: bool,
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 600.0, env = "COLONY_MAX_SECONDS")]
     pub(crate) max_seconds: f64,
@@ -124,6 +129,16 @@ pub(crate) enum Event {
     Listening {
         /// Its multiaddrs.
         addrs: Vec<String>,
+    },
+    /// What the start-up dial-back found.
+    Reachability {
+        /// Whether some initial peer could dial this node's DHT port (`None`:
+        /// nobody answered).
+        reachable: Option<bool>,
+        /// This node's IP as the answering peers see it.
+        observed_ips: Vec<String>,
+        /// Whether this peer now runs in client mode.
+        client: bool,
     },
     /// Progress after a `step()` that changed something (or periodically).
     Progress {
@@ -192,6 +207,20 @@ pub(crate) fn emit(json: bool, event: &Event) {
                     println!("listening on {a}");
                 }
             }
+            Event::Reachability {
+                reachable,
+                observed_ips,
+                client,
+            } => println!(
+                "reachable from outside: {}; seen as {}; {}",
+                match reachable {
+                    Some(true) => "yes",
+                    Some(false) => "no",
+                    None => "unknown (no initial peer answered)",
+                },
+                observed_ips.join(", "),
+                if *client { "client mode" } else { "full peer" }
+            ),
             Event::Progress {
                 step,
                 global_step,
@@ -254,6 +283,61 @@ fn data_listen_following(listen: &[Multiaddr]) -> std::net::SocketAddr {
         ip.unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)),
         0,
     )
+}
+
+/// Asks the initial peers to dial this node's DHT port(s) back: `Some(true)`
+/// if any could, `Some(false)` if every one that answered could not, `None`
+/// if none answered; with the IPs they saw this node at.
+pub(crate) async fn reachable_from_outside(
+    dht: &Dht,
+    initial_peers: &[Multiaddr],
+) -> (Option<bool>, Vec<String>) {
+    use colony_dht::Protocol;
+    let mut ports: Vec<u16> = dht
+        .listen_addrs()
+        .iter()
+        .filter_map(|a| {
+            a.iter().find_map(|p| match p {
+                Protocol::Tcp(port) => Some(port),
+                _ => None,
+            })
+        })
+        .collect();
+    ports.sort_unstable();
+    ports.dedup();
+    ports.truncate(colony_dht::MAX_PORTS);
+    if ports.is_empty() {
+        return (Some(false), Vec::new());
+    }
+    let peers: Vec<colony_dht::PeerId> = initial_peers
+        .iter()
+        .filter_map(|a| {
+            a.iter().find_map(|p| match p {
+                Protocol::P2p(peer) => Some(peer),
+                _ => None,
+            })
+        })
+        .filter(|p| *p != dht.peer_id())
+        .take(3)
+        .collect();
+    let answers = futures::future::join_all(peers.iter().map(|p| dht.dial_back(*p, &ports))).await;
+    let mut verdict = None;
+    let mut seen = Vec::new();
+    for answer in answers {
+        match answer {
+            Ok(a) => {
+                let ok = a.ports.iter().any(|c| c.reachable);
+                tracing::info!(peer = %a.peer, observed = %a.observed_ip, ?a.ports, "dial-back");
+                verdict = Some(verdict.unwrap_or(false) || ok);
+                let ip = a.observed_ip.to_string();
+                if !seen.contains(&ip) {
+                    seen.push(ip);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "dial-back request failed"),
+        }
+    }
+    (verdict, seen)
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -329,6 +413,28 @@ async fn train(args: TrainArgs) -> anyhow::Result<()> {
                 .collect(),
         },
     );
+    let mut args = args;
+    if !args.client && !args.assume_reachable && !args.initial_peers.is_empty() {
+        let (reachable, observed_ips) = reachable_from_outside(&dht, &args.initial_peers).await;
+        if reachable == Some(false) {
+            tracing::warn!(
+                ?observed_ips,
+                "no initial peer can dial this node's DHT port (behind NAT or a firewall?): \
+                 running as a client (open the port and pass --announce, or --assume-reachable)"
+            );
+            dht.set_client_mode(true).await?;
+            args.client = true;
+            args.data_announce = None;
+        }
+        emit(
+            args.json,
+            &Event::Reachability {
+                reachable,
+                observed_ips,
+                client: args.client,
+            },
+        );
+    }
     let config = optim_config(&args);
     let result = train_with(args, dht.clone(), config, shard, shards).await;
     dht.shutdown().await;

@@ -149,15 +149,42 @@ fn b_a_peer_behind_nat_contributes_and_ends_with_the_swarm_hash() {
         .map(|i| {
             let host = i + 1;
             let listen = format!("/ip4/{}/tcp/0", lab.addr(host));
-            let mut extra = vec!["--target-group-size", "4"];
-            if hosts[host] == Host::Nat {
-                // No inbound route: nothing can dial this host.
-                extra.push("--client");
-            }
-            let args = train_args("lab-b", &listen, &boot_addr, i, PEERS, 30, &extra);
+            // No --client anywhere: the NATed peer finds out by itself.
+            let args = train_args(
+                "lab-b",
+                &listen,
+                &boot_addr,
+                i,
+                PEERS,
+                30,
+                &["--target-group-size", "4"],
+            );
             spawn_trainer(&mut lab, host, &args)
         })
         .collect();
+    // The start-up dial-back: the public peers are reachable, the NATed one
+    // is not, is seen at its router's address, and chose client mode.
+    for (i, t) in trainers.iter().enumerate() {
+        let r = wait_event(
+            t,
+            "reachability",
+            "the dial-back verdict",
+            Duration::from_secs(30),
+        );
+        let natted = hosts[i + 1] == Host::Nat;
+        assert_eq!(r["reachable"], Value::Bool(!natted), "trainer {i}: {r}");
+        assert_eq!(r["client"], Value::Bool(natted), "trainer {i}: {r}");
+        let seen_as = if natted {
+            lab.public_addr(i + 1)
+        } else {
+            lab.addr(i + 1)
+        };
+        assert_eq!(
+            r["observed_ips"][0],
+            Value::String(seen_as),
+            "trainer {i}: {r}"
+        );
+    }
     let done = all_done(&trainers, Duration::from_secs(170));
     assert_one_hash("b", &done);
     let natted = &done[PEERS - 1];
