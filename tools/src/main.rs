@@ -2,6 +2,7 @@
 
 mod demo;
 mod dht_cmd;
+mod doctor;
 mod identity_cmd;
 mod model;
 mod monitor;
@@ -29,6 +30,9 @@ enum Command {
     Train(train::TrainArgs),
     /// Show a run's live state (peers, throughput, global step, ETA) without training.
     Monitor(monitor::MonitorArgs),
+    /// Check whether the swarm can reach this host (DHT and data-plane ports,
+    /// NAT) by asking peers to dial it back, and say what to change.
+    Doctor(doctor::DoctorArgs),
     /// Create or inspect a node identity file (its peer id, before a node starts).
     #[command(subcommand)]
     Identity(identity_cmd::IdentityCommand),
@@ -54,6 +58,7 @@ fn main() -> anyhow::Result<()> {
         Command::Train(args) => train::run(args),
         Command::Monitor(args) => monitor::run(args),
         Command::Identity(command) => identity_cmd::run(command),
+        Command::Doctor(args) => doctor::run(args),
     }
 }
 

@@ -260,6 +260,62 @@ fn b_a_peer_behind_a_port_forward_announces_its_public_address_and_reduces() {
     assert_eq!(field(natted, "libp2p_connections"), 0, "{natted}");
 }
 
+/// `colony doctor` on three kinds of host: a public one, one behind NAT, one
+/// whose firewall lets in only its DHT port. Each report says what the lab
+/// built, and the advice names the fix.
+#[test]
+fn doctor_tells_public_natted_and_firewalled_hosts_apart() {
+    let hosts = [Host::Public, Host::Public, Host::Nat, Host::Public];
+    let Some(mut lab) = Lab::new("doctor", &hosts) else {
+        return;
+    };
+    let (_boot, boot_addr) = bootstrap(&mut lab, 0, 31337, &[]);
+    lab.open_only(3, 4001);
+    let mut reports = Vec::new();
+    for host in 1..hosts.len() {
+        let listen = format!("/ip4/{}/tcp/4001", lab.addr(host));
+        let data = format!("{}:4002", lab.addr(host));
+        let proc = lab.spawn(
+            host,
+            &[
+                "doctor",
+                "--json",
+                "--initial-peers",
+                &boot_addr,
+                "--listen",
+                &listen,
+                "--data-listen",
+                &data,
+            ],
+        );
+        let report = lab::wait_line(&proc, "the doctor's report", Duration::from_secs(60), |l| {
+            serde_json::from_str::<Value>(l).ok()
+        });
+        eprintln!("lab doctor: host {host}: {report}");
+        reports.push(report);
+    }
+    let advice = |r: &Value| r["advice"].to_string();
+    let (public, natted, firewalled) = (&reports[0], &reports[1], &reports[2]);
+    assert_eq!(public["behind_nat"], false, "{public}");
+    assert_eq!(public["dht_reachable"], true, "{public}");
+    assert_eq!(public["data_reachable"], true, "{public}");
+    assert_eq!(natted["behind_nat"], true, "{natted}");
+    assert_eq!(
+        natted["observed_ips"][0],
+        Value::String(lab.public_addr(2)),
+        "{natted}"
+    );
+    assert_eq!(natted["dht_reachable"], false, "{natted}");
+    assert!(
+        advice(natted).contains("forward TCP 4001 and 4002"),
+        "{natted}"
+    );
+    assert_eq!(firewalled["behind_nat"], false, "{firewalled}");
+    assert_eq!(firewalled["dht_reachable"], true, "{firewalled}");
+    assert_eq!(firewalled["data_reachable"], false, "{firewalled}");
+    assert!(advice(firewalled).contains("--one-port"), "{firewalled}");
+}
+
 /// Scenario d: one host's link is cut mid-run and restored. The others keep
 /// stepping while it is gone; when it returns it downloads the swarm's state
 /// from a peer and ends with the swarm's parameters.
