@@ -536,8 +536,7 @@ async fn parent(args: Args) -> Result<()> {
         let (s, _) = tokio::time::timeout(Duration::from_secs(60), listener.accept()).await??;
         hello(Line::new(s)).await
     };
-    let mut ctls: Vec<Option<(Line, SocketAddr, SocketAddr, Vec<u8>)>> =
-        (0..n).map(|_| None).collect();
+    let mut ctls: Vec<Option<Ctl>> = (0..n).map(|_| None).collect();
     let mut children = Vec::new();
     // With a DHT per worker, worker 0 starts first and the others bootstrap
     // from it.
