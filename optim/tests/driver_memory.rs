@@ -153,6 +153,41 @@ async fn non_finite_gradients_are_refused_and_never_averaged() {
     assert!(opt.params().iter().all(|v| v.is_finite()));
 }
 
+/// A peer cut off from the swarm it trained with does not step alone (its
+/// "global" steps would run ahead of the swarm): it keeps its samples and
+/// steps once it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_cut_off_from_the_swarm_does_not_step_alone() {
+    let swarm = Swarm::new(1);
+    let (mut opt, cut_off) = swarm.peer_with_link("p", config(4), vec![1.0, 1.0]).await;
+    cut_off.store(true, std::sync::atomic::Ordering::Relaxed);
+    opt.grads_mut().copy_from_slice(&[1.0, -1.0]);
+    assert_eq!(opt.step(Some(4)).await.unwrap(), StepOutcome::Isolated);
+    assert_eq!(opt.params(), &[1.0, 1.0]);
+    assert_eq!(opt.local_step(), 0);
+    assert_eq!(opt.local_samples(), 4);
+    // Still cut off: still no step, samples kept.
+    opt.grads_mut().copy_from_slice(&[0.0, 0.0]);
+    assert_eq!(opt.step(Some(4)).await.unwrap(), StepOutcome::Isolated);
+    assert_eq!(opt.local_samples(), 8);
+    cut_off.store(false, std::sync::atomic::Ordering::Relaxed);
+    opt.grads_mut().copy_from_slice(&[0.0, 0.0]);
+    let outcome = opt.step(Some(4)).await.unwrap();
+    assert_eq!(
+        outcome,
+        StepOutcome::Stepped {
+            step: 1,
+            group_size: 1
+        }
+    );
+    // The mean gradient of the 12 samples: (4 * [1, -1]) / 12.
+    let g = 4.0 / 12.0;
+    let want = [1.0 - 0.1 * g, 1.0 + 0.1 * g];
+    for (p, w) in opt.params().iter().zip(want) {
+        assert!((p - w).abs() < 1e-6, "{:?} vs {want:?}", opt.params());
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn goodbye_removes_a_peer_and_clients_contribute_samples() {
     let swarm = Swarm::new(2);

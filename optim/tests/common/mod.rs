@@ -30,6 +30,8 @@ pub type Records = Arc<Mutex<BTreeMap<Vec<u8>, (Option<TrainingProgress>, f64)>>
 pub struct MemoryBoard {
     pub me: Vec<u8>,
     pub records: Records,
+    /// Whether this peer has lost the swarm (its link is cut).
+    pub cut_off: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl ProgressBoard for MemoryBoard {
@@ -48,6 +50,9 @@ impl ProgressBoard for MemoryBoard {
             .unwrap()
             .insert(self.me.clone(), (progress, expiration));
         Ok(())
+    }
+    async fn is_isolated(&self) -> bool {
+        self.cut_off.load(std::sync::atomic::Ordering::Relaxed)
     }
     async fn fetch(&self) -> Result<Vec<PeerRecord>> {
         let t = now();
@@ -214,23 +219,36 @@ impl Swarm {
     }
 
     pub async fn peer(&self, name: &str, config: OptimConfig, params: Vec<f32>) -> Opt {
+        self.peer_with_link(name, config, params).await.0
+    }
+
+    /// A peer and the switch that cuts it off the swarm (`true`: isolated).
+    pub async fn peer_with_link(
+        &self,
+        name: &str,
+        config: OptimConfig,
+        params: Vec<f32>,
+    ) -> (Opt, Arc<std::sync::atomic::AtomicBool>) {
         let layout = Layout::packed([("w", vec![params.len()])], 1).unwrap();
         let sgd = Sgd {
             momentum: 0.0,
             ..Sgd::default()
         };
         let local = LocalOptimizer::new(LocalOptimizerKind::Sgd(sgd), layout).unwrap();
+        let cut_off = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let board = MemoryBoard {
             me: name.as_bytes().to_vec(),
             records: self.records.clone(),
+            cut_off: cut_off.clone(),
         };
         let averager = MemoryAverager {
             name: name.into(),
             hub: self.hub.clone(),
         };
-        CollaborativeOptimizer::new(config, params, local, board, averager, None)
+        let opt = CollaborativeOptimizer::new(config, params, local, board, averager, None)
             .await
-            .unwrap()
+            .unwrap();
+        (opt, cut_off)
     }
 }
 
