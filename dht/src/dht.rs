@@ -118,6 +118,17 @@ impl Dht {
         // The node task holds the identity file's lock: it is released when
         // the node stops (shutdown, or the last handle dropped).
         node.identity_lock = identity_lock;
+        for a in &config.announce_addrs {
+            if let Some(other) = a.iter().find_map(|p| match p {
+                Protocol::P2p(id) if id != peer_id => Some(id),
+                _ => None,
+            }) {
+                return Err(DhtError::Config {
+                    field: "announce_addrs",
+                    reason: format!("{a}: names peer {other}, but this node is {peer_id}"),
+                });
+            }
+        }
         let announce_addrs: Vec<Multiaddr> = config
             .announce_addrs
             .iter()

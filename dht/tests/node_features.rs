@@ -334,6 +334,18 @@ async fn announced_addresses_and_agent_version_reach_other_peers() {
                 .all(|l| !l.to_string().contains("127.0.0.1")),
             "listen addresses leaked next to the announced one: {seen:?}"
         );
+        // An announce address naming another node's id is refused.
+        let foreign = format!("/ip4/203.0.113.7/tcp/1/p2p/{}", a.peer_id());
+        let err = Dht::new(DhtConfig {
+            announce_addrs: vec![foreign.parse().unwrap()],
+            ..DhtConfig::default()
+        })
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(&err, DhtError::Config { field: "announce_addrs", reason } if reason.contains(&a.peer_id().to_string())),
+            "{err}"
+        );
         b.shutdown().await;
         a.shutdown().await;
     })
