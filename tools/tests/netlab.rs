@@ -61,6 +61,27 @@ fn spawn_trainer(lab: &mut Lab, host: usize, args: &[String]) -> Proc {
     lab.spawn(host, &refs)
 }
 
+/// Trainers on hosts `1..=peers` (trainer `i` on host `i + 1`, shard `i`),
+/// each listening on its own IP, full groups of `peers`, `max_steps` steps.
+fn spawn_trainers(lab: &mut Lab, run: &str, boot: &str, peers: usize, max_steps: u64) -> Vec<Proc> {
+    let size = peers.to_string();
+    (0..peers)
+        .map(|i| {
+            let listen = format!("/ip4/{}/tcp/0", lab.addr(i + 1));
+            let args = train_args(
+                run,
+                &listen,
+                boot,
+                i,
+                peers,
+                max_steps,
+                &["--target-group-size", &size],
+            );
+            spawn_trainer(lab, i + 1, &args)
+        })
+        .collect()
+}
+
 /// Every trainer's `done` event, within `timeout` in all.
 fn all_done(trainers: &[Proc], timeout: Duration) -> Vec<Value> {
     let deadline = Instant::now() + timeout;
@@ -99,21 +120,7 @@ fn a_four_hosts_and_a_bootstrap_train_to_one_hash_in_full_groups() {
         return;
     };
     let (_boot, boot_addr) = bootstrap(&mut lab, 0, 31337, &[]);
-    let trainers: Vec<Proc> = (0..PEERS)
-        .map(|i| {
-            let listen = format!("/ip4/{}/tcp/0", lab.addr(i + 1));
-            let args = train_args(
-                "lab-a",
-                &listen,
-                &boot_addr,
-                i,
-                PEERS,
-                30,
-                &["--target-group-size", "4"],
-            );
-            spawn_trainer(&mut lab, i + 1, &args)
-        })
-        .collect();
+    let trainers = spawn_trainers(&mut lab, "lab-a", &boot_addr, PEERS, 30);
     let done = all_done(&trainers, Duration::from_secs(170));
     assert_one_hash("a", &done);
     for d in &done {
@@ -128,40 +135,28 @@ fn a_four_hosts_and_a_bootstrap_train_to_one_hash_in_full_groups() {
     }
 }
 
+/// A bootstrap, three public trainers and one behind its own NAT router.
+const LAST_BEHIND_NAT: [Host; 5] = [
+    Host::Public,
+    Host::Public,
+    Host::Public,
+    Host::Public,
+    Host::Nat,
+];
+
 /// Scenario b: one trainer behind NAT (no inbound route at all), the others
 /// public. The NATed peer dials out, contributes samples to every global step
 /// and ends with the swarm's parameters.
 #[test]
 fn b_a_peer_behind_nat_contributes_and_ends_with_the_swarm_hash() {
     const PEERS: usize = 4;
-    let hosts = [
-        Host::Public,
-        Host::Public,
-        Host::Public,
-        Host::Public,
-        Host::Nat,
-    ];
+    let hosts = LAST_BEHIND_NAT;
     let Some(mut lab) = Lab::new("b", &hosts) else {
         return;
     };
     let (_boot, boot_addr) = bootstrap(&mut lab, 0, 31337, &[]);
-    let trainers: Vec<Proc> = (0..PEERS)
-        .map(|i| {
-            let host = i + 1;
-            let listen = format!("/ip4/{}/tcp/0", lab.addr(host));
-            // No --client anywhere: the NATed peer finds out by itself.
-            let args = train_args(
-                "lab-b",
-                &listen,
-                &boot_addr,
-                i,
-                PEERS,
-                30,
-                &["--target-group-size", "4"],
-            );
-            spawn_trainer(&mut lab, host, &args)
-        })
-        .collect();
+    // No --client anywhere: the NATed peer finds out by itself.
+    let trainers = spawn_trainers(&mut lab, "lab-b", &boot_addr, PEERS, 30);
     // The start-up dial-back: the public peers are reachable, the NATed one
     // is not, is seen at its router's address, and chose client mode.
     for (i, t) in trainers.iter().enumerate() {
@@ -205,13 +200,7 @@ fn b_a_peer_behind_nat_contributes_and_ends_with_the_swarm_hash() {
 #[test]
 fn b_a_peer_behind_a_port_forward_announces_its_public_address_and_reduces() {
     const PEERS: usize = 4;
-    let hosts = [
-        Host::Public,
-        Host::Public,
-        Host::Public,
-        Host::Public,
-        Host::Nat,
-    ];
+    let hosts = LAST_BEHIND_NAT;
     let Some(mut lab) = Lab::new("b-forward", &hosts) else {
         return;
     };
@@ -326,21 +315,7 @@ fn d_a_host_cut_off_mid_run_resyncs_and_ends_with_the_swarm_hash() {
         return;
     };
     let (_boot, boot_addr) = bootstrap(&mut lab, 0, 31337, &[]);
-    let trainers: Vec<Proc> = (0..PEERS)
-        .map(|i| {
-            let listen = format!("/ip4/{}/tcp/0", lab.addr(i + 1));
-            let args = train_args(
-                "lab-d",
-                &listen,
-                &boot_addr,
-                i,
-                PEERS,
-                40,
-                &["--target-group-size", "4"],
-            );
-            spawn_trainer(&mut lab, i + 1, &args)
-        })
-        .collect();
+    let trainers = spawn_trainers(&mut lab, "lab-d", &boot_addr, PEERS, 40);
     let cut_host = PEERS; // trainer PEERS-1
     let cut = &trainers[PEERS - 1];
     let global = |p: &Proc, at_least: u64, what: &str, timeout: Duration| {
