@@ -217,3 +217,65 @@ fn a_late_joiner_loads_the_state_and_then_steps_in_sync() {
     );
     assert_eq!(da["hash"], db["hash"]);
 }
+
+/// Three processes on 127.0.0.1, one with `--one-port` (no data-plane port:
+/// its parts and its span travel over libp2p streams) and one announcing a
+/// data address where nothing listens: every round is a full group and all
+/// end with the same parameters; the start-up dial-back found every peer
+/// reachable.
+#[test]
+fn a_one_port_peer_and_a_wrong_data_address_still_average_in_full_groups() {
+    let run = "oneporttest";
+    let group = ["--target-group-size", "3"];
+    let a = train_until(run, "12", "3", &[&["--shard", "0/3"][..], &group].concat());
+    let addr = a.addr();
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").to_string()
+    };
+    let b = train_until(
+        run,
+        "12",
+        "3",
+        &[
+            &["--shard", "1/3", "--one-port", "--initial-peers", &addr][..],
+            &group,
+        ]
+        .concat(),
+    );
+    let c = train_until(
+        run,
+        "12",
+        "3",
+        &[
+            &[
+                "--shard",
+                "2/3",
+                "--data-announce",
+                &closed,
+                "--initial-peers",
+                &addr,
+            ][..],
+            &group,
+        ]
+        .concat(),
+    );
+    for p in [&b, &c] {
+        let r = p.wait_for("reachability", Duration::from_secs(60), |v| {
+            v["event"] == "reachability"
+        });
+        assert_eq!(r["reachable"], true, "{r}");
+        assert_eq!(r["client"], false, "{r}");
+    }
+    let done = |p: &Peer| p.wait_for("done", Duration::from_secs(150), |v| v["event"] == "done");
+    let (da, db, dc) = (done(&a), done(&b), done(&c));
+    for d in [&da, &db, &dc] {
+        assert_eq!(d["step"], 12, "{d}");
+        assert!(d["full_group_steps"].as_u64().unwrap_or(0) >= 11, "{d}");
+    }
+    for d in [&db, &dc] {
+        assert!(d["libp2p_connections"].as_u64().unwrap_or(0) > 0, "{d}");
+    }
+    assert_eq!(da["hash"], db["hash"]);
+    assert_eq!(da["hash"], dc["hash"]);
+}
