@@ -124,17 +124,7 @@ async fn doctor(args: DoctorArgs) -> anyhow::Result<()> {
     // Accept (and drop) whatever the peers' dial-backs open.
     let accept = tokio::spawn(async move { while data.accept().await.is_ok() {} });
 
-    let peers: Vec<colony_dht::PeerId> = args
-        .initial_peers
-        .iter()
-        .filter_map(|a| {
-            a.iter().find_map(|p| match p {
-                Protocol::P2p(peer) => Some(peer),
-                _ => None,
-            })
-        })
-        .take(3)
-        .collect();
+    let peers = crate::train::dial_back_peers(&dht, &args.initial_peers);
     let ports = [dht_port, data_port];
     let answers = futures::future::join_all(peers.iter().map(|p| dht.dial_back(*p, &ports))).await;
     accept.abort();

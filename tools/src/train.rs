@@ -285,6 +285,22 @@ fn data_listen_following(listen: &[Multiaddr]) -> std::net::SocketAddr {
     )
 }
 
+/// The peers a dial-back asks: up to three initial peers named by id, not
+/// this node itself.
+pub(crate) fn dial_back_peers(dht: &Dht, initial_peers: &[Multiaddr]) -> Vec<colony_dht::PeerId> {
+    initial_peers
+        .iter()
+        .filter_map(|a| {
+            a.iter().find_map(|p| match p {
+                colony_dht::Protocol::P2p(peer) => Some(peer),
+                _ => None,
+            })
+        })
+        .filter(|p| *p != dht.peer_id())
+        .take(3)
+        .collect()
+}
+
 /// Asks the initial peers to dial this node's DHT port(s) back: `Some(true)`
 /// if any could, `Some(false)` if every one that answered could not, `None`
 /// if none answered; with the IPs they saw this node at.
@@ -309,17 +325,7 @@ pub(crate) async fn reachable_from_outside(
     if ports.is_empty() {
         return (Some(false), Vec::new());
     }
-    let peers: Vec<colony_dht::PeerId> = initial_peers
-        .iter()
-        .filter_map(|a| {
-            a.iter().find_map(|p| match p {
-                Protocol::P2p(peer) => Some(peer),
-                _ => None,
-            })
-        })
-        .filter(|p| *p != dht.peer_id())
-        .take(3)
-        .collect();
+    let peers = dial_back_peers(dht, initial_peers);
     let answers = futures::future::join_all(peers.iter().map(|p| dht.dial_back(*p, &ports))).await;
     let mut verdict = None;
     let mut seen = Vec::new();
