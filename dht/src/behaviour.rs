@@ -3,11 +3,11 @@
 use std::num::NonZeroUsize;
 
 use libp2p::{
-    StreamProtocol, Swarm, gossipsub, identify,
+    StreamProtocol, Swarm, autonat, dcutr, gossipsub, identify,
     identity::Keypair,
     kad::{self, Caching, Mode, StoreInserts},
-    noise, ping,
-    swarm::NetworkBehaviour,
+    noise, ping, relay,
+    swarm::{NetworkBehaviour, behaviour::toggle::Toggle},
     tcp, yamux,
 };
 
@@ -42,6 +42,18 @@ pub(crate) struct Behaviour {
     pub(crate) stream: libp2p_stream::Behaviour,
     /// Inbound application streams (`Dht::accept_streams`).
     pub(crate) inbound: InboundStreams,
+    /// Circuit relay v2, client side: reservations on relays (a node
+    /// behind NAT listens through them) and dials through them.
+    pub(crate) relay_client: relay::client::Behaviour,
+    /// Circuit relay v2, server side, when [`DhtConfig::relay_server`] is set.
+    pub(crate) relay: Toggle<relay::Behaviour>,
+    /// Hole punching (DCUtR) over relayed connections.
+    pub(crate) dcutr: dcutr::Behaviour,
+    /// AutoNAT v2, client side: confirms observed addresses as reachable
+    /// by asking peers to dial them back on a fresh port.
+    pub(crate) autonat: autonat::v2::client::Behaviour,
+    /// AutoNAT v2, server side, on nodes that serve the DHT.
+    pub(crate) autonat_server: Toggle<autonat::v2::server::Behaviour>,
 }
 
 fn nonzero(field: &'static str, n: usize) -> Result<NonZeroUsize, DhtError> {
@@ -51,8 +63,9 @@ fn nonzero(field: &'static str, n: usize) -> Result<NonZeroUsize, DhtError> {
     })
 }
 
-/// Builds the swarm: TCP + noise + yamux carrying kad, gossipsub, identify and
-/// streams; inbound streams are delivered to the acceptors in `inbound`.
+/// Builds the swarm: TCP (and circuits through relays) + noise + yamux
+/// carrying kad, gossipsub, identify, ping, streams, relay, DCUtR and AutoNAT;
+/// inbound streams are delivered to the acceptors in `inbound`.
 pub(crate) fn build_swarm(
     config: &DhtConfig,
     keypair: Keypair,
@@ -103,18 +116,26 @@ pub(crate) fn build_swarm(
             // bind behind a port forward is no use to anyone else).
             .with_hide_listen_addrs(!config.announce_addrs.is_empty()),
     );
-    let behaviour = Behaviour {
-        kad,
-        gossipsub,
-        identify,
-        ping: ping::Behaviour::new(
-            ping::Config::new()
-                .with_interval(config.ping_interval)
-                .with_timeout(config.liveness_timeout),
-        ),
-        stream: libp2p_stream::Behaviour::new(),
-        inbound: InboundStreams::new(inbound),
-    };
+    let ping = ping::Behaviour::new(
+        ping::Config::new()
+            .with_interval(config.ping_interval)
+            .with_timeout(config.liveness_timeout),
+    );
+    let relay = config.relay_server.as_ref().map(|limits| {
+        relay::Behaviour::new(
+            peer_id,
+            relay::Config {
+                max_reservations: limits.max_reservations,
+                max_reservations_per_peer: 2,
+                max_circuits: limits.max_circuits,
+                max_circuits_per_peer: limits.max_circuits_per_peer,
+                max_circuit_duration: limits.max_circuit_duration,
+                max_circuit_bytes: limits.max_circuit_bytes,
+                ..relay::Config::default()
+            },
+        )
+    });
+    let autonat_server = (!config.client_mode).then(autonat::v2::server::Behaviour::default);
     let idle = config.idle_connection_timeout;
     let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
@@ -124,7 +145,21 @@ pub(crate) fn build_swarm(
             yamux::Config::default,
         )
         .map_err(|e| transport_err(&e))?
-        .with_behaviour(|_| behaviour)
+        .with_relay_client(noise::Config::new, yamux::Config::default)
+        .map_err(|e| transport_err(&e))?
+        .with_behaviour(|_, relay_client| Behaviour {
+            kad,
+            gossipsub,
+            identify,
+            ping,
+            stream: libp2p_stream::Behaviour::new(),
+            inbound: InboundStreams::new(inbound),
+            relay_client,
+            relay: Toggle::from(relay),
+            dcutr: dcutr::Behaviour::new(peer_id),
+            autonat: autonat::v2::client::Behaviour::default(),
+            autonat_server: Toggle::from(autonat_server),
+        })
         .map_err(|e| transport_err(&e))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
         .with_connection_timeout(config.connect_timeout)

@@ -88,6 +88,49 @@ pub struct DhtConfig {
     /// and streams stop waiting on it. Default: 4 s (a ping queues behind
     /// other traffic of the connection, so not much shorter on slow links).
     pub liveness_timeout: Duration,
+    /// Serve as a circuit relay (v2) for peers that cannot be dialed, within
+    /// these limits. Default: `None` (no relay service).
+    pub relay_server: Option<RelayLimits>,
+    /// While in client mode (no inbound route), reserve a slot on up to this
+    /// many connected relays and listen through them, so other peers can
+    /// reach this node (and hole-punch a direct connection). 0 turns it off.
+    /// Default: 2.
+    pub max_relays: usize,
+    /// How long [`Dht::open_stream`](crate::Dht::open_stream) waits for a
+    /// hole punch when the only connection to the peer is relayed, before it
+    /// settles for the relay. Default: 4 s.
+    pub hole_punch_wait: Duration,
+}
+
+/// Limits of the relay service ([`DhtConfig::relay_server`]).
+///
+/// libp2p's defaults (128 KiB and 2 minutes per circuit) suit signalling only;
+/// Colony relays carry averaging traffic for peers whose hole punch failed,
+/// so the defaults here are sized for data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayLimits {
+    /// Peers holding a reservation at once. Default: 128.
+    pub max_reservations: usize,
+    /// Circuits open at once. Default: 64.
+    pub max_circuits: usize,
+    /// Circuits open at once per source peer. Default: 8.
+    pub max_circuits_per_peer: usize,
+    /// Lifetime of one circuit. Default: 1 h.
+    pub max_circuit_duration: Duration,
+    /// Bytes one circuit may carry (both directions). Default: 4 GiB.
+    pub max_circuit_bytes: u64,
+}
+
+impl Default for RelayLimits {
+    fn default() -> Self {
+        Self {
+            max_reservations: 128,
+            max_circuits: 64,
+            max_circuits_per_peer: 8,
+            max_circuit_duration: Duration::from_secs(3600),
+            max_circuit_bytes: 4 << 30,
+        }
+    }
 }
 
 impl Default for DhtConfig {
@@ -115,6 +158,9 @@ impl Default for DhtConfig {
             connect_timeout: Duration::from_secs(3),
             ping_interval: Duration::from_secs(1),
             liveness_timeout: Duration::from_secs(4),
+            relay_server: None,
+            max_relays: 2,
+            hole_punch_wait: Duration::from_secs(4),
         }
     }
 }
@@ -205,6 +251,19 @@ impl DhtConfig {
         }
         if self.liveness_timeout <= self.ping_interval {
             return bad("liveness_timeout", "must exceed ping_interval");
+        }
+        if let Some(relay) = &self.relay_server {
+            if self.client_mode {
+                return bad("relay_server", "a client-mode node cannot relay");
+            }
+            if relay.max_reservations == 0
+                || relay.max_circuits == 0
+                || relay.max_circuits_per_peer == 0
+                || relay.max_circuit_duration.is_zero()
+                || relay.max_circuit_bytes == 0
+            {
+                return bad("relay_server", "every relay limit must be positive");
+            }
         }
         if self.subscription_capacity == 0 || self.command_capacity == 0 {
             return bad(

@@ -24,6 +24,9 @@ use crate::{
     value::{DhtValue, StoreOutcome, ValueWithExpiration},
 };
 
+mod reach;
+pub use reach::relay_addrs_key;
+
 /// Extra time a handle waits beyond the kad query timeout for the node's answer.
 const REPLY_MARGIN: Duration = Duration::from_secs(2);
 /// Deadline for local-only requests to the node task.
@@ -35,6 +38,10 @@ struct Inner {
     public_key: [u8; 32],
     client_mode: std::sync::atomic::AtomicBool,
     listen_addrs: Arc<RwLock<Vec<Multiaddr>>>,
+    /// Circuits through relays this node listens on (client mode).
+    relay_addrs: Arc<RwLock<Vec<Multiaddr>>>,
+    /// Own addresses AutoNAT confirmed.
+    confirmed_addrs: Arc<RwLock<Vec<Multiaddr>>>,
     /// The configured external addresses, each with `/p2p/<peer id>`.
     announce_addrs: Vec<Multiaddr>,
     validators: Arc<RwLock<CompositeValidator>>,
@@ -118,6 +125,18 @@ impl Dht {
         // The node task holds the identity file's lock: it is released when
         // the node stops (shutdown, or the last handle dropped).
         node.identity_lock = identity_lock;
+        node.nat.max_relays = config.max_relays;
+        node.nat.hole_punch_wait = config.hole_punch_wait;
+        node.nat.client = config.client_mode;
+        node.nat.listen_is_external =
+            config.relay_server.is_some() && config.announce_addrs.is_empty();
+        if let Some(relay) = node.swarm.behaviour_mut().relay.as_mut() {
+            // Serve even before any address is confirmed: the operator asked.
+            relay.set_status(Some(libp2p::relay::Status::Enable));
+        }
+        let relay_addrs = node.nat.relay_addrs.clone();
+        let confirmed_addrs = node.nat.confirmed_addrs.clone();
+        let relay_addrs_changed = node.nat.relay_addrs_changed.clone();
         for a in &config.announce_addrs {
             if let Some(other) = a.iter().find_map(|p| match p {
                 Protocol::P2p(id) if id != peer_id => Some(id),
@@ -144,13 +163,15 @@ impl Dht {
         if let Some(streams) = inbound.accept(crate::dialback::DIALBACK_PROTOCOL, 16) {
             crate::dialback::serve(streams, commands.downgrade());
         }
-        Ok(Self {
+        let dht = Self {
             inner: Arc::new(Inner {
                 commands,
                 peer_id,
                 public_key,
                 client_mode: std::sync::atomic::AtomicBool::new(config.client_mode),
                 listen_addrs,
+                relay_addrs,
+                confirmed_addrs,
                 announce_addrs,
                 validators,
                 limits,
@@ -160,7 +181,11 @@ impl Dht {
                 max_gossip_size: config.max_gossip_size,
                 subscription_capacity: config.subscription_capacity,
             }),
-        })
+        };
+        if config.max_relays > 0 {
+            reach::publish_relay_addrs(Arc::downgrade(&dht.inner), relay_addrs_changed);
+        }
+        Ok(dht)
     }
 
     /// This node's peer id.
@@ -467,10 +492,22 @@ impl Dht {
         let timeout = self.inner.query_timeout;
         let attempt = async {
             let mut control = self.inner.control.clone();
+            let open = |mut control: libp2p_stream::Control, protocol| async move {
+                control
+                    .open_stream(peer, protocol)
+                    .await
+                    .map_err(|source| DhtError::Stream { peer, source })
+            };
+            // Connected: a peer reached only through a relay first gets its
+            // hole punch a moment, so the stream takes the direct path.
+            if self.path_to(peer).await?.is_some() {
+                return open(control, protocol).await;
+            }
             match control.open_stream(peer, protocol.clone()).await {
                 Ok(stream) => Ok(stream),
                 // Not connected and no known address: look the peer up in
-                // the DHT (FIND_NODE), then try once more.
+                // the DHT (FIND_NODE); a peer behind NAT is in no routing
+                // table, but publishes the relay circuits it listens on.
                 Err(libp2p_stream::OpenStreamError::Io(first)) => {
                     let found = self
                         .request("find_peer", timeout, |reply| Command::FindPeer {
@@ -478,16 +515,13 @@ impl Dht {
                             reply,
                         })
                         .await?;
-                    if !found {
+                    if !found && !self.connect_through_relays(peer).await? {
                         return Err(DhtError::PeerNotFound {
                             peer,
                             source: libp2p_stream::OpenStreamError::Io(first),
                         });
                     }
-                    control
-                        .open_stream(peer, protocol)
-                        .await
-                        .map_err(|source| DhtError::Stream { peer, source })
+                    open(control, protocol).await
                 }
                 Err(source) => Err(DhtError::Stream { peer, source }),
             }

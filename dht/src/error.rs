@@ -155,6 +155,14 @@ pub enum DhtError {
         #[source]
         source: libp2p_stream::OpenStreamError,
     },
+    /// Dialing a peer at the addresses found for it failed.
+    #[error("cannot connect to {peer}: {reason}")]
+    Dial {
+        /// The remote peer.
+        peer: PeerId,
+        /// Why every address failed.
+        reason: String,
+    },
     /// This node's own record store refused a record it was about to publish.
     #[error("the local record store refused the record")]
     LocalStore(#[source] kad::store::Error),

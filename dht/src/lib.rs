@@ -71,13 +71,13 @@ mod validation;
 mod value;
 
 pub use behaviour::{AGENT_VERSION, IDENTIFY_PROTOCOL, KAD_PROTOCOL};
-pub use config::{DhtConfig, IdentitySource};
-pub use dht::Dht;
+pub use config::{DhtConfig, IdentitySource, RelayLimits};
+pub use dht::{Dht, relay_addrs_key};
 pub use dialback::{DIAL_TIMEOUT, DIALBACK_PROTOCOL, DialBack, MAX_PORTS, PortCheck};
 pub use error::{DhtError, PubSubError, ValidationError};
 pub use gossip::LatestPerOwner;
 pub use identity::{create_identity_file, read_identity_file};
-pub use node::{GossipMessage, NodeStats, PeerAddresses};
+pub use node::{GossipMessage, NodeStats, PeerAddresses, PeerPath};
 pub use owner::{owner_key_from_secret, peer_id_of_owner};
 pub use record::{DhtRecord, WIRE_VERSION, WireEntry, decode_wire, encode_wire};
 pub use schema::SchemaRecordValidator;

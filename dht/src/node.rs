@@ -29,6 +29,9 @@ use crate::{
     value::{DhtValue, StoreOutcome, ValueWithExpiration},
 };
 
+mod nat;
+pub use nat::PeerPath;
+
 /// How often expired records are swept from local storage.
 const PRUNE_INTERVAL: Duration = Duration::from_secs(30);
 
@@ -99,6 +102,21 @@ pub(crate) enum Command {
         peer: PeerId,
         reply: Reply<bool>,
     },
+    /// Connect to `peer` at these addresses (a circuit through a relay).
+    Dial {
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        reply: Reply<()>,
+    },
+    /// The path to `peer` once a pending hole punch settled (`None`: not connected).
+    PreparePath {
+        peer: PeerId,
+        reply: Reply<Option<PeerPath>>,
+    },
+    /// The best path each peer was ever reached by.
+    Paths {
+        reply: Reply<Vec<(PeerId, PeerPath)>>,
+    },
     Shutdown {
         reply: oneshot::Sender<()>,
     },
@@ -117,6 +135,18 @@ pub struct NodeStats {
     pub rejected_inbound: u64,
     /// Record entries received by gets and rejected by validation since start.
     pub rejected_on_read: u64,
+    /// Relays currently holding a reservation for this node.
+    pub relay_reservations: usize,
+    /// Open connections that go through a relay.
+    pub relayed_connections: usize,
+    /// Hole punches (DCUtR) that opened a direct connection, since start.
+    pub hole_punches_succeeded: u64,
+    /// Hole punches that failed, since start.
+    pub hole_punches_failed: u64,
+    /// Circuits this node relayed for others, since start.
+    pub circuits_served: u64,
+    /// AutoNAT probes of this node's addresses that no peer could dial back.
+    pub autonat_failures: u64,
 }
 
 struct PendingGet {
@@ -162,6 +192,9 @@ pub(crate) struct Node {
     rejoining: bool,
     /// The identity file's lock, held while the node runs.
     pub(crate) identity_lock: Option<crate::identity::IdentityLock>,
+    /// Relays, hole punching, paths and AutoNAT.
+    pub(crate) nat: nat::NatState,
+    nat_wait_rx: Option<mpsc::UnboundedReceiver<PeerId>>,
 }
 
 /// First and largest pause between redials of the initial peers while disconnected.
@@ -195,6 +228,7 @@ impl Node {
         liveness_timeout: Duration,
     ) -> Self {
         let (budget_tx, budget_rx) = mpsc::unbounded_channel();
+        let (wait_tx, wait_rx) = mpsc::unbounded_channel();
         Self {
             swarm,
             validators,
@@ -219,6 +253,8 @@ impl Node {
             redial: None,
             rejoining: false,
             identity_lock: None,
+            nat: nat::NatState::new(wait_tx),
+            nat_wait_rx: Some(wait_rx),
         }
     }
 
@@ -226,14 +262,20 @@ impl Node {
     pub(crate) async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
         let mut prune = tokio::time::interval(PRUNE_INTERVAL);
         prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let Some(mut budgets) = self.budget_rx.take() else {
+        let (Some(mut budgets), Some(mut punch_waits)) =
+            (self.budget_rx.take(), self.nat_wait_rx.take())
+        else {
             return;
         };
         let mut liveness = tokio::time::interval(self.liveness_timeout / 4);
         liveness.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let shutdown_reply = loop {
             tokio::select! {
-                _ = liveness.tick() => self.drop_silent_connections(),
+                _ = liveness.tick() => {
+                    self.drop_silent_connections();
+                    self.maintain_relays();
+                }
+                Some(peer) = punch_waits.recv() => self.nat_wait_spent(peer),
                 Some(id) = budgets.recv() => self.on_get_budget_spent(id),
                 command = commands.recv() => match command {
                     None => break None,
@@ -257,6 +299,7 @@ impl Node {
         for (_, (_, reply)) in self.pending_finds.drain() {
             let _ = reply.send(Err(DhtError::Shutdown));
         }
+        drop(self.nat);
         drop(self.swarm);
         tracing::debug!(%peer, "DHT node stopped");
         if let Some(reply) = shutdown_reply {
@@ -324,11 +367,22 @@ impl Node {
                     .sum();
                 stats.connected_peers = self.swarm.connected_peers().count();
                 stats.stored_keys = self.swarm.behaviour_mut().kad.store_mut().storage.len();
+                stats.relay_reservations = self.nat.relay_reservations();
+                stats.relayed_connections = self.nat.relayed_connections();
+                stats.hole_punches_succeeded = self.nat.hole_punches_succeeded;
+                stats.hole_punches_failed = self.nat.hole_punches_failed;
+                stats.circuits_served = self.nat.circuits_served;
+                stats.autonat_failures = self.nat.autonat_failures;
                 let _ = reply.send(Ok(stats));
             }
             Command::FindPeer { peer, reply } => {
                 let id = self.swarm.behaviour_mut().kad.get_closest_peers(peer);
                 self.pending_finds.insert(id, (peer, reply));
+            }
+            Command::Dial { peer, addrs, reply } => self.nat_dial(peer, addrs, reply),
+            Command::PreparePath { peer, reply } => self.nat_prepare_path(peer, reply),
+            Command::Paths { reply } => {
+                let _ = reply.send(Ok(self.nat.history()));
             }
             Command::RoutingTable { reply } => {
                 let peers = self
@@ -348,6 +402,8 @@ impl Node {
                 };
                 tracing::info!(?mode, "DHT mode changed");
                 self.swarm.behaviour_mut().kad.set_mode(Some(mode));
+                self.nat.client = client;
+                self.maintain_relays();
                 let _ = reply.send(Ok(()));
             }
             Command::Shutdown { reply } => {
@@ -633,7 +689,14 @@ impl Node {
                 let entry = self.peers.entry(peer_id).or_default();
                 entry.listen = listen;
                 entry.agent_version = Some(info.agent_version);
+                self.nat_identified(peer_id, &info.protocols);
             }
+            SwarmEvent::Behaviour(BehaviourEvent::Dcutr(event)) => self.on_dcutr_event(event),
+            SwarmEvent::Behaviour(BehaviourEvent::RelayClient(event)) => {
+                self.on_relay_client_event(event);
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Relay(event)) => self.on_relay_server_event(event),
+            SwarmEvent::Behaviour(BehaviourEvent::Autonat(event)) => self.on_autonat_event(event),
             SwarmEvent::Behaviour(BehaviourEvent::Ping(libp2p::ping::Event {
                 connection,
                 result,
@@ -659,19 +722,37 @@ impl Node {
                 listener_id,
                 address,
             } => {
+                self.unready_listeners.remove(&listener_id);
+                if self.nat_listen_addr(&address, true) {
+                    return;
+                }
                 let full = address
+                    .clone()
                     .with_p2p(*self.swarm.local_peer_id())
                     .unwrap_or_else(|a| a);
                 tracing::info!(address = %full, "listening");
                 lock_write(&self.listen_addrs).push(full);
-                self.unready_listeners.remove(&listener_id);
+                if self.nat.listen_is_external && !is_unspecified(&address) {
+                    // A relay hands its external addresses to the peers it
+                    // holds reservations for; without an announced one, its
+                    // listen addresses are what others dial.
+                    self.swarm.add_external_address(address);
+                }
             }
             SwarmEvent::ExpiredListenAddr { address, .. } => {
+                if self.nat_listen_addr(&address, false) {
+                    return;
+                }
                 let full = address
                     .with_p2p(*self.swarm.local_peer_id())
                     .unwrap_or_else(|a| a);
                 lock_write(&self.listen_addrs).retain(|a| a != &full);
             }
+            SwarmEvent::ListenerClosed {
+                listener_id,
+                reason,
+                ..
+            } => self.nat_listener_closed(listener_id, reason.err()),
             SwarmEvent::ConnectionEstablished {
                 peer_id,
                 endpoint,
@@ -686,6 +767,7 @@ impl Node {
                     let own = *self.swarm.local_peer_id();
                     self.swarm.behaviour_mut().kad.get_closest_peers(own);
                 }
+                self.nat_connection_established(peer_id, connection_id, &endpoint);
                 let remote = match &endpoint {
                     ConnectedPoint::Dialer { address, .. } => address.clone(),
                     ConnectedPoint::Listener { send_back_addr, .. } => send_back_addr.clone(),
@@ -704,6 +786,7 @@ impl Node {
                 ..
             } => {
                 self.liveness.remove(&connection_id);
+                self.nat_connection_closed(peer_id, connection_id);
                 if num_established == 0 {
                     self.peers.remove(&peer_id);
                 } else if let Some(entry) = self.peers.get_mut(&peer_id) {
@@ -714,6 +797,9 @@ impl Node {
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 self.bootstrap_failed += 1;
                 tracing::debug!(?peer_id, %error, "dial failed");
+                if let Some(peer) = peer_id {
+                    self.nat_dial_failed(peer, &error);
+                }
             }
             SwarmEvent::ListenerError { error, .. } => tracing::warn!(%error, "listener error"),
             _ => {}

@@ -1,0 +1,510 @@
+//! Reaching peers behind NAT: relay reservations while this node has no
+//! inbound route, hole punching (DCUtR) over relayed connections, the path
+//! each peer is reached by, and AutoNAT confirmations of this node's own
+//! addresses.
+
+use std::time::Instant;
+
+use libp2p::{
+    autonat, dcutr, relay,
+    swarm::{
+        DialError,
+        dial_opts::{DialOpts, PeerCondition},
+    },
+};
+
+use super::{
+    ConnectionId, HashMap, HashSet, Multiaddr, Node, PeerId, Protocol, Reply, lock_write, mpsc,
+    strip_p2p,
+};
+use crate::error::DhtError;
+
+/// How this node reaches a peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum PeerPath {
+    /// Only through a relay's circuit (hole punching failed or is pending).
+    Relayed,
+    /// A direct connection that hole punching opened through both NATs.
+    HolePunched,
+    /// A direct connection, dialed or accepted.
+    Direct,
+}
+
+impl PeerPath {
+    /// A short name for logs and reports: `direct`, `hole-punched`, `relayed`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Direct => "direct",
+            Self::HolePunched => "hole-punched",
+            Self::Relayed => "relayed",
+        }
+    }
+}
+
+impl std::fmt::Display for PeerPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A relay that refused or dropped this node's reservation is left alone this long.
+const RELAY_RETRY: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// NAT traversal state of a node.
+pub(crate) struct NatState {
+    /// At most this many relay reservations at once (0: none).
+    pub(crate) max_relays: usize,
+    /// How long a caller waits for a hole punch before settling for a relay.
+    pub(crate) hole_punch_wait: std::time::Duration,
+    /// Whether this node is in client mode (no inbound route): only then
+    /// does it listen through relays.
+    pub(crate) client: bool,
+    /// A relay without announced addresses: its listen addresses count as
+    /// external (what it tells the peers it holds reservations for).
+    pub(crate) listen_is_external: bool,
+    /// Connected peers that serve circuit relay v2.
+    relay_capable: HashSet<PeerId>,
+    /// Relays this node listens through, and whether the relay accepted.
+    relays: HashMap<PeerId, (libp2p::core::transport::ListenerId, bool)>,
+    /// When a relay that refused or dropped a reservation may be asked again.
+    relay_retry: HashMap<PeerId, Instant>,
+    /// Open connections through a relay.
+    relayed: HashMap<ConnectionId, PeerId>,
+    /// Open direct connections.
+    direct: HashMap<ConnectionId, PeerId>,
+    /// Direct connections that a hole punch opened.
+    punched: HashSet<ConnectionId>,
+    /// Peers reached only through a relay whose hole punch has not reported yet.
+    punch_pending: HashSet<PeerId>,
+    /// Callers waiting for a relayed peer's hole punch to settle.
+    path_waiters: HashMap<PeerId, Vec<Reply<Option<PeerPath>>>>,
+    /// Callers waiting for a dial to a peer.
+    dial_waiters: HashMap<PeerId, Vec<Reply<()>>>,
+    /// The best path each peer was ever reached by (reports).
+    history: HashMap<PeerId, PeerPath>,
+    /// The address each connected peer was dialed at (outbound, direct).
+    dialed: HashMap<PeerId, Multiaddr>,
+    /// Sends a peer whose hole-punch wait ran out.
+    pub(crate) wait_tx: mpsc::UnboundedSender<PeerId>,
+    /// Circuit addresses this node can be reached at (shared with handles).
+    pub(crate) relay_addrs: std::sync::Arc<std::sync::RwLock<Vec<Multiaddr>>>,
+    /// Own addresses AutoNAT confirmed (shared with handles).
+    pub(crate) confirmed_addrs: std::sync::Arc<std::sync::RwLock<Vec<Multiaddr>>>,
+    /// Woken when `relay_addrs` changes (the publisher republishes).
+    pub(crate) relay_addrs_changed: std::sync::Arc<tokio::sync::Notify>,
+    pub(crate) hole_punches_succeeded: u64,
+    pub(crate) hole_punches_failed: u64,
+    pub(crate) circuits_served: u64,
+    pub(crate) autonat_failures: u64,
+}
+
+impl NatState {
+    pub(crate) fn new(wait_tx: mpsc::UnboundedSender<PeerId>) -> Self {
+        Self {
+            max_relays: 0,
+            hole_punch_wait: std::time::Duration::from_secs(4),
+            client: false,
+            listen_is_external: false,
+            relay_capable: HashSet::new(),
+            relays: HashMap::new(),
+            relay_retry: HashMap::new(),
+            relayed: HashMap::new(),
+            direct: HashMap::new(),
+            punched: HashSet::new(),
+            punch_pending: HashSet::new(),
+            path_waiters: HashMap::new(),
+            dial_waiters: HashMap::new(),
+            history: HashMap::new(),
+            dialed: HashMap::new(),
+            wait_tx,
+            relay_addrs: Default::default(),
+            confirmed_addrs: Default::default(),
+            relay_addrs_changed: Default::default(),
+            hole_punches_succeeded: 0,
+            hole_punches_failed: 0,
+            circuits_served: 0,
+            autonat_failures: 0,
+        }
+    }
+
+    /// How this node reaches `peer` now, if it is connected.
+    pub(crate) fn path(&self, peer: &PeerId) -> Option<PeerPath> {
+        let mut best = None;
+        for (c, p) in &self.direct {
+            if p == peer {
+                let path = if self.punched.contains(c) {
+                    PeerPath::HolePunched
+                } else {
+                    PeerPath::Direct
+                };
+                best = best.max(Some(path));
+            }
+        }
+        if best.is_none() && self.relayed.values().any(|p| p == peer) {
+            best = Some(PeerPath::Relayed);
+        }
+        best
+    }
+
+    pub(crate) fn relay_reservations(&self) -> usize {
+        self.relays.values().filter(|(_, ok)| *ok).count()
+    }
+
+    pub(crate) fn relayed_connections(&self) -> usize {
+        self.relayed.len()
+    }
+
+    pub(crate) fn history(&self) -> Vec<(PeerId, PeerPath)> {
+        let mut v: Vec<_> = self.history.iter().map(|(p, k)| (*p, *k)).collect();
+        v.sort();
+        v
+    }
+
+    fn remember(&mut self, peer: PeerId, path: PeerPath) {
+        let entry = self.history.entry(peer).or_insert(path);
+        *entry = (*entry).max(path);
+    }
+
+    fn answer_path_waiters(&mut self, peer: &PeerId) {
+        let path = self.path(peer);
+        for reply in self.path_waiters.remove(peer).unwrap_or_default() {
+            let _ = reply.send(Ok(path));
+        }
+    }
+}
+
+fn is_relayed(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| matches!(p, Protocol::P2pCircuit))
+}
+
+impl Node {
+    /// A connection opened: record its path; a relayed one to a peer with no
+    /// direct connection waits for DCUtR's hole punch.
+    pub(super) fn nat_connection_established(
+        &mut self,
+        peer: PeerId,
+        connection: ConnectionId,
+        endpoint: &libp2p::core::ConnectedPoint,
+    ) {
+        let nat = &mut self.nat;
+        if endpoint.is_relayed() {
+            nat.relayed.insert(connection, peer);
+            if nat.path(&peer) == Some(PeerPath::Relayed) {
+                nat.punch_pending.insert(peer);
+            }
+        } else {
+            nat.direct.insert(connection, peer);
+            if let libp2p::core::ConnectedPoint::Dialer { address, .. } = endpoint {
+                nat.dialed.insert(peer, strip_p2p(address));
+            }
+        }
+        if let Some(path) = nat.path(&peer) {
+            nat.remember(peer, path);
+        }
+        if nat.path(&peer) != Some(PeerPath::Relayed) {
+            nat.punch_pending.remove(&peer);
+            nat.answer_path_waiters(&peer);
+        }
+        for reply in nat.dial_waiters.remove(&peer).unwrap_or_default() {
+            let _ = reply.send(Ok(()));
+        }
+    }
+
+    pub(super) fn nat_connection_closed(&mut self, peer: PeerId, connection: ConnectionId) {
+        let nat = &mut self.nat;
+        nat.relayed.remove(&connection);
+        nat.direct.remove(&connection);
+        nat.punched.remove(&connection);
+        if nat.path(&peer).is_none() {
+            nat.dialed.remove(&peer);
+            nat.relay_capable.remove(&peer);
+            nat.punch_pending.remove(&peer);
+            nat.answer_path_waiters(&peer);
+        }
+    }
+
+    pub(super) fn nat_dial_failed(&mut self, peer: PeerId, error: &DialError) {
+        if self.swarm.is_connected(&peer) {
+            return;
+        }
+        for reply in self.nat.dial_waiters.remove(&peer).unwrap_or_default() {
+            let _ = reply.send(Err(DhtError::Dial {
+                peer,
+                reason: error.to_string(),
+            }));
+        }
+    }
+
+    /// Identify says whether `peer` serves relay v2.
+    pub(super) fn nat_identified(&mut self, peer: PeerId, protocols: &[libp2p::StreamProtocol]) {
+        if protocols.contains(&relay::HOP_PROTOCOL_NAME) {
+            self.nat.relay_capable.insert(peer);
+        } else {
+            self.nat.relay_capable.remove(&peer);
+        }
+        self.maintain_relays();
+    }
+
+    /// `Command::Dial`: connect to `peer` at `addrs` (answered when a
+    /// connection is up or every address failed).
+    pub(super) fn nat_dial(&mut self, peer: PeerId, addrs: Vec<Multiaddr>, reply: Reply<()>) {
+        if self.swarm.is_connected(&peer) {
+            let _ = reply.send(Ok(()));
+            return;
+        }
+        let opts = DialOpts::peer_id(peer)
+            .addresses(addrs)
+            .condition(PeerCondition::DisconnectedAndNotDialing)
+            .build();
+        match self.swarm.dial(opts) {
+            Ok(()) | Err(DialError::DialPeerConditionFalse(_)) => {
+                self.nat.dial_waiters.entry(peer).or_default().push(reply);
+            }
+            Err(error) => {
+                let _ = reply.send(Err(DhtError::Dial {
+                    peer,
+                    reason: error.to_string(),
+                }));
+            }
+        }
+    }
+
+    /// `Command::PreparePath`: the path to `peer` once settled: a relayed
+    /// peer whose hole punch is still running is answered when it reports,
+    /// or when `hole_punch_wait` runs out.
+    pub(super) fn nat_prepare_path(&mut self, peer: PeerId, reply: Reply<Option<PeerPath>>) {
+        let nat = &mut self.nat;
+        if nat.path(&peer) != Some(PeerPath::Relayed) || !nat.punch_pending.contains(&peer) {
+            let _ = reply.send(Ok(nat.path(&peer)));
+            return;
+        }
+        let waiters = nat.path_waiters.entry(peer).or_default();
+        waiters.push(reply);
+        if waiters.len() == 1 {
+            let tx = nat.wait_tx.clone();
+            let wait = nat.hole_punch_wait;
+            tokio::spawn(async move {
+                tokio::time::sleep(wait).await;
+                let _ = tx.send(peer);
+            });
+        }
+    }
+
+    /// A hole-punch wait ran out: settle for the relay.
+    pub(super) fn nat_wait_spent(&mut self, peer: PeerId) {
+        if self.nat.path_waiters.contains_key(&peer) {
+            tracing::debug!(%peer, "no hole punch in time; using the relay");
+            self.nat.answer_path_waiters(&peer);
+        }
+    }
+
+    pub(super) fn on_dcutr_event(&mut self, event: dcutr::Event) {
+        let peer = event.remote_peer_id;
+        self.nat.punch_pending.remove(&peer);
+        match event.result {
+            Ok(connection) => {
+                self.nat.hole_punches_succeeded += 1;
+                self.nat.punched.insert(connection);
+                self.nat.remember(peer, PeerPath::HolePunched);
+                tracing::info!(%peer, "hole punch succeeded: direct connection through both NATs");
+                // Relays carry only what they must: with a direct connection
+                // up, the circuits to this peer are closed so new streams use
+                // the direct one (callers that wanted a stream waited above).
+                let circuits: Vec<ConnectionId> = self
+                    .nat
+                    .relayed
+                    .iter()
+                    .filter(|(_, p)| **p == peer)
+                    .map(|(c, _)| *c)
+                    .collect();
+                for c in circuits {
+                    self.swarm.close_connection(c);
+                }
+            }
+            Err(error) => {
+                self.nat.hole_punches_failed += 1;
+                tracing::info!(%peer, %error, "hole punch failed; traffic to this peer goes through the relay");
+            }
+        }
+        self.nat.answer_path_waiters(&peer);
+    }
+
+    pub(super) fn on_relay_client_event(&mut self, event: relay::client::Event) {
+        match event {
+            relay::client::Event::ReservationReqAccepted {
+                relay_peer_id,
+                renewal,
+                ..
+            } => {
+                if let Some(slot) = self.nat.relays.get_mut(&relay_peer_id) {
+                    slot.1 = true;
+                }
+                if !renewal {
+                    tracing::info!(relay = %relay_peer_id, "relay reservation accepted: peers can reach this node through it");
+                }
+            }
+            relay::client::Event::OutboundCircuitEstablished { relay_peer_id, .. } => {
+                tracing::debug!(relay = %relay_peer_id, "dialed a peer through a relay");
+            }
+            relay::client::Event::InboundCircuitEstablished { src_peer_id, .. } => {
+                tracing::debug!(peer = %src_peer_id, "a peer reached this node through a relay");
+            }
+        }
+    }
+
+    pub(super) fn on_relay_server_event(&mut self, event: relay::Event) {
+        match event {
+            relay::Event::CircuitReqAccepted {
+                src_peer_id,
+                dst_peer_id,
+            } => {
+                self.nat.circuits_served += 1;
+                tracing::debug!(src = %src_peer_id, dst = %dst_peer_id, "relaying a circuit");
+            }
+            relay::Event::CircuitReqDenied {
+                src_peer_id,
+                dst_peer_id,
+                status,
+            } => {
+                tracing::info!(src = %src_peer_id, dst = %dst_peer_id, ?status, "circuit request denied");
+            }
+            relay::Event::ReservationReqDenied {
+                src_peer_id,
+                status,
+            } => {
+                tracing::info!(peer = %src_peer_id, ?status, "relay reservation denied");
+            }
+            relay::Event::CircuitClosed {
+                src_peer_id,
+                dst_peer_id,
+                error: Some(error),
+            } => {
+                tracing::debug!(src = %src_peer_id, dst = %dst_peer_id, %error, "relayed circuit failed");
+            }
+            _ => {}
+        }
+    }
+
+    pub(super) fn on_autonat_event(&mut self, event: autonat::v2::client::Event) {
+        match event.result {
+            Ok(()) => {
+                let addr = strip_p2p(&event.tested_addr);
+                let mut confirmed = lock_write(&self.nat.confirmed_addrs);
+                if !confirmed.contains(&addr) {
+                    tracing::info!(%addr, server = %event.server, "AutoNAT: reachable at this address (a peer dialed it back)");
+                    confirmed.push(addr);
+                }
+            }
+            Err(error) => {
+                self.nat.autonat_failures += 1;
+                tracing::debug!(addr = %event.tested_addr, server = %event.server, %error, "AutoNAT: address not reachable from outside");
+            }
+        }
+    }
+
+    /// A listener closed: a relay that dropped this node's reservation is
+    /// left alone for a while and another is asked.
+    pub(super) fn nat_listener_closed(
+        &mut self,
+        listener: libp2p::core::transport::ListenerId,
+        error: Option<std::io::Error>,
+    ) {
+        let Some(relay) = self
+            .nat
+            .relays
+            .iter()
+            .find(|(_, (l, _))| *l == listener)
+            .map(|(p, _)| *p)
+        else {
+            return;
+        };
+        self.nat.relays.remove(&relay);
+        self.nat
+            .relay_retry
+            .insert(relay, Instant::now() + RELAY_RETRY);
+        let reason = error.map_or_else(|| "closed".to_owned(), |e| e.to_string());
+        tracing::warn!(%relay, %reason, "relay reservation lost; trying another relay");
+        self.maintain_relays();
+    }
+
+    /// A circuit address came up or went away.
+    pub(super) fn nat_listen_addr(&mut self, addr: &Multiaddr, up: bool) -> bool {
+        if !is_relayed(addr) {
+            return false;
+        }
+        let full = addr
+            .clone()
+            .with_p2p(*self.swarm.local_peer_id())
+            .unwrap_or_else(|a| a);
+        let mut addrs = lock_write(&self.nat.relay_addrs);
+        addrs.retain(|a| a != &full);
+        if up {
+            tracing::info!(address = %full, "reachable through a relay");
+            addrs.push(full);
+        }
+        self.nat.relay_addrs_changed.notify_one();
+        true
+    }
+
+    /// While in client mode, keeps up to `max_relays` reservations on
+    /// connected relays; out of client mode, drops them.
+    pub(super) fn maintain_relays(&mut self) {
+        if !self.nat.client || self.nat.max_relays == 0 {
+            for (_, (listener, _)) in self.nat.relays.drain() {
+                self.swarm.remove_listener(listener);
+            }
+            return;
+        }
+        let now = Instant::now();
+        self.nat.relay_retry.retain(|_, at| *at > now);
+        let mut candidates: Vec<PeerId> = self
+            .nat
+            .relay_capable
+            .iter()
+            .filter(|p| !self.nat.relays.contains_key(p) && !self.nat.relay_retry.contains_key(p))
+            .copied()
+            .collect();
+        candidates.sort();
+        for relay in candidates {
+            if self.nat.relays.len() >= self.nat.max_relays {
+                break;
+            }
+            let Some(addr) = self.relay_dial_addr(&relay) else {
+                continue;
+            };
+            let circuit = addr.with(Protocol::P2p(relay)).with(Protocol::P2pCircuit);
+            match self.swarm.listen_on(circuit.clone()) {
+                Ok(listener) => {
+                    tracing::debug!(%circuit, "asking a relay for a reservation");
+                    self.nat.relays.insert(relay, (listener, false));
+                }
+                Err(error) => {
+                    tracing::debug!(%circuit, %error, "cannot listen through relay");
+                    self.nat.relay_retry.insert(relay, now + RELAY_RETRY);
+                }
+            }
+        }
+    }
+
+    /// The address to reach relay `peer` at: the one this node dialed, else
+    /// an advertised one on the IP its connection came from.
+    fn relay_dial_addr(&self, peer: &PeerId) -> Option<Multiaddr> {
+        if let Some(addr) = self.nat.dialed.get(peer) {
+            return Some(addr.clone());
+        }
+        let known = self.peers.get(peer)?;
+        let ip = |a: &Multiaddr| {
+            a.iter().find_map(|p| match p {
+                Protocol::Ip4(ip) => Some(std::net::IpAddr::V4(ip)),
+                Protocol::Ip6(ip) => Some(std::net::IpAddr::V6(ip)),
+                _ => None,
+            })
+        };
+        let seen: Vec<_> = known.connected.iter().filter_map(ip).collect();
+        known
+            .listen
+            .iter()
+            .find(|a| !is_relayed(a) && ip(a).is_some_and(|i| seen.contains(&i)))
+            .map(strip_p2p)
+    }
+}

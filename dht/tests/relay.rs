@@ -1,0 +1,169 @@
+//! Peers with no inbound route: they reserve a slot on a relay, publish the
+//! circuit in the DHT, and others reach them through it (with DCUtR
+//! upgrading to a direct connection where one can be made). A record that
+//! claims circuits for another peer is ignored.
+
+mod common;
+
+use std::time::Duration;
+
+use colony_dht::{
+    Dht, DhtConfig, DhtError, PeerId, PeerPath, RelayLimits, StreamProtocol, relay_addrs_key,
+};
+use common::{expires_in, init_tracing, msgpack, secret, server_config};
+use futures::{AsyncReadExt, AsyncWriteExt};
+
+const PROTOCOL: StreamProtocol = StreamProtocol::new("/colony-test/relay-echo/1");
+const PAYLOAD: usize = 1 << 20;
+
+/// Waits (bounded) until `dht` listens through a relay and has published
+/// the circuit.
+async fn relayed(dht: &Dht) {
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while dht.relay_addrs().is_empty()
+            || dht
+                .get(&relay_addrs_key(&dht.peer_id()), true)
+                .await
+                .unwrap()
+                .is_none()
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("no relay reservation published within 20 s");
+}
+
+/// Serves one echo stream on `dht`: reads PAYLOAD bytes, writes them back.
+fn echo(dht: &Dht) -> tokio::task::JoinHandle<PeerId> {
+    let mut incoming = dht.accept_streams(PROTOCOL, 4).unwrap();
+    tokio::spawn(async move {
+        let (peer, mut stream) = incoming.recv().await.expect("a stream");
+        let mut buf = vec![0u8; PAYLOAD];
+        stream.read_exact(&mut buf).await.unwrap();
+        stream.write_all(&buf).await.unwrap();
+        stream.close().await.unwrap();
+        peer
+    })
+}
+
+/// Sends PAYLOAD bytes to `to` and checks the echo.
+async fn round_trip(from: &Dht, to: PeerId) {
+    let mut stream = from.open_stream(to, PROTOCOL).await.expect("open_stream");
+    let data: Vec<u8> = (0..PAYLOAD).map(|i| (i % 251) as u8).collect();
+    stream.write_all(&data).await.unwrap();
+    let mut back = vec![0u8; PAYLOAD];
+    stream.read_exact(&mut back).await.unwrap();
+    assert!(back == data, "echo differs");
+}
+
+fn relay_config(seed: u64) -> DhtConfig {
+    DhtConfig {
+        relay_server: Some(RelayLimits::default()),
+        ..server_config(seed, 0, vec![])
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_listens_nowhere_is_reached_through_a_relay() {
+    init_tracing();
+    let seed = 0x7e1a;
+    let relay = Dht::new(relay_config(seed)).await.unwrap();
+    let initial = relay.listen_addrs();
+    // A client that listens nowhere: only the relay can bring peers to it,
+    // and there is nothing to hole-punch to.
+    let hidden = Dht::new(DhtConfig {
+        identity: colony_dht::IdentitySource::Secret(secret(seed, 1)),
+        hole_punch_wait: Duration::from_millis(500),
+        ..DhtConfig::client(initial.clone())
+    })
+    .await
+    .unwrap();
+    relayed(&hidden).await;
+    assert!(hidden.is_dialable());
+    let server = echo(&hidden);
+    let opener = Dht::new(server_config(seed, 2, initial)).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(30), round_trip(&opener, hidden.peer_id()))
+        .await
+        .expect("1 MiB round trip through the relay within 30 s");
+    assert_eq!(server.await.unwrap(), opener.peer_id());
+    let paths = opener.paths().await.unwrap();
+    assert!(
+        paths.contains(&(hidden.peer_id(), PeerPath::Relayed)),
+        "{paths:?}"
+    );
+    let stats = relay.stats().await.unwrap();
+    assert!(stats.circuits_served >= 1, "{stats:?}");
+    assert!(hidden.stats().await.unwrap().relay_reservations >= 1);
+    for d in [opener, hidden, relay] {
+        d.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relayed_connection_is_upgraded_by_hole_punching() {
+    init_tracing();
+    let seed = 0x7e1b;
+    let relay = Dht::new(relay_config(seed)).await.unwrap();
+    let initial = relay.listen_addrs();
+    // Client mode (in no routing table, so only its circuit leads to it), but
+    // listening: on loopback the hole punch can always connect.
+    let hidden = Dht::new(DhtConfig {
+        client_mode: true,
+        listen_addrs: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
+        ..server_config(seed, 1, initial.clone())
+    })
+    .await
+    .unwrap();
+    relayed(&hidden).await;
+    let server = echo(&hidden);
+    let opener = Dht::new(server_config(seed, 2, initial)).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(30), round_trip(&opener, hidden.peer_id()))
+        .await
+        .expect("round trip within 30 s");
+    server.await.unwrap();
+    let path = opener.path_to(hidden.peer_id()).await.unwrap();
+    let stats = (opener.stats().await.unwrap(), hidden.stats().await.unwrap());
+    assert_eq!(path, Some(PeerPath::HolePunched), "{stats:?}");
+    assert!(stats.0.hole_punches_succeeded + stats.1.hole_punches_succeeded >= 1);
+    // The circuit was closed once the direct connection came up.
+    assert_eq!(stats.0.relayed_connections, 0, "{stats:?}");
+    for d in [opener, hidden, relay] {
+        d.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn circuits_published_for_another_peer_are_ignored() {
+    init_tracing();
+    let seed = 0x7e1c;
+    let relay = Dht::new(relay_config(seed)).await.unwrap();
+    let initial = relay.listen_addrs();
+    let liar = Dht::new(server_config(seed, 1, initial.clone()))
+        .await
+        .unwrap();
+    let opener = Dht::new(server_config(seed, 2, initial)).await.unwrap();
+    // A peer id nobody runs: the liar publishes a circuit "to" it under its
+    // own owner marker (the only subkey it can sign), pointing at itself.
+    let victim = PeerId::random();
+    let fake = format!(
+        "{}/p2p-circuit/p2p/{victim}",
+        liar.listen_addrs()[0]
+    );
+    liar.store(
+        &relay_addrs_key(&victim),
+        Some(&liar.owner_subkey()),
+        msgpack(&vec![fake]),
+        expires_in(60.0),
+    )
+    .await
+    .unwrap();
+    let err = opener
+        .open_stream(victim, PROTOCOL)
+        .await
+        .expect_err("no circuit to an unknown peer");
+    assert!(matches!(err, DhtError::PeerNotFound { .. }), "{err:?}");
+    for d in [opener, liar, relay] {
+        d.shutdown().await;
+    }
+}
