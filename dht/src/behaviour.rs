@@ -52,7 +52,7 @@ pub(crate) struct Behaviour {
     /// AutoNAT v2, client side: confirms observed addresses as reachable
     /// by asking peers to dial them back on a fresh port.
     pub(crate) autonat: autonat::v2::client::Behaviour,
-    /// AutoNAT v2, server side, on nodes that serve the DHT.
+    /// AutoNAT v2, server side, on nodes that listen.
     pub(crate) autonat_server: Toggle<autonat::v2::server::Behaviour>,
 }
 
@@ -135,7 +135,10 @@ pub(crate) fn build_swarm(
             },
         )
     });
-    let autonat_server = (!config.client_mode).then(autonat::v2::server::Behaviour::default);
+    // Every node that listens can dial others back for AutoNAT (one that
+    // starts in client mode may turn server once it knows it is reachable).
+    let autonat_server =
+        (!config.listen_addrs.is_empty()).then(autonat::v2::server::Behaviour::default);
     let idle = config.idle_connection_timeout;
     let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()

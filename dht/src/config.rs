@@ -91,8 +91,9 @@ pub struct DhtConfig {
     /// Serve as a circuit relay (v2) for peers that cannot be dialed, within
     /// these limits. Default: `None` (no relay service).
     pub relay_server: Option<RelayLimits>,
-    /// While in client mode (no inbound route), reserve a slot on up to this
-    /// many connected relays and listen through them, so other peers can
+    /// While in client mode with no inbound route (a client that listens
+    /// nowhere, or any node after [`Dht::set_client_mode`](crate::Dht::set_client_mode)`(true)`),
+    /// reserve a slot on up to this many connected relays and listen through them, so other peers can
     /// reach this node (and hole-punch a direct connection). 0 turns it off.
     /// Default: 2.
     pub max_relays: usize,

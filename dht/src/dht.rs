@@ -42,6 +42,8 @@ struct Inner {
     relay_addrs: Arc<RwLock<Vec<Multiaddr>>>,
     /// Own addresses AutoNAT confirmed.
     confirmed_addrs: Arc<RwLock<Vec<Multiaddr>>>,
+    /// Changes whenever `relay_addrs` does.
+    relay_addrs_changed: tokio::sync::watch::Receiver<u64>,
     /// The configured external addresses, each with `/p2p/<peer id>`.
     announce_addrs: Vec<Multiaddr>,
     validators: Arc<RwLock<CompositeValidator>>,
@@ -127,7 +129,10 @@ impl Dht {
         node.identity_lock = identity_lock;
         node.nat.max_relays = config.max_relays;
         node.nat.hole_punch_wait = config.hole_punch_wait;
-        node.nat.client = config.client_mode;
+        // A client that listens nowhere has no other way in than a relay; one
+        // that listens may only be waiting to learn whether it is reachable,
+        // and asks relays once `set_client_mode(true)` says it is not.
+        node.nat.client = config.client_mode && config.listen_addrs.is_empty();
         node.nat.listen_is_external =
             config.relay_server.is_some() && config.announce_addrs.is_empty();
         if let Some(relay) = node.swarm.behaviour_mut().relay.as_mut() {
@@ -136,7 +141,7 @@ impl Dht {
         }
         let relay_addrs = node.nat.relay_addrs.clone();
         let confirmed_addrs = node.nat.confirmed_addrs.clone();
-        let relay_addrs_changed = node.nat.relay_addrs_changed.clone();
+        let relay_addrs_changed = node.nat.relay_addrs_changed.subscribe();
         for a in &config.announce_addrs {
             if let Some(other) = a.iter().find_map(|p| match p {
                 Protocol::P2p(id) if id != peer_id => Some(id),
@@ -172,6 +177,7 @@ impl Dht {
                 listen_addrs,
                 relay_addrs,
                 confirmed_addrs,
+                relay_addrs_changed: relay_addrs_changed.clone(),
                 announce_addrs,
                 validators,
                 limits,
@@ -505,17 +511,21 @@ impl Dht {
             }
             match control.open_stream(peer, protocol.clone()).await {
                 Ok(stream) => Ok(stream),
-                // Not connected and no known address: look the peer up in
-                // the DHT (FIND_NODE); a peer behind NAT is in no routing
-                // table, but publishes the relay circuits it listens on.
+                // Not connected, and no known address answered. A peer
+                // behind NAT publishes the relay circuits it listens on:
+                // its own addresses are private, so those come first; else
+                // look the peer up in the DHT (FIND_NODE).
                 Err(libp2p_stream::OpenStreamError::Io(first)) => {
+                    if self.connect_through_relays(peer).await? {
+                        return open(control, protocol).await;
+                    }
                     let found = self
                         .request("find_peer", timeout, |reply| Command::FindPeer {
                             peer,
                             reply,
                         })
                         .await?;
-                    if !found && !self.connect_through_relays(peer).await? {
+                    if !found {
                         return Err(DhtError::PeerNotFound {
                             peer,
                             source: libp2p_stream::OpenStreamError::Io(first),

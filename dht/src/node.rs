@@ -301,6 +301,9 @@ impl Node {
         }
         drop(self.nat);
         drop(self.swarm);
+        // Release the identity file before saying the node stopped: a node
+        // started right after `shutdown` returns may take it.
+        drop(self.identity_lock.take());
         tracing::debug!(%peer, "DHT node stopped");
         if let Some(reply) = shutdown_reply {
             let _ = reply.send(());
@@ -685,6 +688,10 @@ impl Node {
                             .kad
                             .add_address(&peer_id, addr.clone());
                     }
+                } else {
+                    // It stopped serving the DHT (switched to client mode
+                    // behind NAT): its addresses would only stall lookups.
+                    self.swarm.behaviour_mut().kad.remove_peer(&peer_id);
                 }
                 let entry = self.peers.entry(peer_id).or_default();
                 entry.listen = listen;
@@ -695,7 +702,9 @@ impl Node {
             SwarmEvent::Behaviour(BehaviourEvent::RelayClient(event)) => {
                 self.on_relay_client_event(event);
             }
-            SwarmEvent::Behaviour(BehaviourEvent::Relay(event)) => self.on_relay_server_event(event),
+            SwarmEvent::Behaviour(BehaviourEvent::Relay(event)) => {
+                self.on_relay_server_event(event)
+            }
             SwarmEvent::Behaviour(BehaviourEvent::Autonat(event)) => self.on_autonat_event(event),
             SwarmEvent::Behaviour(BehaviourEvent::Ping(libp2p::ping::Event {
                 connection,

@@ -83,9 +83,12 @@ async fn a_peer_that_listens_nowhere_is_reached_through_a_relay() {
     assert!(hidden.is_dialable());
     let server = echo(&hidden);
     let opener = Dht::new(server_config(seed, 2, initial)).await.unwrap();
-    tokio::time::timeout(Duration::from_secs(30), round_trip(&opener, hidden.peer_id()))
-        .await
-        .expect("1 MiB round trip through the relay within 30 s");
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        round_trip(&opener, hidden.peer_id()),
+    )
+    .await
+    .expect("1 MiB round trip through the relay within 30 s");
     assert_eq!(server.await.unwrap(), opener.peer_id());
     let paths = opener.paths().await.unwrap();
     assert!(
@@ -115,12 +118,18 @@ async fn a_relayed_connection_is_upgraded_by_hole_punching() {
     })
     .await
     .unwrap();
+    // Listening, it asks relays only once told it is unreachable.
+    assert!(hidden.relay_addrs().is_empty());
+    hidden.set_client_mode(true).await.unwrap();
     relayed(&hidden).await;
     let server = echo(&hidden);
     let opener = Dht::new(server_config(seed, 2, initial)).await.unwrap();
-    tokio::time::timeout(Duration::from_secs(30), round_trip(&opener, hidden.peer_id()))
-        .await
-        .expect("round trip within 30 s");
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        round_trip(&opener, hidden.peer_id()),
+    )
+    .await
+    .expect("round trip within 30 s");
     server.await.unwrap();
     let path = opener.path_to(hidden.peer_id()).await.unwrap();
     let stats = (opener.stats().await.unwrap(), hidden.stats().await.unwrap());
@@ -146,10 +155,7 @@ async fn circuits_published_for_another_peer_are_ignored() {
     // A peer id nobody runs: the liar publishes a circuit "to" it under its
     // own owner marker (the only subkey it can sign), pointing at itself.
     let victim = PeerId::random();
-    let fake = format!(
-        "{}/p2p-circuit/p2p/{victim}",
-        liar.listen_addrs()[0]
-    );
+    let fake = format!("{}/p2p-circuit/p2p/{victim}", liar.listen_addrs()[0]);
     liar.store(
         &relay_addrs_key(&victim),
         Some(&liar.owner_subkey()),

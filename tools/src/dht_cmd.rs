@@ -44,6 +44,20 @@ pub(crate) struct ServeArgs {
     /// Client mode: listen nowhere, never serve the DHT.
     #[arg(long, env = "COLONY_CLIENT")]
     client: bool,
+    /// Do not act as a circuit relay for peers behind NAT (a serving node
+    /// relays by default: it is what lets NATed peers reach each other).
+    #[arg(long, env = "COLONY_NO_RELAY", conflicts_with = "client")]
+    no_relay: bool,
+    /// Bytes one relayed circuit may carry, in MiB (averaging traffic of
+    /// peers whose hole punch failed goes through it).
+    #[arg(long, default_value_t = 4096, env = "COLONY_RELAY_CIRCUIT_MIB")]
+    relay_circuit_mib: u64,
+    /// Lifetime of one relayed circuit, seconds.
+    #[arg(long, default_value_t = 3600, env = "COLONY_RELAY_CIRCUIT_SECS")]
+    relay_circuit_secs: u64,
+    /// Relayed circuits open at once.
+    #[arg(long, default_value_t = 64, env = "COLONY_RELAY_MAX_CIRCUITS")]
+    relay_max_circuits: usize,
 }
 
 /// Options of `colony dht store`.
@@ -127,6 +141,21 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         config.identity = IdentitySource::File(path);
     }
     config.announce_addrs = args.announce;
+    if !args.client && !args.no_relay {
+        anyhow::ensure!(
+            args.relay_circuit_mib > 0
+                && args.relay_circuit_secs > 0
+                && args.relay_max_circuits > 0,
+            "--relay-circuit-mib, --relay-circuit-secs and --relay-max-circuits must be positive"
+        );
+        config.relay_server = Some(colony_dht::RelayLimits {
+            max_circuits: args.relay_max_circuits,
+            max_circuit_duration: Duration::from_secs(args.relay_circuit_secs),
+            max_circuit_bytes: args.relay_circuit_mib.saturating_mul(1 << 20),
+            ..colony_dht::RelayLimits::default()
+        });
+    }
+    let relaying = config.relay_server.is_some();
     let dht = Dht::new(config).await.context("starting the DHT node")?;
     {
         let mut out = std::io::stdout().lock();
@@ -138,6 +167,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
         if dht.is_client() {
             writeln!(out, "client mode: peer id {}", dht.peer_id())?;
+        }
+        if relaying {
+            writeln!(out, "relaying for peers behind NAT (--no-relay to stop)")?;
         }
         out.flush()?;
     }

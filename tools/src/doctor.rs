@@ -7,7 +7,10 @@
 //! from outside, whether that is one of its own (no NAT in between), which
 //! ports answered, and the concrete fix.
 
-use std::net::{IpAddr, SocketAddr};
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
 
 use anyhow::Context;
 use clap::Args;
@@ -64,7 +67,8 @@ struct Report {
     /// Peers that answered / asked.
     answered: usize,
     asked: usize,
-    /// Relays in use (relay support is not built yet: always none).
+    /// The relay circuit this node would be reachable through (only asked
+    /// for when the DHT port is unreachable).
     relay: Option<String>,
     /// What to do.
     advice: Vec<String>,
@@ -128,6 +132,16 @@ async fn doctor(args: DoctorArgs) -> anyhow::Result<()> {
     let ports = [dht_port, data_port];
     let answers = futures::future::join_all(peers.iter().map(|p| dht.dial_back(*p, &ports))).await;
     accept.abort();
+    let dht_ok_any = answers
+        .iter()
+        .any(|a| a.as_ref().is_ok_and(|a| a.ports[0].reachable));
+    // Unreachable: would a relay take this node (as colony train would ask)?
+    let relays = if dht_ok_any || answers.iter().all(Result::is_err) {
+        Vec::new()
+    } else {
+        dht.set_client_mode(true).await?;
+        dht.wait_for_relay(Duration::from_secs(5)).await
+    };
     dht.shutdown().await;
 
     let local_ips: Vec<IpAddr> = listen.iter().filter_map(|a| ip_port(a).0).collect();
@@ -174,10 +188,18 @@ async fn doctor(args: DoctorArgs) -> anyhow::Result<()> {
              forward) TCP {data_port} and pass --data-listen <ip>:{data_port}, or run colony train \
              with --one-port (averaging data then travels over the DHT connection, slower)"
         )),
+        (false, _) if behind_nat && !relays.is_empty() => advice.push(format!(
+            "this host is behind NAT (peers see it as {public}); a relay accepted it, so colony \
+             train takes full part over libp2p (through the relay, or directly once a hole punch \
+             works); for direct connections without a relay, forward TCP {dht_port} and \
+             {data_port} on the router and pass --announce /ip4/{public}/tcp/{dht_port} \
+             --data-listen 0.0.0.0:{data_port}"
+        )),
         (false, _) if behind_nat => advice.push(format!(
-            "this host is behind NAT (peers see it as {public}): colony train runs as a client \
-             (it sends its parts and receives results, reduces nothing); to take full part, \
-             forward TCP {dht_port} and {data_port} on the router and pass --announce \
+            "this host is behind NAT (peers see it as {public}) and no initial peer relays for it: \
+             colony train runs as a client (it sends its parts and receives results, reduces \
+             nothing); to take full part, bootstrap from a `colony dht serve` node (it relays), \
+             or forward TCP {dht_port} and {data_port} on the router and pass --announce \
              /ip4/{public}/tcp/{dht_port} --data-listen 0.0.0.0:{data_port}"
         )),
         (false, _) => advice.push(format!(
@@ -196,7 +218,7 @@ async fn doctor(args: DoctorArgs) -> anyhow::Result<()> {
         data_reachable: data_ok,
         answered,
         asked: peers.len(),
-        relay: None,
+        relay: relays.first().map(ToString::to_string),
         advice,
     };
     if args.json {
@@ -211,7 +233,11 @@ async fn doctor(args: DoctorArgs) -> anyhow::Result<()> {
         let yes = |b: bool| if b { "reachable" } else { "NOT reachable" };
         println!("DHT port {dht_port}: {}", yes(dht_ok));
         println!("data-plane port {data_port}: {}", yes(data_ok));
-        println!("relay: none (relay support is not built yet)");
+        match &report.relay {
+            Some(r) => println!("relay: reachable through {r}"),
+            None if dht_ok => println!("relay: not needed"),
+            None => println!("relay: none accepted this node (no initial peer relays?)"),
+        }
         println!("answers: {answered} of {} peers asked", report.asked);
         for a in &report.advice {
             println!("-> {a}");

@@ -90,6 +90,13 @@ pub(crate) struct TrainArgs {
     /// Skip the start-up dial-back check and run as a full peer.
     #[arg(long, env = "COLONY_ASSUME_REACHABLE", conflicts_with = "client")]
     pub(crate) assume_reachable: bool,
+    /// When the dial-back finds this node unreachable, do not listen through
+    /// a relay: run as a client (sends its parts, reduces nothing). By
+    /// default such a node reserves a slot on a relay (a `colony dht serve`
+    /// node), so peers reach it through the relay or a hole punch and it
+    /// reduces a span like any peer.
+    #[arg(long, env = "COLONY_NO_RELAY")]
+    pub(crate) no_relay: bool,
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 600.0, env = "COLONY_MAX_SECONDS")]
     pub(crate) max_seconds: f64,
@@ -139,6 +146,10 @@ pub(crate) enum Event {
         observed_ips: Vec<String>,
         /// Whether this peer now runs in client mode.
         client: bool,
+        /// The relay circuits this peer is reachable through (behind NAT:
+        /// it then averages as a full peer over libp2p).
+        #[serde(default)]
+        relay_addrs: Vec<String>,
     },
     /// Progress after a `step()` that changed something (or periodically).
     Progress {
@@ -192,6 +203,16 @@ pub(crate) enum Event {
         /// Elements averaged per round (parameters, gradients, optimizer state).
         #[serde(default)]
         averaged_elements: u64,
+        /// Every peer this one was connected to, and the best path it had:
+        /// `direct`, `hole-punched` or `relayed`.
+        #[serde(default)]
+        peer_paths: std::collections::BTreeMap<String, String>,
+        /// Hole punches that opened a direct connection.
+        #[serde(default)]
+        hole_punches: u64,
+        /// Hole punches that failed (traffic to that peer went through a relay).
+        #[serde(default)]
+        hole_punch_failures: u64,
     },
 }
 
@@ -211,15 +232,21 @@ pub(crate) fn emit(json: bool, event: &Event) {
                 reachable,
                 observed_ips,
                 client,
+                relay_addrs,
             } => println!(
-                "reachable from outside: {}; seen as {}; {}",
+                "reachable from outside: {}; seen as {}; {}{}",
                 match reachable {
                     Some(true) => "yes",
                     Some(false) => "no",
                     None => "unknown (no initial peer answered)",
                 },
                 observed_ips.join(", "),
-                if *client { "client mode" } else { "full peer" }
+                if *client { "client mode" } else { "full peer" },
+                if relay_addrs.is_empty() {
+                    String::new()
+                } else {
+                    format!(", reachable through relay at {}", relay_addrs.join(", "))
+                }
             ),
             Event::Progress {
                 step,
@@ -284,6 +311,15 @@ fn data_listen_following(listen: &[Multiaddr]) -> std::net::SocketAddr {
         0,
     )
 }
+
+/// Whether `colony train` asks its initial peers to dial it back at start-up.
+fn checks_reachability(args: &TrainArgs) -> bool {
+    !args.client && !args.assume_reachable && !args.initial_peers.is_empty()
+}
+
+/// How long an unreachable peer waits for a relay to accept its reservation
+/// before it settles for client mode.
+const RELAY_WAIT: Duration = Duration::from_secs(5);
 
 /// The peers a dial-back asks: up to three initial peers named by id, not
 /// this node itself.
@@ -395,8 +431,11 @@ async fn train(args: TrainArgs) -> anyhow::Result<()> {
     let (shard, shards) = parse_shard(&args.shard)?;
     let mut dht_config = DhtConfig {
         initial_peers: args.initial_peers.clone(),
-        // A client accepts no inbound connections on any layer.
-        client_mode: args.role() == AveragingMode::Client,
+        // A client accepts no inbound connections on any layer. A peer that
+        // will ask whether it is reachable starts as a DHT client too, so it
+        // enters nobody's routing table with an address nobody can dial; it
+        // turns server once a peer dialed it back.
+        client_mode: args.role() == AveragingMode::Client || checks_reachability(&args),
         ..DhtConfig::default()
     };
     if !args.listen.is_empty() {
@@ -420,17 +459,32 @@ async fn train(args: TrainArgs) -> anyhow::Result<()> {
         },
     );
     let mut args = args;
-    if !args.client && !args.assume_reachable && !args.initial_peers.is_empty() {
+    if checks_reachability(&args) {
         let (reachable, observed_ips) = reachable_from_outside(&dht, &args.initial_peers).await;
-        if reachable == Some(false) {
+        if reachable != Some(false) {
+            dht.set_client_mode(false).await?;
+        } else {
             tracing::warn!(
                 ?observed_ips,
                 "no initial peer can dial this node's DHT port (behind NAT or a firewall?): \
                  running as a client (open the port and pass --announce, or --assume-reachable)"
             );
             dht.set_client_mode(true).await?;
-            args.client = true;
             args.data_announce = None;
+            let relays = if args.no_relay {
+                Vec::new()
+            } else {
+                dht.wait_for_relay(RELAY_WAIT).await
+            };
+            if relays.is_empty() {
+                args.client = true;
+            } else {
+                // Reachable through the relay (and a hole punch where it
+                // works): a full peer whose parts travel over libp2p.
+                tracing::info!(relays = ?relays, "listening through a relay: averaging as a full peer over libp2p");
+                args.one_port = true;
+                args.data_listen = None;
+            }
         }
         emit(
             args.json,
@@ -438,6 +492,7 @@ async fn train(args: TrainArgs) -> anyhow::Result<()> {
                 reachable,
                 observed_ips,
                 client: args.client,
+                relay_addrs: dht.relay_addrs().iter().map(ToString::to_string).collect(),
             },
         );
     }
@@ -503,7 +558,8 @@ async fn train_with(
         averaging.target_group_size = Some(size);
     }
     let mut opt =
-        CollaborativeOptimizer::join(dht, config, averaging, mlp.init(args.seed), local).await?;
+        CollaborativeOptimizer::join(dht.clone(), config, averaging, mlp.init(args.seed), local)
+            .await?;
     let indices = digits.shard(shard, shards);
     anyhow::ensure!(!indices.is_empty(), "shard {shard}/{shards} is empty");
     let training = async {
@@ -575,6 +631,7 @@ async fn train_with(
                 let rounds = opt.averager_mut().round_stats().clone();
                 let accuracy = mlp.accuracy(opt.params(), &digits.test_x, &digits.test_y);
                 if accuracy >= args.target_accuracy || opt.local_step() >= args.max_steps {
+                    let nat = dht.stats().await.unwrap_or_default();
                     emit(
                         args.json,
                         &Event::Done {
@@ -591,6 +648,15 @@ async fn train_with(
                             allreduce_s_median: median(&rounds.allreduce_s),
                             span_fraction: mean(&rounds.span_fraction),
                             averaged_elements: rounds.elements as u64,
+                            peer_paths: dht
+                                .paths()
+                                .await
+                                .unwrap_or_default()
+                                .into_iter()
+                                .map(|(p, path)| (p.to_string(), path.as_str().to_owned()))
+                                .collect(),
+                            hole_punches: nat.hole_punches_succeeded,
+                            hole_punch_failures: nat.hole_punches_failed,
                         },
                     );
                     break;

@@ -145,10 +145,13 @@ const LAST_BEHIND_NAT: [Host; 5] = [
 ];
 
 /// Scenario b: one trainer behind NAT (no inbound route at all), the others
-/// public. The NATed peer dials out, contributes samples to every global step
-/// and ends with the swarm's parameters.
+/// public, the bootstrap a relay. The NATed peer finds out by itself (the
+/// start-up dial-back), reserves a slot on the relay and takes full part:
+/// it reduces a span over libp2p (the reference's client-mode peers never
+/// reduce), contributes samples to every global step and ends with the
+/// swarm's parameters.
 #[test]
-fn b_a_peer_behind_nat_contributes_and_ends_with_the_swarm_hash() {
+fn b_a_peer_behind_nat_reduces_through_the_relay_and_ends_with_the_swarm_hash() {
     const PEERS: usize = 4;
     let hosts = LAST_BEHIND_NAT;
     let Some(mut lab) = Lab::new("b", &hosts) else {
@@ -158,7 +161,7 @@ fn b_a_peer_behind_nat_contributes_and_ends_with_the_swarm_hash() {
     // No --client anywhere: the NATed peer finds out by itself.
     let trainers = spawn_trainers(&mut lab, "lab-b", &boot_addr, PEERS, 30);
     // The start-up dial-back: the public peers are reachable, the NATed one
-    // is not, is seen at its router's address, and chose client mode.
+    // is not, is seen at its router's address, and listens through the relay.
     for (i, t) in trainers.iter().enumerate() {
         let r = wait_event(
             t,
@@ -168,7 +171,9 @@ fn b_a_peer_behind_nat_contributes_and_ends_with_the_swarm_hash() {
         );
         let natted = hosts[i + 1] == Host::Nat;
         assert_eq!(r["reachable"], Value::Bool(!natted), "trainer {i}: {r}");
-        assert_eq!(r["client"], Value::Bool(natted), "trainer {i}: {r}");
+        assert_eq!(r["client"], Value::Bool(false), "trainer {i}: {r}");
+        let relayed = r["relay_addrs"].as_array().map_or(0, Vec::len);
+        assert_eq!(relayed > 0, natted, "trainer {i}: {r}");
         let seen_as = if natted {
             lab.public_addr(i + 1)
         } else {
@@ -184,13 +189,136 @@ fn b_a_peer_behind_nat_contributes_and_ends_with_the_swarm_hash() {
     assert_one_hash("b", &done);
     let natted = &done[PEERS - 1];
     assert!(field(natted, "step") >= 30, "{natted}");
-    // It took part in the averaging of (nearly) every step and its samples
-    // counted toward the swarm's batches.
+    // It took part in the averaging of (nearly) every step, its samples
+    // counted toward the swarm's batches, and it reduced a share of each
+    // round, its parts travelling over libp2p.
     assert!(
         field(natted, "averaged_steps") as f64 >= 0.9 * field(natted, "step") as f64,
         "{natted}"
     );
     assert!(field(natted, "samples") >= 30 * 32, "{natted}");
+    assert!(
+        natted["span_fraction"].as_f64().unwrap_or(0.0) > 0.05,
+        "{natted}"
+    );
+    assert!(field(natted, "libp2p_connections") > 0, "{natted}");
+}
+
+/// Scenario b without a relay (`--no-relay`): the NATed peer runs as a
+/// client: it sends its parts and receives results, reduces nothing, and
+/// still ends with the swarm's hash.
+#[test]
+fn b_a_peer_behind_nat_without_a_relay_runs_as_a_client() {
+    const PEERS: usize = 3;
+    let hosts = [Host::Public, Host::Public, Host::Public, Host::Nat];
+    let Some(mut lab) = Lab::new("b-client", &hosts) else {
+        return;
+    };
+    let (_boot, boot_addr) = bootstrap(&mut lab, 0, 31337, &["--no-relay"]);
+    let trainers = spawn_trainers(&mut lab, "lab-bc", &boot_addr, PEERS, 20);
+    let r = wait_event(
+        &trainers[PEERS - 1],
+        "reachability",
+        "the NATed peer's verdict",
+        Duration::from_secs(30),
+    );
+    assert_eq!(r["reachable"], Value::Bool(false), "{r}");
+    assert_eq!(r["client"], Value::Bool(true), "{r}");
+    let done = all_done(&trainers, Duration::from_secs(170));
+    assert_one_hash("b-client", &done);
+    let natted = &done[PEERS - 1];
+    assert!(
+        field(natted, "averaged_steps") as f64 >= 0.9 * field(natted, "step") as f64,
+        "{natted}"
+    );
+    assert_eq!(natted["span_fraction"].as_f64(), Some(0.0), "{natted}");
+}
+
+/// A bootstrap, two public trainers, and two behind two different NAT routers.
+const TWO_NATS: [Host; 5] = [
+    Host::Public,
+    Host::Public,
+    Host::Public,
+    Host::Nat,
+    Host::Nat,
+];
+
+/// Scenario c: two trainers behind two different NATs, two public ones,
+/// the bootstrap a relay. The NATed pair can only meet through the relay;
+/// DCUtR tries to punch a direct connection through both routers (which
+/// drop unsolicited packets, as home routers do). Whatever path each pair
+/// ends up with is reported, and the run converges to one hash.
+#[test]
+fn c_two_peers_behind_two_nats_hole_punch_or_relay_and_end_with_one_hash() {
+    const PEERS: usize = 4;
+    let Some(mut lab) = Lab::new("c", &TWO_NATS) else {
+        return;
+    };
+    let (_boot, boot_addr) = bootstrap(&mut lab, 0, 31337, &[]);
+    let trainers = spawn_trainers(&mut lab, "lab-c", &boot_addr, PEERS, 30);
+    let mut ids = Vec::new();
+    for (i, t) in trainers.iter().enumerate() {
+        let listening = wait_event(
+            t,
+            "listening",
+            "the trainer's address",
+            Duration::from_secs(30),
+        );
+        let addr = listening["addrs"][0]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        ids.push(addr.rsplit('/').next().unwrap_or_default().to_owned());
+        let r = wait_event(
+            t,
+            "reachability",
+            "the dial-back verdict",
+            Duration::from_secs(30),
+        );
+        let natted = TWO_NATS[i + 1] == Host::Nat;
+        assert_eq!(r["reachable"], Value::Bool(!natted), "trainer {i}: {r}");
+        assert_eq!(r["client"], Value::Bool(false), "trainer {i}: {r}");
+    }
+    let done = all_done(&trainers, Duration::from_secs(170));
+    assert_one_hash("c", &done);
+    let (a, b) = (&done[PEERS - 2], &done[PEERS - 1]);
+    // The NATed pair met (each reduced a span, so each sent the other its
+    // parts) and each reports the path it had to the other.
+    let path_ab = a["peer_paths"][&ids[PEERS - 1]]
+        .as_str()
+        .unwrap_or("none")
+        .to_owned();
+    let path_ba = b["peer_paths"][&ids[PEERS - 2]]
+        .as_str()
+        .unwrap_or("none")
+        .to_owned();
+    let punches = field(a, "hole_punches") + field(b, "hole_punches");
+    let failures = field(a, "hole_punch_failures") + field(b, "hole_punch_failures");
+    eprintln!(
+        "lab scenario c: NATed pair paths: {path_ab} / {path_ba}; hole punches {punches} succeeded, {failures} failed; steps {} / {}, averaged {} / {}",
+        field(a, "step"),
+        field(b, "step"),
+        field(a, "averaged_steps"),
+        field(b, "averaged_steps"),
+    );
+    for path in [&path_ab, &path_ba] {
+        assert!(
+            path == "hole-punched" || path == "relayed",
+            "the NATed peers never connected to each other: {a} {b}"
+        );
+    }
+    assert!(
+        punches + failures > 0,
+        "no hole punch was attempted: {a} {b}"
+    );
+    for d in [a, b] {
+        assert!(field(d, "step") >= 30, "{d}");
+        assert!(
+            field(d, "averaged_steps") as f64 >= 0.9 * field(d, "step") as f64,
+            "{d}"
+        );
+        assert!(d["span_fraction"].as_f64().unwrap_or(0.0) > 0.05, "{d}");
+    }
 }
 
 /// Scenario b, with a port forward: the NATed host's router forwards the
@@ -299,6 +427,14 @@ fn doctor_tells_public_natted_and_firewalled_hosts_apart() {
         advice(natted).contains("forward TCP 4001 and 4002"),
         "{natted}"
     );
+    // The bootstrap relays: the NATed host would take full part through it.
+    assert!(
+        natted["relay"]
+            .as_str()
+            .is_some_and(|r| r.contains("/p2p-circuit/")),
+        "{natted}"
+    );
+    assert!(advice(natted).contains("a relay accepted it"), "{natted}");
     assert_eq!(firewalled["behind_nat"], false, "{firewalled}");
     assert_eq!(firewalled["dht_reachable"], true, "{firewalled}");
     assert_eq!(firewalled["data_reachable"], false, "{firewalled}");

@@ -184,8 +184,12 @@ impl DecentralizedAverager {
         };
         let (matchmaker, commands) = mpsc::channel(MATCHMAKER_QUEUE);
         let mut tasks = vec![tokio::spawn(shell::run(machine, io, commands))];
-        let accepts = client_mode || dht.is_client();
-        if !accepts {
+        // A DHT client behind NAT that listens through a relay can still be
+        // dialed (through the relay, or directly once a hole punch worked),
+        // so it leads groups and reduces like any peer; one that cannot be
+        // dialed at all only joins.
+        let joins_only = client_mode || !dht.is_dialable();
+        if !joins_only {
             let joins = dht
                 .accept_streams(join_protocol(&cfg.prefix)?, 64)
                 .map_err(AveragingError::dht("registering the join protocol"))?;

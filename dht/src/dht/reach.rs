@@ -38,6 +38,22 @@ impl Dht {
         read(&self.inner.relay_addrs)
     }
 
+    /// Waits until this node listens through a relay (a relay accepted its
+    /// reservation), at most `within`; returns the circuits (empty: none).
+    /// Only a client-mode node asks relays for reservations.
+    pub async fn wait_for_relay(&self, within: Duration) -> Vec<Multiaddr> {
+        let mut changed = self.inner.relay_addrs_changed.clone();
+        let _ = tokio::time::timeout(within, async {
+            while self.relay_addrs().is_empty() {
+                if changed.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+        self.relay_addrs()
+    }
+
     /// This node's own addresses that AutoNAT confirmed: a peer dialed each
     /// back on a fresh connection.
     pub fn confirmed_addrs(&self) -> Vec<Multiaddr> {
@@ -86,8 +102,12 @@ impl Dht {
         }
         tracing::debug!(%peer, ?addrs, "dialing a peer through its relays");
         let timeout = self.inner.query_timeout + REPLY_MARGIN;
-        self.request("dial", timeout, |reply| Command::Dial { peer, addrs, reply })
-            .await?;
+        self.request("dial", timeout, |reply| Command::Dial {
+            peer,
+            addrs,
+            reply,
+        })
+        .await?;
         Ok(self.path_to(peer).await?.is_some())
     }
 
@@ -95,9 +115,9 @@ impl Dht {
     /// itself (the owner marker of the subkey is its key), each a circuit
     /// ending at `peer`.
     async fn lookup_relay_addrs(&self, peer: PeerId) -> Result<Vec<Multiaddr>, DhtError> {
-        let budget = self.inner.query_timeout / 2;
+        let budget = self.inner.query_timeout / 4;
         let Some(value) = self
-            .get_within(&relay_addrs_key(&peer), true, budget)
+            .get_within(&relay_addrs_key(&peer), false, budget)
             .await?
         else {
             return Ok(Vec::new());
@@ -119,7 +139,9 @@ impl Dht {
             for text in list.into_iter().take(MAX_RELAY_ADDRS) {
                 match text.parse::<Multiaddr>() {
                     Ok(addr) if is_circuit_to(&addr, peer) => out.push(addr),
-                    _ => tracing::warn!(%peer, address = %text, "ignoring a published relay address that is not a circuit to this peer"),
+                    _ => {
+                        tracing::warn!(%peer, address = %text, "ignoring a published relay address that is not a circuit to this peer")
+                    }
                 }
             }
         }
@@ -143,7 +165,7 @@ fn is_circuit_to(addr: &Multiaddr, peer: PeerId) -> bool {
 /// stops.
 pub(super) fn publish_relay_addrs(
     dht: std::sync::Weak<super::Inner>,
-    changed: std::sync::Arc<tokio::sync::Notify>,
+    mut changed: tokio::sync::watch::Receiver<u64>,
 ) {
     tokio::spawn(async move {
         let mut published: Vec<Multiaddr> = Vec::new();
@@ -151,7 +173,9 @@ pub(super) fn publish_relay_addrs(
         loop {
             // Wake on a change, or to refresh; a store that failed is
             // retried at the next refresh.
-            let _ = tokio::time::timeout(PUBLISH_REFRESH / 4, changed.notified()).await;
+            if let Ok(Err(_)) = tokio::time::timeout(PUBLISH_REFRESH / 4, changed.changed()).await {
+                return;
+            }
             let Some(inner) = dht.upgrade() else { return };
             let dht = Dht { inner };
             if dht.inner.commands.is_closed() {

@@ -90,8 +90,8 @@ pub(crate) struct NatState {
     pub(crate) relay_addrs: std::sync::Arc<std::sync::RwLock<Vec<Multiaddr>>>,
     /// Own addresses AutoNAT confirmed (shared with handles).
     pub(crate) confirmed_addrs: std::sync::Arc<std::sync::RwLock<Vec<Multiaddr>>>,
-    /// Woken when `relay_addrs` changes (the publisher republishes).
-    pub(crate) relay_addrs_changed: std::sync::Arc<tokio::sync::Notify>,
+    /// Bumped whenever `relay_addrs` changes (the publisher and waiters watch it).
+    pub(crate) relay_addrs_changed: tokio::sync::watch::Sender<u64>,
     pub(crate) hole_punches_succeeded: u64,
     pub(crate) hole_punches_failed: u64,
     pub(crate) circuits_served: u64,
@@ -119,7 +119,7 @@ impl NatState {
             wait_tx,
             relay_addrs: Default::default(),
             confirmed_addrs: Default::default(),
-            relay_addrs_changed: Default::default(),
+            relay_addrs_changed: tokio::sync::watch::Sender::new(0),
             hole_punches_succeeded: 0,
             hole_punches_failed: 0,
             circuits_served: 0,
@@ -193,6 +193,13 @@ impl Node {
                 nat.punch_pending.insert(peer);
             }
         } else {
+            // A direct connection to a peer reached until now only through a
+            // relay is the hole punch's (DCUtR reports the id of its own
+            // dial, which may not be the connection that won when both
+            // sides' SYNs crossed).
+            if nat.path(&peer) == Some(PeerPath::Relayed) || nat.punch_pending.contains(&peer) {
+                nat.punched.insert(connection);
+            }
             nat.direct.insert(connection, peer);
             if let libp2p::core::ConnectedPoint::Dialer { address, .. } = endpoint {
                 nat.dialed.insert(peer, strip_p2p(address));
@@ -442,7 +449,7 @@ impl Node {
             tracing::info!(address = %full, "reachable through a relay");
             addrs.push(full);
         }
-        self.nat.relay_addrs_changed.notify_one();
+        self.nat.relay_addrs_changed.send_modify(|v| *v += 1);
         true
     }
 

@@ -267,10 +267,15 @@ impl Lab {
         Ok(())
     }
 
-    /// Masquerade out of `wan`; forward only what the inside started.
+    /// Masquerade out of `wan`; forward only what the inside started; drop
+    /// (do not reset) unsolicited connections to the router itself, as home
+    /// routers do: a reset would kill a hole punch whose first SYN arrives
+    /// before the inside host's own SYN opened the mapping.
     fn nft(&self, router: &str) -> Result<(), String> {
         let rules = "table ip colony_nat {\n\
              chain postrouting { type nat hook postrouting priority srcnat; oifname \"wan\" masquerade; }\n\
+             chain input { type filter hook input priority filter; policy accept;\n\
+               iifname \"wan\" ct state new drop; }\n\
              chain forward { type filter hook forward priority filter; policy drop;\n\
                ct state established,related accept; ct status dnat accept;\n\
                iifname \"lan\" oifname \"wan\" accept; }\n\
