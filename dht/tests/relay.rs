@@ -3,6 +3,8 @@
 //! upgrading to a direct connection where one can be made). A record that
 //! claims circuits for another peer is ignored.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::time::Duration;
