@@ -70,6 +70,10 @@ pub(crate) struct NatState {
     relay_retry: HashMap<PeerId, Instant>,
     /// Open connections through a relay.
     relayed: HashMap<ConnectionId, PeerId>,
+    /// Relayed connections being closed because a direct one is up; callers
+    /// asking for a path to their peer wait until they are gone, so no new
+    /// stream lands on a circuit about to be reset.
+    closing: HashSet<ConnectionId>,
     /// Open direct connections.
     direct: HashMap<ConnectionId, PeerId>,
     /// Direct connections that a hole punch opened.
@@ -109,6 +113,7 @@ impl NatState {
             relays: HashMap::new(),
             relay_retry: HashMap::new(),
             relayed: HashMap::new(),
+            closing: HashSet::new(),
             direct: HashMap::new(),
             punched: HashSet::new(),
             punch_pending: HashSet::new(),
@@ -165,7 +170,31 @@ impl NatState {
         *entry = (*entry).max(path);
     }
 
+    /// Whether circuits to `peer` are still being closed.
+    fn closing_to(&self, peer: &PeerId) -> bool {
+        self.closing
+            .iter()
+            .any(|c| self.relayed.get(c) == Some(peer))
+    }
+
+    /// Whether a caller asking for the path to `peer` should wait: its hole
+    /// punch has not reported, or its circuits are closing.
+    fn path_unsettled(&self, peer: &PeerId) -> bool {
+        (self.path(peer) == Some(PeerPath::Relayed) && self.punch_pending.contains(peer))
+            || self.closing_to(peer)
+    }
+
+    /// Answers the callers waiting for the path to `peer`, unless it is
+    /// still unsettled (they are answered when it settles or their wait
+    /// runs out).
     fn answer_path_waiters(&mut self, peer: &PeerId) {
+        if self.path_unsettled(peer) {
+            return;
+        }
+        self.flush_path_waiters(peer);
+    }
+
+    fn flush_path_waiters(&mut self, peer: &PeerId) {
         let path = self.path(peer);
         for reply in self.path_waiters.remove(peer).unwrap_or_default() {
             let _ = reply.send(Ok(path));
@@ -186,6 +215,12 @@ impl Node {
         connection: ConnectionId,
         endpoint: &libp2p::core::ConnectedPoint,
     ) {
+        if !endpoint.is_relayed() {
+            // Relays carry only what they must: with a direct connection up,
+            // the circuits to this peer are closed so that new streams take
+            // the direct one. Path waiters are answered once they are gone.
+            self.close_circuits_to(peer);
+        }
         let nat = &mut self.nat;
         if endpoint.is_relayed() {
             nat.relayed.insert(connection, peer);
@@ -210,8 +245,8 @@ impl Node {
         }
         if nat.path(&peer) != Some(PeerPath::Relayed) {
             nat.punch_pending.remove(&peer);
-            nat.answer_path_waiters(&peer);
         }
+        nat.answer_path_waiters(&peer);
         for reply in nat.dial_waiters.remove(&peer).unwrap_or_default() {
             let _ = reply.send(Ok(()));
         }
@@ -220,13 +255,31 @@ impl Node {
     pub(super) fn nat_connection_closed(&mut self, peer: PeerId, connection: ConnectionId) {
         let nat = &mut self.nat;
         nat.relayed.remove(&connection);
+        nat.closing.remove(&connection);
         nat.direct.remove(&connection);
         nat.punched.remove(&connection);
         if nat.path(&peer).is_none() {
             nat.dialed.remove(&peer);
             nat.relay_capable.remove(&peer);
             nat.punch_pending.remove(&peer);
-            nat.answer_path_waiters(&peer);
+        }
+        nat.answer_path_waiters(&peer);
+    }
+
+    /// Starts closing the relayed connections to `peer` (it has a direct one).
+    fn close_circuits_to(&mut self, peer: PeerId) {
+        let circuits: Vec<ConnectionId> = self
+            .nat
+            .relayed
+            .iter()
+            .filter(|(c, p)| **p == peer && !self.nat.closing.contains(c))
+            .map(|(c, _)| *c)
+            .collect();
+        for c in circuits {
+            if self.swarm.close_connection(c) {
+                tracing::debug!(%peer, "closing a relayed circuit: a direct connection is up");
+                self.nat.closing.insert(c);
+            }
         }
     }
 
@@ -281,7 +334,7 @@ impl Node {
     /// or when `hole_punch_wait` runs out.
     pub(super) fn nat_prepare_path(&mut self, peer: PeerId, reply: Reply<Option<PeerPath>>) {
         let nat = &mut self.nat;
-        if nat.path(&peer) != Some(PeerPath::Relayed) || !nat.punch_pending.contains(&peer) {
+        if !nat.path_unsettled(&peer) {
             let _ = reply.send(Ok(nat.path(&peer)));
             return;
         }
@@ -301,7 +354,7 @@ impl Node {
     pub(super) fn nat_wait_spent(&mut self, peer: PeerId) {
         if self.nat.path_waiters.contains_key(&peer) {
             tracing::debug!(%peer, "no hole punch in time; using the relay");
-            self.nat.answer_path_waiters(&peer);
+            self.nat.flush_path_waiters(&peer);
         }
     }
 
@@ -314,19 +367,8 @@ impl Node {
                 self.nat.punched.insert(connection);
                 self.nat.remember(peer, PeerPath::HolePunched);
                 tracing::info!(%peer, "hole punch succeeded: direct connection through both NATs");
-                // Relays carry only what they must: with a direct connection
-                // up, the circuits to this peer are closed so new streams use
-                // the direct one (callers that wanted a stream waited above).
-                let circuits: Vec<ConnectionId> = self
-                    .nat
-                    .relayed
-                    .iter()
-                    .filter(|(_, p)| **p == peer)
-                    .map(|(c, _)| *c)
-                    .collect();
-                for c in circuits {
-                    self.swarm.close_connection(c);
-                }
+                // Usually closed already when the connection came up.
+                self.close_circuits_to(peer);
             }
             Err(error) => {
                 self.nat.hole_punches_failed += 1;
