@@ -101,6 +101,11 @@ pub struct DhtConfig {
     /// hole punch when the only connection to the peer is relayed, before it
     /// settles for the relay. Default: 4 s.
     pub hole_punch_wait: Duration,
+    /// How often this node refreshes its presence record and checks that no
+    /// other node (on another host) runs with the same identity; see
+    /// [`Dht::identity_conflict`](crate::Dht::identity_conflict). Zero turns
+    /// the check off. Default: 30 s.
+    pub identity_check_interval: Duration,
 }
 
 /// Limits of the relay service ([`DhtConfig::relay_server`]).
@@ -162,6 +167,7 @@ impl Default for DhtConfig {
             relay_server: None,
             max_relays: 2,
             hole_punch_wait: Duration::from_secs(4),
+            identity_check_interval: Duration::from_secs(30),
         }
     }
 }

@@ -24,13 +24,18 @@ use crate::{
     value::{DhtValue, StoreOutcome, ValueWithExpiration},
 };
 
+mod presence;
 mod reach;
+pub use presence::{IdentityConflict, presence_key};
 pub use reach::relay_addrs_key;
 
 /// Extra time a handle waits beyond the kad query timeout for the node's answer.
 const REPLY_MARGIN: Duration = Duration::from_secs(2);
 /// Deadline for local-only requests to the node task.
 const LOCAL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `shutdown` spends withdrawing this node's relay circuits before
+/// it stops the node.
+const SHUTDOWN_WITHDRAW: Duration = Duration::from_secs(1);
 
 struct Inner {
     commands: mpsc::Sender<Command>,
@@ -53,6 +58,10 @@ struct Inner {
     query_timeout: Duration,
     max_gossip_size: usize,
     subscription_capacity: usize,
+    /// This process's presence record (instance id, start time).
+    own: presence::Own,
+    /// A second node seen with this identity.
+    identity_conflict: tokio::sync::watch::Sender<Option<IdentityConflict>>,
 }
 
 /// A cloneable handle to one DHT node: a background task owning a libp2p swarm
@@ -186,10 +195,20 @@ impl Dht {
                 query_timeout: config.query_timeout,
                 max_gossip_size: config.max_gossip_size,
                 subscription_capacity: config.subscription_capacity,
+                own: presence::Own::new(),
+                identity_conflict: tokio::sync::watch::Sender::new(None),
             }),
         };
         if config.max_relays > 0 {
             reach::publish_relay_addrs(Arc::downgrade(&dht.inner), relay_addrs_changed);
+        }
+        if !config.identity_check_interval.is_zero() {
+            let seed = dht.inner.own.instance;
+            presence::watch_presence(
+                Arc::downgrade(&dht.inner),
+                config.identity_check_interval,
+                seed,
+            );
         }
         Ok(dht)
     }
@@ -609,6 +628,9 @@ impl Dht {
     /// connections close. Later calls on any clone return `Shutdown`.
     /// Calling it twice is harmless.
     pub async fn shutdown(&self) {
+        if !self.inner.commands.is_closed() {
+            self.withdraw_relay_addrs(SHUTDOWN_WITHDRAW).await;
+        }
         let (tx, rx) = oneshot::channel();
         if self
             .inner

@@ -72,7 +72,7 @@ mod value;
 
 pub use behaviour::{AGENT_VERSION, IDENTIFY_PROTOCOL, KAD_PROTOCOL};
 pub use config::{DhtConfig, IdentitySource, RelayLimits};
-pub use dht::{Dht, relay_addrs_key};
+pub use dht::{Dht, IdentityConflict, presence_key, relay_addrs_key};
 pub use dialback::{DIAL_TIMEOUT, DIALBACK_PROTOCOL, DialBack, MAX_PORTS, PortCheck};
 pub use error::{DhtError, PubSubError, ValidationError};
 pub use gossip::LatestPerOwner;

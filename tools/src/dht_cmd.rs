@@ -173,14 +173,28 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
         out.flush()?;
     }
-    wait_for_signal().await?;
+    let result = tokio::select! {
+        r = wait_for_signal() => r,
+        c = duplicate_identity(&dht) => Err(anyhow::anyhow!("{c}; this node started later, so it stops")),
+    };
     tracing::info!("shutting down");
     dht.shutdown().await;
-    Ok(())
+    result
 }
 
+/// Resolves once another node with this node's identity is seen and this
+/// one started later (the earlier one keeps running; the DHT logs it).
+pub(crate) async fn duplicate_identity(dht: &Dht) -> colony_dht::IdentityConflict {
+    let conflict = dht.identity_conflict_seen().await;
+    if conflict.this_is_newer {
+        return conflict;
+    }
+    std::future::pending().await
+}
+
+/// Ctrl-C or SIGTERM.
 #[cfg(unix)]
-async fn wait_for_signal() -> anyhow::Result<()> {
+pub(crate) async fn wait_for_signal() -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     tokio::select! {
@@ -191,7 +205,7 @@ async fn wait_for_signal() -> anyhow::Result<()> {
 }
 
 #[cfg(not(unix))]
-async fn wait_for_signal() -> anyhow::Result<()> {
+pub(crate) async fn wait_for_signal() -> anyhow::Result<()> {
     tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")
 }
 

@@ -30,6 +30,11 @@ pub(crate) struct TrainArgs {
     /// peer id survives restarts. Default: a fresh identity per start.
     #[arg(long, env = "COLONY_IDENTITY")]
     pub(crate) identity: Option<std::path::PathBuf>,
+    /// Seconds between checks that no other host runs with this identity
+    /// (a copied identity file): the node that started later stops with an
+    /// error. 0 turns the check off.
+    #[arg(long, default_value_t = 30.0, env = "COLONY_IDENTITY_CHECK_SECS")]
+    pub(crate) identity_check_secs: f64,
     /// An external address other peers should dial, e.g. the public IP of a
     /// port forward: /ip4/203.0.113.5/tcp/31337 (repeatable). It replaces the
     /// listen addresses in what this node advertises; the data plane is
@@ -444,6 +449,11 @@ async fn train(args: TrainArgs) -> anyhow::Result<()> {
     if let Some(path) = &args.identity {
         dht_config.identity = colony_dht::IdentitySource::File(path.clone());
     }
+    anyhow::ensure!(
+        args.identity_check_secs.is_finite() && args.identity_check_secs >= 0.0,
+        "--identity-check-secs must be >= 0"
+    );
+    dht_config.identity_check_interval = Duration::from_secs_f64(args.identity_check_secs);
     dht_config.announce_addrs = args.announce.clone();
     let dht = Dht::new(dht_config)
         .await
@@ -668,9 +678,14 @@ async fn train_with(
     // Ctrl-C / SIGTERM: stop training and say goodbye so peers stop counting this one.
     let result = tokio::select! {
         r = training => r,
-        _ = tokio::signal::ctrl_c() => {
+        r = crate::dht_cmd::wait_for_signal() => {
             tracing::info!("interrupted; leaving the run");
-            Ok(())
+            r
+        }
+        // Two hosts run with one identity file: peers cannot tell them
+        // apart, so the later one leaves.
+        c = crate::dht_cmd::duplicate_identity(&dht) => {
+            Err(anyhow::anyhow!("{c}; this node started later, so it leaves the run"))
         }
     };
     opt.shutdown().await?;

@@ -12,7 +12,7 @@ mod lab;
 
 use std::time::{Duration, Instant};
 
-use lab::{Host, Lab, Proc, bootstrap, wait_event};
+use lab::{BIN, Host, Lab, Proc, bootstrap, wait_event};
 use serde_json::Value;
 
 /// `colony train` arguments for trainer `shard` of `shards` in run `run`.
@@ -574,6 +574,84 @@ fn f_a_wrong_data_address_and_a_one_port_host_still_average_in_full_groups() {
     assert!(
         reported,
         "no peer reported the wrong data address {wrong} of {liar_id}"
+    );
+}
+
+/// Bad input: one identity file copied to two hosts. The presence record
+/// shows both nodes the other; the later one stops with an error naming the
+/// other's address, the earlier one keeps training, and the run converges
+/// for the honest peers.
+#[test]
+fn g_two_hosts_with_one_identity_file_the_later_one_stops() {
+    const PEERS: usize = 3;
+    let Some(mut lab) = Lab::new("g", &[Host::Public; PEERS + 1]) else {
+        return;
+    };
+    let (_boot, boot_addr) = bootstrap(&mut lab, 0, 31337, &[]);
+    let original = lab.dir().join("identity");
+    let copy = lab.dir().join("identity-copy");
+    let made = std::process::Command::new(BIN)
+        .arg("identity")
+        .arg("new")
+        .arg(&original)
+        .output()
+        .expect("colony identity new");
+    assert!(made.status.success(), "{made:?}");
+    std::fs::copy(&original, &copy).expect("copy the identity file");
+    let spawn = |lab: &mut Lab, i: usize, identity: Option<&std::path::Path>| {
+        let listen = format!("/ip4/{}/tcp/0", lab.addr(i + 1));
+        let mut extra = vec![
+            "--target-group-size".to_owned(),
+            "2".to_owned(),
+            "--identity-check-secs".to_owned(),
+            "1".to_owned(),
+        ];
+        if let Some(path) = identity {
+            extra.extend(["--identity".to_owned(), path.display().to_string()]);
+        }
+        let refs: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let args = train_args("lab-g", &listen, &boot_addr, i, PEERS, 30, &refs);
+        spawn_trainer(lab, i + 1, &args)
+    };
+    let first = spawn(&mut lab, 0, Some(&original));
+    let honest = spawn(&mut lab, 1, None);
+    let listening = wait_event(
+        &first,
+        "listening",
+        "the first node's address",
+        Duration::from_secs(30),
+    );
+    let first_addr = listening["addrs"][0]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let duplicate = spawn(&mut lab, 2, Some(&copy));
+    let started = Instant::now();
+    let status = lab
+        .wait_exit(&duplicate, Duration::from_secs(60))
+        .expect("the later node with the copied identity stops within 60 s");
+    assert!(!status.success(), "{status:?}");
+    let stopped_after = started.elapsed();
+    let log = lab.log(&duplicate);
+    let ip1 = lab.addr(1);
+    assert!(
+        log.lines()
+            .any(|l| l.contains("another node is running with this identity") && l.contains(&ip1)),
+        "the duplicate's error does not name the other host ({first_addr}): {log}"
+    );
+    let first_log = lab.log(&first);
+    assert!(
+        first_log.contains("another node is running with this identity"),
+        "the earlier node did not report the duplicate: {first_log}"
+    );
+    let done = all_done(&[first, honest], Duration::from_secs(150));
+    assert_one_hash("g", &done);
+    for d in &done {
+        assert!(field(d, "step") >= 30, "{d}");
+    }
+    eprintln!(
+        "lab scenario g: the duplicate stopped {:.1} s after its start ({status:?}); the others reached 30 steps with one hash",
+        stopped_after.as_secs_f64()
     );
 }
 

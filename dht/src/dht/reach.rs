@@ -18,7 +18,7 @@ use crate::{
 };
 
 /// How long a published circuit list lives; it is refreshed well before.
-const RELAY_RECORD_TTL: f64 = 120.0;
+pub(super) const RELAY_RECORD_TTL: f64 = 120.0;
 /// The longest the publisher waits between refreshes.
 const PUBLISH_REFRESH: Duration = Duration::from_secs(40);
 /// At most this many circuit addresses are read from one peer's record.
@@ -132,6 +132,10 @@ impl Dht {
                 tracing::debug!(%peer, "ignoring relay addresses not signed by the peer itself");
                 continue;
             }
+            if entry.value == [0xc0] {
+                // Withdrawn: the peer left.
+                continue;
+            }
             let Ok(list) = rmp_serde::from_slice::<Vec<String>>(&entry.value) else {
                 tracing::warn!(%peer, "malformed relay address record");
                 continue;
@@ -148,6 +152,19 @@ impl Dht {
         out.truncate(MAX_RELAY_ADDRS);
         Ok(out)
     }
+
+    /// Withdraws this node's relay circuits on the way out, so that peers
+    /// stop dialing circuits that lead nowhere. Bounded by `within`.
+    pub(super) async fn withdraw_relay_addrs(&self, within: Duration) {
+        if self.relay_addrs().is_empty() {
+            return;
+        }
+        let key = relay_addrs_key(&self.peer_id());
+        let expiration = dht_time() + RELAY_RECORD_TTL;
+        let subkey = self.owner_subkey();
+        let store = self.store(&key, Some(&subkey), vec![0xc0], expiration);
+        let _ = tokio::time::timeout(within, store).await;
+    }
 }
 
 /// `addr` is `…/p2p/<relay>/p2p-circuit/p2p/<peer>`.
@@ -160,9 +177,8 @@ fn is_circuit_to(addr: &Multiaddr, peer: PeerId) -> bool {
     )
 }
 
-/// Keeps this node's relay circuits published while it has any (and
-/// withdraws nothing: the record expires on its own); stops when the node
-/// stops.
+/// Keeps this node's relay circuits published while it has any; stops when
+/// the node stops (`shutdown` withdraws them).
 pub(super) fn publish_relay_addrs(
     dht: std::sync::Weak<super::Inner>,
     mut changed: tokio::sync::watch::Receiver<u64>,

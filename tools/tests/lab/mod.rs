@@ -17,7 +17,7 @@ use std::{
     collections::VecDeque,
     io::{BufRead, BufReader},
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::{Child, Command, ExitStatus, Stdio},
     sync::{Mutex, MutexGuard, mpsc},
     time::{Duration, Instant},
 };
@@ -442,6 +442,27 @@ impl Lab {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Waits (bounded) for `proc` to exit; its status, or `None` if it
+    /// still runs after `timeout`.
+    pub(crate) fn wait_exit(&mut self, proc: &Proc, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        let child = self.children[proc.index].as_mut()?;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// A directory for this lab's files (removed with the lab).
+    pub(crate) fn dir(&self) -> &std::path::Path {
+        &self.log_dir
     }
 
     /// The stderr log of `proc`.
