@@ -47,6 +47,8 @@ struct Inner {
     relay_addrs: Arc<RwLock<Vec<Multiaddr>>>,
     /// Own addresses AutoNAT confirmed.
     confirmed_addrs: Arc<RwLock<Vec<Multiaddr>>>,
+    /// Relays whose circuits failed lately (dials avoid them if they can).
+    suspect_relays: Arc<RwLock<std::collections::HashSet<PeerId>>>,
     /// Changes whenever `relay_addrs` does.
     relay_addrs_changed: tokio::sync::watch::Receiver<u64>,
     /// The configured external addresses, each with `/p2p/<peer id>`.
@@ -150,6 +152,7 @@ impl Dht {
         }
         let relay_addrs = node.nat.relay_addrs.clone();
         let confirmed_addrs = node.nat.confirmed_addrs.clone();
+        let suspect_relays = node.nat.suspect_relays.clone();
         let relay_addrs_changed = node.nat.relay_addrs_changed.subscribe();
         for a in &config.announce_addrs {
             if let Some(other) = a.iter().find_map(|p| match p {
@@ -186,6 +189,7 @@ impl Dht {
                 listen_addrs,
                 relay_addrs,
                 confirmed_addrs,
+                suspect_relays,
                 relay_addrs_changed: relay_addrs_changed.clone(),
                 announce_addrs,
                 validators,

@@ -31,6 +31,7 @@ use crate::{
 
 mod nat;
 pub use nat::PeerPath;
+pub(crate) use nat::relay_of;
 
 /// How often expired records are swept from local storage.
 const PRUNE_INTERVAL: Duration = Duration::from_secs(30);
@@ -116,6 +117,10 @@ pub(crate) enum Command {
     /// The best path each peer was ever reached by.
     Paths {
         reply: Reply<Vec<(PeerId, PeerPath)>>,
+    },
+    /// How many connected peers serve relay v2 and may be asked now.
+    RelayCandidates {
+        reply: Reply<usize>,
     },
     Shutdown {
         reply: oneshot::Sender<()>,
@@ -386,6 +391,9 @@ impl Node {
             Command::PreparePath { peer, reply } => self.nat_prepare_path(peer, reply),
             Command::Paths { reply } => {
                 let _ = reply.send(Ok(self.nat.history()));
+            }
+            Command::RelayCandidates { reply } => {
+                let _ = reply.send(Ok(self.nat.relay_candidates()));
             }
             Command::RoutingTable { reply } => {
                 let peers = self
@@ -760,8 +768,15 @@ impl Node {
             SwarmEvent::ListenerClosed {
                 listener_id,
                 reason,
-                ..
-            } => self.nat_listener_closed(listener_id, reason.err()),
+                addresses,
+            } => {
+                // A listener removed on purpose (a relay left) reports its
+                // addresses here rather than as expired ones.
+                for address in &addresses {
+                    self.nat_listen_addr(address, false);
+                }
+                self.nat_listener_closed(listener_id, reason.err());
+            }
             SwarmEvent::ConnectionEstablished {
                 peer_id,
                 endpoint,
@@ -792,10 +807,10 @@ impl Node {
                 endpoint,
                 num_established,
                 connection_id,
-                ..
+                cause,
             } => {
                 self.liveness.remove(&connection_id);
-                self.nat_connection_closed(peer_id, connection_id);
+                self.nat_connection_closed(peer_id, connection_id, &endpoint, cause.as_ref());
                 if num_established == 0 {
                     self.peers.remove(&peer_id);
                 } else if let Some(entry) = self.peers.get_mut(&peer_id) {

@@ -40,8 +40,18 @@ impl Dht {
 
     /// Waits until this node listens through a relay (a relay accepted its
     /// reservation), at most `within`; returns the circuits (empty: none).
-    /// Only a client-mode node asks relays for reservations.
+    /// Only a client-mode node asks relays for reservations. Returns at once
+    /// when no connected peer serves as a relay (identify told which do).
     pub async fn wait_for_relay(&self, within: Duration) -> Vec<Multiaddr> {
+        let candidates = self
+            .request("relay_candidates", LOCAL_TIMEOUT, |reply| {
+                Command::RelayCandidates { reply }
+            })
+            .await
+            .unwrap_or(0);
+        if candidates == 0 {
+            return self.relay_addrs();
+        }
         let mut changed = self.inner.relay_addrs_changed.clone();
         let _ = tokio::time::timeout(within, async {
             while self.relay_addrs().is_empty() {
@@ -96,9 +106,17 @@ impl Dht {
     /// to a peer behind NAT, which no routing table holds. Returns whether
     /// a connection is up.
     pub(super) async fn connect_through_relays(&self, peer: PeerId) -> Result<bool, DhtError> {
-        let addrs = self.lookup_relay_addrs(peer).await?;
+        let mut addrs = self.lookup_relay_addrs(peer).await?;
         if addrs.is_empty() {
             return Ok(false);
+        }
+        // Circuits through relays whose circuits failed lately only if no
+        // other is published.
+        let suspects = read(&self.inner.suspect_relays);
+        let trusted =
+            |a: &Multiaddr| !crate::node::relay_of(a).is_some_and(|r| suspects.contains(&r));
+        if addrs.iter().any(trusted) {
+            addrs.retain(trusted);
         }
         tracing::debug!(%peer, ?addrs, "dialing a peer through its relays");
         let timeout = self.inner.query_timeout + REPLY_MARGIN;

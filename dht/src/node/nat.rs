@@ -49,6 +49,68 @@ impl std::fmt::Display for PeerPath {
 
 /// A relay that refused or dropped this node's reservation is left alone this long.
 const RELAY_RETRY: std::time::Duration = std::time::Duration::from_secs(30);
+/// A relay left for failing circuits or for limits too small for data is
+/// left alone this long.
+const RELAY_BAN: std::time::Duration = std::time::Duration::from_secs(600);
+/// Circuit failures through one relay are counted over this window.
+const RELAY_FAILURE_WINDOW: std::time::Duration = std::time::Duration::from_secs(600);
+/// A relay through which this many circuits failed within the window is
+/// left (a peer that vanishes kills its circuits too, so one is no proof).
+const RELAY_FAILURE_LIMIT: usize = 3;
+/// Circuits smaller than this carry signalling (hole punching), not
+/// averaging data: a relay offering less is kept only while no better one
+/// is at hand.
+pub(crate) const MIN_RELAY_CIRCUIT_BYTES: u64 = 64 << 20;
+/// Likewise for circuit lifetimes.
+pub(crate) const MIN_RELAY_CIRCUIT_DURATION: std::time::Duration =
+    std::time::Duration::from_secs(600);
+
+/// Circuit failures per relay within [`RELAY_FAILURE_WINDOW`].
+#[derive(Default)]
+pub(crate) struct RelayFailures(HashMap<PeerId, Vec<Instant>>);
+
+impl RelayFailures {
+    /// Records a failure through `relay` at `now`; returns how many fell
+    /// within the window.
+    pub(crate) fn record(&mut self, relay: PeerId, now: Instant) -> usize {
+        let list = self.0.entry(relay).or_default();
+        list.retain(|t| now.duration_since(*t) < RELAY_FAILURE_WINDOW);
+        list.push(now);
+        list.len()
+    }
+
+    /// Relays with a failure within the window.
+    pub(crate) fn suspects(&self, now: Instant) -> HashSet<PeerId> {
+        self.0
+            .iter()
+            .filter(|(_, l)| {
+                l.iter()
+                    .any(|t| now.duration_since(*t) < RELAY_FAILURE_WINDOW)
+            })
+            .map(|(p, _)| *p)
+            .collect()
+    }
+}
+
+/// The relay a circuit address goes through: `…/p2p/<relay>/p2p-circuit…`.
+pub(crate) fn relay_of(addr: &Multiaddr) -> Option<PeerId> {
+    let mut last = None;
+    for p in addr.iter() {
+        match p {
+            Protocol::P2p(id) => last = Some(id),
+            Protocol::P2pCircuit => return last,
+            _ => {}
+        }
+    }
+    None
+}
+
+/// Whether a relay's circuit limits (bytes, lifetime; `None`: unlimited)
+/// fit averaging data.
+fn limit_fits_data(bytes: Option<u64>, duration: Option<std::time::Duration>) -> bool {
+    bytes.is_none_or(|b| b >= MIN_RELAY_CIRCUIT_BYTES)
+        && duration.is_none_or(|d| d >= MIN_RELAY_CIRCUIT_DURATION)
+}
 
 /// NAT traversal state of a node.
 pub(crate) struct NatState {
@@ -70,6 +132,13 @@ pub(crate) struct NatState {
     relay_retry: HashMap<PeerId, Instant>,
     /// Open connections through a relay.
     relayed: HashMap<ConnectionId, PeerId>,
+    /// Circuits that died with an error, per relay.
+    relay_failures: RelayFailures,
+    /// Relays whose circuits fail, shared with handles (dials avoid them
+    /// while another circuit is published).
+    pub(crate) suspect_relays: std::sync::Arc<std::sync::RwLock<HashSet<PeerId>>>,
+    /// Relays whose reservation offers circuits too small for data.
+    small_relays: HashSet<PeerId>,
     /// Relayed connections being closed because a direct one is up; callers
     /// asking for a path to their peer wait until they are gone, so no new
     /// stream lands on a circuit about to be reset.
@@ -113,6 +182,9 @@ impl NatState {
             relays: HashMap::new(),
             relay_retry: HashMap::new(),
             relayed: HashMap::new(),
+            relay_failures: RelayFailures::default(),
+            suspect_relays: Default::default(),
+            small_relays: HashSet::new(),
             closing: HashSet::new(),
             direct: HashMap::new(),
             punched: HashSet::new(),
@@ -153,6 +225,17 @@ impl NatState {
 
     pub(crate) fn relay_reservations(&self) -> usize {
         self.relays.values().filter(|(_, ok)| *ok).count()
+    }
+
+    /// Connected relays this node holds or may ask for a reservation.
+    pub(crate) fn relay_candidates(&self) -> usize {
+        let now = Instant::now();
+        self.relay_capable
+            .iter()
+            .filter(|p| {
+                self.relays.contains_key(p) || self.relay_retry.get(p).is_none_or(|t| *t <= now)
+            })
+            .count()
     }
 
     pub(crate) fn relayed_connections(&self) -> usize {
@@ -252,7 +335,18 @@ impl Node {
         }
     }
 
-    pub(super) fn nat_connection_closed(&mut self, peer: PeerId, connection: ConnectionId) {
+    pub(super) fn nat_connection_closed(
+        &mut self,
+        peer: PeerId,
+        connection: ConnectionId,
+        endpoint: &libp2p::core::ConnectedPoint,
+        cause: Option<&libp2p::swarm::ConnectionError>,
+    ) {
+        let was_relayed = self.nat.relayed.contains_key(&connection);
+        let closed_here = self.nat.closing.contains(&connection);
+        if let (true, false, Some(cause)) = (was_relayed, closed_here, cause) {
+            self.nat_circuit_failed(peer, endpoint, cause);
+        }
         let nat = &mut self.nat;
         nat.relayed.remove(&connection);
         nat.closing.remove(&connection);
@@ -264,6 +358,44 @@ impl Node {
             nat.punch_pending.remove(&peer);
         }
         nat.answer_path_waiters(&peer);
+    }
+
+    /// A circuit to `peer` died with an error (the relay cut it, or the
+    /// peer vanished): counted against the relay, which is left once
+    /// [`RELAY_FAILURE_LIMIT`] circuits failed through it within the window.
+    fn nat_circuit_failed(
+        &mut self,
+        peer: PeerId,
+        endpoint: &libp2p::core::ConnectedPoint,
+        cause: &libp2p::swarm::ConnectionError,
+    ) {
+        let addr = match endpoint {
+            libp2p::core::ConnectedPoint::Dialer { address, .. } => address,
+            libp2p::core::ConnectedPoint::Listener { local_addr, .. } => local_addr,
+        };
+        let Some(relay) = relay_of(addr) else {
+            return;
+        };
+        let now = Instant::now();
+        let failures = self.nat.relay_failures.record(relay, now);
+        *lock_write(&self.nat.suspect_relays) = self.nat.relay_failures.suspects(now);
+        tracing::warn!(%relay, %peer, %cause, failures, "a circuit through this relay failed");
+        if failures >= RELAY_FAILURE_LIMIT && self.nat.relays.contains_key(&relay) {
+            self.leave_relay(relay, "its circuits keep failing");
+            self.maintain_relays();
+        }
+    }
+
+    /// Drops this node's reservation on `relay` and leaves it alone for
+    /// [`RELAY_BAN`].
+    fn leave_relay(&mut self, relay: PeerId, reason: &str) {
+        if let Some((listener, _)) = self.nat.relays.remove(&relay) {
+            self.swarm.remove_listener(listener);
+        }
+        self.nat
+            .relay_retry
+            .insert(relay, Instant::now() + RELAY_BAN);
+        tracing::warn!(%relay, reason, "leaving this relay for another");
     }
 
     /// Starts closing the relayed connections to `peer` (it has a direct one).
@@ -383,12 +515,25 @@ impl Node {
             relay::client::Event::ReservationReqAccepted {
                 relay_peer_id,
                 renewal,
-                ..
+                limit,
             } => {
                 if let Some(slot) = self.nat.relays.get_mut(&relay_peer_id) {
                     slot.1 = true;
                 }
-                if !renewal {
+                let (bytes, duration) = limit
+                    .as_ref()
+                    .map_or((None, None), |l| (l.data_in_bytes(), l.duration()));
+                if !renewal && !limit_fits_data(bytes, duration) {
+                    tracing::warn!(
+                        relay = %relay_peer_id,
+                        circuit_bytes = ?bytes,
+                        circuit_secs = ?duration.map(|d| d.as_secs()),
+                        "this relay's circuits are too small for averaging data (enough for hole punching); \
+                         it is kept only until a relay with larger circuits is at hand"
+                    );
+                    self.nat.small_relays.insert(relay_peer_id);
+                    self.maintain_relays();
+                } else if !renewal {
                     tracing::info!(relay = %relay_peer_id, "relay reservation accepted: peers can reach this node through it");
                 }
             }
@@ -513,7 +658,24 @@ impl Node {
             .filter(|p| !self.nat.relays.contains_key(p) && !self.nat.relay_retry.contains_key(p))
             .copied()
             .collect();
-        candidates.sort();
+        // Relays not known to offer small circuits first, then by id.
+        candidates.sort_by_key(|p| (self.nat.small_relays.contains(p), *p));
+        // Full, with a small relay held while one that may fit data is at
+        // hand: swap it.
+        let better = candidates
+            .iter()
+            .any(|p| !self.nat.small_relays.contains(p));
+        if better && self.nat.relays.len() >= self.nat.max_relays {
+            let small = self
+                .nat
+                .relays
+                .keys()
+                .find(|p| self.nat.small_relays.contains(p))
+                .copied();
+            if let Some(small) = small {
+                self.leave_relay(small, "a relay with larger circuits is at hand");
+            }
+        }
         for relay in candidates {
             if self.nat.relays.len() >= self.nat.max_relays {
                 break;
@@ -555,5 +717,57 @@ impl Node {
             .iter()
             .find(|a| !is_relayed(a) && ip(a).is_some_and(|i| seen.contains(&i)))
             .map(strip_p2p)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn failures_count_within_the_window_only() {
+        let relay = PeerId::random();
+        let other = PeerId::random();
+        let mut f = RelayFailures::default();
+        let t0 = Instant::now();
+        assert_eq!(f.record(relay, t0), 1);
+        assert_eq!(f.record(relay, t0 + Duration::from_secs(1)), 2);
+        assert_eq!(f.record(other, t0 + Duration::from_secs(2)), 1);
+        assert_eq!(f.suspects(t0 + Duration::from_secs(3)).len(), 2);
+        // Past the window the old failures no longer count.
+        let later = t0 + RELAY_FAILURE_WINDOW + Duration::from_secs(5);
+        assert_eq!(f.record(relay, later), 1);
+        assert_eq!(f.suspects(later), HashSet::from([relay]));
+    }
+
+    #[test]
+    fn the_relay_of_a_circuit_address() {
+        let relay = PeerId::random();
+        let peer = PeerId::random();
+        let dialed: Multiaddr = format!("/ip4/10.0.0.1/tcp/1/p2p/{relay}/p2p-circuit/p2p/{peer}")
+            .parse()
+            .unwrap();
+        assert_eq!(relay_of(&dialed), Some(relay));
+        let listening: Multiaddr = format!("/ip4/10.0.0.1/tcp/1/p2p/{relay}/p2p-circuit")
+            .parse()
+            .unwrap();
+        assert_eq!(relay_of(&listening), Some(relay));
+        let direct: Multiaddr = format!("/ip4/10.0.0.1/tcp/1/p2p/{peer}").parse().unwrap();
+        assert_eq!(relay_of(&direct), None);
+        let no_relay: Multiaddr = "/ip4/10.0.0.1/tcp/1/p2p-circuit".parse().unwrap();
+        assert_eq!(relay_of(&no_relay), None);
+    }
+
+    #[test]
+    fn circuit_limits_that_fit_data() {
+        let minute = Duration::from_secs(60);
+        assert!(limit_fits_data(None, None));
+        assert!(limit_fits_data(Some(4 << 30), Some(60 * minute)));
+        // libp2p's defaults: 128 KiB, 2 minutes.
+        assert!(!limit_fits_data(Some(128 << 10), Some(2 * minute)));
+        assert!(!limit_fits_data(Some(4 << 30), Some(2 * minute)));
+        assert!(!limit_fits_data(Some(1 << 20), None));
     }
 }
