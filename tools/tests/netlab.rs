@@ -227,10 +227,10 @@ fn b_a_peer_behind_nat_without_a_relay_runs_as_a_client() {
     let done = all_done(&trainers, Duration::from_secs(170));
     assert_one_hash("b-client", &done);
     let natted = &done[PEERS - 1];
-    // It waited up to 5 s for a relay before it settled for client mode, so
-    // it missed the first few of the 20 steps; it averaged every one after.
+    // No connected peer relays, so it did not wait for one: client mode at
+    // once, averaging from the start (20 of 20 steps when measured).
     assert!(
-        field(natted, "averaged_steps") as f64 >= 0.8 * field(natted, "step") as f64,
+        field(natted, "averaged_steps") as f64 >= 0.9 * field(natted, "step") as f64,
         "{natted}"
     );
     assert_eq!(natted["span_fraction"].as_f64(), Some(0.0), "{natted}");
