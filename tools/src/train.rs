@@ -323,7 +323,7 @@ fn checks_reachability(args: &TrainArgs) -> bool {
 }
 
 /// How long an unreachable peer waits for a relay to accept its reservation
-/// before it settles for client mode.
+/// before it settles for client mode (no wait when no connected peer relays).
 const RELAY_WAIT: Duration = Duration::from_secs(5);
 
 /// The peers a dial-back asks: up to three initial peers named by id, not
