@@ -368,7 +368,12 @@ async fn waiting_for_a_relay_ends_at_once_when_no_peer_relays() {
     .unwrap();
     assert!(hidden.stats().await.unwrap().connected_peers >= 1);
     let started = std::time::Instant::now();
-    assert!(hidden.wait_for_relay(Duration::from_secs(5)).await.is_empty());
+    assert!(
+        hidden
+            .wait_for_relay(Duration::from_secs(5))
+            .await
+            .is_empty()
+    );
     assert!(
         started.elapsed() < Duration::from_secs(2),
         "waited {:?} with no relay at hand",

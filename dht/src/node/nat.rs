@@ -263,7 +263,7 @@ impl NatState {
     /// Whether a caller asking for the path to `peer` should wait: its hole
     /// punch has not reported, or its circuits are closing.
     fn path_unsettled(&self, peer: &PeerId) -> bool {
-        (self.path(peer) == Some(PeerPath::Relayed) && self.punch_pending.contains(peer))
+        (self.punch_pending.contains(peer) && self.relayed.values().any(|p| p == peer))
             || self.closing_to(peer)
     }
 
@@ -298,10 +298,13 @@ impl Node {
         connection: ConnectionId,
         endpoint: &libp2p::core::ConnectedPoint,
     ) {
-        if !endpoint.is_relayed() {
+        if !endpoint.is_relayed() && !self.nat.punch_pending.contains(&peer) {
             // Relays carry only what they must: with a direct connection up,
             // the circuits to this peer are closed so that new streams take
             // the direct one. Path waiters are answered once they are gone.
+            // While a hole punch runs, its circuit carries DCUtR's own
+            // messages (the other side may not have dialed yet): closed once
+            // DCUtR reports.
             self.close_circuits_to(peer);
         }
         let nat = &mut self.nat;
@@ -325,9 +328,6 @@ impl Node {
         }
         if let Some(path) = nat.path(&peer) {
             nat.remember(peer, path);
-        }
-        if nat.path(&peer) != Some(PeerPath::Relayed) {
-            nat.punch_pending.remove(&peer);
         }
         nat.answer_path_waiters(&peer);
         for reply in nat.dial_waiters.remove(&peer).unwrap_or_default() {
@@ -484,8 +484,13 @@ impl Node {
 
     /// A hole-punch wait ran out: settle for the relay.
     pub(super) fn nat_wait_spent(&mut self, peer: PeerId) {
+        // DCUtR may never report (a peer without it): stop counting on it.
+        self.nat.punch_pending.remove(&peer);
+        if self.nat.direct.values().any(|p| *p == peer) {
+            self.close_circuits_to(peer);
+        }
         if self.nat.path_waiters.contains_key(&peer) {
-            tracing::debug!(%peer, "no hole punch in time; using the relay");
+            tracing::debug!(%peer, "no hole punch in time; using the path at hand");
             self.nat.flush_path_waiters(&peer);
         }
     }
@@ -499,13 +504,15 @@ impl Node {
                 self.nat.punched.insert(connection);
                 self.nat.remember(peer, PeerPath::HolePunched);
                 tracing::info!(%peer, "hole punch succeeded: direct connection through both NATs");
-                // Usually closed already when the connection came up.
-                self.close_circuits_to(peer);
             }
             Err(error) => {
                 self.nat.hole_punches_failed += 1;
                 tracing::info!(%peer, %error, "hole punch failed; traffic to this peer goes through the relay");
             }
+        }
+        // Direct now (punched, or dialed some other way): the circuits go.
+        if self.nat.direct.values().any(|p| *p == peer) {
+            self.close_circuits_to(peer);
         }
         self.nat.answer_path_waiters(&peer);
     }
