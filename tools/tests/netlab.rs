@@ -655,6 +655,123 @@ fn g_two_hosts_with_one_identity_file_the_later_one_stops() {
     );
 }
 
+/// The "Run on several machines" commands of the README, pasted into lab
+/// hosts as they stand: the block's `10.0.0.1` is the bootstrap host's IP,
+/// `10.0.0.2` each training host's own, `<bootstrap peer id>` the id the
+/// bootstrap printed, `--shard 0/4` the host's shard, `boot.key` a file in
+/// the lab's directory. Nothing else is added: the defaults train to 96 %.
+#[test]
+fn readme_commands_pasted_into_lab_hosts_train_to_one_hash() {
+    const PEERS: usize = 4;
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
+        .expect("README.md");
+    let section = readme
+        .split("## Run on several machines")
+        .nth(1)
+        .expect("README has a \"Run on several machines\" section");
+    let block = section
+        .split("```sh")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .expect("a sh block in that section");
+    // Commands: continuation lines joined, comments dropped.
+    let commands: Vec<String> = block
+        .replace("\\\n", " ")
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_owned)
+        .collect();
+    let find = |sub: &str| {
+        commands
+            .iter()
+            .find(|c| c.starts_with(&format!("colony {sub}")))
+            .unwrap_or_else(|| panic!("no `colony {sub}` line in {commands:?}"))
+            .clone()
+    };
+    let (serve, train, doctor) = (find("dht serve"), find("train"), find("doctor"));
+    let Some(mut lab) = Lab::new("readme", &[Host::Public; PEERS + 1]) else {
+        return;
+    };
+    let key = lab.dir().join("boot.key").display().to_string();
+    let paste = |line: &str, host_ip: &str, boot_ip: &str, boot_id: &str, shard: usize| {
+        let line = line
+            .replace("10.0.0.1", boot_ip)
+            .replace("10.0.0.2", host_ip)
+            .replace("<bootstrap peer id>", boot_id)
+            .replace("--shard 0/4", &format!("--shard {shard}/{PEERS}"))
+            .replace("boot.key", &key);
+        line.split_whitespace()
+            .skip(1) // `colony`
+            .map(str::to_owned)
+            .collect::<Vec<String>>()
+    };
+    let boot_ip = lab.addr(0);
+    let serve_args = paste(&serve, "", &boot_ip, "", 0);
+    let boot = lab.spawn(
+        0,
+        &serve_args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let boot_id = lab::wait_line(
+        &boot,
+        "the bootstrap's address",
+        Duration::from_secs(30),
+        |l| {
+            l.strip_prefix("listening on ")
+                .and_then(|a| a.rsplit("/p2p/").next())
+                .map(str::to_owned)
+        },
+    );
+    // The doctor line first, on the first training host, as a user would.
+    let doctor_args = paste(&doctor, &lab.addr(1), &boot_ip, &boot_id, 0);
+    let doc = lab.spawn(
+        1,
+        &doctor_args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let status = lab
+        .wait_exit(&doc, Duration::from_secs(60))
+        .expect("the doctor finishes within 60 s");
+    let mut report = Vec::new();
+    while let Some(line) = doc.next_line(Duration::from_millis(200)) {
+        report.push(line);
+    }
+    eprintln!("lab scenario readme: doctor: {report:?}");
+    assert!(status.success(), "{status:?}: {report:?}");
+    assert!(
+        report
+            .iter()
+            .any(|l| l.starts_with("DHT port") && l.ends_with(": reachable")),
+        "{report:?}"
+    );
+    let trainers: Vec<Proc> = (0..PEERS)
+        .map(|i| {
+            let args = paste(&train, &lab.addr(i + 1), &boot_ip, &boot_id, i);
+            lab.spawn(i + 1, &args.iter().map(String::as_str).collect::<Vec<_>>())
+        })
+        .collect();
+    let hashes: Vec<String> = trainers
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let line = lab::wait_line(
+                t,
+                &format!("trainer {i} done"),
+                Duration::from_secs(170),
+                |l| l.starts_with("done:").then(|| l.to_owned()),
+            );
+            eprintln!("lab scenario readme: trainer {i}: {line}");
+            line.rsplit("params sha256 ")
+                .next()
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .collect();
+    assert!(
+        hashes.iter().all(|h| h.len() == 64 && *h == hashes[0]),
+        "the README's commands trained to different parameters: {hashes:?}"
+    );
+}
+
 /// The link bound of one butterfly all-reduce of `bytes` among peers with
 /// `rates` (bytes/s, each direction): peer `i` reducing share `s_i` moves
 /// `bytes * (1 + (n-2) s_i)` each way (its parts for the others' spans, the
