@@ -14,7 +14,7 @@ use std::time::Duration;
 use colony_dht::{
     Dht, DhtConfig, DhtError, PeerId, PeerPath, RelayLimits, StreamProtocol, relay_addrs_key,
 };
-use common::{expires_in, init_tracing, msgpack, secret, server_config};
+use common::{client_config, expires_in, init_tracing, msgpack, secret, server_config};
 use futures::{AsyncReadExt, AsyncWriteExt};
 
 const PROTOCOL: StreamProtocol = StreamProtocol::new("/colony-test/relay-echo/1");
@@ -61,6 +61,15 @@ async fn round_trip(from: &Dht, to: PeerId) {
     assert!(back == data, "echo differs");
 }
 
+/// A client that listens nowhere (only a relay brings peers to it), with a
+/// short hole-punch wait: there is nothing to punch to.
+fn hidden_config(seed: u64, i: usize, initial: Vec<colony_dht::Multiaddr>) -> DhtConfig {
+    DhtConfig {
+        hole_punch_wait: Duration::from_millis(500),
+        ..client_config(seed, i, initial)
+    }
+}
+
 fn relay_config(seed: u64) -> DhtConfig {
     DhtConfig {
         relay_server: Some(RelayLimits::default()),
@@ -76,13 +85,9 @@ async fn a_peer_that_listens_nowhere_is_reached_through_a_relay() {
     let initial = relay.listen_addrs();
     // A client that listens nowhere: only the relay can bring peers to it,
     // and there is nothing to hole-punch to.
-    let hidden = Dht::new(DhtConfig {
-        identity: colony_dht::IdentitySource::Secret(secret(seed, 1)),
-        hole_punch_wait: Duration::from_millis(500),
-        ..DhtConfig::client(initial.clone())
-    })
-    .await
-    .unwrap();
+    let hidden = Dht::new(hidden_config(seed, 1, initial.clone()))
+        .await
+        .unwrap();
     relayed(&hidden).await;
     assert!(hidden.is_dialable());
     let server = echo(&hidden);
@@ -243,10 +248,8 @@ async fn a_relay_with_circuits_too_small_for_data_is_swapped_for_a_larger_one() 
     .await
     .unwrap();
     let hidden = Dht::new(DhtConfig {
-        identity: colony_dht::IdentitySource::Secret(secret(seed, 2)),
         max_relays: 1,
-        hole_punch_wait: Duration::from_millis(500),
-        ..DhtConfig::client(small.listen_addrs())
+        ..hidden_config(seed, 2, small.listen_addrs())
     })
     .await
     .unwrap();
@@ -290,13 +293,9 @@ async fn a_relay_that_cuts_circuits_is_left_after_three() {
     let seed = 0x7e1e;
     let relay = Dht::new(small_relay_config(seed, 0, vec![])).await.unwrap();
     let initial = relay.listen_addrs();
-    let hidden = Dht::new(DhtConfig {
-        identity: colony_dht::IdentitySource::Secret(secret(seed, 1)),
-        hole_punch_wait: Duration::from_millis(500),
-        ..DhtConfig::client(initial.clone())
-    })
-    .await
-    .unwrap();
+    let hidden = Dht::new(hidden_config(seed, 1, initial.clone()))
+        .await
+        .unwrap();
     // The only relay at hand: kept for now, though its circuits are small.
     relayed(&hidden).await;
     let opener = Dht::new(server_config(seed, 2, initial)).await.unwrap();
@@ -360,12 +359,9 @@ async fn waiting_for_a_relay_ends_at_once_when_no_peer_relays() {
     init_tracing();
     let seed = 0x7e1f;
     let plain = Dht::new(server_config(seed, 0, vec![])).await.unwrap();
-    let hidden = Dht::new(DhtConfig {
-        identity: colony_dht::IdentitySource::Secret(secret(seed, 1)),
-        ..DhtConfig::client(plain.listen_addrs())
-    })
-    .await
-    .unwrap();
+    let hidden = Dht::new(client_config(seed, 1, plain.listen_addrs()))
+        .await
+        .unwrap();
     assert!(hidden.stats().await.unwrap().connected_peers >= 1);
     let started = std::time::Instant::now();
     assert!(
