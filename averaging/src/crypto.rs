@@ -3,7 +3,12 @@
 //! Each group member makes a fresh X25519 key pair per round and publishes the
 //! public half through the noise-authenticated control channel (the join
 //! protocol). Each (sender, reducer) pair derives two 128-bit keys, one per
-//! direction, with HKDF-SHA256 over the shared secret, salted with the group id.
+//! direction, with HKDF-SHA256 over the shared secret, salted with the digest
+//! of the whole assembled group ([`crate::AssembledGroup::digest`]: id, order,
+//! every member's entry) and bound to both members' round public keys in role
+//! order. Members holding different views of the group (a leader that
+//! equivocates: another ordering, a substituted key or address) derive
+//! different keys, so the first frame between them fails to authenticate.
 //! A key is used for exactly one direction of one connection, and the nonce is
 //! that direction's frame counter, so a nonce is never reused under a key.
 //!
@@ -72,7 +77,9 @@ impl RoundKeyPair {
     }
 
     /// Keys for the connection where `sender` streams parts to `reducer`
-    /// (`self` being one of the two, `peer_public` the other's key).
+    /// (`self` being the sender when `self_is_sender`, else the reducer;
+    /// `peer_public` the other's key), in the round whose group digest is
+    /// `group_digest`.
     ///
     /// # Errors
     /// [`AveragingError::Crypto`] for a peer key of small order (the shared
@@ -80,9 +87,10 @@ impl RoundKeyPair {
     pub fn connection_keys(
         &self,
         peer_public: &[u8; 32],
-        group_id: &[u8],
+        group_digest: &[u8],
         sender: u32,
         reducer: u32,
+        self_is_sender: bool,
     ) -> Result<ConnectionKeys> {
         let shared = self.secret.diffie_hellman(&PublicKey::from(*peer_public));
         if !shared.was_contributory() {
@@ -90,12 +98,24 @@ impl RoundKeyPair {
                 context: "X25519 agreement with a small-order key",
             });
         }
-        let salt = Salt::new(HKDF_SHA256, group_id);
+        let salt = Salt::new(HKDF_SHA256, group_digest);
         let prk = salt.extract(shared.as_bytes());
+        let (sender_pub, reducer_pub) = if self_is_sender {
+            (&self.public, peer_public)
+        } else {
+            (peer_public, &self.public)
+        };
         let derive = |dir: &[u8]| -> Result<[u8; 16]> {
             let s = sender.to_le_bytes();
             let r = reducer.to_le_bytes();
-            let info: [&[u8]; 4] = [b"colony-averaging-dataplane-v2-aegis128x2", &s, &r, dir];
+            let info: [&[u8]; 6] = [
+                b"colony-averaging-dataplane-v3-aegis128x2",
+                &s,
+                &r,
+                sender_pub,
+                reducer_pub,
+                dir,
+            ];
             let mut key = [0u8; 16];
             prk.expand(&info, Len16)
                 .and_then(|okm| okm.fill(&mut key))
@@ -348,12 +368,18 @@ mod tests {
     fn both_sides_derive_the_same_directional_keys() {
         let a = RoundKeyPair::generate().unwrap();
         let b = RoundKeyPair::generate().unwrap();
-        let ka = a.connection_keys(&b.public(), b"gid", 0, 1).unwrap();
-        let kb = b.connection_keys(&a.public(), b"gid", 0, 1).unwrap();
+        let ka = a.connection_keys(&b.public(), b"gid", 0, 1, true).unwrap();
+        let kb = b.connection_keys(&a.public(), b"gid", 0, 1, false).unwrap();
         assert_eq!(ka, kb);
         assert_ne!(ka.up, ka.down);
-        let other = a.connection_keys(&b.public(), b"gid", 1, 0).unwrap();
+        // The other direction, even under indices a leader swapped so that
+        // they coincide, and another view of the group: other keys.
+        let other = a.connection_keys(&b.public(), b"gid", 1, 0, true).unwrap();
         assert_ne!(ka, other);
+        let swapped_roles = b.connection_keys(&a.public(), b"gid", 0, 1, true).unwrap();
+        assert_ne!(ka, swapped_roles);
+        let other_view = a.connection_keys(&b.public(), b"gid2", 0, 1, true).unwrap();
+        assert_ne!(ka, other_view);
     }
 
     #[test]
@@ -364,7 +390,7 @@ mod tests {
         order2[0] = 1;
         for bad in [[0u8; 32], order2] {
             assert!(matches!(
-                a.connection_keys(&bad, b"gid", 0, 1),
+                a.connection_keys(&bad, b"gid", 0, 1, true),
                 Err(AveragingError::Crypto { .. })
             ));
         }

@@ -34,6 +34,10 @@ use crate::{
 pub(crate) struct Incoming {
     pub(crate) stream: DataStream,
     pub(crate) preamble: Preamble,
+    /// The libp2p peer of a stream.
+    pub(crate) remote: Option<PeerId>,
+    /// The remote address of a TCP connection.
+    pub(crate) addr: Option<SocketAddr>,
 }
 
 /// A data-plane connection refused before it reached a round's reducer.
@@ -329,7 +333,8 @@ impl DataPlane {
                         tokio::spawn(async move {
                             let _permit = permit;
                             let stream = DataStream::Tcp(stream);
-                            if let Err(fault) = route(&shared, stream, None, preamble_timeout).await
+                            if let Err(fault) =
+                                route(&shared, stream, None, Some(peer), preamble_timeout).await
                             {
                                 tracing::debug!(%peer, %fault, "rejected data-plane connection");
                             }
@@ -403,7 +408,7 @@ impl DataPlane {
                         let _permit = permit;
                         let stream = DataStream::p2p(stream);
                         if let Err(fault) =
-                            route(&shared, stream, Some(peer), preamble_timeout).await
+                            route(&shared, stream, Some(peer), None, preamble_timeout).await
                         {
                             tracing::info!(%peer, %fault, "rejected libp2p data stream");
                         }
@@ -521,10 +526,11 @@ async fn route(
     shared: &Shared,
     stream: DataStream,
     remote: Option<PeerId>,
+    addr: Option<SocketAddr>,
     timeout: Duration,
 ) -> std::result::Result<(), PeerFault> {
     let path = stream.path();
-    let res = route_inner(shared, stream, remote, timeout).await;
+    let res = route_inner(shared, stream, remote, addr, timeout).await;
     if let Err((claimed_sender, fault)) = &res {
         shared.note_rejection(RejectedConnection {
             peer: remote,
@@ -540,6 +546,7 @@ async fn route_inner(
     shared: &Shared,
     mut stream: DataStream,
     remote: Option<PeerId>,
+    addr: Option<SocketAddr>,
     timeout: Duration,
 ) -> std::result::Result<(), (Option<usize>, PeerFault)> {
     let deadline = tokio::time::Instant::now() + timeout;
@@ -599,7 +606,15 @@ async fn route_inner(
                 })?;
             }
             return tx
-                .send_timeout(Incoming { stream, preamble }, timeout)
+                .send_timeout(
+                    Incoming {
+                        stream,
+                        preamble,
+                        remote,
+                        addr,
+                    },
+                    timeout,
+                )
                 .await
                 .map_err(|_| {
                     (

@@ -63,6 +63,24 @@ pub enum PeerFault {
         /// The sender index the preamble claimed.
         sender: usize,
     },
+    /// The sender declared a weight that is NaN, infinite or negative.
+    #[error("declared weight {weight} is not a finite non-negative number")]
+    BadWeight {
+        /// The weight it declared.
+        weight: f32,
+    },
+    /// The sender did not deliver its parts within its share of the round
+    /// deadline (each part came within `sender_timeout`, but too slowly for
+    /// the round to finish).
+    #[error("delivered {delivered} of {parts} parts within its budget of {budget:?}")]
+    TooSlow {
+        /// Parts delivered in time.
+        delivered: usize,
+        /// Parts of the span.
+        parts: usize,
+        /// The sender's budget from the round's start.
+        budget: Duration,
+    },
     /// The peer broke the protocol in some other way.
     #[error("protocol violation: {reason}")]
     ProtocolViolation {

@@ -87,17 +87,84 @@ impl AssembledGroup {
         Ok(())
     }
 
-    /// Bandwidths for the balancer (clients forced to 0).
+    /// Bandwidths for the balancer, as every member computes them from the
+    /// same group (clients forced to 0). Hints are self-declared, so they are
+    /// sanitized first: a negative or non-finite one counts as unknown, and a
+    /// known one is clamped to [`MAX_BANDWIDTH_RATIO`] times the median of the
+    /// declared positive hints (and to [`MAX_BANDWIDTH`]). A member declaring
+    /// `1e308` thus takes at most that ratio of a median peer's share instead
+    /// of the whole vector.
     pub fn bandwidths(&self) -> Vec<Option<f64>> {
-        self.members
+        let declared: Vec<Option<f64>> = self
+            .members
             .iter()
             .map(|m| match m.mode {
                 AveragingMode::Client => Some(0.0),
-                _ => m.bandwidth,
+                _ => m.bandwidth.filter(|b| b.is_finite() && *b >= 0.0),
             })
+            .collect();
+        let mut positive: Vec<f64> = declared.iter().flatten().copied().filter(|b| *b > 0.0).collect();
+        positive.sort_by(f64::total_cmp);
+        let cap = match positive.len() {
+            0 => MAX_BANDWIDTH,
+            n => {
+                let median = if n % 2 == 1 {
+                    positive[n / 2]
+                } else {
+                    0.5 * (positive[n / 2 - 1] + positive[n / 2])
+                };
+                (median * MAX_BANDWIDTH_RATIO).min(MAX_BANDWIDTH)
+            }
+        };
+        declared
+            .into_iter()
+            .map(|b| b.map(|b| b.min(cap)))
             .collect()
     }
+
+    /// SHA-256 of the whole group as this member sees it: the id, the
+    /// order and every member's entry (peer id, data address, mode,
+    /// bandwidth hint, round public key). Every connection key of the round
+    /// is salted with it, so members given different views of the group by
+    /// their leader cannot talk to each other.
+    pub fn digest(&self) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(b"colony-group-v1");
+        h.update(self.group_id);
+        h.update((self.members.len() as u64).to_le_bytes());
+        for m in &self.members {
+            h.update((m.peer_id.len() as u64).to_le_bytes());
+            h.update(&m.peer_id);
+            let addr = m.data_addr.map(|a| a.to_string()).unwrap_or_default();
+            h.update((addr.len() as u64).to_le_bytes());
+            h.update(addr.as_bytes());
+            h.update([match m.mode {
+                AveragingMode::Node => 0u8,
+                AveragingMode::Client => 1,
+                AveragingMode::Aux => 2,
+            }]);
+            match m.bandwidth {
+                None => h.update([0u8]),
+                Some(b) => {
+                    h.update([1u8]);
+                    h.update(b.to_bits().to_le_bytes());
+                }
+            }
+            h.update(m.round_public_key);
+        }
+        h.finalize().into()
+    }
 }
+
+/// Largest bandwidth hint the balancer uses (bytes per second or any unit:
+/// hints are relative; this only keeps the arithmetic finite).
+pub const MAX_BANDWIDTH: f64 = 1e12;
+/// A member's bandwidth hint counts for at most this multiple of the
+/// group's median hint.
+pub const MAX_BANDWIDTH_RATIO: f64 = 16.0;
+
+/// 2^24: the default [`AllreduceConfig::max_weight`].
+pub const MAX_EXACT_WEIGHT: f32 = 16_777_216.0;
 
 /// Knobs of one all-reduce round. Every group member must use the same
 /// `part_size_bytes`, `compression` and `min_vector_size`.
@@ -122,6 +189,13 @@ pub struct AllreduceConfig {
     pub reducer_timeout: Duration,
     /// Limit on the whole round. Default 120 s.
     pub allreduce_timeout: Duration,
+    /// Largest weight a sender may carry: a reducer clips a larger declared
+    /// weight to it (and to the round's per-member caps, see
+    /// [`crate::DecentralizedAverager::set_weight_caps`]), so one member
+    /// declaring `1e30` counts as this much, not as everything. Weights are
+    /// sample counts in `colony-optim`; the default, 2^24, is the largest
+    /// count an `f32` holds exactly.
+    pub max_weight: f32,
 }
 
 impl Default for AllreduceConfig {
@@ -135,6 +209,7 @@ impl Default for AllreduceConfig {
             sender_timeout: Duration::from_secs(5),
             reducer_timeout: Duration::from_secs(10),
             allreduce_timeout: Duration::from_secs(120),
+            max_weight: MAX_EXACT_WEIGHT,
         }
     }
 }
@@ -163,7 +238,26 @@ impl AllreduceConfig {
         if self.request_timeout.is_zero() || self.allreduce_timeout.is_zero() {
             return bad("allreduce_timeout", "timeouts must be positive");
         }
+        if !self.max_weight.is_finite() || self.max_weight <= 0.0 {
+            return bad("max_weight", "must be finite and positive");
+        }
         Ok(())
+    }
+
+    /// How long after a round starts a sender must have delivered every
+    /// part to a reducer: 60 % of `allreduce_timeout`. A sender still
+    /// sending then is banned ([`crate::PeerFault::TooSlow`]) and the span
+    /// finishes without the rest of its parts, so one slow or drip-feeding
+    /// sender cannot spend the whole round deadline.
+    pub fn sender_budget(&self) -> Duration {
+        self.allreduce_timeout.mul_f64(0.6)
+    }
+
+    /// How long after a round starts a sender waits for a reducer's
+    /// results: 90 % of `allreduce_timeout`. After that it keeps its local
+    /// values for the parts still missing and the round ends in time.
+    pub fn reducer_budget(&self) -> Duration {
+        self.allreduce_timeout.mul_f64(0.9)
     }
 
     /// Elements per part for this compression.

@@ -56,7 +56,10 @@ pub use compression::Compression;
 pub use conn::DataPath;
 pub use dataplane::RejectedConnection;
 pub use error::{AveragingError, PeerFault, Result};
-pub use group::{AllreduceConfig, AssembledGroup, AveragingMode, GroupMember, schema_hash};
+pub use group::{
+    AllreduceConfig, AssembledGroup, AveragingMode, GroupMember, MAX_BANDWIDTH, MAX_BANDWIDTH_RATIO,
+    MAX_EXACT_WEIGHT, schema_hash,
+};
 pub use partition::TensorLayout;
 
 /// One butterfly all-reduce round for an explicit group, and the pieces it
@@ -65,7 +68,7 @@ pub use partition::TensorLayout;
 /// directly to benchmark a round or to drive one over your own group.
 pub mod round {
     pub use crate::{
-        allreduce::{RoundOutcome, SpanResult, run_allreduce},
+        allreduce::{RoundOutcome, SpanResult, run_allreduce, run_allreduce_capped},
         compression::{BLOCK_8BIT, all_finite},
         crypto::{ConnectionKeys, FRAME_HEADER_LEN, FrameCipher, RoundKeyPair, TAG_LEN},
         dataplane::DataPlane,

@@ -20,6 +20,7 @@ pub struct PartReducer {
     delivered: Vec<usize>,
     banned: Vec<bool>,
     finalized: usize,
+    overflowed: usize,
 }
 
 /// The outcome of a completed part.
@@ -53,6 +54,7 @@ impl PartReducer {
             delivered: vec![0; senders],
             banned: vec![false; senders],
             finalized: 0,
+            overflowed: 0,
             parts,
         }
     }
@@ -230,6 +232,11 @@ impl PartReducer {
         }
     }
 
+    /// Parts whose average overflowed to infinity and were returned empty.
+    pub fn overflowed(&self) -> usize {
+        self.overflowed
+    }
+
     /// Number of parts completed and finalized so far.
     pub fn finalized(&self) -> usize {
         self.finalized
@@ -250,8 +257,21 @@ impl PartReducer {
             let w = self.weight_sum[p];
             if w > 0.0 {
                 let inv = (1.0 / w) as f32;
-                for a in &mut self.acc[self.parts[p].clone()] {
+                let values = &mut self.acc[self.parts[p].clone()];
+                for a in values.iter_mut() {
                     *a *= inv;
+                }
+                // Every input was finite, but finite inputs can still sum
+                // past f32::MAX (huge values, or weights near the cap): a
+                // reducer checks its own averages and returns none rather
+                // than infinities. Members keep their local values there.
+                if !crate::compression::all_finite(values) {
+                    tracing::warn!(
+                        part = p,
+                        "averaging: a part's average overflowed; returning it as empty"
+                    );
+                    self.weight_sum[p] = 0.0;
+                    self.overflowed += 1;
                 }
             }
             self.finalized += 1;
@@ -342,6 +362,17 @@ mod tests {
         r.ban(1);
         assert_eq!(r.advance(), 2);
         assert_eq!(r.part(1).unwrap().1, &[1.0, 1.0]);
+    }
+
+    #[test]
+    fn an_overflowing_average_is_returned_empty() {
+        let mut r = PartReducer::new(part_ranges(0..2, 2), 2);
+        // Finite inputs whose weighted sum passes f32::MAX.
+        r.accumulate(0, 0, &[3e38, 1.0], 3.0).unwrap();
+        r.accumulate(1, 0, &[3e38, 1.0], 3.0).unwrap();
+        assert_eq!(r.advance(), 1);
+        assert_eq!(r.part(0).unwrap().0, PartResult::Empty);
+        assert_eq!(r.overflowed(), 1);
     }
 
     #[test]

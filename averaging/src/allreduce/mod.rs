@@ -57,11 +57,21 @@ struct Ctx<'a, T> {
     layout: &'a TensorLayout,
     tensors: &'a [T],
     weight: f32,
+    /// Per member, the largest weight its parts may carry here (already
+    /// including `cfg.max_weight`).
+    weight_caps: Vec<f32>,
     cfg: &'a AllreduceConfig,
     bytes: &'a Arc<BytePool>,
     pool: &'a BufferPool,
     schema: [u8; 32],
+    /// [`AssembledGroup::digest`]: the salt of every connection key.
+    digest: [u8; 32],
     spans: Vec<Range<usize>>,
+    /// [`AllreduceConfig::sender_budget`], and when it ends for this round.
+    sender_budget: std::time::Duration,
+    sender_deadline: tokio::time::Instant,
+    /// When this peer stops waiting for a reducer's results.
+    reducer_deadline: tokio::time::Instant,
     /// Set once a part of this sender's tensors is found not finite: from
     /// then on it withdraws from every reducer (see [`Ctx::withdraw`]).
     withdrawn: AtomicBool,
@@ -110,6 +120,31 @@ pub async fn run_allreduce<T: AsRef<[f32]> + Sync>(
     weight: f32,
     cfg: &AllreduceConfig,
 ) -> Result<RoundOutcome> {
+    run_allreduce_capped(plane, group, my_index, keys, layout, tensors, weight, cfg, &[]).await
+}
+
+/// [`run_allreduce`] where this peer, as a reducer, clips member `i`'s
+/// weight to `weight_caps[i]` (and every weight to
+/// [`AllreduceConfig::max_weight`]); members past the end of `weight_caps`
+/// get `max_weight` only. A clipped weight is not a fault (an honest peer
+/// may have counted a few samples more than others saw): it is logged and
+/// reported in [`RoundOutcome::clipped_weights`].
+///
+/// # Errors
+/// As [`run_allreduce`].
+#[allow(clippy::too_many_arguments)]
+pub async fn run_allreduce_capped<T: AsRef<[f32]> + Sync>(
+    plane: &DataPlane,
+    group: &AssembledGroup,
+    my_index: usize,
+    keys: &RoundKeyPair,
+    layout: &TensorLayout,
+    tensors: &[T],
+    weight: f32,
+    cfg: &AllreduceConfig,
+    weight_caps: &[f32],
+) -> Result<RoundOutcome> {
+    let started = tokio::time::Instant::now();
     cfg.validate()?;
     group.validate()?;
     layout.check(tensors)?;
@@ -130,6 +165,15 @@ pub async fn run_allreduce<T: AsRef<[f32]> + Sync>(
     } else {
         weight
     };
+    let weight_caps: Vec<f32> = (0..group.members.len())
+        .map(|i| {
+            let cap = weight_caps.get(i).copied().unwrap_or(f32::INFINITY);
+            // A NaN cap is no cap at all; max_weight still holds.
+            if cap.is_nan() { cfg.max_weight } else { cap.clamp(0.0, cfg.max_weight) }
+        })
+        .collect();
+    // This peer's own weight obeys the same caps as everyone's.
+    let weight = weight.min(weight_caps[my_index]);
     // Local tensors are checked for NaN/inf part by part as they are encoded
     // (while each part is in cache), not in a separate pass over the whole
     // buffer up front; a poisoned part makes this peer withdraw (`Ctx::withdraw`).
@@ -141,11 +185,16 @@ pub async fn run_allreduce<T: AsRef<[f32]> + Sync>(
         layout,
         tensors,
         weight,
+        weight_caps,
         cfg,
         bytes: &plane.bytes,
         pool: &plane.pool,
         schema: schema_hash(layout),
+        digest: group.digest(),
         spans: spans_from_sizes(&sizes),
+        sender_budget: cfg.sender_budget(),
+        sender_deadline: started + cfg.sender_budget(),
+        reducer_deadline: started + cfg.reducer_budget(),
         withdrawn: AtomicBool::new(false),
     };
     let timeout = cfg.allreduce_timeout;
@@ -262,6 +311,8 @@ async fn run_round<T: AsRef<[f32]> + Sync>(
         bytes: served_bytes,
         mut encoded,
         paths: served_paths,
+        clipped: clipped_weights,
+        impostors,
     } = served;
 
     let mut spans = Vec::new();
@@ -372,5 +423,7 @@ async fn run_round<T: AsRef<[f32]> + Sync>(
         sent_paths,
         served_paths,
         rejected,
+        clipped_weights,
+        impostors,
     })
 }

@@ -11,9 +11,9 @@ use tokio::{io::AsyncWriteExt, sync::watch};
 
 use crate::{
     compression::{Compression, all_finite},
-    conn::DataPath,
+    conn::{DataPath, DataReadHalf, DataWriteHalf},
     crypto::FrameCipher,
-    dataplane::{BufferPool, Incoming},
+    dataplane::{BufferPool, Incoming, PooledBytes, RejectedConnection},
     error::{AveragingError, PeerFault, Result},
     group::AveragingMode,
     reducer::{PartReducer, PartResult},
@@ -60,10 +60,43 @@ pub(super) struct Served {
     pub(super) encoded: Option<EncodedAverages>,
     /// The path each connected sender came by.
     pub(super) paths: Vec<(usize, DataPath)>,
+    /// Senders whose weight was clipped: `(sender, declared, used)`.
+    pub(super) clipped: Vec<(usize, f32, f32)>,
+    /// Connections that claimed a slot and did not authenticate.
+    pub(super) impostors: Vec<RejectedConnection>,
+}
+
+/// Connections at once that may try to authenticate for one sender slot:
+/// the real sender plus a few impostors; more are dropped unread.
+const CANDIDATES_PER_SLOT: usize = 4;
+
+/// A connection whose first frame opened under its sender's key.
+struct Authed {
+    s: usize,
+    path: DataPath,
+    rd: DataReadHalf,
+    wr: DataWriteHalf,
+    up: FrameCipher,
+    down: FrameCipher,
+    buf: PooledBytes,
+    /// What the first frame said: `Ok(Some(weight))` for a hello,
+    /// `Ok(None)` for a withdrawal, `Err` for an authenticated frame that
+    /// breaks the protocol (the sender's own fault).
+    hello: std::result::Result<Option<f32>, PeerFault>,
+}
+
+/// Why a connection never took its slot.
+struct Unauthenticated {
+    s: usize,
+    rejected: RejectedConnection,
 }
 
 /// Accept the remote senders of this peer's span and serve them until every
-/// part is finalized and sent back.
+/// part is finalized and sent back. A connection takes its sender's slot
+/// only once its first frame opens under that sender's key: anything before
+/// (the plaintext preamble) can be sent by anyone, so a connection that
+/// fails or stalls before authenticating is dropped without banning the
+/// sender it named.
 pub(super) async fn serve_span<T: AsRef<[f32]> + Sync>(
     ctx: &Ctx<'_, T>,
     red: &Arc<Mutex<PartReducer>>,
@@ -73,17 +106,28 @@ pub(super) async fn serve_span<T: AsRef<[f32]> + Sync>(
 ) -> Served {
     let mut banned: Vec<(usize, PeerFault)> = Vec::new();
     let mut paths = Vec::new();
-    let mut connected = vec![false; ctx.group.members.len()];
+    let mut clipped = Vec::new();
+    let mut impostors = Vec::new();
+    let n = ctx.group.members.len();
+    let mut connected = vec![false; n];
+    let mut trying = vec![0usize; n];
     let mut pending = expected.len();
     // Compressed averages are encoded once, into one pooled span-sized buffer,
     // and copied into each recipient's frame (raw f32 "encoding" is already a
     // copy, so it is not cached).
     let encoded = Mutex::new(EncodedAverages::new(ctx.cfg.compression, red, ctx.pool));
+    let nparts = red.lock().map(|r| r.num_parts()).unwrap_or(0);
+    let mut candidates = FuturesUnordered::new();
     let mut handlers = FuturesUnordered::new();
     let mut bytes = 0u64;
     let deadline = tokio::time::Instant::now() + ctx.cfg.sender_timeout;
     let ban = |sender: usize, fault: PeerFault, banned: &mut Vec<(usize, PeerFault)>| {
-        tracing::warn!(sender, %fault, "averaging: banning sender");
+        tracing::warn!(
+            sender,
+            peer = %crate::averager::peer_label(&ctx.group.members[sender].peer_id),
+            %fault,
+            "averaging: banning sender"
+        );
         if let Ok(mut r) = red.lock() {
             r.ban(sender);
             tx.send_replace(r.advance());
@@ -101,16 +145,68 @@ pub(super) async fn serve_span<T: AsRef<[f32]> + Sync>(
                 let s = inc.preamble.sender as usize;
                 let valid = inc.preamble.reducer as usize == ctx.me
                     && expected.contains(&s)
-                    && !connected[s];
+                    && !connected[s]
+                    && trying[s] < CANDIDATES_PER_SLOT;
                 if !valid {
-                    tracing::warn!(sender = s, "averaging: unexpected connection for this round");
+                    tracing::warn!(
+                        sender = s,
+                        remote = ?inc.remote,
+                        addr = ?inc.addr,
+                        "averaging: unexpected connection for this round"
+                    );
                     continue;
                 }
-                connected[s] = true;
-                pending -= 1;
-                paths.push((s, inc.stream.path()));
-                handlers.push(serve_sender(ctx, red, tx, &encoded, inc));
+                trying[s] += 1;
+                candidates.push(authenticate(ctx, inc, nparts));
             }
+            Some(res) = candidates.next(), if !candidates.is_empty() => match res {
+                Ok(authed) => {
+                    let s = authed.s;
+                    trying[s] -= 1;
+                    if connected[s] {
+                        // The sender's own second connection (or a replay of
+                        // its first frame): one per round.
+                        continue;
+                    }
+                    connected[s] = true;
+                    pending = pending.saturating_sub(1);
+                    paths.push((s, authed.path));
+                    let weight = match authed.hello {
+                        Err(fault) => {
+                            ban(s, fault, &mut banned);
+                            continue;
+                        }
+                        Ok(None) => None,
+                        Ok(Some(declared)) => {
+                            let cap = ctx.weight_caps[s];
+                            if declared > cap {
+                                tracing::warn!(
+                                    sender = s,
+                                    peer = %crate::averager::peer_label(&ctx.group.members[s].peer_id),
+                                    declared,
+                                    cap,
+                                    "averaging: clipping a sender's weight"
+                                );
+                                clipped.push((s, declared, cap));
+                            }
+                            Some(declared.min(cap))
+                        }
+                    };
+                    handlers.push(serve_sender(ctx, red, tx, &encoded, authed, weight, nparts));
+                }
+                Err(Unauthenticated { s, rejected }) => {
+                    trying[s] -= 1;
+                    tracing::warn!(
+                        claimed_sender = s,
+                        remote = ?rejected.peer,
+                        fault = %rejected.fault,
+                        "averaging: dropping a connection that did not authenticate as the sender it named"
+                    );
+                    if impostors.len() < 32 {
+                        impostors.push(rejected);
+                    }
+                }
+            },
             _ = tokio::time::sleep_until(deadline), if accepting => {
                 for &s in expected {
                     if !connected[s] {
@@ -135,12 +231,101 @@ pub(super) async fn serve_span<T: AsRef<[f32]> + Sync>(
         }
     }
     drop(handlers);
+    drop(candidates);
     Served {
         banned,
         bytes,
         encoded: encoded.into_inner().ok(),
         paths,
+        clipped,
+        impostors,
     }
+}
+
+/// Read `inc`'s first frame under its claimed sender's key, within one
+/// request timeout.
+async fn authenticate<T: AsRef<[f32]> + Sync>(
+    ctx: &Ctx<'_, T>,
+    inc: Incoming,
+    nparts: usize,
+) -> std::result::Result<Authed, Unauthenticated> {
+    let s = inc.preamble.sender as usize;
+    let path = inc.stream.path();
+    let refuse = |fault: PeerFault| Unauthenticated {
+        s,
+        rejected: RejectedConnection {
+            peer: inc.remote,
+            path,
+            claimed_sender: Some(s),
+            fault,
+        },
+    };
+    let peer_key = &ctx.group.members[s].round_public_key;
+    let keys = ctx
+        .keys
+        .connection_keys(peer_key, &ctx.digest, s as u32, ctx.me as u32, false)
+        .map_err(|_| {
+            refuse(PeerFault::ProtocolViolation {
+                reason: "bad round public key",
+            })
+        })?;
+    let bad_key = |_| refuse(PeerFault::ProtocolViolation { reason: "bad key" });
+    let mut up = FrameCipher::new(&keys.up).map_err(bad_key)?;
+    let down = FrameCipher::new(&keys.down).map_err(bad_key)?;
+    let (mut rd, wr) = inc.stream.into_split();
+    let mut buf = ctx.bytes.take();
+    let (kind, _, payload) = wire::read_frame(
+        &mut rd,
+        &mut up,
+        &mut buf,
+        ctx.cfg.max_frame_len(),
+        ctx.cfg.request_timeout,
+    )
+    .await
+    .map_err(refuse)?;
+    // From here on the frame is the sender's own: faults are its own.
+    let hello = (|| {
+        if kind == Kind::Withdraw {
+            return Ok(None);
+        }
+        if kind != Kind::Hello {
+            return Err(PeerFault::ProtocolViolation {
+                reason: "first frame is not hello",
+            });
+        }
+        let hello = Hello::decode(&buf[payload])?;
+        if hello.schema_hash != ctx.schema {
+            return Err(PeerFault::BadSchemaHash);
+        }
+        if hello.compression != ctx.cfg.compression.code() {
+            return Err(PeerFault::ProtocolViolation {
+                reason: "compression differs",
+            });
+        }
+        if hello.num_parts as usize != nparts {
+            return Err(PeerFault::UnexpectedPart {
+                expected: nparts,
+                got: hello.num_parts as usize,
+                count: nparts,
+            });
+        }
+        if !hello.weight.is_finite() || hello.weight < 0.0 {
+            return Err(PeerFault::BadWeight {
+                weight: hello.weight,
+            });
+        }
+        Ok(Some(hello.weight))
+    })();
+    Ok(Authed {
+        s,
+        path,
+        rd,
+        wr,
+        up,
+        down,
+        buf,
+        hello,
+    })
 }
 
 /// Byte offset of each part's encoding when parts of `lens` values are laid
@@ -228,93 +413,57 @@ async fn serve_sender<T: AsRef<[f32]> + Sync>(
     red: &Arc<Mutex<PartReducer>>,
     tx: &watch::Sender<usize>,
     encoded: &Mutex<EncodedAverages>,
-    inc: Incoming,
+    authed: Authed,
+    weight: Option<f32>,
+    nparts: usize,
 ) -> (usize, std::result::Result<(), PeerFault>, u64) {
-    let s = inc.preamble.sender as usize;
-    let setup = || -> std::result::Result<_, PeerFault> {
-        let peer_key = &ctx.group.members[s].round_public_key;
-        let keys = ctx
-            .keys
-            .connection_keys(peer_key, &ctx.group.group_id, s as u32, ctx.me as u32)
-            .map_err(|_| PeerFault::ProtocolViolation {
-                reason: "bad round public key",
-            })?;
-        let up = FrameCipher::new(&keys.up)
-            .map_err(|_| PeerFault::ProtocolViolation { reason: "bad key" })?;
-        let down = FrameCipher::new(&keys.down)
-            .map_err(|_| PeerFault::ProtocolViolation { reason: "bad key" })?;
-        Ok((up, down))
+    let Authed {
+        s,
+        mut rd,
+        mut wr,
+        mut up,
+        mut down,
+        mut buf,
+        ..
+    } = authed;
+    let Some(weight) = weight else {
+        // Withdrawn: finish its parts without it; it wants no results.
+        tracing::info!(sender = s, "averaging: sender withdrew from the round");
+        if let Ok(mut r) = red.lock() {
+            r.ban(s);
+            tx.send_replace(r.advance());
+        }
+        return (s, Ok(()), 0);
     };
-    let (mut up, mut down) = match setup() {
-        Ok(k) => k,
-        Err(f) => return (s, Err(f), 0),
-    };
-    let (mut rd, mut wr) = inc.stream.into_split();
-    let mut buf = ctx.bytes.take();
-    let nparts = red.lock().map(|r| r.num_parts()).unwrap_or(0);
-    let hello = async {
-        let (kind, _, payload) = wire::read_frame(
-            &mut rd,
-            &mut up,
-            &mut buf,
-            ctx.cfg.max_frame_len(),
-            ctx.cfg.request_timeout,
-        )
-        .await?;
-        if kind == Kind::Withdraw {
-            return Ok(None);
-        }
-        if kind != Kind::Hello {
-            return Err(PeerFault::ProtocolViolation {
-                reason: "first frame is not hello",
-            });
-        }
-        let hello = Hello::decode(&buf[payload])?;
-        if hello.schema_hash != ctx.schema {
-            return Err(PeerFault::BadSchemaHash);
-        }
-        if hello.compression != ctx.cfg.compression.code() {
-            return Err(PeerFault::ProtocolViolation {
-                reason: "compression differs",
-            });
-        }
-        if hello.num_parts as usize != nparts {
-            return Err(PeerFault::UnexpectedPart {
-                expected: nparts,
-                got: hello.num_parts as usize,
-                count: nparts,
-            });
-        }
-        if !hello.weight.is_finite() || hello.weight < 0.0 {
-            return Err(PeerFault::NonFinite { part: 0 });
-        }
-        Ok(Some(hello.weight))
-    };
-    let weight = match hello.await {
-        Ok(Some(w)) => w,
-        Ok(None) => {
-            // Withdrawn: finish its parts without it; it wants no results.
-            tracing::info!(sender = s, "averaging: sender withdrew from the round");
-            if let Ok(mut r) = red.lock() {
-                r.ban(s);
-                tx.send_replace(r.advance());
-            }
-            return (s, Ok(()), 0);
-        }
-        Err(f) => return (s, Err(f), 0),
-    };
+    // A sender delivers its parts at a bounded pace: each within
+    // `sender_timeout` of the last, and all of them by its budget (a share
+    // of the round deadline), so a drip-feeding sender is banned while the
+    // round can still finish for everyone else.
+    let budget = ctx.sender_deadline;
     let compression = ctx.cfg.compression;
     let reader = async {
         let mut scratch = Vec::new();
-        for _ in 0..nparts {
-            let (kind, index, payload) = wire::read_frame(
+        for p in 0..nparts {
+            let left = budget.saturating_duration_since(tokio::time::Instant::now());
+            let timeout = ctx.cfg.sender_timeout.min(left);
+            let frame = wire::read_frame(
                 &mut rd,
                 &mut up,
                 &mut buf,
                 ctx.cfg.max_frame_len(),
-                ctx.cfg.sender_timeout,
+                timeout,
             )
-            .await?;
+            .await;
+            let (kind, index, payload) = match frame {
+                Err(PeerFault::Stalled { .. }) if timeout < ctx.cfg.sender_timeout => {
+                    return Err(PeerFault::TooSlow {
+                        delivered: p,
+                        parts: nparts,
+                        budget: ctx.sender_budget,
+                    });
+                }
+                other => other?,
+            };
             if kind == Kind::Withdraw {
                 // The sender found NaN/inf in its tensors: it contributes no
                 // more parts (those delivered were finite and stay).

@@ -82,6 +82,13 @@ pub struct RoundOutcome {
     /// Connections for this round refused before they reached the reducer
     /// (a libp2p stream claiming another member's sender slot).
     pub rejected: Vec<RejectedConnection>,
+    /// Senders whose declared weight this peer (as a reducer) clipped:
+    /// `(sender, declared, used)`.
+    pub clipped_weights: Vec<(usize, f32, f32)>,
+    /// Connections to this peer's span that claimed a sender's slot but
+    /// whose first frame did not authenticate under that sender's key:
+    /// dropped without banning anyone.
+    pub impostors: Vec<RejectedConnection>,
 }
 
 impl Drop for RoundOutcome {

@@ -56,17 +56,32 @@ pub(super) async fn send_to_reducer<T: AsRef<[f32]> + Sync>(
     let mut bytes = 0u64;
     let mut checked = 0;
     let mut path = None;
-    let fault = exchange(
-        plane,
-        ctx,
-        r,
-        &mut result,
-        &mut bytes,
-        &mut checked,
-        &mut path,
+    // A reducer returns every average by this peer's reducer budget, or
+    // this peer keeps its local values for the parts still missing: a slow
+    // reducer cannot spend the round deadline (and with it every other
+    // span's results). Cancelling the exchange is safe: a part counts as
+    // averaged only once all of it has arrived.
+    let exchanged = tokio::time::timeout_at(
+        ctx.reducer_deadline,
+        exchange(
+            plane,
+            ctx,
+            r,
+            &mut result,
+            &mut bytes,
+            &mut checked,
+            &mut path,
+        ),
     )
-    .await
-    .err();
+    .await;
+    let fault = match exchanged {
+        Ok(res) => res.err(),
+        Err(_) => Some(PeerFault::TooSlow {
+            delivered: result.averaged.iter().filter(|a| **a).count(),
+            parts: result.averaged.len(),
+            budget: ctx.cfg.reducer_budget(),
+        }),
+    };
     (result, bytes, fault, checked, path)
 }
 
@@ -126,9 +141,10 @@ async fn exchange<T: AsRef<[f32]> + Sync>(
         .keys
         .connection_keys(
             &member.round_public_key,
-            &ctx.group.group_id,
+            &ctx.digest,
             ctx.me as u32,
             r as u32,
+            true,
         )
         .map_err(|_| PeerFault::ProtocolViolation {
             reason: "bad round public key",

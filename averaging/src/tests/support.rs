@@ -200,9 +200,10 @@ pub(super) fn connection_ciphers(
         .keys
         .connection_keys(
             &group.members[other].round_public_key,
-            &group.group_id,
+            &group.digest(),
             sender as u32,
             reducer as u32,
+            holder == sender,
         )
         .unwrap();
     (
