@@ -163,6 +163,36 @@ pub const MAX_BANDWIDTH: f64 = 1e12;
 /// group's median hint.
 pub const MAX_BANDWIDTH_RATIO: f64 = 16.0;
 
+/// Per-peer limits on the weight a reducer lets each sender carry, for
+/// callers that know more than the round does (`colony-optim` caps each
+/// peer at the samples it published for this step and at a multiple of
+/// `target_batch_size / peers`). Every weight is also capped at
+/// [`AllreduceConfig::max_weight`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct WeightCaps {
+    /// The cap of a peer not in `per_peer` (`None`: only `max_weight`).
+    pub default: Option<f32>,
+    /// Caps by peer id.
+    pub per_peer: std::collections::HashMap<Vec<u8>, f32>,
+}
+
+impl WeightCaps {
+    /// The cap of each member of `group`, in group order.
+    pub fn for_group(&self, group: &AssembledGroup) -> Vec<f32> {
+        group
+            .members
+            .iter()
+            .map(|m| {
+                self.per_peer
+                    .get(&m.peer_id)
+                    .copied()
+                    .or(self.default)
+                    .unwrap_or(f32::INFINITY)
+            })
+            .collect()
+    }
+}
+
 /// 2^24: the default [`AllreduceConfig::max_weight`].
 pub const MAX_EXACT_WEIGHT: f32 = 16_777_216.0;
 

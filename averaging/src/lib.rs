@@ -58,7 +58,7 @@ pub use dataplane::RejectedConnection;
 pub use error::{AveragingError, PeerFault, Result};
 pub use group::{
     AllreduceConfig, AssembledGroup, AveragingMode, GroupMember, MAX_BANDWIDTH, MAX_BANDWIDTH_RATIO,
-    MAX_EXACT_WEIGHT, schema_hash,
+    MAX_EXACT_WEIGHT, WeightCaps, schema_hash,
 };
 pub use partition::TensorLayout;
 

@@ -27,11 +27,11 @@ pub use self::config::AveragerConfig;
 use self::donor::{DonorCommand, DonorRecord};
 pub(crate) use self::reachability::Reachability;
 use crate::{
-    allreduce::{RoundOutcome, run_allreduce},
+    allreduce::{RoundOutcome, run_allreduce_capped},
     crypto::RoundKeyPair,
     dataplane::DataPlane,
     error::{AveragingError, Result},
-    group::{AssembledGroup, AveragingMode, GroupMember},
+    group::{AssembledGroup, AveragingMode, GroupMember, WeightCaps},
     group_keys::{group_key, next_group_bits},
     matchmaking::{
         Matchmaker, MatchmakerConfig,
@@ -74,6 +74,7 @@ struct Inner {
     donor: DonorRecord,
     donor_cmd: watch::Sender<DonorCommand>,
     step_lock: Mutex<()>,
+    weight_caps: StdMutex<WeightCaps>,
 }
 
 /// Averages a set of flat `f32` buffers with peers found through the DHT.
@@ -213,6 +214,7 @@ impl DecentralizedAverager {
             donor: donor.clone(),
             donor_cmd,
             step_lock: Mutex::new(()),
+            weight_caps: StdMutex::new(WeightCaps::default()),
             cfg,
             dht,
         });
@@ -304,6 +306,15 @@ impl DecentralizedAverager {
         }
     }
 
+    /// Limit the weight each peer's parts may carry when this peer reduces
+    /// (from the next step on); see [`WeightCaps`]. This peer's own weight
+    /// obeys its cap too.
+    pub fn set_weight_caps(&self, caps: WeightCaps) {
+        if let Ok(mut c) = self.inner.weight_caps.lock() {
+            *c = caps;
+        }
+    }
+
     /// Find a group and average with it, weighting this peer's tensors by
     /// `weight` (default 1, or 0 for auxiliary peers). Results are applied in
     /// place only if the round succeeds.
@@ -340,9 +351,14 @@ impl DecentralizedAverager {
             .ok_or(AveragingError::Internal {
                 what: "this peer is not in the group it joined",
             })?;
+        let caps = inner
+            .weight_caps
+            .lock()
+            .map(|c| c.for_group(&group))
+            .unwrap_or_default();
         let mut tensors = inner.tensors.lock().await;
         let started = std::time::Instant::now();
-        let round = run_allreduce(
+        let round = run_allreduce_capped(
             &inner.plane,
             &group,
             me,
@@ -351,6 +367,7 @@ impl DecentralizedAverager {
             &tensors,
             weight,
             &inner.cfg.allreduce,
+            &caps,
         )
         .await?;
         let allreduce_time = started.elapsed();

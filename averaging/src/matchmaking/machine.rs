@@ -414,9 +414,12 @@ impl Matchmaker {
                     });
                 }
                 // The leader acts by its expiration (not later than ours
-                // unless we are a client), at most one request late.
+                // unless we are a client), at most one request late; and
+                // never past this peer's own deadline, whatever the leader
+                // declared (a leader answering "accepted" with an expiration
+                // days away must not hold a follower that long).
                 let until = l.expiration.max(leader_expiration);
-                let wait = (until - now).clamp(0.0, 1e6) + 2.0 * t;
+                let wait = ((until + 2.0 * t).min(l.deadline) - now).max(0.0);
                 a.accepted = true;
                 l.attempt = Some(a);
                 out.push(Action::AwaitLeader { attempt, wait });
@@ -464,7 +467,14 @@ impl Matchmaker {
                 let me = self.looking.as_ref().map(|l| &l.me);
                 // The leader may have dropped this peer's data address
                 // (unusable from where it stands): the rest must be ours.
-                let ok = group.validate().is_ok()
+                let fits = self
+                    .cfg
+                    .target_group_size
+                    .is_none_or(|t| group.members.len() <= t);
+                let led = group.position(&a.leader).is_some();
+                let ok = fits
+                    && led
+                    && group.validate().is_ok()
                     && group.position(&self.cfg.peer_id).is_some_and(|i| {
                         let m = &group.members[i];
                         me.is_some_and(|me| {
@@ -480,7 +490,13 @@ impl Matchmaker {
                 if ok {
                     self.finish(Ok((group, Vec::new())), now, out);
                 } else {
-                    tracing::debug!("leader's group does not hold this peer's entry");
+                    tracing::warn!(
+                        leader = %crate::averager::peer_label(&a.leader),
+                        members = group.members.len(),
+                        fits,
+                        led,
+                        "averaging: refusing the leader's group (too large, without the leader or this peer's own entry, or a member twice)"
+                    );
                     self.give_up_on(a, false);
                 }
             }

@@ -602,3 +602,84 @@ fn a_client_never_leads_and_asks_any_node() {
         Some(JoinCode::ProtocolViolation)
     );
 }
+
+#[test]
+fn a_leaders_group_that_is_too_large_repeats_a_member_or_leaves_someone_out_is_refused() {
+    let begin = |h: &mut Harness, members: Vec<GroupMember>| {
+        let group = AssembledGroup {
+            group_id: [1; 32],
+            members,
+        };
+        let out = h.on(
+            Event::LeaderMessage {
+                attempt: 0,
+                message: LeaderMessage::Begin(group),
+            },
+            103.0,
+        );
+        begun(&out).is_some()
+    };
+    // Target 4: five members is more than this peer agreed to.
+    let mut h = accepted_follower();
+    let five = vec![member(9), member(5), member(1), member(2), member(3)];
+    assert!(!begin(&mut h, five));
+    assert!(h.m.is_looking());
+    // A member listed twice (the same id with another key: two spans).
+    let mut h = accepted_follower();
+    let mut twin = member(1);
+    twin.round_public_key = [0x77; 32];
+    assert!(!begin(&mut h, vec![member(9), member(5), member(1), twin]));
+    // Without this peer.
+    let mut h = accepted_follower();
+    assert!(!begin(&mut h, vec![member(9), member(1), member(2)]));
+    // Without the leader it joined.
+    let mut h = accepted_follower();
+    assert!(!begin(&mut h, vec![member(5), member(1), member(2)]));
+    // The honest group is taken.
+    let mut h = accepted_follower();
+    assert!(begin(&mut h, vec![member(9), member(5), member(1)]));
+}
+
+#[test]
+fn the_wait_for_begin_ends_at_this_peers_deadline_whatever_the_leader_declared() {
+    let mut h = Harness::new(config(5, Some(4), 2));
+    // Deadline at 130.
+    h.look(5, 100.0, 30.0);
+    h.on(Event::Declarations(vec![declared(9, 103.0)]), 100.1);
+    let out = h.on(
+        Event::LeaderAnswer {
+            attempt: 0,
+            answer: LeaderAnswer::Accepted {
+                // A million seconds away.
+                leader_expiration: Some(1e6),
+            },
+        },
+        100.2,
+    );
+    let wait = out
+        .iter()
+        .find_map(|a| match a {
+            Action::AwaitLeader { wait, .. } => Some(*wait),
+            _ => None,
+        })
+        .expect("waits for the leader");
+    assert!(
+        (wait - 29.8).abs() < 1e-9,
+        "waits {wait} s, not past the deadline"
+    );
+    // And a stalled leader then ends the search at the deadline.
+    let mut out = h.on(
+        Event::LeaderMessage {
+            attempt: 0,
+            message: LeaderMessage::Lost {
+                reason: "stalled".into(),
+            },
+        },
+        130.0,
+    );
+    out.extend(h.on(Event::Tick, 130.0));
+    assert!(
+        out.iter().any(|a| matches!(a, Action::Fail(_))),
+        "gives up at its deadline: {out:?}"
+    );
+}
