@@ -161,7 +161,7 @@ impl AssembledGroup {
 pub const MAX_BANDWIDTH: f64 = 1e12;
 /// A member's bandwidth hint counts for at most this multiple of the
 /// group's median hint.
-pub const MAX_BANDWIDTH_RATIO: f64 = 16.0;
+pub const MAX_BANDWIDTH_RATIO: f64 = 4.0;
 
 /// Per-peer limits on the weight a reducer lets each sender carry, for
 /// callers that know more than the round does (`colony-optim` caps each

@@ -72,7 +72,7 @@ pub mod round {
         compression::{BLOCK_8BIT, all_finite},
         crypto::{ConnectionKeys, FRAME_HEADER_LEN, FrameCipher, RoundKeyPair, TAG_LEN},
         dataplane::DataPlane,
-        load_balancing::load_balance_peers,
+        load_balancing::{MAX_SHARE_FACTOR, balance_spans, load_balance_peers},
         partition::{part_ranges, spans_from_sizes},
         reducer::{PartReducer, PartResult},
         wire::{FrameBuf, FrameHead, Kind, read_frame, read_frame_unopened},

@@ -70,6 +70,80 @@ pub fn load_balance_peers(
     Ok(largest_remainder(vector_size, &shares))
 }
 
+/// The split a round uses: [`load_balance_peers`]' LP optimum with no
+/// member above [`MAX_SHARE_FACTOR`] times an equal share (see
+/// [`cap_shares`]). Every member computes it from the same sanitized hints
+/// ([`crate::AssembledGroup::bandwidths`]), so all agree on the spans.
+///
+/// # Errors
+/// As [`load_balance_peers`].
+pub fn balance_spans(
+    vector_size: usize,
+    bandwidths: &[Option<f64>],
+    min_size: usize,
+) -> Result<Vec<usize>> {
+    let sizes = load_balance_peers(vector_size, bandwidths, min_size)?;
+    let known: Vec<f64> = bandwidths.iter().flatten().copied().filter(|b| *b > 0.0).collect();
+    let fill = if known.is_empty() {
+        1.0
+    } else {
+        known.iter().sum::<f64>() / known.len() as f64
+    };
+    let b: Vec<f64> = bandwidths.iter().map(|b| b.unwrap_or(fill)).collect();
+    let total = vector_size.max(1) as f64;
+    let mut shares: Vec<f64> = sizes.iter().map(|s| *s as f64 / total).collect();
+    let before = shares.clone();
+    cap_shares(&mut shares, &b);
+    if shares == before {
+        return Ok(sizes);
+    }
+    Ok(largest_remainder(vector_size, &shares))
+}
+
+/// No member reduces more than this multiple of an equal share.
+pub const MAX_SHARE_FACTOR: f64 = 2.0;
+
+/// Bandwidths are self-declared and a reducer decides the averages of its
+/// span, so no member may take more than [`MAX_SHARE_FACTOR`] times an
+/// equal share of the vector among the members that can reduce (`b > 0`),
+/// whatever the LP would give it: the excess goes to the others in
+/// proportion to their bandwidth. (The LP alone hands the whole vector to a
+/// member declaring a few times the others' bandwidth.) With two or fewer
+/// reducers the cap does not bind.
+fn cap_shares(shares: &mut [f64], b: &[f64]) {
+    let eligible = b.iter().filter(|x| **x > 0.0).count();
+    let cap = MAX_SHARE_FACTOR / eligible.max(1) as f64;
+    if cap >= 1.0 {
+        return;
+    }
+    let mut capped = vec![false; shares.len()];
+    for _ in 0..shares.len() {
+        let mut excess = 0.0;
+        for (i, s) in shares.iter_mut().enumerate() {
+            if *s > cap {
+                excess += *s - cap;
+                *s = cap;
+                capped[i] = true;
+            }
+        }
+        if excess <= 0.0 {
+            return;
+        }
+        let open: f64 = (0..shares.len())
+            .filter(|&i| !capped[i] && b[i] > 0.0)
+            .map(|i| b[i])
+            .sum();
+        if open <= 0.0 {
+            return;
+        }
+        for i in 0..shares.len() {
+            if !capped[i] && b[i] > 0.0 {
+                shares[i] += excess * b[i] / open;
+            }
+        }
+    }
+}
+
 /// The LP optimum as fractions summing to 1 (`b` has at least one positive entry).
 fn optimal_shares(b: &[f64]) -> Vec<f64> {
     let n = b.len();
@@ -169,6 +243,22 @@ mod tests {
         assert_eq!(split.iter().sum::<usize>(), 18_000);
         // 6/17 and 11/17 of 18000 after renormalisation, rounded by largest remainder.
         assert_eq!(split, vec![0, 0, 6353, 11_647]);
+    }
+
+    #[test]
+    fn no_member_takes_more_than_twice_an_equal_share() {
+        // The LP gives everything to the two fastest; capped at 2/5 each,
+        // the rest goes to the others by bandwidth.
+        let b = [Some(100.0), Some(100.0), Some(100.0), Some(400.0), Some(175.0)];
+        assert_eq!(load_balance_peers(1000, &b, 0).unwrap()[..3], [0, 0, 0]);
+        let sizes = balance_spans(1000, &b, 0).unwrap();
+        assert_eq!(sizes.iter().sum::<usize>(), 1000);
+        assert!(sizes.iter().all(|s| *s <= 400), "{sizes:?}");
+        assert!(sizes[..3].iter().all(|s| *s > 0), "{sizes:?}");
+        // Clients still get nothing.
+        let sizes = balance_spans(1000, &[Some(0.0), Some(1.0), Some(1.0), Some(1e9)], 0).unwrap();
+        assert_eq!(sizes[0], 0);
+        assert!(sizes[3] <= 667, "{sizes:?}");
     }
 
     #[test]

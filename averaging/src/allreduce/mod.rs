@@ -39,7 +39,7 @@ use crate::{
     dataplane::{BufferPool, BytePool, DataPlane},
     error::{AveragingError, Result},
     group::{AllreduceConfig, AssembledGroup, AveragingMode, schema_hash},
-    load_balancing::load_balance_peers,
+    load_balancing::balance_spans,
     partition::{TensorLayout, part_ranges, spans_from_sizes},
     reducer::{PartReducer, PartResult},
 };
@@ -177,7 +177,7 @@ pub async fn run_allreduce_capped<T: AsRef<[f32]> + Sync>(
     // Local tensors are checked for NaN/inf part by part as they are encoded
     // (while each part is in cache), not in a separate pass over the whole
     // buffer up front; a poisoned part makes this peer withdraw (`Ctx::withdraw`).
-    let sizes = load_balance_peers(layout.total(), &group.bandwidths(), cfg.min_vector_size)?;
+    let sizes = balance_spans(layout.total(), &group.bandwidths(), cfg.min_vector_size)?;
     let ctx = Ctx {
         group,
         me: my_index,

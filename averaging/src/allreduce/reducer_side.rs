@@ -6,7 +6,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use futures::{StreamExt, stream::FuturesUnordered};
+use futures::{FutureExt, StreamExt, stream::FuturesUnordered};
 use tokio::{io::AsyncWriteExt, sync::watch};
 
 use crate::{
@@ -69,6 +69,8 @@ pub(super) struct Served {
 /// Connections at once that may try to authenticate for one sender slot:
 /// the real sender plus a few impostors; more are dropped unread.
 const CANDIDATES_PER_SLOT: usize = 4;
+/// Impostor connections reported per round.
+const MAX_IMPOSTORS: usize = 32;
 
 /// A connection whose first frame opened under its sender's key.
 struct Authed {
@@ -118,6 +120,8 @@ pub(super) async fn serve_span<T: AsRef<[f32]> + Sync>(
     let encoded = Mutex::new(EncodedAverages::new(ctx.cfg.compression, red, ctx.pool));
     let nparts = red.lock().map(|r| r.num_parts()).unwrap_or(0);
     let mut candidates = FuturesUnordered::new();
+    let mut unresolved: Vec<(u64, RejectedConnection)> = Vec::new();
+    let mut next_candidate = 0u64;
     let mut handlers = FuturesUnordered::new();
     let mut bytes = 0u64;
     let deadline = tokio::time::Instant::now() + ctx.cfg.sender_timeout;
@@ -157,9 +161,19 @@ pub(super) async fn serve_span<T: AsRef<[f32]> + Sync>(
                     continue;
                 }
                 trying[s] += 1;
-                candidates.push(authenticate(ctx, inc, nparts));
+                let id = next_candidate;
+                next_candidate += 1;
+                unresolved.push((id, RejectedConnection {
+                    peer: inc.remote,
+                    path: inc.stream.path(),
+                    claimed_sender: Some(s),
+                    fault: PeerFault::Stalled { timeout: ctx.cfg.request_timeout },
+                }));
+                candidates.push(authenticate(ctx, inc, nparts).map(move |r| (id, r)));
             }
-            Some(res) = candidates.next(), if !candidates.is_empty() => match res {
+            Some((id, res)) = candidates.next(), if !candidates.is_empty() => {
+                unresolved.retain(|(i, _)| *i != id);
+                match res {
                 Ok(authed) => {
                     let s = authed.s;
                     trying[s] -= 1;
@@ -202,11 +216,11 @@ pub(super) async fn serve_span<T: AsRef<[f32]> + Sync>(
                         fault = %rejected.fault,
                         "averaging: dropping a connection that did not authenticate as the sender it named"
                     );
-                    if impostors.len() < 32 {
+                    if impostors.len() < MAX_IMPOSTORS {
                         impostors.push(rejected);
                     }
                 }
-            },
+            }},
             _ = tokio::time::sleep_until(deadline), if accepting => {
                 for &s in expected {
                     if !connected[s] {
@@ -232,6 +246,13 @@ pub(super) async fn serve_span<T: AsRef<[f32]> + Sync>(
     }
     drop(handlers);
     drop(candidates);
+    // Connections still trying to authenticate when the span finished
+    // never did.
+    for (_, r) in unresolved {
+        if impostors.len() < MAX_IMPOSTORS {
+            impostors.push(r);
+        }
+    }
     Served {
         banned,
         bytes,

@@ -21,6 +21,9 @@ enum Bad {
     SchemaHash,
     StallAfterFirstPart,
     DieAfterFirstPart,
+    NanWeight,
+    InfWeight,
+    NegativeWeight,
 }
 
 /// A client-mode sender (position `me`) that misbehaves towards reducer `r`.
@@ -55,7 +58,12 @@ async fn bad_sender(
     Hello {
         schema_hash: schema,
         compression: 0,
-        weight: peers[me].weight,
+        weight: match bad {
+            Bad::NanWeight => f32::NAN,
+            Bad::InfWeight => f32::INFINITY,
+            Bad::NegativeWeight => -1.0,
+            _ => peers[me].weight,
+        },
         num_parts: parts.len() as u32 + extra,
     }
     .encode(&mut frame);
@@ -97,6 +105,9 @@ async fn bad_senders_are_banned_and_honest_peers_finish() {
         (Bad::SchemaHash, "schema"),
         (Bad::StallAfterFirstPart, "stall"),
         (Bad::DieAfterFirstPart, "killed sender"),
+        (Bad::NanWeight, "nan weight"),
+        (Bad::InfWeight, "inf weight"),
+        (Bad::NegativeWeight, "negative weight"),
     ];
     for (n, (bad, name)) in cases.into_iter().enumerate() {
         let peers = make_peers(&[Node, Node, Node, Client], &[1.0, 2.0, 1.5, 4.0]).await;
@@ -150,6 +161,9 @@ async fn bad_senders_are_banned_and_honest_peers_finish() {
                 }
                 Bad::SchemaHash => matches!(fault, PeerFault::BadSchemaHash),
                 Bad::DieAfterFirstPart => matches!(fault, PeerFault::Disconnected { .. }),
+                Bad::NanWeight | Bad::InfWeight | Bad::NegativeWeight => {
+                    matches!(fault, PeerFault::BadWeight { .. })
+                }
             };
             assert!(kind_ok, "{name}: unexpected fault {fault:?}");
             if bad == Bad::Garbage && out.span_sizes[i] > 0 {

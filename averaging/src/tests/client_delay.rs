@@ -111,7 +111,7 @@ async fn client_results_wait_until_it_sent_everything() {
     .expect("round timed out");
     // The delayed client still got exact averages for every part.
     let mean = weighted_mean(&peers, &[0, 1, 2]);
-    let sizes = crate::round::load_balance_peers(layout.total(), &group.bandwidths(), 0).unwrap();
+    let sizes = crate::round::balance_spans(layout.total(), &group.bandwidths(), 0).unwrap();
     let spans = crate::round::spans_from_sizes(&sizes);
     let mut flat_mean = Vec::new();
     for t in &mean {

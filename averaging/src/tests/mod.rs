@@ -6,4 +6,5 @@ mod client_delay;
 mod matchmaking;
 mod p2p;
 mod rounds;
+mod strangers;
 mod support;

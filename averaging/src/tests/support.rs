@@ -154,7 +154,7 @@ pub(super) fn max_err(a: &[Vec<f32>], b: &[Vec<f64>]) -> f64 {
 pub(super) fn span_parts(group: &AssembledGroup, r: usize) -> Vec<std::ops::Range<usize>> {
     let cfg = test_config(Compression::None);
     let layout = TensorLayout::new(&LENGTHS);
-    let sizes = crate::round::load_balance_peers(layout.total(), &group.bandwidths(), 0).unwrap();
+    let sizes = crate::round::balance_spans(layout.total(), &group.bandwidths(), 0).unwrap();
     let spans = crate::round::spans_from_sizes(&sizes);
     crate::partition::part_ranges(spans[r].clone(), cfg.part_len())
 }

@@ -28,7 +28,7 @@ use colony_averaging::{
     AllreduceConfig, AssembledGroup, AveragingMode, Compression, DataPath, GroupMember,
     TensorLayout,
     round::{
-        DataPlane, FrameBuf, FrameCipher, Kind, RoundKeyPair, load_balance_peers, read_frame,
+        DataPlane, FrameBuf, FrameCipher, Kind, RoundKeyPair, balance_spans, read_frame,
         read_frame_unopened, run_allreduce,
     },
 };
@@ -630,7 +630,7 @@ async fn parent(args: Args) -> Result<()> {
     }
     // The balancer's split, as every peer computes it from the declared bandwidths.
     let declared: Vec<Option<f64>> = (0..n).map(|i| args.bandwidths.get(i).copied()).collect();
-    let span_sizes = load_balance_peers(
+    let span_sizes = balance_spans(
         args.floats,
         &declared,
         config(&args, compression).min_vector_size,
