@@ -65,6 +65,88 @@ struct Route {
 
 type Routes = Mutex<HashMap<[u8; 32], Route>>;
 
+/// Connections from one IP (TCP) or one libp2p peer being read or routed
+/// at once; more are closed on accept. A round needs one per sender and
+/// reducer, and a few peers may share a NAT's address.
+const MAX_ROUTING_PER_SOURCE: usize = 32;
+/// Connections one source may open per second on average, and in a burst.
+const ACCEPT_RATE_PER_SOURCE: f64 = 64.0;
+const ACCEPT_BURST_PER_SOURCE: f64 = 128.0;
+/// Sources tracked by the admission control (the oldest idle ones are
+/// forgotten first).
+const MAX_SOURCES: usize = 4096;
+
+/// Admission control of inbound data-plane connections: a token bucket per
+/// source (an IP for TCP, a peer id for libp2p) and a cap on each source's
+/// connections still being routed, so one host cannot hold the plane's
+/// routing slots with idle connections while honest senders wait.
+#[derive(Debug)]
+struct Admission<K> {
+    sources: HashMap<K, SourceState>,
+    refused: u64,
+}
+
+#[derive(Debug)]
+struct SourceState {
+    tokens: f64,
+    refilled: tokio::time::Instant,
+    routing: usize,
+}
+
+impl<K> Default for Admission<K> {
+    fn default() -> Self {
+        Self {
+            sources: HashMap::new(),
+            refused: 0,
+        }
+    }
+}
+
+impl<K: std::hash::Hash + Eq + Clone> Admission<K> {
+    /// Admit one connection from `source` now, or refuse it.
+    fn admit(&mut self, source: &K, now: tokio::time::Instant) -> bool {
+        if !self.sources.contains_key(source) && self.sources.len() >= MAX_SOURCES {
+            // Forget sources with nothing in flight, stalest first.
+            let mut idle: Vec<(K, tokio::time::Instant)> = self
+                .sources
+                .iter()
+                .filter(|(_, s)| s.routing == 0)
+                .map(|(k, s)| (k.clone(), s.refilled))
+                .collect();
+            idle.sort_by_key(|(_, t)| *t);
+            for (k, _) in idle.into_iter().take(MAX_SOURCES / 4) {
+                self.sources.remove(&k);
+            }
+            if self.sources.len() >= MAX_SOURCES {
+                self.refused += 1;
+                return false;
+            }
+        }
+        let st = self.sources.entry(source.clone()).or_insert(SourceState {
+            tokens: ACCEPT_BURST_PER_SOURCE,
+            refilled: now,
+            routing: 0,
+        });
+        let dt = now.saturating_duration_since(st.refilled).as_secs_f64();
+        st.tokens = (st.tokens + dt * ACCEPT_RATE_PER_SOURCE).min(ACCEPT_BURST_PER_SOURCE);
+        st.refilled = now;
+        if st.tokens < 1.0 || st.routing >= MAX_ROUTING_PER_SOURCE {
+            self.refused += 1;
+            return false;
+        }
+        st.tokens -= 1.0;
+        st.routing += 1;
+        true
+    }
+
+    /// A connection from `source` left routing.
+    fn release(&mut self, source: &K) {
+        if let Some(st) = self.sources.get_mut(source) {
+            st.routing = st.routing.saturating_sub(1);
+        }
+    }
+}
+
 /// Rejections kept per round, and recent ones per plane.
 const MAX_REJECTIONS: usize = 32;
 /// Inbound connections (both paths) read or routed at once; more wait.
@@ -85,6 +167,8 @@ struct Shared {
     recent: Mutex<VecDeque<RejectedConnection>>,
     rejection: Notify,
     routing: Arc<Semaphore>,
+    tcp_admission: Mutex<Admission<std::net::IpAddr>>,
+    p2p_admission: Mutex<Admission<PeerId>>,
 }
 
 impl Default for Shared {
@@ -96,6 +180,8 @@ impl Default for Shared {
             recent: Mutex::default(),
             rejection: Notify::new(),
             routing: Arc::new(Semaphore::new(MAX_ROUTING)),
+            tcp_admission: Mutex::default(),
+            p2p_admission: Mutex::default(),
         }
     }
 }
@@ -109,6 +195,20 @@ impl Shared {
             recent.push_back(r);
         }
         self.rejection.notify_waiters();
+    }
+}
+
+/// Releases a source's routing slot when its connection leaves routing.
+struct Admitted<'a, K: std::hash::Hash + Eq + Clone> {
+    admission: &'a Mutex<Admission<K>>,
+    source: K,
+}
+
+impl<K: std::hash::Hash + Eq + Clone> Drop for Admitted<'_, K> {
+    fn drop(&mut self) {
+        if let Ok(mut a) = self.admission.lock() {
+            a.release(&self.source);
+        }
     }
 }
 
@@ -324,14 +424,35 @@ impl DataPlane {
         let task_shared = shared.clone();
         let accept_task = tokio::spawn(async move {
             loop {
-                let Ok(permit) = task_shared.routing.clone().acquire_owned().await else {
-                    return;
-                };
                 match listener.accept().await {
                     Ok((stream, peer)) => {
+                        // Refused connections are closed at once, unread:
+                        // the accept loop never waits on a slot, so honest
+                        // senders are never queued behind idle ones.
+                        let ip = peer.ip();
+                        let admitted = task_shared
+                            .tcp_admission
+                            .lock()
+                            .is_ok_and(|mut a| a.admit(&ip, tokio::time::Instant::now()));
+                        if !admitted {
+                            tracing::debug!(%peer, "data plane: refusing a connection (per-source limit)");
+                            continue;
+                        }
+                        let Ok(permit) = task_shared.routing.clone().try_acquire_owned() else {
+                            if let Ok(mut a) = task_shared.tcp_admission.lock() {
+                                a.release(&ip);
+                                a.refused += 1;
+                            }
+                            tracing::debug!(%peer, "data plane: refusing a connection (all routing slots busy)");
+                            continue;
+                        };
                         let shared = task_shared.clone();
                         tokio::spawn(async move {
                             let _permit = permit;
+                            let _admitted = Admitted {
+                                admission: &shared.tcp_admission,
+                                source: ip,
+                            };
                             let stream = DataStream::Tcp(stream);
                             if let Err(fault) =
                                 route(&shared, stream, None, Some(peer), preamble_timeout).await
@@ -400,12 +521,28 @@ impl DataPlane {
             let shared = self.shared.clone();
             self.accept_tasks.push(tokio::spawn(async move {
                 while let Some((peer, stream)) = rx.recv().await {
-                    let Ok(permit) = shared.routing.clone().acquire_owned().await else {
-                        return;
+                    let admitted = shared
+                        .p2p_admission
+                        .lock()
+                        .is_ok_and(|mut a| a.admit(&peer, tokio::time::Instant::now()));
+                    if !admitted {
+                        tracing::debug!(%peer, "data plane: refusing a libp2p stream (per-peer limit)");
+                        continue;
+                    }
+                    let Ok(permit) = shared.routing.clone().try_acquire_owned() else {
+                        if let Ok(mut a) = shared.p2p_admission.lock() {
+                            a.release(&peer);
+                            a.refused += 1;
+                        }
+                        continue;
                     };
                     let shared = shared.clone();
                     tokio::spawn(async move {
                         let _permit = permit;
+                        let _admitted = Admitted {
+                            admission: &shared.p2p_admission,
+                            source: peer,
+                        };
                         let stream = DataStream::p2p(stream);
                         if let Err(fault) =
                             route(&shared, stream, Some(peer), None, preamble_timeout).await
@@ -432,6 +569,15 @@ impl DataPlane {
     /// Whether this endpoint can dial and accept libp2p data streams.
     pub fn has_libp2p(&self) -> bool {
         self.p2p.is_some()
+    }
+
+    /// Inbound connections and streams closed unread by admission control
+    /// (a source over its rate or its concurrent limit, or every routing
+    /// slot busy) since this plane started.
+    pub fn refused_connections(&self) -> u64 {
+        let tcp = self.shared.tcp_admission.lock().map_or(0, |a| a.refused);
+        let p2p = self.shared.p2p_admission.lock().map_or(0, |a| a.refused);
+        tcp + p2p
     }
 
     /// The latest inbound connections refused before reaching a round (a

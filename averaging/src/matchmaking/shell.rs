@@ -303,12 +303,17 @@ fn perform(
             let streams: Vec<Stream> = which.iter().filter_map(|j| joins.remove(j)).collect();
             let reply = reply.take();
             let reach = io.reach.clone();
+            // Only a leader (it has followers' streams) vets addresses: a
+            // follower takes the group exactly as its leader sent it, since
+            // every member must hold the same view (the round's keys are
+            // salted with its digest).
+            let leads = !streams.is_empty();
             tokio::spawn(async move {
                 // Probes began as joins arrived; the wait here is what is
                 // left of them, at most half a request timeout.
                 let group = match reach {
-                    Some(r) => r.vet(group, t / 2).await,
-                    None => group,
+                    Some(r) if leads => r.vet(group, t / 2).await,
+                    _ => group,
                 };
                 let msg = ControlMsg::Begin {
                     group: group.clone(),

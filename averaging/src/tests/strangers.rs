@@ -393,3 +393,43 @@ fn a_bandwidth_of_1e308_takes_a_bounded_share() {
     // At most twice an equal share (of the 5 reducers).
     assert!(sizes[3] <= 400_000, "{sizes:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_idle_connections_from_one_host_do_not_stall_a_round() {
+    use AveragingMode::Node;
+    let peers = make_peers(&[Node; 3], &[1.0, 2.0, 1.0]).await;
+    let group = group_of(&peers, [0xE1; 32], &[]);
+    let cfg = test_config(Compression::None);
+    // Another host (127.0.0.2) opens 1 000 connections to every reducer
+    // and sends nothing.
+    let mut idle = Vec::new();
+    for m in &group.members {
+        let addr = m.data_addr.unwrap();
+        for _ in 0..1000 {
+            let sock = tokio::net::TcpSocket::new_v4().unwrap();
+            sock.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+            match sock.connect(addr).await {
+                Ok(s) => idle.push(s),
+                Err(e) => panic!("connection {} failed: {e}", idle.len()),
+            }
+        }
+    }
+    let started = Instant::now();
+    let outcomes = run_all(&peers, &group, &cfg).await;
+    let took = started.elapsed();
+    let layout = TensorLayout::new(&LENGTHS);
+    let mean = weighted_mean(&peers, &[0, 1, 2]);
+    for (i, out) in outcomes.into_iter().enumerate() {
+        let out = out.unwrap_or_else(|e| panic!("peer {i}: {e}"));
+        assert!(out.banned_senders.is_empty(), "peer {i}: {:?}", out.banned_senders);
+        let mut mine = peers[i].tensors.clone();
+        out.apply(&layout, &mut mine, 1.0).unwrap();
+        assert!(max_err(&mine, &mean) < 1e-6, "peer {i}");
+    }
+    let refused: Vec<u64> = peers.iter().map(|p| p.plane.refused_connections()).collect();
+    println!(
+        "1000 idle connections per reducer from one host: full average in {took:?}; refused unread per plane {refused:?}"
+    );
+    assert!(refused.iter().all(|r| *r >= 900), "{refused:?}");
+    drop(idle);
+}
