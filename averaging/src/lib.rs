@@ -51,7 +51,7 @@ pub mod state;
 mod wire;
 
 pub use allreduce::RoundOutcome;
-pub use averager::{AveragerConfig, DecentralizedAverager, StepOutcome};
+pub use averager::{AveragerConfig, Ban, DecentralizedAverager, StepOutcome};
 pub use compression::Compression;
 pub use conn::DataPath;
 pub use dataplane::RejectedConnection;

@@ -834,9 +834,10 @@ mod tests {
             cc_dev <= bound + slack,
             "centered clip {cc_dev} > bound {bound}"
         );
+        // The same checks fail for the plain mean (the per-coordinate one above).
         assert!(
-            mean_dev > bound.max((h as f64).sqrt() * rho) * 10.0,
-            "the mean fails both bounds"
+            mean_dev > bound && mean_dev > (h as f64).sqrt() * rho,
+            "the mean breaks both norm bounds"
         );
     }
 
@@ -860,6 +861,63 @@ mod tests {
         // CenteredClip's holds for the weight share δ.
         attacked(1, Attack::Scaled, &[1.0, 1.0, 1.0, 1.0, 2.0], 11);
         attacked(2, Attack::SignFlipped, &[2.0, 1.0, 4.0, 2.0, 1.0], 12);
+    }
+
+    #[test]
+    fn centered_clip_steps_follow_the_near_and_far_lemmas() {
+        // Eight light attackers (δ < 1%) beside nine honest inputs pull the median
+        // start to the honest extreme at each coordinate, beyond τ − ρ for a τ
+        // just above what (C) asks: the first steps are far steps, then near ones.
+        let (h, len) = (9, 2000);
+        let mut rng = Rng(21);
+        let mut inputs = honest(&mut rng, 17, len);
+        let mut weights = vec![1.0f32; 17];
+        for i in h..17 {
+            inputs[i] = attack(Attack::Scaled, &inputs[0]);
+            weights[i] = 0.01;
+        }
+        let mu = weighted_mean_f64(&inputs[..h], &weights[..h]);
+        let rho = inputs[..h].iter().map(|x| dist(x, &mu)).fold(0.0, f64::max);
+        let delta = 0.08 / (h as f64 + 0.08);
+        let tau = 1.02 * 2.0 * rho * (1.0 - delta) / (1.0 - 2.0 * delta);
+        let g = tau * (1.0 - 2.0 * delta) - 2.0 * rho * (1.0 - delta);
+        let median: Vec<f32> = (0..len)
+            .map(|j| {
+                let mut c: Vec<f32> = inputs.iter().map(|x| x[j]).collect();
+                c.sort_by(f32::total_cmp);
+                c[8]
+            })
+            .collect();
+        let mut r = vec![dist(&median, &mu)];
+        assert!(r[0] <= (h as f64).sqrt() * rho, "start bound");
+        let steps = 12;
+        for t in 1..=steps {
+            let agg = Aggregation::CenteredClip {
+                tau: tau as f32,
+                iterations: t,
+            };
+            r.push(dist(&run(agg, &inputs, &weights).unwrap(), &mu));
+        }
+        println!(
+            "rho {rho:.3}, delta {delta:.4}, tau {tau:.3}, tau − rho {:.3}, g {g:.3}, r_t {r:.3?}",
+            tau - rho
+        );
+        let slack = 1e-4;
+        let mut far = 0;
+        for w in r.windows(2) {
+            if w[0] <= tau - rho {
+                assert!(w[1] <= delta * (w[0] + tau) + slack, "near step {w:?}");
+                assert!(w[1] <= tau - rho + slack, "near region kept {w:?}");
+            } else {
+                far += 1;
+                assert!(w[1] < w[0] - g + slack, "far step {w:?}");
+            }
+        }
+        assert!(far > 0, "the far lemma was exercised");
+        let k = ((r[0] - (tau - rho)) / g).ceil() as usize;
+        assert!(far <= k);
+        let bound = delta * tau / (1.0 - delta) + delta.powi((steps - k) as i32) * (tau - rho);
+        assert!(r[steps] <= bound + slack, "{} > {bound}", r[steps]);
     }
 
     #[test]
@@ -1028,7 +1086,7 @@ mod tests {
         };
         assert_eq!(
             call(clip(0.0, 1), &[a], &[1.0]),
-            bad("tau must be finite and > 0")
+            refused("tau must be finite and > 0")
         );
         let tm = |trim| Aggregation::TrimmedMean { trim };
         assert_eq!(

@@ -7,6 +7,7 @@
 //! declaration), `state_server` (serving and downloading state), `device`
 //! (buffers on any device).
 
+mod bans;
 mod config;
 mod device;
 mod donor;
@@ -23,6 +24,7 @@ use std::{
 use colony_dht::{Dht, PeerId, StreamProtocol, dht_time};
 use tokio::sync::{Mutex, MutexGuard, mpsc, watch};
 
+pub use self::bans::Ban;
 pub use self::config::AveragerConfig;
 use self::donor::{DonorCommand, DonorRecord};
 pub(crate) use self::reachability::Reachability;
@@ -51,6 +53,9 @@ pub struct StepOutcome {
     pub next_group_bits: String,
     /// Wall time of the all-reduce itself (after matchmaking, before applying).
     pub allreduce_time: std::time::Duration,
+    /// Members this round caught in a provable fault, now kept out of this
+    /// peer's groups (see [`DecentralizedAverager::bans`]).
+    pub new_bans: Vec<Ban>,
 }
 
 /// Commands queued for the matchmaker task (join requests and searches).
@@ -75,6 +80,7 @@ struct Inner {
     donor_cmd: watch::Sender<DonorCommand>,
     step_lock: Mutex<()>,
     weight_caps: StdMutex<WeightCaps>,
+    bans: StdMutex<bans::BanList>,
 }
 
 /// Averages a set of flat `f32` buffers with peers found through the DHT.
@@ -215,6 +221,7 @@ impl DecentralizedAverager {
             donor_cmd,
             step_lock: Mutex::new(()),
             weight_caps: StdMutex::new(WeightCaps::default()),
+            bans: StdMutex::new(bans::BanList::default()),
             cfg,
             dht,
         });
@@ -335,6 +342,11 @@ impl DecentralizedAverager {
         };
         let keys = RoundKeyPair::generate()?;
         let key = group_key(&inner.cfg.prefix, &self.group_bits());
+        let banned = inner
+            .bans
+            .lock()
+            .map(|mut b| b.banned(tokio::time::Instant::now()))
+            .unwrap_or_default();
         let span = tracing::debug_span!("matchmaking", peer = %short_id(&inner.peer_id));
         let group = tracing::Instrument::instrument(
             shell::look(
@@ -342,6 +354,7 @@ impl DecentralizedAverager {
                 key,
                 my_member(inner, &keys),
                 dht_time() + timeout.as_secs_f64(),
+                banned,
             ),
             span,
         )
@@ -371,6 +384,7 @@ impl DecentralizedAverager {
         )
         .await?;
         let allreduce_time = started.elapsed();
+        let new_bans = record_bans(inner, &group, &round);
         if inner.cfg.mode != AveragingMode::Aux {
             round.apply(
                 &inner.layout,
@@ -400,8 +414,52 @@ impl DecentralizedAverager {
             round,
             next_group_bits: next,
             allreduce_time,
+            new_bans,
         })
     }
+
+    /// The peers this averager keeps out of its groups for a provable
+    /// fault, with the reason and when the ban ends.
+    pub fn bans(&self) -> Vec<Ban> {
+        self.inner
+            .bans
+            .lock()
+            .map(|b| b.active(tokio::time::Instant::now()))
+            .unwrap_or_default()
+    }
+}
+
+/// Ban the members `round` caught in a provable fault (as a reducer of
+/// their parts, or as a sender of their averages).
+fn record_bans(inner: &Inner, group: &AssembledGroup, round: &RoundOutcome) -> Vec<Ban> {
+    let now = tokio::time::Instant::now();
+    let faults = round
+        .banned_senders
+        .iter()
+        .chain(&round.failed_reducers)
+        .filter(|(_, f)| bans::provable(f));
+    let Ok(mut list) = inner.bans.lock() else {
+        return Vec::new();
+    };
+    let mut out: Vec<Ban> = Vec::new();
+    for (i, fault) in faults {
+        let Some(m) = group.members.get(*i) else {
+            continue;
+        };
+        if out.iter().any(|b| b.peer == m.peer_id) {
+            continue;
+        }
+        let ban = list.ban(&m.peer_id, fault.clone(), now);
+        tracing::warn!(
+            peer = %peer_label(&m.peer_id),
+            %fault,
+            strikes = ban.strikes,
+            for_secs = ban.duration.as_secs(),
+            "averaging: banning a peer from this averager's groups"
+        );
+        out.push(ban);
+    }
+    out
 }
 
 /// A member's peer id for logs: the libp2p form, or hex for other ids.

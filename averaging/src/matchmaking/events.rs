@@ -68,6 +68,9 @@ pub enum Event {
         me: GroupMember,
         /// When to give up (DHT time).
         deadline: f64,
+        /// Peers this one banned for a provable fault: never led, followed
+        /// or grouped with during this search.
+        banned: Vec<Vec<u8>>,
     },
     /// Stop looking (the step was cancelled).
     Cancel,

@@ -111,6 +111,8 @@ struct Looking {
     reading: bool,
     /// Declarations seen in the latest read.
     seen: Vec<Declared>,
+    /// Peers banned for provable faults (see [`Event::Look`]).
+    banned: Vec<Vec<u8>>,
 }
 
 /// The matchmaking state machine of one averager (see the module docs).
@@ -182,7 +184,12 @@ impl Matchmaker {
     pub fn on(&mut self, event: Event, now: f64, rng: &mut impl RngCore) -> Vec<Action> {
         let mut out = Vec::new();
         match event {
-            Event::Look { key, me, deadline } => self.start(key, me, deadline, now, &mut out),
+            Event::Look {
+                key,
+                me,
+                deadline,
+                banned,
+            } => self.start(key, me, deadline, banned, now, &mut out),
             Event::Cancel => self.stop(now, &mut out),
             Event::Tick => {}
             Event::Declarations(all) => self.on_declarations(all, now, &mut out),
@@ -214,6 +221,7 @@ impl Matchmaker {
         key: String,
         me: GroupMember,
         deadline: f64,
+        banned: Vec<Vec<u8>>,
         now: f64,
         out: &mut Vec<Action>,
     ) {
@@ -239,6 +247,7 @@ impl Matchmaker {
             next_search: now,
             reading: false,
             seen: Vec::new(),
+            banned,
         });
     }
 
@@ -297,7 +306,11 @@ impl Matchmaker {
             expiration: l.expiration,
             client_mode: client,
         };
-        l.seen = all;
+        // Banned peers are neither asked to lead nor waited for.
+        l.seen = all
+            .into_iter()
+            .filter(|d| !l.banned.contains(&d.peer_id))
+            .collect();
         if l.attempt.is_some() {
             return;
         }
@@ -326,8 +339,12 @@ impl Matchmaker {
 
     /// Redirect attempt `a` to `next`, or give up on it.
     fn redirect(&mut self, mut a: Attempt, next: Vec<u8>, out: &mut Vec<Action>) {
-        if next == self.cfg.peer_id || a.redirects >= MAX_REDIRECTS {
-            tracing::debug!("redirect refused (to itself, or too many)");
+        let banned = self
+            .looking
+            .as_ref()
+            .is_some_and(|l| l.banned.contains(&next));
+        if next == self.cfg.peer_id || a.redirects >= MAX_REDIRECTS || banned {
+            tracing::debug!(banned, "redirect refused (to itself, to a banned peer, or too many)");
             self.give_up_on(a, false);
             return;
         }
@@ -472,7 +489,11 @@ impl Matchmaker {
                     .target_group_size
                     .is_none_or(|t| group.members.len() <= t);
                 let led = group.position(&a.leader).is_some();
+                let clean = self.looking.as_ref().is_none_or(|l| {
+                    !group.members.iter().any(|m| l.banned.contains(&m.peer_id))
+                });
                 let ok = fits
+                    && clean
                     && led
                     && group.validate().is_ok()
                     && group.position(&self.cfg.peer_id).is_some_and(|i| {
@@ -495,6 +516,7 @@ impl Matchmaker {
                         members = group.members.len(),
                         fits,
                         led,
+                        clean,
                         "averaging: refusing the leader's group (too large, without the leader or this peer's own entry, or a member twice)"
                     );
                     self.give_up_on(a, false);
@@ -539,6 +561,14 @@ impl Matchmaker {
         };
         if !authentic {
             out.push(reply(JoinCode::ProtocolViolation, None, None));
+            return;
+        }
+        if l.banned.contains(&peer) {
+            tracing::info!(
+                peer = %crate::averager::peer_label(&peer),
+                "averaging: refusing a join from a banned peer"
+            );
+            out.push(reply(JoinCode::Banned, None, None));
             return;
         }
         // A retried join from the same peer replaces its old entry: the old

@@ -71,6 +71,9 @@ pub enum JoinCode {
     DuplicatePeerId,
     /// The group is full.
     GroupIsFull,
+    /// This leader banned the joiner for a provable fault in a recent
+    /// round (not in the reference).
+    Banned,
 }
 
 /// What a leader knows when a join request arrives.

@@ -25,11 +25,13 @@ use crate::{
 /// What the averager asks of its matchmaker task.
 #[derive(Debug)]
 pub(crate) enum Command {
-    /// Find a group under `key` by `deadline` (DHT time).
+    /// Find a group under `key` by `deadline` (DHT time), never with the
+    /// `banned` peers.
     Look {
         key: String,
         me: GroupMember,
         deadline: f64,
+        banned: Vec<Vec<u8>>,
         reply: oneshot::Sender<Result<AssembledGroup>>,
     },
     /// A peer asks to join (its first message, read by the join server).
@@ -95,9 +97,9 @@ pub(crate) async fn run(mut machine: Matchmaker, io: ShellIo, mut rx: mpsc::Rece
             }
             command = rx.recv() => match command {
                 None => break,
-                Some(Command::Look { key, me, deadline, reply: r }) => {
+                Some(Command::Look { key, me, deadline, banned, reply: r }) => {
                     reply = Some(r);
-                    Event::Look { key, me, deadline }
+                    Event::Look { key, me, deadline, banned }
                 }
                 Some(Command::Join(join)) => {
                     let InboundJoin { peer, stream, request, member } = *join;
@@ -480,6 +482,7 @@ pub(crate) async fn look(
     key: String,
     me: GroupMember,
     deadline: f64,
+    banned: Vec<Vec<u8>>,
 ) -> Result<AssembledGroup> {
     let gone = || AveragingError::Internal {
         what: "the matchmaker task stopped",
@@ -489,6 +492,7 @@ pub(crate) async fn look(
         key,
         me,
         deadline,
+        banned,
         reply,
     })
     .await

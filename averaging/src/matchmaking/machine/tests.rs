@@ -36,6 +36,7 @@ fn config(id: u8, target: Option<usize>, min: usize) -> MatchmakerConfig {
 struct Harness {
     m: Matchmaker,
     rng: StdRng,
+    banned: Vec<Vec<u8>>,
 }
 
 impl Harness {
@@ -43,6 +44,7 @@ impl Harness {
         Self {
             m: Matchmaker::new(cfg),
             rng: StdRng::seed_from_u64(7),
+            banned: Vec::new(),
         }
     }
 
@@ -56,6 +58,7 @@ impl Harness {
                 key: KEY.into(),
                 me: member(id),
                 deadline: now + timeout,
+                banned: self.banned.clone(),
             },
             now,
         )
@@ -682,4 +685,45 @@ fn the_wait_for_begin_ends_at_this_peers_deadline_whatever_the_leader_declared()
         out.iter().any(|a| matches!(a, Action::Fail(_))),
         "gives up at its deadline: {out:?}"
     );
+}
+
+#[test]
+fn banned_peers_are_not_followed_not_accepted_and_not_grouped_with() {
+    // A banned declared leader is not asked.
+    let mut h = Harness::new(config(5, Some(4), 2));
+    h.banned = vec![vec![9]];
+    h.look(5, 100.0, 30.0);
+    let out = h.on(Event::Declarations(vec![declared(9, 103.0)]), 100.1);
+    assert!(!out.iter().any(|a| matches!(a, Action::AskLeader { .. })));
+    // A banned joiner is refused with its own code.
+    let out = h.on(join_request(1, 9, 106.0), 100.2);
+    assert_eq!(reply_code(&out, 1), Some(JoinCode::Banned));
+    // A leader's group naming a banned member is refused.
+    let mut h = accepted_follower();
+    h.m = Matchmaker::new(config(5, Some(4), 2));
+    h.banned = vec![vec![3]];
+    h.look(5, 100.0, 30.0);
+    h.on(Event::Declarations(vec![declared(9, 103.0)]), 100.1);
+    h.on(
+        Event::LeaderAnswer {
+            attempt: 0,
+            answer: LeaderAnswer::Accepted {
+                leader_expiration: Some(103.0),
+            },
+        },
+        100.2,
+    );
+    let group = AssembledGroup {
+        group_id: [1; 32],
+        members: vec![member(9), member(5), member(3)],
+    };
+    let out = h.on(
+        Event::LeaderMessage {
+            attempt: 0,
+            message: LeaderMessage::Begin(group),
+        },
+        103.0,
+    );
+    assert!(begun(&out).is_none());
+    assert!(h.m.is_looking());
 }
