@@ -47,6 +47,78 @@ pub struct GroupMember {
     pub bandwidth: Option<f64>,
     /// This round's X25519 public key.
     pub round_public_key: [u8; 32],
+    /// The member's own signature over this entry (see
+    /// [`GroupMember::signed_message`]). Matchmaking among averagers always
+    /// signs; groups built by hand for [`crate::round::run_allreduce`] may
+    /// leave it out.
+    #[serde(default)]
+    pub signed: Option<EntrySignature>,
+}
+
+/// A member's signature over its group entry, made with its libp2p
+/// identity key: a leader relaying the entry cannot change its round key,
+/// address, mode or bandwidth, or move it to another run or group.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EntrySignature {
+    /// The data address as the member declared it. The leader may drop
+    /// [`GroupMember::data_addr`] (unusable from where it stands: the
+    /// member is then reached over libp2p), never change it.
+    pub declared_addr: Option<SocketAddr>,
+    /// DHT time after which the entry is void (the member's own deadline).
+    pub expires: f64,
+    /// The ed25519 signature, 64 bytes.
+    #[serde(with = "serde_bytes")]
+    pub signature: Vec<u8>,
+}
+
+/// What a member's entry signature covers besides the entry itself.
+#[derive(Debug, Clone, Copy)]
+pub struct EntryContext<'a> {
+    /// The averager's run prefix.
+    pub prefix: &'a str,
+    /// The group key the member looked under.
+    pub group_key: &'a str,
+    /// The member's tensor schema hash.
+    pub schema_hash: &'a [u8; 32],
+}
+
+impl GroupMember {
+    /// The bytes a member signs for its entry: a domain tag, the context,
+    /// and every field of the entry (with the declared data address), each
+    /// length-prefixed.
+    pub fn signed_message(
+        &self,
+        ctx: &EntryContext<'_>,
+        declared_addr: Option<SocketAddr>,
+        expires: f64,
+    ) -> Vec<u8> {
+        let mut m = Vec::with_capacity(256);
+        let mut put = |b: &[u8]| {
+            m.extend_from_slice(&(b.len() as u64).to_le_bytes());
+            m.extend_from_slice(b);
+        };
+        put(b"colony-averaging-group-entry-v1");
+        put(ctx.prefix.as_bytes());
+        put(ctx.group_key.as_bytes());
+        put(ctx.schema_hash);
+        put(&self.peer_id);
+        put(declared_addr
+            .map(|a| a.to_string())
+            .unwrap_or_default()
+            .as_bytes());
+        put(&[match self.mode {
+            AveragingMode::Node => 0u8,
+            AveragingMode::Client => 1,
+            AveragingMode::Aux => 2,
+        }]);
+        match self.bandwidth {
+            None => put(&[]),
+            Some(b) => put(&b.to_bits().to_le_bytes()),
+        }
+        put(&self.round_public_key);
+        put(&expires.to_bits().to_le_bytes());
+        m
+    }
 }
 
 /// The group agreed on by matchmaking, identical on every member.
@@ -103,7 +175,12 @@ impl AssembledGroup {
                 _ => m.bandwidth.filter(|b| b.is_finite() && *b >= 0.0),
             })
             .collect();
-        let mut positive: Vec<f64> = declared.iter().flatten().copied().filter(|b| *b > 0.0).collect();
+        let mut positive: Vec<f64> = declared
+            .iter()
+            .flatten()
+            .copied()
+            .filter(|b| *b > 0.0)
+            .collect();
         positive.sort_by(f64::total_cmp);
         let cap = match positive.len() {
             0 => MAX_BANDWIDTH,
@@ -151,6 +228,15 @@ impl AssembledGroup {
                 }
             }
             h.update(m.round_public_key);
+            match &m.signed {
+                None => h.update([0u8]),
+                Some(s) => {
+                    h.update([1u8]);
+                    h.update(s.expires.to_bits().to_le_bytes());
+                    h.update((s.signature.len() as u64).to_le_bytes());
+                    h.update(&s.signature);
+                }
+            }
         }
         h.finalize().into()
     }

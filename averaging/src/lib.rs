@@ -39,6 +39,7 @@ mod conn;
 mod control;
 mod crypto;
 mod dataplane;
+mod entries;
 mod error;
 mod expiring;
 mod group;
@@ -57,8 +58,8 @@ pub use conn::DataPath;
 pub use dataplane::RejectedConnection;
 pub use error::{AveragingError, PeerFault, Result};
 pub use group::{
-    AllreduceConfig, AssembledGroup, AveragingMode, GroupMember, MAX_BANDWIDTH, MAX_BANDWIDTH_RATIO,
-    MAX_EXACT_WEIGHT, WeightCaps, schema_hash,
+    AllreduceConfig, AssembledGroup, AveragingMode, EntryContext, EntrySignature, GroupMember,
+    MAX_BANDWIDTH, MAX_BANDWIDTH_RATIO, MAX_EXACT_WEIGHT, WeightCaps, schema_hash,
 };
 pub use partition::TensorLayout;
 

@@ -83,7 +83,12 @@ pub fn balance_spans(
     min_size: usize,
 ) -> Result<Vec<usize>> {
     let sizes = load_balance_peers(vector_size, bandwidths, min_size)?;
-    let known: Vec<f64> = bandwidths.iter().flatten().copied().filter(|b| *b > 0.0).collect();
+    let known: Vec<f64> = bandwidths
+        .iter()
+        .flatten()
+        .copied()
+        .filter(|b| *b > 0.0)
+        .collect();
     let fill = if known.is_empty() {
         1.0
     } else {
@@ -249,7 +254,13 @@ mod tests {
     fn no_member_takes_more_than_twice_an_equal_share() {
         // The LP gives everything to the two fastest; capped at 2/5 each,
         // the rest goes to the others by bandwidth.
-        let b = [Some(100.0), Some(100.0), Some(100.0), Some(400.0), Some(175.0)];
+        let b = [
+            Some(100.0),
+            Some(100.0),
+            Some(100.0),
+            Some(400.0),
+            Some(175.0),
+        ];
         assert_eq!(load_balance_peers(1000, &b, 0).unwrap()[..3], [0, 0, 0]);
         let sizes = balance_spans(1000, &b, 0).unwrap();
         assert_eq!(sizes.iter().sum::<usize>(), 1000);

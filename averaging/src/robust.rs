@@ -166,8 +166,9 @@ pub enum Aggregation {
     /// point is a clipped M-estimator between median and mean, not the mean.
     /// Near `μ` the excess error shrinks by `δ` per iteration, so 10 iterations
     /// (the recommended count) leave `δ^10` of it (`1e-4` at `δ = 2/5`) once
-    /// `K = 0`; with honest inputs only, the mean is reached in one iteration
-    /// and the loop stops after the second.
+    /// `K = 0`. With honest inputs only and `τ` above every input's distance to
+    /// the median start and to the mean, the first iteration lands on the mean
+    /// and the loop normally stops after the second.
     CenteredClip {
         /// Clipping radius `τ`, a Euclidean length over the part; finite, > 0.
         tau: f32,
@@ -463,16 +464,13 @@ fn trimmed_mean(
     let rows = trim + 1;
     let (low, high) = rows_in(scratch, 2 * rows).split_at_mut(rows * BLOCK);
     let mut carry = [0.0f32; BLOCK];
-    let (mut mid_sum, mut mid_w) = ([0.0f64; BLOCK], [0.0f64; BLOCK]);
-    let (mut lo_w, mut hi_w) = ([0.0f64; BLOCK], [0.0f64; BLOCK]);
+    let (mut sum, mut weight, mut count) = ([0.0f64; BLOCK], [0.0f64; BLOCK], [0.0f32; BLOCK]);
     // Counts as f32: exact far beyond any group size.
-    let (mut lo_lt, mut lo_eq) = ([0.0f32; BLOCK], [0.0f32; BLOCK]);
-    let (mut hi_gt, mut hi_eq) = ([0.0f32; BLOCK], [0.0f32; BLOCK]);
-    let b = trim as f32;
+    let kept = (xs.len() - 2 * trim) as f32;
     let mut finite = true;
     for (start, len) in blocks(out.len()) {
-        // Pass 1: per lane, the cut values lo = (trim)-th smallest and hi =
-        // (trim)-th largest (0-based).
+        // Pass 1: per lane, the cuts lo = (trim)-th smallest and hi = (trim)-th
+        // largest value (0-based).
         low.fill(f32::INFINITY);
         high.fill(f32::NEG_INFINITY);
         for x in xs {
@@ -489,52 +487,76 @@ fn trimmed_mean(
         let lo = &low[trim * BLOCK..trim * BLOCK + len];
         let hi = &high[trim * BLOCK..trim * BLOCK + len];
 
-        // Pass 2: weighted sums of the values strictly between the cuts, and
-        // the weights and counts of the values at them.
-        for a in [&mut mid_sum, &mut mid_w, &mut lo_w, &mut hi_w] {
-            a[..len].fill(0.0);
-        }
-        for a in [&mut lo_lt, &mut lo_eq, &mut hi_gt, &mut hi_eq] {
-            a[..len].fill(0.0);
-        }
+        // Pass 2: weighted sum, weight and count of the values in [lo, hi].
+        let (sum, weight, count) = (&mut sum[..len], &mut weight[..len], &mut count[..len]);
+        sum.fill(0.0);
+        weight.fill(0.0);
+        count.fill(0.0);
         for (x, &p) in xs.iter().zip(ps) {
             let x = &x[start..start + len];
             for j in 0..len {
                 let (v, l, h) = (x[j], lo[j], hi[j]);
-                let mid = l < v && v < h;
-                mid_sum[j] += if mid { p * f64::from(v) } else { 0.0 };
-                mid_w[j] += if mid { p } else { 0.0 };
-                lo_w[j] += if v == l { p } else { 0.0 };
-                hi_w[j] += if v == h { p } else { 0.0 };
-                lo_lt[j] += f32::from(u8::from(v < l));
-                lo_eq[j] += f32::from(u8::from(v == l));
-                hi_gt[j] += f32::from(u8::from(v > h));
-                hi_eq[j] += f32::from(u8::from(v == h));
+                // `&`, not `&&`: no branch, so the loop vectorizes.
+                let inside = (l <= v) & (v <= h);
+                let w = if inside { p } else { 0.0 };
+                sum[j] += w * f64::from(v);
+                weight[j] += w;
+                count[j] += if inside { 1.0 } else { 0.0 };
             }
         }
         for j in 0..len {
             let (l, h) = (lo[j], hi[j]);
-            let o = &mut out[start + j];
-            if l == h {
+            let o = if l == h {
                 // Every kept value equals the cut.
-                *o = l;
-                continue;
-            }
-            // Of the values at a cut, keep as many as make up the count
-            // `trim` dropped below (above) it, each with an equal share.
-            let f_lo = f64::from((lo_lt[j] + lo_eq[j] - b) / lo_eq[j]);
-            let f_hi = f64::from((hi_gt[j] + hi_eq[j] - b) / hi_eq[j]);
-            let num = mid_sum[j] + f_lo * lo_w[j] * f64::from(l) + f_hi * hi_w[j] * f64::from(h);
-            let den = mid_w[j] + f_lo * lo_w[j] + f_hi * hi_w[j];
-            *o = (num / den) as f32;
+                l
+            } else if count[j] == kept {
+                // No surplus ties at the cuts: exactly the kept values are in
+                // [lo, hi], each with its whole weight.
+                (sum[j] / weight[j]) as f32
+            } else {
+                tied_cut_mean(xs, ps, start + j, trim, l, h)
+            };
             finite &= o.is_finite();
+            out[start + j] = o;
         }
     }
     finite
 }
 
-/// Adds `Σ_j (x_j − v_j)²` for each input to `d2`.
-fn add_sq_distances(xs: &[&[f32]], v: &[f32], start: usize, d2: &mut [f64]) {
+/// The trimmed mean at coordinate `j` when values tie at a cut `l < h`: of the
+/// `e` values equal to a cut, the `k` that make up the kept count each enter
+/// with `k / e` of their weight.
+fn tied_cut_mean(xs: &[&[f32]], ps: &[f64], j: usize, trim: usize, l: f32, h: f32) -> f32 {
+    let (mut below, mut at_lo, mut above, mut at_hi) = (0usize, 0usize, 0usize, 0usize);
+    let (mut w_lo, mut w_hi, mut w_mid, mut s_mid) = (0.0f64, 0.0f64, 0.0f64, 0.0f64);
+    for (x, &p) in xs.iter().zip(ps) {
+        let v = x[j];
+        if v < l {
+            below += 1;
+        } else if v == l {
+            at_lo += 1;
+            w_lo += p;
+        } else if v > h {
+            above += 1;
+        } else if v == h {
+            at_hi += 1;
+            w_hi += p;
+        } else {
+            w_mid += p;
+            s_mid += p * f64::from(v);
+        }
+    }
+    // `l` is the trim-th smallest value, so below <= trim < below + at_lo (and
+    // symmetrically at the top): both shares are in (0, 1].
+    let f_lo = (below + at_lo - trim) as f64 / at_lo as f64;
+    let f_hi = (above + at_hi - trim) as f64 / at_hi as f64;
+    let num = s_mid + f_lo * w_lo * f64::from(l) + f_hi * w_hi * f64::from(h);
+    let den = w_mid + f_lo * w_lo + f_hi * w_hi;
+    (num / den) as f32
+}
+
+/// Adds `Σ_j (x_j − v_j)²` for each input to `d2` (`v` already widened).
+fn add_sq_distances(xs: &[&[f32]], v: &[f64], start: usize, d2: &mut [f64]) {
     for (x, d) in xs.iter().zip(d2.iter_mut()) {
         // Four independent sums so the loop vectorizes without reassociation.
         let mut s = [0.0f64; 4];
@@ -543,12 +565,12 @@ fn add_sq_distances(xs: &[&[f32]], v: &[f32], start: usize, d2: &mut [f64]) {
         let (xr, vr) = (xc.remainder(), vc.remainder());
         for (xq, vq) in xc.zip(vc) {
             for k in 0..4 {
-                let e = f64::from(xq[k]) - f64::from(vq[k]);
+                let e = f64::from(xq[k]) - vq[k];
                 s[k] += e * e;
             }
         }
         for (&a, &b) in xr.iter().zip(vr) {
-            let e = f64::from(a) - f64::from(b);
+            let e = f64::from(a) - b;
             s[0] += e * e;
         }
         *d += (s[0] + s[1]) + (s[2] + s[3]);
@@ -580,6 +602,8 @@ fn centered_clip(
     // (m − 1)/2 for odd m, the mean of rows m/2 − 1 and m/2 for even m.
     let low = rows_in(scratch, m / 2 + 1);
     let mut carry = [0.0f32; BLOCK];
+    // The current block of v, widened once for the distance passes.
+    let mut wide = [0.0f64; BLOCK];
     let (r0, r1) = ((m - 1) / 2, m / 2);
     for (start, len) in blocks(out.len()) {
         low.fill(f32::INFINITY);
@@ -591,13 +615,18 @@ fn centered_clip(
             carry[..len].copy_from_slice(x);
             insert_rows::<false>(low, &mut carry[..len]);
         }
-        let v = &mut out[start..start + len];
-        for (j, o) in v.iter_mut().enumerate() {
+        let wide = &mut wide[..len];
+        for ((j, o), w) in out[start..start + len]
+            .iter_mut()
+            .enumerate()
+            .zip(wide.iter_mut())
+        {
             let (a, b) = (low[r0 * BLOCK + j], low[r1 * BLOCK + j]);
             // In f64: a + b may pass f32::MAX.
             *o = (0.5 * (f64::from(a) + f64::from(b))) as f32;
+            *w = f64::from(*o);
         }
-        add_sq_distances(xs, v, start, d2);
+        add_sq_distances(xs, wide, start, d2);
     }
 
     let mut acc = [0.0f64; BLOCK];
@@ -606,27 +635,33 @@ fn centered_clip(
             let dist = d.sqrt();
             *s = if dist > tau { p * (tau / dist) } else { p };
         }
+        let total: f64 = scale.iter().sum();
         d2.fill(0.0);
         let last = it + 1 == iterations;
         let mut moved = false;
         let mut finite = true;
         for (start, len) in blocks(out.len()) {
+            // v + Σ s_i (x_i − v), as Σ s_i x_i − (Σ s_i) v: one multiply-add per
+            // value; in f64 the cancellation costs nothing that f32 v keeps.
             let acc = &mut acc[..len];
             acc.fill(0.0);
-            let v = &mut out[start..start + len];
             for (x, &s) in xs.iter().zip(scale.iter()) {
-                for ((a, &xv), &vv) in acc.iter_mut().zip(&x[start..start + len]).zip(v.iter()) {
-                    *a += s * (f64::from(xv) - f64::from(vv));
+                for (a, &xv) in acc.iter_mut().zip(&x[start..start + len]) {
+                    *a += s * f64::from(xv);
                 }
             }
-            for (o, &a) in v.iter_mut().zip(acc.iter()) {
-                let new = (f64::from(*o) + a) as f32;
+            let wide = &mut wide[..len];
+            let v = &mut out[start..start + len];
+            for ((o, &a), w) in v.iter_mut().zip(acc.iter()).zip(wide.iter_mut()) {
+                let old = f64::from(*o);
+                let new = (old + (a - total * old)) as f32;
                 moved |= new != *o;
                 finite &= new.is_finite();
                 *o = new;
+                *w = f64::from(new);
             }
             if !last {
-                add_sq_distances(xs, v, start, d2);
+                add_sq_distances(xs, wide, start, d2);
             }
         }
         if !finite {

@@ -64,6 +64,8 @@ struct Inner {
     own: presence::Own,
     /// A second node seen with this identity.
     identity_conflict: tokio::sync::watch::Sender<Option<IdentityConflict>>,
+    /// Signs with the identity key, for protocols above the DHT.
+    peer_signer: crate::owner::PeerSigner,
 }
 
 /// A cloneable handle to one DHT node: a background task owning a libp2p swarm
@@ -112,6 +114,7 @@ impl Dht {
             secret,
             lock: identity_lock,
         } = load_identity(&config.identity)?;
+        let peer_signer = crate::owner::PeerSigner::from_secret(secret);
         let signer = Ed25519SignatureValidator::new(&secret);
         let public_key = *signer.owner().as_bytes();
         let mut composite = CompositeValidator::new();
@@ -201,6 +204,7 @@ impl Dht {
                 subscription_capacity: config.subscription_capacity,
                 own: presence::Own::new(),
                 identity_conflict: tokio::sync::watch::Sender::new(None),
+                peer_signer,
             }),
         };
         if config.max_relays > 0 {
@@ -220,6 +224,13 @@ impl Dht {
     /// This node's peer id.
     pub fn peer_id(&self) -> PeerId {
         self.inner.peer_id
+    }
+
+    /// A signer with this node's identity key (see
+    /// [`PeerSigner`](crate::PeerSigner)), for protocols that need their
+    /// messages bound to this peer id.
+    pub fn signer(&self) -> crate::owner::PeerSigner {
+        self.inner.peer_signer.clone()
     }
 
     /// This node's ed25519 public key (the libp2p identity key).
@@ -721,8 +732,12 @@ async fn start(node: &mut Node, config: &DhtConfig) -> Result<(), DhtError> {
                 .kad
                 .add_address(&peer, strip_p2p(addr));
         }
-        if let Err(error) = node.swarm.dial(addr.clone()) {
+        let opts = libp2p::swarm::dial_opts::DialOpts::from(addr.clone());
+        let id = opts.connection_id();
+        node.bootstrap_dials.insert(id);
+        if let Err(error) = node.swarm.dial(opts) {
             tracing::warn!(%addr, %error, "cannot dial initial peer");
+            node.bootstrap_dials.remove(&id);
             node.bootstrap_failed += 1;
         }
     }

@@ -78,7 +78,7 @@ pub use error::{DhtError, PubSubError, ValidationError};
 pub use gossip::LatestPerOwner;
 pub use identity::{create_identity_file, read_identity_file};
 pub use node::{GossipMessage, NodeStats, PeerAddresses, PeerPath};
-pub use owner::{owner_key_from_secret, peer_id_of_owner};
+pub use owner::{PeerSigner, owner_key_from_secret, peer_id_of_owner, verify_peer_signature};
 pub use record::{DhtRecord, WIRE_VERSION, WireEntry, decode_wire, encode_wire};
 pub use schema::SchemaRecordValidator;
 pub use signature::{

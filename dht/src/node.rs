@@ -176,8 +176,12 @@ pub(crate) struct Node {
     pub(crate) unready_listeners: HashSet<libp2p::core::transport::ListenerId>,
     /// Peers reached during bootstrap (startup only).
     pub(crate) bootstrap_connected: usize,
-    /// Dials that failed during bootstrap (startup only).
+    /// Dials of initial peers that failed during bootstrap (startup only).
     pub(crate) bootstrap_failed: usize,
+    /// The bootstrap's own dials (startup only): only their failures count
+    /// toward `bootstrap_failed`, not those of dials other behaviours make
+    /// meanwhile.
+    pub(crate) bootstrap_dials: HashSet<libp2p::swarm::ConnectionId>,
     /// The bootstrap lookup, while it runs.
     pub(crate) bootstrap_query: Option<QueryId>,
     /// Gets whose budget ran out (sent by their timers).
@@ -249,6 +253,7 @@ impl Node {
             unready_listeners: HashSet::new(),
             bootstrap_connected: 0,
             bootstrap_failed: 0,
+            bootstrap_dials: HashSet::new(),
             bootstrap_query: None,
             budget_tx,
             budget_rx: Some(budget_rx),
@@ -818,8 +823,14 @@ impl Node {
                     entry.connected.retain(|a| a != &remote);
                 }
             }
-            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
-                self.bootstrap_failed += 1;
+            SwarmEvent::OutgoingConnectionError {
+                peer_id,
+                error,
+                connection_id,
+            } => {
+                if self.bootstrap_dials.remove(&connection_id) {
+                    self.bootstrap_failed += 1;
+                }
                 tracing::debug!(?peer_id, %error, "dial failed");
                 if let Some(peer) = peer_id {
                     self.nat_dial_failed(peer, &error);

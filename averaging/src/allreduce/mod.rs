@@ -120,7 +120,18 @@ pub async fn run_allreduce<T: AsRef<[f32]> + Sync>(
     weight: f32,
     cfg: &AllreduceConfig,
 ) -> Result<RoundOutcome> {
-    run_allreduce_capped(plane, group, my_index, keys, layout, tensors, weight, cfg, &[]).await
+    run_allreduce_capped(
+        plane,
+        group,
+        my_index,
+        keys,
+        layout,
+        tensors,
+        weight,
+        cfg,
+        &[],
+    )
+    .await
 }
 
 /// [`run_allreduce`] where this peer, as a reducer, clips member `i`'s
@@ -169,7 +180,11 @@ pub async fn run_allreduce_capped<T: AsRef<[f32]> + Sync>(
         .map(|i| {
             let cap = weight_caps.get(i).copied().unwrap_or(f32::INFINITY);
             // A NaN cap is no cap at all; max_weight still holds.
-            if cap.is_nan() { cfg.max_weight } else { cap.clamp(0.0, cfg.max_weight) }
+            if cap.is_nan() {
+                cfg.max_weight
+            } else {
+                cap.clamp(0.0, cfg.max_weight)
+            }
         })
         .collect();
     // This peer's own weight obeys the same caps as everyone's.

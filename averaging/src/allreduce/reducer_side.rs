@@ -467,14 +467,9 @@ async fn serve_sender<T: AsRef<[f32]> + Sync>(
         for p in 0..nparts {
             let left = budget.saturating_duration_since(tokio::time::Instant::now());
             let timeout = ctx.cfg.sender_timeout.min(left);
-            let frame = wire::read_frame(
-                &mut rd,
-                &mut up,
-                &mut buf,
-                ctx.cfg.max_frame_len(),
-                timeout,
-            )
-            .await;
+            let frame =
+                wire::read_frame(&mut rd, &mut up, &mut buf, ctx.cfg.max_frame_len(), timeout)
+                    .await;
             let (kind, index, payload) = match frame {
                 Err(PeerFault::Stalled { .. }) if timeout < ctx.cfg.sender_timeout => {
                     return Err(PeerFault::TooSlow {

@@ -126,7 +126,10 @@ mod tests {
         }));
         let first = list.ban(b"liar", fault.clone(), t0);
         assert_eq!((first.strikes, first.duration), (1, FIRST_BAN));
-        assert_eq!(list.banned(t0 + Duration::from_secs(1)), vec![b"liar".to_vec()]);
+        assert_eq!(
+            list.banned(t0 + Duration::from_secs(1)),
+            vec![b"liar".to_vec()]
+        );
         // Over after a minute, remembered for the next offence.
         let later = t0 + FIRST_BAN + Duration::from_secs(1);
         assert!(list.banned(later).is_empty());
@@ -137,7 +140,10 @@ mod tests {
         }
         assert_eq!(list.active(later)[0].duration, MAX_BAN);
         // Forgotten a MAX_BAN after the last ban ends.
-        assert!(list.banned(later + 2 * MAX_BAN + Duration::from_secs(1)).is_empty());
+        assert!(
+            list.banned(later + 2 * MAX_BAN + Duration::from_secs(1))
+                .is_empty()
+        );
         assert!(list.entries.is_empty());
     }
 }

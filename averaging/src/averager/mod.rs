@@ -33,7 +33,7 @@ use crate::{
     crypto::RoundKeyPair,
     dataplane::DataPlane,
     error::{AveragingError, Result},
-    group::{AssembledGroup, AveragingMode, GroupMember, WeightCaps},
+    group::{AssembledGroup, AveragingMode, EntryContext, GroupMember, WeightCaps},
     group_keys::{group_key, next_group_bits},
     matchmaking::{
         Matchmaker, MatchmakerConfig,
@@ -65,6 +65,8 @@ struct Inner {
     dht: Dht,
     cfg: AveragerConfig,
     layout: TensorLayout,
+    /// [`crate::schema_hash`] of `layout`.
+    schema: [u8; 32],
     tensors: Mutex<Vec<Vec<f32>>>,
     plane: DataPlane,
     /// The data-plane address announced to group members (`None`: client).
@@ -183,6 +185,8 @@ impl DecentralizedAverager {
         let reach = (!client_mode)
             .then(|| reachability::Reachability::new(dht.clone(), cfg.request_timeout / 4));
         let io = ShellIo {
+            prefix: cfg.prefix.clone(),
+            schema: crate::group::schema_hash(&layout),
             dht: dht.clone(),
             protocol: join_protocol(&cfg.prefix)?,
             client_mode,
@@ -209,6 +213,7 @@ impl DecentralizedAverager {
         }
         let inner = Arc::new(Inner {
             peer_id,
+            schema: crate::group::schema_hash(&layout),
             layout,
             tensors: Mutex::new(tensors),
             plane,
@@ -348,14 +353,10 @@ impl DecentralizedAverager {
             .map(|mut b| b.banned(tokio::time::Instant::now()))
             .unwrap_or_default();
         let span = tracing::debug_span!("matchmaking", peer = %short_id(&inner.peer_id));
+        let deadline = dht_time() + timeout.as_secs_f64();
+        let me = my_member(inner, &keys, &key, deadline);
         let group = tracing::Instrument::instrument(
-            shell::look(
-                &inner.matchmaker,
-                key,
-                my_member(inner, &keys),
-                dht_time() + timeout.as_secs_f64(),
-                banned,
-            ),
+            shell::look(&inner.matchmaker, key, me, deadline, banned),
             span,
         )
         .await?;
@@ -480,8 +481,10 @@ fn short_id(peer_id: &[u8]) -> String {
         .unwrap_or_default()
 }
 
-fn my_member(inner: &Inner, keys: &RoundKeyPair) -> GroupMember {
-    GroupMember {
+/// This peer's entry for a search under `key` until `deadline` (DHT
+/// time), signed with its identity key.
+fn my_member(inner: &Inner, keys: &RoundKeyPair, key: &str, deadline: f64) -> GroupMember {
+    let mut me = GroupMember {
         peer_id: inner.peer_id.clone(),
         data_addr: inner.data_addr,
         mode: inner.cfg.mode,
@@ -490,5 +493,13 @@ fn my_member(inner: &Inner, keys: &RoundKeyPair) -> GroupMember {
             _ => inner.cfg.bandwidth,
         },
         round_public_key: keys.public(),
-    }
+        signed: None,
+    };
+    let ctx = EntryContext {
+        prefix: &inner.cfg.prefix,
+        group_key: key,
+        schema_hash: &inner.schema,
+    };
+    crate::entries::sign_member(&inner.dht.signer(), &mut me, &ctx, deadline);
+    me
 }

@@ -369,6 +369,7 @@ mod probe_tests {
             mode: AveragingMode::Node,
             bandwidth: None,
             round_public_key: [7; 32],
+            signed: None,
         }
     }
 

@@ -344,7 +344,10 @@ impl Matchmaker {
             .as_ref()
             .is_some_and(|l| l.banned.contains(&next));
         if next == self.cfg.peer_id || a.redirects >= MAX_REDIRECTS || banned {
-            tracing::debug!(banned, "redirect refused (to itself, to a banned peer, or too many)");
+            tracing::debug!(
+                banned,
+                "redirect refused (to itself, to a banned peer, or too many)"
+            );
             self.give_up_on(a, false);
             return;
         }
@@ -489,9 +492,10 @@ impl Matchmaker {
                     .target_group_size
                     .is_none_or(|t| group.members.len() <= t);
                 let led = group.position(&a.leader).is_some();
-                let clean = self.looking.as_ref().is_none_or(|l| {
-                    !group.members.iter().any(|m| l.banned.contains(&m.peer_id))
-                });
+                let clean = self
+                    .looking
+                    .as_ref()
+                    .is_none_or(|l| !group.members.iter().any(|m| l.banned.contains(&m.peer_id)));
                 let ok = fits
                     && clean
                     && led

@@ -19,7 +19,7 @@ use super::{
 use crate::{
     control::{self, ControlMsg},
     error::{AveragingError, PeerFault, Result},
-    group::{AssembledGroup, GroupMember},
+    group::{AssembledGroup, EntryContext, GroupMember},
 };
 
 /// What the averager asks of its matchmaker task.
@@ -53,6 +53,9 @@ pub(crate) struct InboundJoin {
 /// What the shell needs to perform actions.
 #[derive(Debug, Clone)]
 pub(crate) struct ShellIo {
+    /// The run prefix and schema hash every entry is signed for.
+    pub(crate) prefix: String,
+    pub(crate) schema: [u8; 32],
     pub(crate) dht: Dht,
     pub(crate) protocol: StreamProtocol,
     pub(crate) client_mode: bool,
@@ -84,6 +87,9 @@ pub(crate) async fn run(mut machine: Matchmaker, io: ShellIo, mut rx: mpsc::Rece
     let mut leaders: HashMap<u64, Stream> = HashMap::new();
     let mut reply: Option<oneshot::Sender<Result<AssembledGroup>>> = None;
     let mut next_join: JoinId = 0;
+    // The group key of the current search: every entry of a group this
+    // peer joins must be signed for it.
+    let mut looking_key: Option<String> = None;
     loop {
         let now = dht_time();
         let wake = machine
@@ -99,10 +105,29 @@ pub(crate) async fn run(mut machine: Matchmaker, io: ShellIo, mut rx: mpsc::Rece
                 None => break,
                 Some(Command::Look { key, me, deadline, banned, reply: r }) => {
                     reply = Some(r);
+                    looking_key = Some(key.clone());
                     Event::Look { key, me, deadline, banned }
                 }
                 Some(Command::Join(join)) => {
-                    let InboundJoin { peer, stream, request, member } = *join;
+                    let InboundJoin { peer, mut stream, request, member } = *join;
+                    let ctx = EntryContext {
+                        prefix: &io.prefix,
+                        group_key: &request.group_key,
+                        schema_hash: &io.schema,
+                    };
+                    if let Err(why) = crate::entries::verify_member(&member, &ctx, dht_time()) {
+                        tracing::warn!(%peer, reason = why, "averaging: refusing a join whose entry does not verify");
+                        let msg = ControlMsg::Reply {
+                            code: JoinCode::ProtocolViolation,
+                            suggested_leader: None,
+                            leader_expiration: None,
+                        };
+                        let t = io.request_timeout;
+                        tokio::spawn(async move {
+                            let _ = control::send(&mut stream, &msg, t).await;
+                        });
+                        continue;
+                    }
                     let join = next_join;
                     next_join += 1;
                     joins.insert(join, stream);
@@ -145,7 +170,16 @@ pub(crate) async fn run(mut machine: Matchmaker, io: ShellIo, mut rx: mpsc::Rece
             }
         }
         for action in machine.on(event, dht_time(), &mut rng) {
-            perform(action, &io, &mut ops, &mut joins, &mut leaders, &mut reply);
+            let key = looking_key.as_deref().unwrap_or_default();
+            perform(
+                action,
+                &io,
+                key,
+                &mut ops,
+                &mut joins,
+                &mut leaders,
+                &mut reply,
+            );
         }
     }
 }
@@ -177,6 +211,7 @@ fn follower_alive(s: &mut Stream) -> bool {
 fn perform(
     action: Action,
     io: &ShellIo,
+    key: &str,
     ops: &mut FuturesUnordered<BoxFuture<'static, Done>>,
     joins: &mut HashMap<JoinId, Stream>,
     leaders: &mut HashMap<u64, Stream>,
@@ -221,10 +256,33 @@ fn perform(
                 return;
             };
             let wait = Duration::try_from_secs_f64(wait).unwrap_or(Duration::MAX / 4);
+            let (prefix, schema, key) = (io.prefix.clone(), io.schema, key.to_string());
             ops.push(
                 async move {
                     let message = match control::recv(&mut s, wait).await {
-                        Ok(ControlMsg::Begin { group }) => LeaderMessage::Begin(group),
+                        Ok(ControlMsg::Begin { group }) => {
+                            let ctx = EntryContext {
+                                prefix: &prefix,
+                                group_key: &key,
+                                schema_hash: &schema,
+                            };
+                            match crate::entries::verify_group(&group, &ctx, dht_time()) {
+                                Ok(()) => LeaderMessage::Begin(group),
+                                Err((i, why)) => {
+                                    let member = group.members.get(i).map(|m| {
+                                        crate::averager::peer_label(&m.peer_id)
+                                    });
+                                    tracing::warn!(
+                                        member = member.as_deref().unwrap_or("?"),
+                                        reason = why,
+                                        "averaging: the leader's group holds an entry its member did not sign; refusing it"
+                                    );
+                                    LeaderMessage::Violation {
+                                        reason: format!("member {i}: {why}"),
+                                    }
+                                }
+                            }
+                        }
                         Ok(ControlMsg::Disbanded { suggested_leader }) => {
                             LeaderMessage::Disbanded(suggested_leader)
                         }

@@ -61,6 +61,7 @@ fn group(peers: &[Peer], nodes: &[Dht], group_id: [u8; 32]) -> AssembledGroup {
                 mode: p.mode,
                 bandwidth: None,
                 round_public_key: p.keys.public(),
+                signed: None,
             })
             .collect(),
     }

@@ -39,11 +39,7 @@ async fn run_capped(
 
 /// Largest |applied − honest mean| over every value of every member in
 /// `honest`.
-fn deviation(
-    peers: &[Peer],
-    outcomes: Vec<crate::Result<RoundOutcome>>,
-    honest: &[usize],
-) -> f64 {
+fn deviation(peers: &[Peer], outcomes: Vec<crate::Result<RoundOutcome>>, honest: &[usize]) -> f64 {
     let layout = TensorLayout::new(&LENGTHS);
     let mean = weighted_mean(peers, honest);
     let mut worst = 0.0f64;
@@ -149,7 +145,10 @@ enum Impostor {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_impostor_that_claims_a_senders_slot_first_bans_no_one() {
     use AveragingMode::Node;
-    for (n, how) in [Impostor::Silent, Impostor::Garbage].into_iter().enumerate() {
+    for (n, how) in [Impostor::Silent, Impostor::Garbage]
+        .into_iter()
+        .enumerate()
+    {
         let peers = make_peers(&[Node; 3], &[1.0, 2.0, 1.0]).await;
         let group = group_of(&peers, [0xB0 + n as u8; 32], &[]);
         let cfg = test_config(Compression::None);
@@ -178,7 +177,11 @@ async fn an_impostor_that_claims_a_senders_slot_first_bans_no_one() {
         let mean = weighted_mean(&peers, &[0, 1, 2]);
         for (i, out) in outcomes.into_iter().enumerate() {
             let out = out.unwrap_or_else(|e| panic!("{how:?}: peer {i}: {e}"));
-            assert!(out.banned_senders.is_empty(), "{how:?}: {:?}", out.banned_senders);
+            assert!(
+                out.banned_senders.is_empty(),
+                "{how:?}: {:?}",
+                out.banned_senders
+            );
             if i < 2 {
                 assert!(
                     out.impostors.iter().any(|r| r.claimed_sender == Some(2)),
@@ -314,10 +317,8 @@ async fn members_given_different_views_of_the_group_cannot_exchange_a_frame() {
     let run = |i: usize, g: &AssembledGroup| {
         let (p, layout, cfg, g) = (&peers[i], &layout, &cfg, g.clone());
         async move {
-            crate::round::run_allreduce(
-                &p.plane, &g, i, &p.keys, layout, &p.tensors, p.weight, cfg,
-            )
-            .await
+            crate::round::run_allreduce(&p.plane, &g, i, &p.keys, layout, &p.tensors, p.weight, cfg)
+                .await
         }
     };
     let (a, b, c) = tokio::join!(run(0, &group), run(1, &group), run(2, &forged));
@@ -325,8 +326,7 @@ async fn members_given_different_views_of_the_group_cannot_exchange_a_frame() {
     assert!(took < cfg.allreduce_timeout);
     let pair_mean = weighted_mean(&peers, &[0, 1]);
     let spans = {
-        let sizes =
-            crate::round::balance_spans(layout.total(), &group.bandwidths(), 0).unwrap();
+        let sizes = crate::round::balance_spans(layout.total(), &group.bandwidths(), 0).unwrap();
         crate::round::spans_from_sizes(&sizes)
     };
     for (i, out) in [a, b].into_iter().enumerate() {
@@ -349,7 +349,10 @@ async fn members_given_different_views_of_the_group_cannot_exchange_a_frame() {
             if spans[2].contains(&j) {
                 assert_eq!(*v, flat_local[j], "peer {i}: value {j} of member 2's span");
             } else {
-                assert!((f64::from(*v) - flat_mean[j]).abs() < 1e-6, "peer {i}: value {j}");
+                assert!(
+                    (f64::from(*v) - flat_mean[j]).abs() < 1e-6,
+                    "peer {i}: value {j}"
+                );
             }
         }
     }
@@ -371,6 +374,7 @@ fn a_bandwidth_of_1e308_takes_a_bounded_share() {
         mode: AveragingMode::Node,
         bandwidth,
         round_public_key: [i; 32],
+        signed: None,
     };
     let group = AssembledGroup {
         group_id: [0; 32],
@@ -421,12 +425,19 @@ async fn a_thousand_idle_connections_from_one_host_do_not_stall_a_round() {
     let mean = weighted_mean(&peers, &[0, 1, 2]);
     for (i, out) in outcomes.into_iter().enumerate() {
         let out = out.unwrap_or_else(|e| panic!("peer {i}: {e}"));
-        assert!(out.banned_senders.is_empty(), "peer {i}: {:?}", out.banned_senders);
+        assert!(
+            out.banned_senders.is_empty(),
+            "peer {i}: {:?}",
+            out.banned_senders
+        );
         let mut mine = peers[i].tensors.clone();
         out.apply(&layout, &mut mine, 1.0).unwrap();
         assert!(max_err(&mine, &mean) < 1e-6, "peer {i}");
     }
-    let refused: Vec<u64> = peers.iter().map(|p| p.plane.refused_connections()).collect();
+    let refused: Vec<u64> = peers
+        .iter()
+        .map(|p| p.plane.refused_connections())
+        .collect();
     println!(
         "1000 idle connections per reducer from one host: full average in {took:?}; refused unread per plane {refused:?}"
     );

@@ -84,6 +84,7 @@ pub(super) fn group_of(
                 mode: p.mode,
                 bandwidth: bandwidths.get(i).copied().flatten(),
                 round_public_key: p.keys.public(),
+                signed: None,
             })
             .collect(),
     }

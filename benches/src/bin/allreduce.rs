@@ -795,6 +795,7 @@ async fn round(
             mode: AveragingMode::Node,
             bandwidth: args.bandwidths.get(i).copied(),
             round_public_key: key,
+            signed: None,
         });
     }
     let group = AssembledGroup {

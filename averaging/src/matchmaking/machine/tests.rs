@@ -17,6 +17,7 @@ fn member(id: u8) -> GroupMember {
         mode: AveragingMode::Node,
         bandwidth: None,
         round_public_key: [id; 32],
+        signed: None,
     }
 }
 
