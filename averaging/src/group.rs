@@ -312,6 +312,13 @@ pub struct AllreduceConfig {
     /// sample counts in `colony-optim`; the default, 2^24, is the largest
     /// count an `f32` holds exactly.
     pub max_weight: f32,
+    /// How a reducer combines its senders' parts. Default
+    /// [`Aggregation::WeightedMean`] (streamed, no robustness: one sender
+    /// can move an average anywhere its weight allows). The robust rules
+    /// bound what a minority of senders can do (see
+    /// [`crate::round::Aggregation`] for the bounds) at a cost in reducer
+    /// CPU and one copy of the span per sender in memory.
+    pub aggregation: crate::robust::Aggregation,
 }
 
 impl Default for AllreduceConfig {
@@ -326,6 +333,7 @@ impl Default for AllreduceConfig {
             reducer_timeout: Duration::from_secs(10),
             allreduce_timeout: Duration::from_secs(120),
             max_weight: MAX_EXACT_WEIGHT,
+            aggregation: crate::robust::Aggregation::WeightedMean,
         }
     }
 }
@@ -356,6 +364,12 @@ impl AllreduceConfig {
         }
         if !self.max_weight.is_finite() || self.max_weight <= 0.0 {
             return bad("max_weight", "must be finite and positive");
+        }
+        if let Err(e) = self.aggregation.validate() {
+            return Err(AveragingError::InvalidConfig {
+                field: "aggregation",
+                reason: e.to_string(),
+            });
         }
         Ok(())
     }

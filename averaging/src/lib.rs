@@ -48,6 +48,7 @@ mod load_balancing;
 pub mod matchmaking;
 mod partition;
 mod reducer;
+mod robust;
 pub mod state;
 mod wire;
 
@@ -76,6 +77,7 @@ pub mod round {
         load_balancing::{MAX_SHARE_FACTOR, balance_spans, load_balance_peers},
         partition::{part_ranges, spans_from_sizes},
         reducer::{PartReducer, PartResult},
+        robust::{Aggregation, RobustError, aggregate},
         wire::{FrameBuf, FrameHead, Kind, read_frame, read_frame_unopened},
     };
 }

@@ -9,7 +9,10 @@ use std::ops::Range;
 
 use colony_kernels::cpu as kernels;
 
-use crate::error::PeerFault;
+use crate::{
+    error::PeerFault,
+    robust::{Aggregation, aggregate},
+};
 
 /// Accumulator for the parts of one span.
 #[derive(Debug)]
@@ -21,6 +24,20 @@ pub struct PartReducer {
     banned: Vec<bool>,
     finalized: usize,
     overflowed: usize,
+    /// With a robust aggregation: each sender's parts kept apart until the
+    /// part is complete.
+    robust: Option<Robust>,
+}
+
+/// Per-sender copies of the span for an aggregation that needs every
+/// input at once (memory: one span per sender).
+#[derive(Debug)]
+struct Robust {
+    agg: Aggregation,
+    inputs: Vec<Vec<f32>>,
+    weights: Vec<f32>,
+    scratch: Vec<f32>,
+    failed: usize,
 }
 
 /// The outcome of a completed part.
@@ -55,8 +72,51 @@ impl PartReducer {
             banned: vec![false; senders],
             finalized: 0,
             overflowed: 0,
+            robust: None,
             parts,
         }
+    }
+
+    /// Like [`Self::with_buffer`], combining each part with `agg`
+    /// ([`Aggregation::WeightedMean`] streams as before; the robust rules
+    /// keep one copy of the span per sender until each part completes).
+    pub fn with_aggregation(
+        parts: Vec<Range<usize>>,
+        senders: usize,
+        acc: Vec<f32>,
+        agg: Aggregation,
+    ) -> Self {
+        let mut r = Self::with_buffer(parts, senders, acc);
+        if agg.needs_all_inputs() {
+            r.robust = Some(Robust {
+                agg,
+                inputs: vec![Vec::new(); senders],
+                weights: vec![0.0; senders],
+                scratch: Vec::new(),
+                failed: 0,
+            });
+        }
+        r
+    }
+
+    /// Parts a robust aggregation could not combine (too few inputs for its
+    /// trim), returned empty.
+    pub fn robust_failures(&self) -> usize {
+        self.robust.as_ref().map_or(0, |r| r.failed)
+    }
+
+    /// Where `sender`'s values for part `part` go: its own copy under a
+    /// robust aggregation (zero-filled on first use), else `None`.
+    fn robust_slot(&mut self, sender: usize, part: usize, weight: f32) -> Option<&mut [f32]> {
+        let len = self.acc.len();
+        let range = self.parts[part].clone();
+        let r = self.robust.as_mut()?;
+        let buf = &mut r.inputs[sender];
+        if buf.len() != len {
+            buf.resize(len, 0.0);
+        }
+        r.weights[sender] = weight;
+        Some(&mut buf[range])
     }
 
     /// Number of parts.
@@ -139,6 +199,16 @@ impl PartReducer {
         if !weight.is_finite() || weight < 0.0 {
             return Err(PeerFault::NonFinite { part });
         }
+        if let Some(slot) = self.robust_slot(sender, part, weight) {
+            let mut at = 0;
+            for piece in pieces {
+                slot[at..at + piece.len()].copy_from_slice(piece);
+                at += piece.len();
+            }
+            self.weight_sum[part] += f64::from(weight);
+            self.delivered[sender] += 1;
+            return Ok(());
+        }
         let mut at = self.parts[part].start;
         for piece in pieces {
             let acc = &mut self.acc[at..at + piece.len()];
@@ -170,6 +240,12 @@ impl PartReducer {
         self.check(sender, part, values.len())?;
         if !weight.is_finite() || weight < 0.0 {
             return Err(PeerFault::NonFinite { part });
+        }
+        if let Some(slot) = self.robust_slot(sender, part, weight) {
+            slot.copy_from_slice(values);
+            self.weight_sum[part] += f64::from(weight);
+            self.delivered[sender] += 1;
+            return Ok(());
         }
         let range = self.parts[part].clone();
         kernels::accumulate(&mut self.acc[range], values, weight)
@@ -210,6 +286,20 @@ impl PartReducer {
         self.check(sender, part, len)?;
         if !weight.is_finite() || weight < 0.0 {
             return Err(PeerFault::NonFinite { part });
+        }
+        if let Some(slot) = self.robust_slot(sender, part, weight) {
+            let finite =
+                compression
+                    .decode_into_checked(bytes, slot)
+                    .map_err(|_| PeerFault::Garbage {
+                        reason: "undecodable part",
+                    })?;
+            if !finite {
+                return Err(PeerFault::NonFinite { part });
+            }
+            self.weight_sum[part] += f64::from(weight);
+            self.delivered[sender] += 1;
+            return Ok(());
         }
         let range = self.parts[part].clone();
         let finite = compression
@@ -254,6 +344,11 @@ impl PartReducer {
             if !ready {
                 break;
             }
+            if self.robust.is_some() {
+                self.finalize_robust(p);
+                self.finalized += 1;
+                continue;
+            }
             let w = self.weight_sum[p];
             if w > 0.0 {
                 let inv = (1.0 / w) as f32;
@@ -277,6 +372,36 @@ impl PartReducer {
             self.finalized += 1;
         }
         self.finalized
+    }
+
+    /// Combine part `p` from the senders that delivered it with the robust
+    /// aggregation. Too few inputs for it (or an error) leave the part
+    /// empty: members keep their local values there.
+    fn finalize_robust(&mut self, p: usize) {
+        let Some(r) = self.robust.as_mut() else {
+            return;
+        };
+        let range = self.parts[p].clone();
+        let mut inputs: Vec<&[f32]> = Vec::new();
+        let mut weights: Vec<f32> = Vec::new();
+        for (s, d) in self.delivered.iter().enumerate() {
+            if *d > p && r.weights[s] > 0.0 {
+                inputs.push(&r.inputs[s][range.clone()]);
+                weights.push(r.weights[s]);
+            }
+        }
+        let out = &mut self.acc[range];
+        match aggregate(&r.agg, &inputs, &weights, out, &mut r.scratch) {
+            Ok(true) => {}
+            Ok(false) => self.weight_sum[p] = 0.0,
+            Err(e) => {
+                if r.failed == 0 {
+                    tracing::warn!(part = p, error = %e, "averaging: robust aggregation could not combine a part; returning it empty");
+                }
+                r.failed += 1;
+                self.weight_sum[p] = 0.0;
+            }
+        }
     }
 
     /// The result of finalized part `p` (`None` if not finalized yet).

@@ -240,7 +240,12 @@ async fn run_round<T: AsRef<[f32]> + Sync>(
         None
     } else {
         let parts = &own_parts;
-        let mut red = PartReducer::with_buffer(parts.clone(), n, plane.take_buffer(my_span.len()));
+        let mut red = PartReducer::with_aggregation(
+            parts.clone(),
+            n,
+            plane.take_buffer(my_span.len()),
+            ctx.cfg.aggregation,
+        );
         for (i, m) in ctx.group.members.iter().enumerate() {
             if !m.mode.is_sender() {
                 red.ban(i);

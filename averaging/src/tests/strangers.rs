@@ -444,3 +444,135 @@ async fn a_thousand_idle_connections_from_one_host_do_not_stall_a_round() {
     assert!(refused.iter().all(|r| *r >= 900), "{refused:?}");
     drop(idle);
 }
+
+/// How the Byzantine senders of the robust-aggregation test lie.
+#[derive(Debug, Clone, Copy)]
+enum Attack {
+    Scaled,
+    SignFlipped,
+    HugeNorm,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn robust_aggregation_keeps_one_or_two_liars_of_five_within_the_stated_bounds() {
+    use crate::round::Aggregation;
+    use AveragingMode::{Client, Node};
+    let layout = TensorLayout::new(&LENGTHS);
+    let mut n = 0u8;
+    for f in [1usize, 2] {
+        for attack in [Attack::Scaled, Attack::SignFlipped, Attack::HugeNorm] {
+            // Three reducing nodes and two clients; the liars are the last
+            // `f` (clients: a liar that reduces decides its own span).
+            let mut peers = make_peers(&[Node, Node, Node, Client, Client], &[1.0; 5]).await;
+            let honest: Vec<usize> = (0..5 - f).collect();
+            for liar in 5 - f..5 {
+                let base = peers[0].tensors.clone();
+                for (t, buf) in peers[liar].tensors.iter_mut().enumerate() {
+                    for (j, v) in buf.iter_mut().enumerate() {
+                        *v = match attack {
+                            Attack::Scaled => base[t][j] * 1000.0,
+                            Attack::SignFlipped => -10.0 * base[t][j],
+                            Attack::HugeNorm => 1e30,
+                        };
+                    }
+                }
+            }
+            let mean = weighted_mean(&peers, &honest);
+            let flat = |v: &[Vec<f32>]| v.concat();
+            let flat_mean: Vec<f64> = mean.concat();
+            let group = group_of(&peers, [0xF0 + n; 32], &[]);
+            n += 1;
+            let sizes =
+                crate::round::balance_spans(layout.total(), &group.bandwidths(), 0).unwrap();
+            let cfg0 = test_config(Compression::None);
+            let parts: Vec<std::ops::Range<usize>> = crate::round::spans_from_sizes(&sizes)
+                .into_iter()
+                .flat_map(|s| crate::round::part_ranges(s, cfg0.part_len()))
+                .collect();
+            // ρ per part: the honest inputs' largest distance to their mean.
+            let rho: Vec<f64> = parts
+                .iter()
+                .map(|p| {
+                    honest
+                        .iter()
+                        .map(|&i| {
+                            let x = flat(&peers[i].tensors);
+                            p.clone()
+                                .map(|j| (f64::from(x[j]) - flat_mean[j]).powi(2))
+                                .sum::<f64>()
+                                .sqrt()
+                        })
+                        .fold(0.0, f64::max)
+                })
+                .collect();
+            let rho_max = rho.iter().copied().fold(0.0, f64::max);
+            // δ = f/5; τ above 2ρ(1−δ)/(1−2δ) (2.67ρ for δ = 1/5, 6ρ for 2/5).
+            let tau = if f == 1 { 3.0 * rho_max } else { 7.0 * rho_max };
+            for agg in [
+                Aggregation::TrimmedMean { trim: f },
+                Aggregation::CenteredClip {
+                    tau: tau as f32,
+                    iterations: 10,
+                },
+            ] {
+                let cfg = AllreduceConfig {
+                    aggregation: agg,
+                    ..test_config(Compression::None)
+                };
+                let outcomes = run_all(&peers, &group, &cfg).await;
+                let mut worst = 0.0f64;
+                for (&i, out) in honest.iter().zip(outcomes) {
+                    let out =
+                        out.unwrap_or_else(|e| panic!("{agg:?} {attack:?} f={f}: peer {i}: {e}"));
+                    let mut mine = peers[i].tensors.clone();
+                    out.apply(&layout, &mut mine, 1.0).unwrap();
+                    let got = flat(&mine);
+                    worst = worst.max(
+                        got.iter()
+                            .zip(&flat_mean)
+                            .map(|(g, m)| (f64::from(*g) - m).abs())
+                            .fold(0.0, f64::max),
+                    );
+                    for (p, range) in parts.iter().enumerate() {
+                        match agg {
+                            // Every coordinate inside the honest range.
+                            Aggregation::TrimmedMean { .. } => {
+                                for j in range.clone() {
+                                    let hv = honest
+                                        .iter()
+                                        .map(|&h| f64::from(flat(&peers[h].tensors)[j]));
+                                    let (lo, hi) = hv.fold((f64::MAX, f64::MIN), |(l, h), v| {
+                                        (l.min(v), h.max(v))
+                                    });
+                                    let v = f64::from(got[j]);
+                                    assert!(
+                                        v >= lo - 1e-5 && v <= hi + 1e-5,
+                                        "{agg:?} {attack:?} f={f}: peer {i} value {j} = {v} outside [{lo}, {hi}]"
+                                    );
+                                }
+                            }
+                            // ‖v − μ‖ ≤ max(√h·ρ, τ − ρ) per part, for every
+                            // number of iterations (given τ as above).
+                            _ => {
+                                let dist = range
+                                    .clone()
+                                    .map(|j| (f64::from(got[j]) - flat_mean[j]).powi(2))
+                                    .sum::<f64>()
+                                    .sqrt();
+                                let bound =
+                                    ((honest.len() as f64).sqrt() * rho[p]).max(tau - rho[p]);
+                                assert!(
+                                    dist <= bound * (1.0 + 1e-4) + 1e-4,
+                                    "{agg:?} {attack:?} f={f}: peer {i} part {p}: {dist} > {bound}"
+                                );
+                            }
+                        }
+                    }
+                }
+                println!(
+                    "robust {agg:?}, {f} of 5 {attack:?}: largest deviation from the honest mean {worst:.4} (honest values in [-1, 1])"
+                );
+            }
+        }
+    }
+}
