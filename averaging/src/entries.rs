@@ -23,11 +23,11 @@ pub(crate) fn sign_member(
 ) {
     let declared_addr = member.data_addr;
     let message = member.signed_message(ctx, declared_addr, expires);
-    member.signed = Some(EntrySignature {
+    member.signed = Some(Box::new(EntrySignature {
         declared_addr,
         expires,
         signature: signer.sign(&message),
-    });
+    }));
 }
 
 /// Check one entry: signed by its peer, for this context, not expired at
@@ -114,7 +114,8 @@ mod tests {
         let mut dropped = m.clone();
         dropped.data_addr = None;
         assert_eq!(verify_member(&dropped, &ctx(), 90.0), Ok(()));
-        let tamper: [(&str, fn(&mut GroupMember)); 6] = [
+        type Tamper = (&'static str, fn(&mut GroupMember));
+        let tamper: [Tamper; 6] = [
             ("round key", |m| m.round_public_key = [0xee; 32]),
             ("address", |m| {
                 m.data_addr = Some(SocketAddr::from(([10, 9, 9, 9], 1)));

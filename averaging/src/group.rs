@@ -52,7 +52,7 @@ pub struct GroupMember {
     /// signs; groups built by hand for [`crate::round::run_allreduce`] may
     /// leave it out.
     #[serde(default)]
-    pub signed: Option<EntrySignature>,
+    pub signed: Option<Box<EntrySignature>>,
 }
 
 /// A member's signature over its group entry, made with its libp2p

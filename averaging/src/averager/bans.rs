@@ -60,15 +60,15 @@ impl BanList {
     /// Ban `peer` for `reason` (a longer ban if it was banned before);
     /// returns the ban.
     pub(crate) fn ban(&mut self, peer: &[u8], reason: PeerFault, now: Instant) -> Ban {
-        if !self.entries.contains_key(peer) && self.entries.len() >= MAX_ENTRIES {
-            if let Some(k) = self
+        if !self.entries.contains_key(peer)
+            && self.entries.len() >= MAX_ENTRIES
+            && let Some(k) = self
                 .entries
                 .iter()
                 .min_by_key(|(_, b)| b.until)
                 .map(|(k, _)| k.clone())
-            {
-                self.entries.remove(&k);
-            }
+        {
+            self.entries.remove(&k);
         }
         let strikes = self.entries.get(peer).map_or(0, |b| b.strikes) + 1;
         let duration = FIRST_BAN
