@@ -716,31 +716,36 @@ async fn start(node: &mut Node, config: &DhtConfig) -> Result<(), DhtError> {
     if config.initial_peers.is_empty() {
         return Ok(());
     }
-    let mut tried = 0;
-    for addr in &config.initial_peers {
-        let peer = addr.iter().find_map(|p| match p {
-            Protocol::P2p(peer) => Some(peer),
-            _ => None,
-        });
-        if peer == Some(own) {
-            continue;
+    let dial_all = |node: &mut Node| {
+        let mut tried = 0;
+        for addr in &config.initial_peers {
+            let peer = addr.iter().find_map(|p| match p {
+                Protocol::P2p(peer) => Some(peer),
+                _ => None,
+            });
+            if peer == Some(own) {
+                continue;
+            }
+            tried += 1;
+            if let Some(peer) = peer {
+                node.swarm
+                    .behaviour_mut()
+                    .kad
+                    .add_address(&peer, strip_p2p(addr));
+            }
+            let opts = libp2p::swarm::dial_opts::DialOpts::from(addr.clone());
+            let id = opts.connection_id();
+            node.bootstrap_dials.insert(id);
+            if let Err(error) = node.swarm.dial(opts) {
+                tracing::warn!(%addr, %error, "cannot dial initial peer");
+                node.bootstrap_dials.remove(&id);
+                node.bootstrap_failed += 1;
+            }
         }
-        tried += 1;
-        if let Some(peer) = peer {
-            node.swarm
-                .behaviour_mut()
-                .kad
-                .add_address(&peer, strip_p2p(addr));
-        }
-        let opts = libp2p::swarm::dial_opts::DialOpts::from(addr.clone());
-        let id = opts.connection_id();
-        node.bootstrap_dials.insert(id);
-        if let Err(error) = node.swarm.dial(opts) {
-            tracing::warn!(%addr, %error, "cannot dial initial peer");
-            node.bootstrap_dials.remove(&id);
-            node.bootstrap_failed += 1;
-        }
-    }
+        tried
+    };
+    let mut tried = dial_all(node);
+    let mut round = 1u32;
     let routable = |node: &mut Node| {
         node.swarm
             .behaviour_mut()
@@ -750,7 +755,24 @@ async fn start(node: &mut Node, config: &DhtConfig) -> Result<(), DhtError> {
     };
     while node.bootstrap_connected == 0 || !routable(node) {
         if node.bootstrap_failed >= tried && node.bootstrap_connected == 0 {
-            break;
+            // Every dial failed. An initial peer that is restarting, or a
+            // connection that failed in its handshake, deserves another try
+            // while the bootstrap timeout lasts: a few rounds, backing off.
+            let backoff = BOOTSTRAP_RETRY * round;
+            if round >= BOOTSTRAP_ROUNDS || tokio::time::Instant::now() + backoff >= deadline {
+                break;
+            }
+            let wake = tokio::time::Instant::now() + backoff;
+            while let Some(event) = next_event(node, wake).await {
+                node.on_swarm_event(event);
+            }
+            if node.bootstrap_connected > 0 {
+                continue;
+            }
+            tracing::info!(round, "no initial peer answered yet; dialing them again");
+            round += 1;
+            tried += dial_all(node);
+            continue;
         }
         match next_event(node, deadline).await {
             Some(event) => node.on_swarm_event(event),
@@ -787,6 +809,11 @@ async fn start(node: &mut Node, config: &DhtConfig) -> Result<(), DhtError> {
     );
     Ok(())
 }
+
+/// Rounds of dials to the initial peers at start-up, and the backoff
+/// between them (times the round).
+const BOOTSTRAP_ROUNDS: u32 = 3;
+const BOOTSTRAP_RETRY: Duration = Duration::from_millis(250);
 
 async fn next_event(
     node: &mut Node,

@@ -830,6 +830,7 @@ impl Node {
             } => {
                 if self.bootstrap_dials.remove(&connection_id) {
                     self.bootstrap_failed += 1;
+                    tracing::warn!(?peer_id, %error, "could not reach an initial peer");
                 }
                 tracing::debug!(?peer_id, %error, "dial failed");
                 if let Some(peer) = peer_id {

@@ -70,6 +70,13 @@ pub struct OptimConfig {
     pub throughput_outlier_factor: f64,
     /// The learning rate as a function of the global step. Default constant 0.01.
     pub lr_schedule: LrSchedule,
+    /// Another peer's averaging weight counts for at most this multiple of
+    /// `target_batch_size / num_peers` when this peer reduces its parts, and
+    /// for at most twice the samples it last published for this step (the
+    /// margin covers samples accumulated since that report). Weights are
+    /// self-declared; this keeps one peer's claim from deciding the
+    /// average. Default 2.
+    pub max_weight_share: f64,
 }
 
 impl Default for OptimConfig {
@@ -95,6 +102,7 @@ impl Default for OptimConfig {
             step_quorum: 2,
             throughput_outlier_factor: 10.0,
             lr_schedule: LrSchedule::default(),
+            max_weight_share: 2.0,
         }
     }
 }
@@ -187,6 +195,9 @@ impl OptimConfig {
         }
         if !(self.throughput_outlier_factor.is_finite() && self.throughput_outlier_factor >= 1.0) {
             return Err(bad("throughput_outlier_factor", "must be finite and >= 1"));
+        }
+        if !(self.max_weight_share.is_finite() && self.max_weight_share >= 1.0) {
+            return Err(bad("max_weight_share", "must be finite and >= 1"));
         }
         if self.reuse_grad_buffers && self.role == AveragingMode::Aux {
             return Err(bad(
@@ -281,6 +292,7 @@ mod tests {
             ("request_timeout", Box::new(|c| c.request_timeout = 0.0)),
             ("max_clock_skew", Box::new(|c| c.max_clock_skew = -1.0)),
             ("step_quorum", Box::new(|c| c.step_quorum = 0)),
+            ("max_weight_share", Box::new(|c| c.max_weight_share = 0.5)),
             (
                 "throughput_outlier_factor",
                 Box::new(|c| c.throughput_outlier_factor = 0.5),

@@ -490,6 +490,17 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
             buf.extend_from_slice(&self.scratch);
             buf.extend_from_slice(self.local.state());
             let timeout = secs(self.config.averaging_timeout);
+            let limits = {
+                let records = lock(&self.shared).records.clone();
+                crate::tracker::weight_limits(
+                    &self.config,
+                    &records,
+                    self.local_step,
+                    state.num_peers,
+                    self.board.now(),
+                )
+            };
+            self.averager.limit_weights(&limits);
             match self.averager.average(&mut buf, weight, timeout).await {
                 Ok(size) if buf.iter().all(|v| v.is_finite()) => {
                     group_size = size;

@@ -48,7 +48,7 @@ pub use local::{LocalOptimizer, LocalOptimizerKind};
 pub use net::{
     DataPathCounts, DhtProgressBoard, NetworkAverager, RoundStats, TrainingProgressSchema,
 };
-pub use ports::{PeerState, ProgressBoard, SwarmAverager};
+pub use ports::{PeerState, ProgressBoard, SwarmAverager, WeightLimits};
 pub use progress::{MAX_SAMPLES_PER_SECOND, TrainingProgress};
 pub use schedule::LrSchedule;
 pub use tracker::{CollaborationState, LocalProgress, PeerRecord, StepPlan};

@@ -49,6 +49,16 @@ pub struct PeerState {
     pub optimizer_state: Vec<f32>,
 }
 
+/// Caps on the weights peers declare in a round, computed by the optimizer
+/// from the progress peers published ([`crate::tracker::weight_limits`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct WeightLimits {
+    /// The cap of a peer with no record for this step.
+    pub default: f64,
+    /// Caps by libp2p peer id (base58, as in [`crate::TrainingProgress::peer_id`]).
+    pub per_peer: Vec<(String, f64)>,
+}
+
 /// The averaging layer as the optimizer uses it: one weighted all-reduce per global step
 /// over one flat buffer, and state sharing.
 ///
@@ -67,6 +77,13 @@ pub trait SwarmAverager: Send + 'static {
         weight: f64,
         timeout: Duration,
     ) -> impl Future<Output = Result<usize>> + Send;
+
+    /// Limits the weight other peers' tensors may carry when this peer
+    /// reduces them, from the next round on (see [`WeightLimits`]). The
+    /// default ignores it, for averagers that reduce nothing.
+    fn limit_weights(&mut self, limits: &WeightLimits) {
+        let _ = limits;
+    }
 
     /// Joins the current round as an auxiliary peer: reduces without contributing
     /// tensors (the averager knows their layout). Returns the group size.

@@ -332,5 +332,36 @@ pub fn next_report_time(config: &OptimConfig, last_report: f64) -> f64 {
     last_report + config.metadata_expiration / 2.0
 }
 
+/// Caps on the weights other peers may declare when this peer reduces
+/// their parts in the round for `local_step`: each peer counts for at most
+/// `max_weight_share · target / num_peers`, and a peer that published a
+/// record for this step for at most twice the samples it published (at
+/// least one sample). Weights are sample counts, so an honest peer's weight
+/// is its published count plus what it accumulated since its last report.
+pub fn weight_limits(
+    config: &OptimConfig,
+    records: &[PeerRecord],
+    local_step: u64,
+    num_peers: usize,
+    now: f64,
+) -> crate::ports::WeightLimits {
+    let default =
+        config.max_weight_share * config.target_batch_size as f64 / num_peers.max(1) as f64;
+    let per_peer = records
+        .iter()
+        .filter_map(|r| {
+            let a = accept(config, r, now)?;
+            let p = r.progress.as_ref()?;
+            (a.step == local_step).then(|| {
+                (
+                    p.peer_id.clone(),
+                    (2.0 * a.samples as f64).max(1.0).min(default),
+                )
+            })
+        })
+        .collect();
+    crate::ports::WeightLimits { default, per_peer }
+}
+
 #[cfg(test)]
 mod tests;

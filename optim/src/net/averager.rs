@@ -147,6 +147,21 @@ fn role_for(optim: &OptimConfig, averaging: &AveragerConfig) -> Result<Averaging
 }
 
 impl SwarmAverager for NetworkAverager {
+    fn limit_weights(&mut self, limits: &crate::ports::WeightLimits) {
+        let per_peer = limits
+            .per_peer
+            .iter()
+            .filter_map(|(id, cap)| {
+                let id: colony_dht::PeerId = id.parse().ok()?;
+                Some((id.to_bytes(), *cap as f32))
+            })
+            .collect();
+        self.averager.set_weight_caps(colony_averaging::WeightCaps {
+            default: Some(limits.default as f32),
+            per_peer,
+        });
+    }
+
     async fn average(
         &mut self,
         tensors: &mut [f32],

@@ -356,3 +356,30 @@ fn the_state_machine_is_deterministic_and_bounded_for_any_input() {
         prop_assert!(a.samples_per_second.is_finite());
     });
 }
+
+#[test]
+fn weight_limits_cap_peers_at_their_published_samples_and_a_share_of_the_target() {
+    // Target 100 over 4 peers: at most 2 · 25 = 50 for anyone.
+    let records = vec![
+        peer("a", 7, 10, 5.0, NOW),
+        // Claims the whole target: held to the share cap.
+        peer("liar", 7, u64::MAX, 5.0, NOW),
+        // A record for another step says nothing about this round.
+        peer("old", 6, 10, 5.0, NOW),
+        // Nothing published yet: at least one sample's worth.
+        peer("fresh", 7, 0, 5.0, NOW),
+    ];
+    let limits = weight_limits(&config(), &records, 7, 4, NOW);
+    assert_eq!(limits.default, 50.0);
+    let cap = |id: &str| {
+        limits
+            .per_peer
+            .iter()
+            .find(|(p, _)| p == id)
+            .map(|(_, c)| *c)
+    };
+    assert_eq!(cap("peer-a"), Some(20.0));
+    assert_eq!(cap("peer-liar"), Some(50.0));
+    assert_eq!(cap("peer-old"), None);
+    assert_eq!(cap("peer-fresh"), Some(1.0));
+}
