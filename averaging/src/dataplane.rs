@@ -198,6 +198,27 @@ impl Shared {
     }
 }
 
+/// Admit one connection from `source`: within its limits, and a routing
+/// slot free. `None`: close it unread.
+fn admit<K: std::hash::Hash + Eq + Clone>(
+    admission: &Mutex<Admission<K>>,
+    routing: &Arc<Semaphore>,
+    source: &K,
+) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    let mut a = admission.lock().ok()?;
+    if !a.admit(source, tokio::time::Instant::now()) {
+        return None;
+    }
+    match routing.clone().try_acquire_owned() {
+        Ok(permit) => Some(permit),
+        Err(_) => {
+            a.release(source);
+            a.refused += 1;
+            None
+        }
+    }
+}
+
 /// Releases a source's routing slot when its connection leaves routing.
 struct Admitted<'a, K: std::hash::Hash + Eq + Clone> {
     admission: &'a Mutex<Admission<K>>,
@@ -430,20 +451,10 @@ impl DataPlane {
                         // the accept loop never waits on a slot, so honest
                         // senders are never queued behind idle ones.
                         let ip = peer.ip();
-                        let admitted = task_shared
-                            .tcp_admission
-                            .lock()
-                            .is_ok_and(|mut a| a.admit(&ip, tokio::time::Instant::now()));
-                        if !admitted {
-                            tracing::debug!(%peer, "data plane: refusing a connection (per-source limit)");
-                            continue;
-                        }
-                        let Ok(permit) = task_shared.routing.clone().try_acquire_owned() else {
-                            if let Ok(mut a) = task_shared.tcp_admission.lock() {
-                                a.release(&ip);
-                                a.refused += 1;
-                            }
-                            tracing::debug!(%peer, "data plane: refusing a connection (all routing slots busy)");
+                        let Some(permit) =
+                            admit(&task_shared.tcp_admission, &task_shared.routing, &ip)
+                        else {
+                            tracing::debug!(%peer, "data plane: refusing a connection (over its source's limit, or every routing slot busy)");
                             continue;
                         };
                         let shared = task_shared.clone();
@@ -521,19 +532,8 @@ impl DataPlane {
             let shared = self.shared.clone();
             self.accept_tasks.push(tokio::spawn(async move {
                 while let Some((peer, stream)) = rx.recv().await {
-                    let admitted = shared
-                        .p2p_admission
-                        .lock()
-                        .is_ok_and(|mut a| a.admit(&peer, tokio::time::Instant::now()));
-                    if !admitted {
-                        tracing::debug!(%peer, "data plane: refusing a libp2p stream (per-peer limit)");
-                        continue;
-                    }
-                    let Ok(permit) = shared.routing.clone().try_acquire_owned() else {
-                        if let Ok(mut a) = shared.p2p_admission.lock() {
-                            a.release(&peer);
-                            a.refused += 1;
-                        }
+                    let Some(permit) = admit(&shared.p2p_admission, &shared.routing, &peer) else {
+                        tracing::debug!(%peer, "data plane: refusing a libp2p stream (over its peer's limit, or every routing slot busy)");
                         continue;
                     };
                     let shared = shared.clone();

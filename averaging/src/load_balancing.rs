@@ -37,18 +37,7 @@ pub fn load_balance_peers(
             });
         }
     }
-    let known: Vec<f64> = bandwidths
-        .iter()
-        .flatten()
-        .copied()
-        .filter(|b| *b > 0.0)
-        .collect();
-    let fill = if known.is_empty() {
-        1.0
-    } else {
-        known.iter().sum::<f64>() / known.len() as f64
-    };
-    let b: Vec<f64> = bandwidths.iter().map(|b| b.unwrap_or(fill)).collect();
+    let b = filled(bandwidths);
     if b.iter().all(|b| *b == 0.0) {
         return Err(AveragingError::InvalidGroup {
             reason: "cannot run all-reduce without reducers (all bandwidths are 0)".into(),
@@ -83,18 +72,7 @@ pub fn balance_spans(
     min_size: usize,
 ) -> Result<Vec<usize>> {
     let sizes = load_balance_peers(vector_size, bandwidths, min_size)?;
-    let known: Vec<f64> = bandwidths
-        .iter()
-        .flatten()
-        .copied()
-        .filter(|b| *b > 0.0)
-        .collect();
-    let fill = if known.is_empty() {
-        1.0
-    } else {
-        known.iter().sum::<f64>() / known.len() as f64
-    };
-    let b: Vec<f64> = bandwidths.iter().map(|b| b.unwrap_or(fill)).collect();
+    let b = filled(bandwidths);
     let total = vector_size.max(1) as f64;
     let mut shares: Vec<f64> = sizes.iter().map(|s| *s as f64 / total).collect();
     let before = shares.clone();
@@ -147,6 +125,23 @@ fn cap_shares(shares: &mut [f64], b: &[f64]) {
             }
         }
     }
+}
+
+/// Bandwidths with unknown ones set to the mean of the known positive ones
+/// (or 1 if none is known).
+fn filled(bandwidths: &[Option<f64>]) -> Vec<f64> {
+    let known: Vec<f64> = bandwidths
+        .iter()
+        .flatten()
+        .copied()
+        .filter(|b| *b > 0.0)
+        .collect();
+    let fill = if known.is_empty() {
+        1.0
+    } else {
+        known.iter().sum::<f64>() / known.len() as f64
+    };
+    bandwidths.iter().map(|b| b.unwrap_or(fill)).collect()
 }
 
 /// The LP optimum as fractions summing to 1 (`b` has at least one positive entry).
