@@ -65,8 +65,23 @@ pub struct OptimConfig {
     /// and force everyone to re-download the state. Capped at the number of such peers,
     /// so with a single other peer its word is taken. Default 2.
     pub step_quorum: usize,
+    /// The quorum also grows with the swarm: a step must be reported by at least this
+    /// fraction of the other live non-client peers (rounded up, at least
+    /// `step_quorum`), so identities that cost nothing must outnumber the honest peers
+    /// to move the global step. In `[0, 1]`. Default 0.5.
+    pub step_quorum_fraction: f64,
+    /// Steps more than `step_tolerance + step_outlier_margin` above the (lower) median
+    /// step of the other live non-client peers are ignored: a minority claiming
+    /// `u64::MAX` is not counted at all. Default 2.
+    pub step_outlier_margin: u64,
+    /// A peer's claimed samples for a step count for at most its throughput (capped
+    /// like every throughput) times the time since it could have started that step,
+    /// plus this many seconds of slack (s). The start is the earliest moment this peer
+    /// saw it at the step, or saw the swarm reach the step. Default 10.
+    pub claim_slack: f64,
     /// With three or more peers, a peer's claimed throughput is capped at this multiple of
-    /// the median, so one liar cannot make the ETA collapse. Default 10.
+    /// the median, so one liar cannot make the ETA collapse. Default 10. Claimed samples
+    /// are bounded with the same capped throughput (`claim_slack`).
     pub throughput_outlier_factor: f64,
     /// The learning rate as a function of the global step. Default constant 0.01.
     pub lr_schedule: LrSchedule,
@@ -75,7 +90,8 @@ pub struct OptimConfig {
     /// for at most twice the samples it last published for this step (the
     /// margin covers samples accumulated since that report). Weights are
     /// self-declared; this keeps one peer's claim from deciding the
-    /// average. Default 2.
+    /// average. The samples a peer claims toward the global step are held to
+    /// the same share of the target. Default 2.
     pub max_weight_share: f64,
 }
 
@@ -100,6 +116,9 @@ impl Default for OptimConfig {
             role: AveragingMode::Node,
             max_clock_skew: 30.0,
             step_quorum: 2,
+            step_quorum_fraction: 0.5,
+            step_outlier_margin: 2,
+            claim_slack: 10.0,
             throughput_outlier_factor: 10.0,
             lr_schedule: LrSchedule::default(),
             max_weight_share: 2.0,
@@ -193,6 +212,10 @@ impl OptimConfig {
         if self.step_quorum == 0 {
             return Err(bad("step_quorum", "must be >= 1"));
         }
+        if !(0.0..=1.0).contains(&self.step_quorum_fraction) {
+            return Err(bad("step_quorum_fraction", "must be in [0, 1]"));
+        }
+        non_negative("claim_slack", self.claim_slack)?;
         if !(self.throughput_outlier_factor.is_finite() && self.throughput_outlier_factor >= 1.0) {
             return Err(bad("throughput_outlier_factor", "must be finite and >= 1"));
         }
@@ -292,6 +315,15 @@ mod tests {
             ("request_timeout", Box::new(|c| c.request_timeout = 0.0)),
             ("max_clock_skew", Box::new(|c| c.max_clock_skew = -1.0)),
             ("step_quorum", Box::new(|c| c.step_quorum = 0)),
+            (
+                "step_quorum_fraction",
+                Box::new(|c| c.step_quorum_fraction = f64::NAN),
+            ),
+            (
+                "step_quorum_fraction",
+                Box::new(|c| c.step_quorum_fraction = 1.5),
+            ),
+            ("claim_slack", Box::new(|c| c.claim_slack = -1.0)),
             ("max_weight_share", Box::new(|c| c.max_weight_share = 0.5)),
             (
                 "throughput_outlier_factor",

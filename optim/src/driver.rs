@@ -22,8 +22,8 @@ use crate::{
     ports::{PeerState, ProgressBoard, SwarmAverager},
     progress::TrainingProgress,
     tracker::{
-        CollaborationState, LocalProgress, PeerRecord, StepPlan, catch_up,
-        estimate_collaboration_state, next_local_step, next_report_time, plan_step,
+        ClaimLedger, CollaborationState, LocalProgress, PeerRecord, StepPlan, catch_up,
+        next_local_step, next_report_time, plan_step,
     },
 };
 
@@ -58,6 +58,8 @@ pub enum StepOutcome {
 struct Shared {
     state: CollaborationState,
     records: Vec<PeerRecord>,
+    /// What this peer remembers of the others' claims (bounds their samples' growth).
+    ledger: ClaimLedger,
 }
 
 /// Every critical section on `Shared` only assigns whole values, so a panic elsewhere
@@ -148,14 +150,13 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
             client_mode: config.is_client(),
         };
         let records = fetch_records(&board, &config).await.unwrap_or_default();
-        let state = estimate_collaboration_state(
-            &config,
-            &local_progress,
-            &board.self_key(),
-            &records,
-            now,
-        );
-        let shared = Arc::new(Mutex::new(Shared { state, records }));
+        let mut ledger = ClaimLedger::default();
+        let state = ledger.estimate(&config, &local_progress, &board.self_key(), &records, now);
+        let shared = Arc::new(Mutex::new(Shared {
+            state,
+            records,
+            ledger,
+        }));
         let state_updated = Arc::new(Notify::new());
         let (progress, progress_rx) = watch::channel(local_progress);
         let (version_tx, version) = watch::channel(0u64);
@@ -327,14 +328,11 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
         let local = *self.progress.borrow();
         match fetch_records(&self.board, &self.config).await {
             Ok(records) => {
-                let state = estimate_collaboration_state(
-                    &self.config,
-                    &local,
-                    &self.board.self_key(),
-                    &records,
-                    now,
-                );
+                let self_key = self.board.self_key();
                 let mut shared = lock(&self.shared);
+                let state = shared
+                    .ledger
+                    .estimate(&self.config, &local, &self_key, &records, now);
                 shared.state = state.clone();
                 shared.records = records;
                 drop(shared);
@@ -739,8 +737,10 @@ async fn refresh_loop<B: ProgressBoard>(
             }
         };
         let local = *progress.borrow();
-        let state = estimate_collaboration_state(&config, &local, &self_key, &records, board.now());
         let mut s = lock(&shared);
+        let state = s
+            .ledger
+            .estimate(&config, &local, &self_key, &records, board.now());
         // A global step taken meanwhile must not be undone by an older estimate.
         let mut state = state;
         if s.state.optimizer_step > state.optimizer_step && local.step < s.state.optimizer_step {

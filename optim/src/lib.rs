@@ -51,4 +51,4 @@ pub use net::{
 pub use ports::{PeerState, ProgressBoard, SwarmAverager, WeightLimits};
 pub use progress::{MAX_SAMPLES_PER_SECOND, TrainingProgress};
 pub use schedule::LrSchedule;
-pub use tracker::{CollaborationState, LocalProgress, PeerRecord, StepPlan};
+pub use tracker::{ClaimLedger, CollaborationState, LocalProgress, PeerRecord, StepPlan};

@@ -68,6 +68,10 @@ pub struct CollaborationState {
     pub next_fetch_time: f64,
     /// Records ignored because they were invalid, from the future or stale.
     pub rejected_records: usize,
+    /// Step claims ignored because they lie far above the median step.
+    pub ignored_steps: usize,
+    /// Sample claims counted for less than they claimed (share or rate bound).
+    pub bounded_claims: usize,
 }
 
 impl CollaborationState {
@@ -93,6 +97,7 @@ impl CollaborationState {
 }
 
 /// A peer record after validation, with the bounds applied.
+#[derive(Debug, Clone, Copy)]
 struct Accepted {
     step: u64,
     samples: u64,
@@ -132,7 +137,10 @@ fn median(values: &[f64]) -> f64 {
 }
 
 /// Estimates the collaboration state from this peer's progress and the peers' records
-/// (the reference's `fetch_collaboration_state`, without the fetch).
+/// (the reference's `fetch_collaboration_state`, without the fetch), as a peer that has
+/// no history of the swarm: [`ClaimLedger::estimate`] with a fresh ledger. A running
+/// peer keeps one ledger across estimates, so that it can also bound how fast each
+/// peer's claimed samples grow.
 ///
 /// `self_key` is this peer's subkey: its own DHT record is replaced by `local`.
 pub fn estimate_collaboration_state(
@@ -142,132 +150,283 @@ pub fn estimate_collaboration_state(
     records: &[PeerRecord],
     now: f64,
 ) -> CollaborationState {
-    let target = config.target_batch_size;
-    let local_sps = if local.samples_per_second.is_finite() {
-        local.samples_per_second.max(0.0)
-    } else {
-        0.0
-    };
-    let mut rejected = 0;
-    let mut others = Vec::with_capacity(records.len());
-    for record in records {
-        if record.key == self_key || record.expiration <= now || record.progress.is_none() {
-            // Own record (replaced by live progress), expired, or a goodbye.
-            continue;
-        }
-        match accept(config, record, now) {
-            Some(peer) => others.push(peer),
-            None => rejected += 1,
+    ClaimLedger::default().estimate(config, local, self_key, records, now)
+}
+
+/// What one peer remembers of the others' progress claims between two estimates, to
+/// bound the samples each claims by how long it can have been accumulating them.
+///
+/// Pure state (no clock, no network): `now` is passed in. Bounded: it holds an entry
+/// only for the peers of the latest estimate.
+#[derive(Debug, Clone, Default)]
+pub struct ClaimLedger {
+    /// The global step of the latest estimate and, if this peer saw it change, since
+    /// when it holds (`None` on the first estimate: the swarm may have been at that
+    /// step for a long time already).
+    global: Option<(u64, Option<f64>)>,
+    /// Per peer key: the step it claimed last and the earliest time it can have
+    /// started accumulating for it.
+    peers: std::collections::HashMap<Vec<u8>, PeerClaim>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct PeerClaim {
+    step: u64,
+    since: f64,
+}
+
+impl ClaimLedger {
+    /// Estimates the collaboration state (see the module documentation for the rules)
+    /// and remembers the claims for the next estimate.
+    ///
+    /// Bounds against lying peers, besides the record checks:
+    /// * the global step is the `q`-th highest step of the other live non-client peers,
+    ///   with `q = max(step_quorum, ⌈step_quorum_fraction · n⌉)` (capped at `n`), and
+    ///   steps more than `step_tolerance + step_outlier_margin` above their lower
+    ///   median are ignored;
+    /// * a peer's samples at the global step count for at most
+    ///   `max_weight_share · target / num_peers`, and, once this peer knows since when
+    ///   the peer can have been accumulating for that step, for at most its capped
+    ///   throughput times that time plus `claim_slack`.
+    pub fn estimate(
+        &mut self,
+        config: &OptimConfig,
+        local: &LocalProgress,
+        self_key: &[u8],
+        records: &[PeerRecord],
+        now: f64,
+    ) -> CollaborationState {
+        let state = self.estimate_inner(config, local, self_key, records, now);
+        let since = match self.global {
+            Some((step, since)) if step == state.optimizer_step => since,
+            // First estimate: unknown. A change: from now on.
+            None => None,
+            Some(_) => Some(now),
+        };
+        self.global = Some((state.optimizer_step, since));
+        state
+    }
+
+    /// The earliest time `key`, now claiming `step`, can have started accumulating for
+    /// it: when this peer first saw it at that step, or saw the swarm reach it.
+    fn known_since(&self, key: &[u8], step: u64) -> Option<f64> {
+        let own = self
+            .peers
+            .get(key)
+            .filter(|c| c.step == step)
+            .map(|c| c.since);
+        let swarm = match self.global {
+            Some((g, Some(since))) if g == step => Some(since),
+            _ => None,
+        };
+        match (own, swarm) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         }
     }
 
-    if others.is_empty() {
-        let remaining = target.saturating_sub(local.samples_accumulated) as f64;
-        let eta = if remaining <= 0.0 {
+    fn estimate_inner(
+        &mut self,
+        config: &OptimConfig,
+        local: &LocalProgress,
+        self_key: &[u8],
+        records: &[PeerRecord],
+        now: f64,
+    ) -> CollaborationState {
+        let target = config.target_batch_size;
+        let local_sps = if local.samples_per_second.is_finite() {
+            local.samples_per_second.max(0.0)
+        } else {
             0.0
-        } else if local_sps > 0.0 {
-            remaining / local_sps
+        };
+        let mut rejected = 0;
+        let mut others = Vec::with_capacity(records.len());
+        for record in records {
+            if record.key == self_key || record.expiration <= now || record.progress.is_none() {
+                // Own record (replaced by live progress), expired, or a goodbye.
+                continue;
+            }
+            match accept(config, record, now) {
+                Some(peer) => others.push((record.key.as_slice(), peer)),
+                None => rejected += 1,
+            }
+        }
+
+        if others.is_empty() {
+            self.peers.clear();
+            let remaining = target.saturating_sub(local.samples_accumulated) as f64;
+            let eta = if remaining <= 0.0 {
+                0.0
+            } else if local_sps > 0.0 {
+                remaining / local_sps
+            } else {
+                f64::INFINITY
+            };
+            tracing::debug!(rejected, "found no other active peers");
+            return CollaborationState {
+                optimizer_step: local.step,
+                samples_accumulated: local.samples_accumulated,
+                target_batch_size: target,
+                num_peers: 1,
+                num_clients: usize::from(local.client_mode),
+                samples_per_second: local_sps,
+                eta_next_step: now + eta,
+                next_fetch_time: now + config.default_refresh_period,
+                rejected_records: rejected,
+                ignored_steps: 0,
+                bounded_claims: 0,
+            };
+        }
+
+        let num_peers = others.len() + 1;
+        let num_clients =
+            others.iter().filter(|(_, p)| p.client_mode).count() + usize::from(local.client_mode);
+
+        let (global_step, ignored_steps) = global_step(config, local.step, &others);
+
+        let cap = if num_peers >= 3 {
+            let mut rates: Vec<f64> = others.iter().map(|(_, p)| p.samples_per_second).collect();
+            rates.push(local_sps);
+            config.throughput_outlier_factor * median(&rates)
         } else {
             f64::INFINITY
         };
-        tracing::debug!(rejected, "found no other active peers");
-        return CollaborationState {
-            optimizer_step: local.step,
-            samples_accumulated: local.samples_accumulated,
-            target_batch_size: target,
-            num_peers: 1,
-            num_clients: usize::from(local.client_mode),
-            samples_per_second: local_sps,
-            eta_next_step: now + eta,
-            next_fetch_time: now + config.default_refresh_period,
-            rejected_records: rejected,
+        let share_cap = config.max_weight_share * target as f64 / num_peers as f64;
+
+        let mut total_samples: u64 = 0;
+        let mut estimated_samples = 0.0;
+        // This peer counts itself as it is, observed right now.
+        let mut total_sps = local_sps.min(cap);
+        if local.step == global_step {
+            let samples = local.samples_accumulated.min(target);
+            total_samples = samples;
+            estimated_samples = samples as f64;
+        }
+        let mut bounded_claims = 0;
+        let mut claims = std::collections::HashMap::with_capacity(others.len());
+        for (key, peer) in &others {
+            let sps = peer.samples_per_second.min(cap);
+            // Peers behind the global step will resynchronise and contribute shortly, so
+            // their throughput counts, but not their samples.
+            total_sps += sps;
+            let since = self.known_since(key, peer.step);
+            let mut granted = (peer.samples as f64).min(share_cap);
+            if let Some(since) = since {
+                granted =
+                    granted.min(sps * ((peer.time.min(now) - since).max(0.0) + config.claim_slack));
+            }
+            let granted = granted.max(0.0).floor();
+            if granted < peer.samples as f64 {
+                bounded_claims += 1;
+                tracing::debug!(
+                    peer = %String::from_utf8_lossy(&key[..key.len().min(16)]),
+                    claimed = peer.samples,
+                    counted = granted,
+                    "progress claim bounded"
+                );
+            }
+            // Remember since when the peer can have been accumulating: what is known,
+            // else what its (bounded) claim implies at its throughput.
+            let implied = if sps > 0.0 {
+                peer.time - granted / sps
+            } else {
+                peer.time
+            };
+            claims.insert(
+                key.to_vec(),
+                PeerClaim {
+                    step: peer.step,
+                    since: since.unwrap_or(implied.min(now)),
+                },
+            );
+            if peer.step == global_step {
+                total_samples = total_samples.saturating_add(granted as u64);
+                let elapsed = (now - peer.time).clamp(0.0, config.metadata_expiration);
+                estimated_samples += granted + elapsed * sps;
+            }
+        }
+        self.peers = claims;
+
+        let remaining = (target as f64 - estimated_samples).max(0.0);
+        let time_to_step = if remaining <= 0.0 {
+            0.0
+        } else if total_sps > 0.0 {
+            remaining / total_sps
+        } else {
+            f64::INFINITY
         };
-    }
-
-    // The local peer goes in as one more record, observed right now.
-    others.push(Accepted {
-        step: local.step,
-        samples: local.samples_accumulated.min(target),
-        samples_per_second: local_sps,
-        time: now,
-        client_mode: local.client_mode,
-    });
-    let peers = others;
-    let num_peers = peers.len();
-    let num_clients = peers.iter().filter(|p| p.client_mode).count();
-
-    // Global step: the k-th highest step among other non-client peers, k = quorum.
-    let mut steps: Vec<u64> = peers[..num_peers - 1]
-        .iter()
-        .filter(|p| !p.client_mode)
-        .map(|p| p.step)
-        .collect();
-    steps.sort_unstable_by(|a, b| b.cmp(a));
-    let quorum = config.step_quorum.min(steps.len());
-    let global_step = match quorum.checked_sub(1).and_then(|i| steps.get(i)) {
-        Some(&s) => s.max(local.step),
-        None => local.step,
-    };
-
-    let cap = if num_peers >= 3 {
-        let rates: Vec<f64> = peers.iter().map(|p| p.samples_per_second).collect();
-        config.throughput_outlier_factor * median(&rates)
-    } else {
-        f64::INFINITY
-    };
-
-    let mut total_samples: u64 = 0;
-    let mut estimated_samples = 0.0;
-    let mut total_sps = 0.0;
-    for peer in &peers {
-        let sps = peer.samples_per_second.min(cap);
-        // Peers behind the global step will resynchronise and contribute shortly, so their
-        // throughput counts, but not their samples.
-        total_sps += sps;
-        if peer.step == global_step {
-            total_samples = total_samples.saturating_add(peer.samples);
-            let elapsed = (now - peer.time).clamp(0.0, config.metadata_expiration);
-            estimated_samples += peer.samples as f64 + elapsed * sps;
+        let n = num_peers as f64;
+        let expected_max_peers =
+            (n + config.expected_drift_peers).max(n * (1.0 + config.expected_drift_rate));
+        let time_to_fetch = (time_to_step * n / expected_max_peers)
+            .clamp(config.min_refresh_period, config.max_refresh_period);
+        let time_to_fetch = if time_to_fetch.is_nan() {
+            config.max_refresh_period
+        } else {
+            time_to_fetch
+        };
+        tracing::debug!(
+            total_samples,
+            num_peers,
+            eta = time_to_step,
+            refresh_in = time_to_fetch,
+            rejected,
+            ignored_steps,
+            bounded_claims,
+            "collaboration state"
+        );
+        CollaborationState {
+            optimizer_step: global_step,
+            samples_accumulated: total_samples,
+            target_batch_size: target,
+            num_peers,
+            num_clients,
+            samples_per_second: total_sps,
+            eta_next_step: now + time_to_step,
+            next_fetch_time: now + time_to_fetch,
+            rejected_records: rejected,
+            ignored_steps,
+            bounded_claims,
         }
     }
+}
 
-    let remaining = (target as f64 - estimated_samples).max(0.0);
-    let time_to_step = if remaining <= 0.0 {
-        0.0
-    } else if total_sps > 0.0 {
-        remaining / total_sps
-    } else {
-        f64::INFINITY
-    };
-    let n = num_peers as f64;
-    let expected_max_peers =
-        (n + config.expected_drift_peers).max(n * (1.0 + config.expected_drift_rate));
-    let time_to_fetch = (time_to_step * n / expected_max_peers)
-        .clamp(config.min_refresh_period, config.max_refresh_period);
-    let time_to_fetch = if time_to_fetch.is_nan() {
-        config.max_refresh_period
-    } else {
-        time_to_fetch
-    };
-    tracing::debug!(
-        total_samples,
-        num_peers,
-        eta = time_to_step,
-        refresh_in = time_to_fetch,
-        rejected,
-        "collaboration state"
-    );
-    CollaborationState {
-        optimizer_step: global_step,
-        samples_accumulated: total_samples,
-        target_batch_size: target,
-        num_peers,
-        num_clients,
-        samples_per_second: total_sps,
-        eta_next_step: now + time_to_step,
-        next_fetch_time: now + time_to_fetch,
-        rejected_records: rejected,
+/// The global step from the other peers' claims: the `q`-th highest step of the live
+/// non-client peers, ignoring outliers far above their lower median, and never below
+/// this peer's own step. Returns it with the number of claims ignored as outliers.
+fn global_step(
+    config: &OptimConfig,
+    local_step: u64,
+    others: &[(&[u8], Accepted)],
+) -> (u64, usize) {
+    let mut steps: Vec<u64> = others
+        .iter()
+        .filter(|(_, p)| !p.client_mode)
+        .map(|(_, p)| p.step)
+        .collect();
+    if steps.is_empty() {
+        return (local_step, 0);
     }
+    steps.sort_unstable();
+    let lower_median = steps[(steps.len() - 1) / 2];
+    let ceiling = lower_median
+        .saturating_add(config.step_tolerance)
+        .saturating_add(config.step_outlier_margin);
+    let live = steps.len();
+    steps.retain(|&s| s <= ceiling);
+    let ignored = live - steps.len();
+    let by_fraction = (config.step_quorum_fraction * live as f64).ceil() as usize;
+    let quorum = config.step_quorum.max(by_fraction).min(steps.len()).max(1);
+    // Sorted ascending: the quorum-th highest.
+    let step = steps[steps.len() - quorum];
+    if ignored > 0 {
+        tracing::debug!(
+            ignored,
+            ceiling,
+            "progress claims far above the median step ignored"
+        );
+    }
+    (step.max(local_step), ignored)
 }
 
 /// What a training peer does once it is ready for the global step.

@@ -7,8 +7,7 @@ use anyhow::Context;
 use clap::Args;
 use colony_dht::{Dht, DhtConfig, Multiaddr};
 use colony_optim::{
-    DhtProgressBoard, LocalProgress, OptimConfig, ProgressBoard,
-    tracker::estimate_collaboration_state,
+    DhtProgressBoard, LocalProgress, OptimConfig, ProgressBoard, tracker::ClaimLedger,
 };
 
 /// Options of `colony monitor`.
@@ -62,6 +61,7 @@ async fn monitor(args: MonitorArgs) -> anyhow::Result<()> {
     let config = OptimConfig::new(args.run_id.clone(), args.target_batch_size);
     config.validate()?;
     let mut printed = 0;
+    let mut ledger = ClaimLedger::default();
     loop {
         let records = board.fetch().await?;
         let now = board.now();
@@ -72,8 +72,7 @@ async fn monitor(args: MonitorArgs) -> anyhow::Result<()> {
             samples_per_second: 0.0,
             client_mode: true,
         };
-        let state =
-            estimate_collaboration_state(&config, &observer, &board.self_key(), &records, now);
+        let state = ledger.estimate(&config, &observer, &board.self_key(), &records, now);
         let live: Vec<_> = records
             .iter()
             .filter(|r| r.expiration > now)

@@ -249,13 +249,143 @@ fn one_peer_claiming_a_far_future_step_cannot_hijack_the_swarm() {
 }
 
 #[test]
-fn claimed_samples_are_capped_at_the_target() {
+fn claimed_samples_are_capped_at_a_share_of_the_target() {
     let records = [
         peer("a", 0, u64::MAX, 1.0, NOW),
         peer("b", 0, u64::MAX, 1.0, NOW),
     ];
     let s = estimate_collaboration_state(&config(), &local(0, 0, 1.0), ME, &records, NOW);
-    assert_eq!(s.samples_accumulated, 200);
+    // Three peers: at most 2 · 100 / 3 = 66 samples each.
+    assert_eq!(s.samples_accumulated, 132);
+    assert_eq!(s.bounded_claims, 2);
+}
+
+/// `n` honest peers at `step` with 10 samples each, then `sybils` identities claiming
+/// `u64::MAX`.
+fn swarm_with_sybils(honest: usize, sybils: usize, step: u64) -> Vec<PeerRecord> {
+    let mut records: Vec<PeerRecord> = (0..honest)
+        .map(|i| peer(&format!("h{i}"), step, 10, 5.0, NOW))
+        .collect();
+    records.extend((0..sybils).map(|i| peer(&format!("sybil{i}"), u64::MAX, 0, 5.0, NOW)));
+    records
+}
+
+#[test]
+fn two_or_three_sybils_claiming_u64_max_do_not_move_the_global_step() {
+    // Two Sybils beside two honest peers: the default quorum of 2 used to take them.
+    let s = estimate_collaboration_state(
+        &config(),
+        &local(7, 10, 5.0),
+        ME,
+        &swarm_with_sybils(2, 2, 7),
+        NOW,
+    );
+    assert_eq!(s.optimizer_step, 7);
+    assert_eq!(s.ignored_steps, 2);
+    assert_eq!(plan_step(&config(), 7, 10, &s), StepPlan::Average { weight: 10.0 });
+    // Three Sybils beside three honest peers.
+    let s = estimate_collaboration_state(
+        &config(),
+        &local(7, 10, 5.0),
+        ME,
+        &swarm_with_sybils(3, 3, 7),
+        NOW,
+    );
+    assert_eq!(s.optimizer_step, 7);
+    assert_eq!(s.ignored_steps, 3);
+    assert!(s.is_synchronized(7, 1));
+    // Sybils just under the outlier ceiling need a quorum that grows with the swarm:
+    // three of seven others claiming step 10 (7 + tolerance 1 + margin 2) do not move it.
+    let mut records = swarm_with_sybils(4, 0, 7);
+    records.extend((0..3).map(|i| peer(&format!("near{i}"), 10, 0, 5.0, NOW)));
+    let s = estimate_collaboration_state(&config(), &local(7, 10, 5.0), ME, &records, NOW);
+    assert_eq!(s.optimizer_step, 7);
+    assert_eq!(s.ignored_steps, 0);
+}
+
+#[test]
+fn a_late_joiner_still_follows_the_swarm_to_a_far_step() {
+    // Every other peer is far ahead: the median is theirs, so nothing is ignored.
+    let records = swarm_with_sybils(3, 0, 5000);
+    let s = estimate_collaboration_state(&config(), &local(0, 0, 5.0), ME, &records, NOW);
+    assert_eq!(s.optimizer_step, 5000);
+    assert_eq!(plan_step(&config(), 0, 0, &s), StepPlan::LoadState);
+    // One honest peer just stepped, the others' records are older: the step moves once a
+    // quorum (here 2 of 3) reports it.
+    let mut records = swarm_with_sybils(2, 0, 9);
+    records.push(peer("ahead", 10, 0, 5.0, NOW));
+    let s = estimate_collaboration_state(&config(), &local(9, 0, 5.0), ME, &records, NOW);
+    assert_eq!(s.optimizer_step, 9);
+    records[0] = peer("h0", 10, 0, 5.0, NOW);
+    let s = estimate_collaboration_state(&config(), &local(9, 0, 5.0), ME, &records, NOW);
+    assert_eq!(s.optimizer_step, 10);
+}
+
+#[test]
+fn one_record_claiming_the_whole_target_does_not_make_the_swarm_ready() {
+    let mut c = config();
+    c.target_batch_size = 4096;
+    // Three honest peers with 100 samples each at 50 samples/s, and a liar.
+    let mut records: Vec<PeerRecord> = (0..3)
+        .map(|i| peer(&format!("h{i}"), 3, 100, 50.0, NOW))
+        .collect();
+    records.push(peer("liar", 3, 4096, 50.0, NOW));
+    let me = local(3, 100, 50.0);
+    // A peer with no history: the share cap, 2 · 4096 / 5 = 1638.
+    let s = estimate_collaboration_state(&c, &me, ME, &records, NOW);
+    assert_eq!(s.samples_accumulated, 400 + 1638);
+    assert!(!s.ready_for_step(3, NOW), "{s:?}");
+    assert_eq!(s.bounded_claims, 1);
+
+    // A peer that saw the swarm reach step 3 two seconds ago also bounds the claim by
+    // the liar's throughput: 50 · (2 + 10 s of slack) = 600.
+    let mut ledger = ClaimLedger::default();
+    let honest_only = &records[..3];
+    ledger.estimate(&c, &local(2, 0, 50.0), ME, &swarm_with_sybils(3, 0, 2), NOW - 2.0);
+    let s = ledger.estimate(&c, &me, ME, honest_only, NOW - 2.0);
+    assert_eq!(s.optimizer_step, 3);
+    let s = ledger.estimate(&c, &me, ME, &records, NOW);
+    assert_eq!(s.samples_accumulated, 400 + 600);
+    assert_eq!(s.bounded_claims, 1, "only the liar is bounded");
+    assert!(!s.ready_for_step(3, NOW));
+    // A fresh identity a second later gets no more than what its throughput allows.
+    records.push(peer("sybil", 3, 4096, 50.0, NOW + 1.0));
+    let s = ledger.estimate(&c, &me, ME, &records, NOW + 1.0);
+    // The liar's record is a second old: 600; the Sybil's is new: 50 · (3 + 10) = 650.
+    assert_eq!(s.samples_accumulated, 400 + 600 + 650);
+    assert!(!s.ready_for_step(3, NOW + 1.0));
+}
+
+#[test]
+fn honest_peers_accumulating_at_their_rate_are_never_bounded() {
+    let mut c = config();
+    // Large enough that nobody passes its share of the target before t = 100.
+    c.target_batch_size = 30_000;
+    // Throughputs within the share cap (2 / 5 of the swarm each). A peer faster than
+    // that is counted at 2/n of the target: the swarm then steps a little later than
+    // the target, never earlier (the same bound as its averaging weight).
+    let rates = [40.0, 50.0, 60.0, 80.0];
+    let mut ledger = ClaimLedger::default();
+    // Step 0 for a while before this peer arrives, then the swarm steps at t = 100.
+    let mut global = 0;
+    for tick in 0..60 {
+        let t = NOW + f64::from(tick) * 5.0;
+        let (step, start) = if t < NOW + 100.0 { (0, NOW - 40.0) } else { (1, NOW + 100.0) };
+        let records: Vec<PeerRecord> = rates
+            .iter()
+            .enumerate()
+            .map(|(i, &r)| {
+                // Each reports a little late (up to 3 s), as records are republished.
+                let reported = t - f64::from(u32::try_from(i).unwrap_or(0) % 4);
+                let samples = (r * (reported - start)).max(0.0) as u64;
+                peer(&format!("p{i}"), step, samples, r, reported)
+            })
+            .collect();
+        let s = ledger.estimate(&c, &local(step, 0, 10.0), ME, &records, t);
+        assert_eq!(s.bounded_claims, 0, "tick {tick}: {s:?}");
+        global = s.optimizer_step;
+    }
+    assert_eq!(global, 1);
 }
 
 #[test]
