@@ -90,7 +90,11 @@ pub(crate) fn build_swarm(
         .set_caching(Caching::Disabled);
     let store = ColonyStore::new(
         peer_id,
-        LocalStorage::new(config.max_records, config.max_record_size),
+        LocalStorage::new(
+            config.max_records,
+            config.max_record_size,
+            config.owner_caps(),
+        ),
     );
     let mut kad = kad::Behaviour::with_config(peer_id, store, kad_config);
     kad.set_mode(Some(if config.client_mode {
@@ -102,13 +106,21 @@ pub(crate) fn build_swarm(
     let gossip_config = gossipsub::ConfigBuilder::default()
         .max_transmit_size(config.max_gossip_size)
         .validation_mode(gossipsub::ValidationMode::Strict)
+        // Nothing is forwarded before the subscribers' validators accept it.
+        .validate_messages()
         .build()
         .map_err(|e| transport_err(&e))?;
-    let gossipsub = gossipsub::Behaviour::new(
+    let mut gossipsub = gossipsub::Behaviour::new(
         gossipsub::MessageAuthenticity::Signed(keypair.clone()),
         gossip_config,
     )
     .map_err(|e| transport_err(&e))?;
+    gossipsub
+        .with_peer_score(
+            peer_score_params(),
+            gossipsub::PeerScoreThresholds::default(),
+        )
+        .map_err(|e| transport_err(&e))?;
     let identify = identify::Behaviour::new(
         identify::Config::new(IDENTIFY_PROTOCOL.to_owned(), keypair.public())
             .with_agent_version(AGENT_VERSION.to_owned())
@@ -168,4 +180,32 @@ pub(crate) fn build_swarm(
         .with_connection_timeout(config.connect_timeout)
         .build();
     Ok(swarm)
+}
+
+/// Gossipsub peer scoring: peers lose score for invalid messages (see
+/// [`topic_score_params`]) and protocol misbehaviour, and those below the
+/// default thresholds get no gossip, then are ignored. IP colocation is not
+/// penalised: volunteers behind one NAT, and every test swarm on loopback,
+/// share an address.
+fn peer_score_params() -> gossipsub::PeerScoreParams {
+    gossipsub::PeerScoreParams {
+        ip_colocation_factor_weight: 0.0,
+        ..gossipsub::PeerScoreParams::default()
+    }
+}
+
+/// Per-topic scoring: only invalid deliveries (P4) count, heavily, decaying
+/// over a few minutes. Mesh delivery rates (P3) are off: progress topics are
+/// quiet by design, and a quiet honest peer must not look like a bad one.
+pub(crate) fn topic_score_params() -> gossipsub::TopicScoreParams {
+    gossipsub::TopicScoreParams {
+        topic_weight: 1.0,
+        time_in_mesh_weight: 0.0,
+        first_message_deliveries_weight: 0.0,
+        mesh_message_deliveries_weight: 0.0,
+        mesh_failure_penalty_weight: 0.0,
+        invalid_message_deliveries_weight: -20.0,
+        invalid_message_deliveries_decay: 0.9,
+        ..gossipsub::TopicScoreParams::default()
+    }
 }

@@ -65,6 +65,16 @@ pub struct DhtConfig {
     pub max_record_size: usize,
     /// Maximum number of keys a node stores for others. Default: 100 000.
     pub max_records: usize,
+    /// Most subkeys one owner (the owner marker in the subkey; subkeys naming
+    /// no owner count as one owner) holds under one key, on storers and in
+    /// what readers merge: an owner's entry past the cap evicts its own
+    /// earliest-expiring ones. Default: 8 (the stack's keys hold one subkey
+    /// per peer).
+    pub max_subkeys_per_owner: usize,
+    /// Most subkey and value bytes one owner holds under one key, enforced
+    /// like `max_subkeys_per_owner`. Default: 256 KiB (a quarter of
+    /// `max_record_size`).
+    pub max_owner_bytes: usize,
     /// Latest accepted expiration, relative to now: records that claim to live
     /// longer are rejected. Default: 24 h.
     pub max_ttl: Duration,
@@ -156,6 +166,8 @@ impl Default for DhtConfig {
             max_key_size: 1024,
             max_record_size: 1024 * 1024,
             max_records: 100_000,
+            max_subkeys_per_owner: 8,
+            max_owner_bytes: 256 * 1024,
             max_ttl: Duration::from_secs(24 * 3600),
             max_gossip_size: 64 * 1024,
             subscription_capacity: 256,
@@ -168,6 +180,16 @@ impl Default for DhtConfig {
             max_relays: 2,
             hole_punch_wait: Duration::from_secs(4),
             identity_check_interval: Duration::from_secs(30),
+        }
+    }
+}
+
+impl DhtConfig {
+    /// What one owner may hold under one key.
+    pub(crate) fn owner_caps(&self) -> crate::storage::OwnerCaps {
+        crate::storage::OwnerCaps {
+            subkeys: self.max_subkeys_per_owner,
+            bytes: self.max_owner_bytes,
         }
     }
 }
@@ -243,6 +265,12 @@ impl DhtConfig {
         }
         if self.max_records == 0 {
             return bad("max_records", "must be positive");
+        }
+        if self.max_subkeys_per_owner == 0 {
+            return bad("max_subkeys_per_owner", "must be positive");
+        }
+        if self.max_owner_bytes == 0 {
+            return bad("max_owner_bytes", "must be positive");
         }
         if self.max_ttl.is_zero() {
             return bad("max_ttl", "must be positive");

@@ -14,6 +14,7 @@ use crate::{
     behaviour::build_swarm,
     config::DhtConfig,
     error::{DhtError, PubSubError},
+    gossip::GossipValidator,
     identity::{LoadedIdentity, load_identity},
     node::{Command, GossipMessage, Node, NodeStats, PeerAddresses, strip_p2p},
     record::DhtRecord,
@@ -124,6 +125,7 @@ impl Dht {
             max_key_size: config.max_key_size,
             max_value_size: config.max_value_size,
             max_ttl_s: config.max_ttl.as_secs_f64(),
+            owner_caps: config.owner_caps(),
         };
         let inbound = InboundRegistry::default();
         let swarm = build_swarm(&config, keypair, inbound.clone())?;
@@ -458,11 +460,38 @@ impl Dht {
     ///
     /// [`DhtError::PubSub`], [`DhtError::Shutdown`].
     pub async fn subscribe(&self, topic: &str) -> Result<mpsc::Receiver<GossipMessage>, DhtError> {
+        self.subscribe_inner(topic, None).await
+    }
+
+    /// Like [`subscribe`](Self::subscribe), with an application validator run
+    /// on this node before a message is delivered or forwarded: a message it
+    /// rejects is neither delivered nor forwarded, and the peer that propagated
+    /// it loses gossipsub score (a peer that keeps pushing junk is pruned from
+    /// the mesh). The validator runs on the node's task: keep it cheap (decode
+    /// and compare, no I/O).
+    ///
+    /// # Errors
+    ///
+    /// [`DhtError::PubSub`], [`DhtError::Shutdown`].
+    pub async fn subscribe_validated(
+        &self,
+        topic: &str,
+        validator: GossipValidator,
+    ) -> Result<mpsc::Receiver<GossipMessage>, DhtError> {
+        self.subscribe_inner(topic, Some(validator)).await
+    }
+
+    async fn subscribe_inner(
+        &self,
+        topic: &str,
+        validator: Option<GossipValidator>,
+    ) -> Result<mpsc::Receiver<GossipMessage>, DhtError> {
         let (sender, receiver) = mpsc::channel(self.inner.subscription_capacity);
         let topic = topic.to_owned();
         self.request("subscribe", LOCAL_TIMEOUT, |reply| Command::Subscribe {
             topic,
             sender,
+            validator,
             reply,
         })
         .await?;
@@ -613,6 +642,20 @@ impl Dht {
     pub async fn peer_addresses(&self, peer: PeerId) -> Result<Option<PeerAddresses>, DhtError> {
         self.request("peer_addresses", LOCAL_TIMEOUT, |reply| {
             Command::PeerAddresses { peer, reply }
+        })
+        .await
+    }
+
+    /// This node's gossipsub score of `peer` (`None` if it has none: not
+    /// connected over gossipsub). Peers that propagate messages the topic's
+    /// validator rejects go negative and are ignored below the thresholds.
+    ///
+    /// # Errors
+    ///
+    /// [`DhtError::Shutdown`], [`DhtError::Timeout`].
+    pub async fn gossip_score(&self, peer: PeerId) -> Result<Option<f64>, DhtError> {
+        self.request("gossip_score", LOCAL_TIMEOUT, |reply| {
+            Command::GossipScore { peer, reply }
         })
         .await
     }

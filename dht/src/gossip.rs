@@ -1,8 +1,69 @@
-//! [`LatestPerOwner`]: what a reader keeps of records pushed over gossipsub.
+//! What a reader keeps of records pushed over gossipsub ([`LatestPerOwner`],
+//! bounded), the application validators a subscriber installs on a topic
+//! ([`GossipValidator`]) and the per-peer rate limit on what a peer may ask this
+//! node to validate and forward ([`ForwardLimiter`]).
 
-use std::collections::{BTreeMap, btree_map};
+use std::{
+    collections::{BTreeMap, HashMap, btree_map},
+    hash::Hash,
+    sync::Arc,
+    time::Instant,
+};
 
 use colony_schema::OwnerKey;
+
+use crate::node::GossipMessage;
+
+/// A subscriber's check of a message on its topic, run on the node before the
+/// message is delivered or forwarded. `false` rejects it: it is not forwarded,
+/// and the peer that propagated it loses gossipsub score (invalid deliveries),
+/// so a peer that keeps pushing junk is pruned from the mesh and ignored.
+pub type GossipValidator = Arc<dyn Fn(&GossipMessage) -> bool + Send + Sync>;
+
+/// A token bucket per key (a propagating peer), with a bounded number of keys:
+/// when full, keys whose bucket is full again (idle) are forgotten first, and if
+/// none is, the new key is refused (the caller ignores its message).
+#[derive(Debug)]
+pub(crate) struct ForwardLimiter<K> {
+    rate: f64,
+    burst: f64,
+    max_keys: usize,
+    buckets: HashMap<K, (f64, Instant)>,
+}
+
+impl<K: Eq + Hash + Clone> ForwardLimiter<K> {
+    pub(crate) fn new(rate: f64, burst: f64, max_keys: usize) -> Self {
+        Self {
+            rate,
+            burst,
+            max_keys,
+            buckets: HashMap::new(),
+        }
+    }
+
+    /// Takes one token for `key` at `now`; `false` when its bucket is empty.
+    pub(crate) fn allow(&mut self, key: &K, now: Instant) -> bool {
+        let (rate, burst) = (self.rate, self.burst);
+        let refill = |(tokens, at): (f64, Instant)| {
+            (tokens + rate * now.saturating_duration_since(at).as_secs_f64()).min(burst)
+        };
+        if !self.buckets.contains_key(key) && self.buckets.len() >= self.max_keys {
+            self.buckets.retain(|_, b| refill(*b) < burst);
+            if self.buckets.len() >= self.max_keys {
+                return false;
+            }
+        }
+        let bucket = self.buckets.entry(key.clone()).or_insert((burst, now));
+        let tokens = refill(*bucket);
+        if tokens >= 1.0 {
+            *bucket = (tokens - 1.0, now);
+            true
+        } else {
+            *bucket = (tokens, now);
+            false
+        }
+    }
+}
 
 /// The latest record per owner, merged with the DHT's own rule: a record
 /// replaces the one held for its owner only if it expires strictly later
@@ -28,15 +89,23 @@ use colony_schema::OwnerKey;
 /// latest.prune(120.0);
 /// assert_eq!(latest.get(&owner), Some((&"step 4", 130.0)));
 /// ```
+///
+/// The map holds at most [`limit`](Self::with_limit) owners (unbounded by
+/// default, for merging a fetched dictionary that is bounded already): a new
+/// owner beyond it takes the place of the record that expires first, if it
+/// expires later, and is refused otherwise. Identities are free, so a map fed
+/// from the network must have a limit.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LatestPerOwner<T> {
     entries: BTreeMap<OwnerKey, (T, f64)>,
+    limit: usize,
 }
 
 impl<T> Default for LatestPerOwner<T> {
     fn default() -> Self {
         Self {
             entries: BTreeMap::new(),
+            limit: usize::MAX,
         }
     }
 }
@@ -47,10 +116,25 @@ impl<T> LatestPerOwner<T> {
         Self::default()
     }
 
+    /// An empty map that holds at most `limit` owners (at least one).
+    pub fn with_limit(limit: usize) -> Self {
+        Self {
+            entries: BTreeMap::new(),
+            limit: limit.max(1),
+        }
+    }
+
     /// Keeps `value` as `owner`'s record if it expires strictly later than the
     /// one held (any finite or infinite expiration beats none; NaN never wins).
-    /// Returns whether it was kept.
+    /// A new owner in a full map replaces the record that expires first, if it
+    /// expires later. Returns whether it was kept.
     pub fn offer(&mut self, owner: OwnerKey, value: T, expiration: f64) -> bool {
+        if self.entries.len() >= self.limit
+            && !self.entries.contains_key(&owner)
+            && !self.evict_earliest_before(expiration)
+        {
+            return false;
+        }
         match self.entries.entry(owner) {
             btree_map::Entry::Occupied(mut held) => {
                 if expiration > held.get().1 {
@@ -68,6 +152,22 @@ impl<T> LatestPerOwner<T> {
                     false
                 }
             }
+        }
+    }
+
+    /// Drops the record that expires first, if it expires before `expiration`.
+    fn evict_earliest_before(&mut self, expiration: f64) -> bool {
+        let earliest = self
+            .entries
+            .iter()
+            .min_by(|a, b| (a.1).1.total_cmp(&(b.1).1))
+            .map(|(k, (_, e))| (*k, *e));
+        match earliest {
+            Some((owner, held)) if held < expiration => {
+                self.entries.remove(&owner);
+                true
+            }
+            _ => false,
         }
     }
 
@@ -133,6 +233,46 @@ mod tests {
         let all: Vec<_> = m.clone().into_iter().collect();
         assert_eq!(all, vec![(owner(1), 'd', 11.0), (owner(2), 'x', 5.0)]);
         assert_eq!(m.iter().count(), 2);
+    }
+
+    #[test]
+    fn a_limited_map_keeps_the_records_that_expire_last() {
+        let mut m = LatestPerOwner::with_limit(2);
+        assert!(m.offer(owner(1), (), 10.0));
+        assert!(m.offer(owner(2), (), 20.0));
+        assert!(
+            !m.offer(owner(3), (), 5.0),
+            "expires before everything held"
+        );
+        assert!(m.offer(owner(3), (), 15.0), "takes the place of owner 1");
+        assert!(m.get(&owner(1)).is_none());
+        assert!(
+            m.offer(owner(3), (), 16.0),
+            "a held owner refreshes in place"
+        );
+        assert_eq!(m.len(), 2);
+        // A flood of distinct identities never grows it.
+        for i in 0..100_000u32 {
+            let mut key = [0u8; 32];
+            key[..4].copy_from_slice(&i.to_le_bytes());
+            m.offer(OwnerKey::from_bytes(key), (), 100.0 + f64::from(i));
+        }
+        assert_eq!(m.len(), 2);
+    }
+
+    #[test]
+    fn the_forward_limiter_refills_and_bounds_its_keys() {
+        let t0 = Instant::now();
+        let mut l = ForwardLimiter::new(10.0, 3.0, 2);
+        assert!((0..3).all(|_| l.allow(&1, t0)));
+        assert!(!l.allow(&1, t0), "burst spent");
+        assert!(l.allow(&1, t0 + std::time::Duration::from_millis(150)));
+        assert!(l.allow(&2, t0));
+        // A third key while both others are busy is refused; once one is idle
+        // (bucket full again) it is forgotten to make room.
+        assert!(!l.allow(&3, t0));
+        assert!(l.allow(&3, t0 + std::time::Duration::from_secs(1)));
+        assert!(l.buckets.len() <= 2);
     }
 
     #[test]

@@ -75,7 +75,7 @@ pub use config::{DhtConfig, IdentitySource, RelayLimits};
 pub use dht::{Dht, IdentityConflict, presence_key, relay_addrs_key};
 pub use dialback::{DIAL_TIMEOUT, DIALBACK_PROTOCOL, DialBack, MAX_PORTS, PortCheck};
 pub use error::{DhtError, PubSubError, ValidationError};
-pub use gossip::LatestPerOwner;
+pub use gossip::{GossipValidator, LatestPerOwner};
 pub use identity::{create_identity_file, read_identity_file};
 pub use node::{GossipMessage, NodeStats, PeerAddresses, PeerPath};
 pub use owner::{PeerSigner, owner_key_from_secret, peer_id_of_owner, verify_peer_signature};
@@ -87,6 +87,9 @@ pub use signature::{
 pub use time::dht_time;
 pub use validation::{CompositeValidator, RecordValidator};
 pub use value::{DhtValue, StoreOutcome, ValueWithExpiration};
+
+/// The owner key type of owner markers (re-exported from `colony-schema`).
+pub use colony_schema::OwnerKey;
 
 /// Re-exports of the libp2p types in this crate's API.
 pub use libp2p::{Multiaddr, PeerId, Stream, StreamProtocol, multiaddr::Protocol};

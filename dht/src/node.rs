@@ -22,6 +22,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::{
     behaviour::{Behaviour, BehaviourEvent, KAD_PROTOCOL},
     error::{DhtError, PubSubError, ValidationError},
+    gossip::{ForwardLimiter, GossipValidator},
     record::{DhtRecord, WireEntry, decode_wire, encode_wire},
     storage::merge_values,
     time::dht_time,
@@ -35,6 +36,21 @@ pub(crate) use nat::relay_of;
 
 /// How often expired records are swept from local storage.
 const PRUNE_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Gossip messages per second each propagating peer may have validated and
+/// forwarded by this node (burst [`GOSSIP_BURST_PER_PEER`]); beyond that they
+/// are ignored (not forwarded, no score penalty: a busy honest relay is not a
+/// liar). Progress pushes come a few per minute per peer.
+const GOSSIP_RATE_PER_PEER: f64 = 50.0;
+const GOSSIP_BURST_PER_PEER: f64 = 200.0;
+/// Propagating peers whose rate is tracked at once.
+const GOSSIP_TRACKED_PEERS: usize = 4096;
+
+/// One subscriber of a topic.
+struct Subscriber {
+    sender: mpsc::Sender<GossipMessage>,
+    validator: Option<GossipValidator>,
+}
 
 /// A message received on a subscribed gossipsub topic.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,11 +99,16 @@ pub(crate) enum Command {
     Subscribe {
         topic: String,
         sender: mpsc::Sender<GossipMessage>,
+        validator: Option<GossipValidator>,
         reply: Reply<()>,
     },
     PeerAddresses {
         peer: PeerId,
         reply: Reply<Option<PeerAddresses>>,
+    },
+    GossipScore {
+        peer: PeerId,
+        reply: Reply<Option<f64>>,
     },
     Stats {
         reply: Reply<NodeStats>,
@@ -168,7 +189,10 @@ pub(crate) struct Node {
     pending_puts: HashMap<QueryId, (bool, Reply<StoreOutcome>)>,
     pending_gets: HashMap<QueryId, PendingGet>,
     pending_finds: HashMap<QueryId, (PeerId, Reply<bool>)>,
-    subscriptions: HashMap<TopicHash, Vec<mpsc::Sender<GossipMessage>>>,
+    /// Per topic: each subscriber's channel and its validator (none: accepts all).
+    subscriptions: HashMap<TopicHash, Vec<Subscriber>>,
+    /// Messages each propagating peer may have validated and forwarded here.
+    gossip_limiter: ForwardLimiter<PeerId>,
     peers: HashMap<PeerId, PeerAddresses>,
     replication: usize,
     stats: NodeStats,
@@ -247,6 +271,11 @@ impl Node {
             pending_gets: HashMap::new(),
             pending_finds: HashMap::new(),
             subscriptions: HashMap::new(),
+            gossip_limiter: ForwardLimiter::new(
+                GOSSIP_RATE_PER_PEER,
+                GOSSIP_BURST_PER_PEER,
+                GOSSIP_TRACKED_PEERS,
+            ),
             peers: HashMap::new(),
             replication,
             stats: NodeStats::default(),
@@ -345,6 +374,7 @@ impl Node {
             Command::Subscribe {
                 topic,
                 sender,
+                validator,
                 reply,
             } => {
                 let ident = IdentTopic::new(topic.clone());
@@ -359,15 +389,28 @@ impl Node {
                         source: PubSubError::Subscribe(e),
                     });
                 if result.is_ok() {
+                    // Invalid deliveries cost score on this topic; nothing else
+                    // does (a quiet topic must not penalise honest peers).
+                    if let Err(e) = self
+                        .swarm
+                        .behaviour_mut()
+                        .gossipsub
+                        .set_topic_params(ident.clone(), crate::behaviour::topic_score_params())
+                    {
+                        tracing::debug!(error = e, "gossip topic scoring not set");
+                    }
                     self.subscriptions
                         .entry(ident.hash())
                         .or_default()
-                        .push(sender);
+                        .push(Subscriber { sender, validator });
                 }
                 let _ = reply.send(result);
             }
             Command::PeerAddresses { peer, reply } => {
                 let _ = reply.send(Ok(self.peers.get(&peer).cloned()));
+            }
+            Command::GossipScore { peer, reply } => {
+                let _ = reply.send(Ok(self.swarm.behaviour().gossipsub.peer_score(&peer)));
             }
             Command::Stats { reply } => {
                 let mut stats = self.stats;
@@ -662,7 +705,7 @@ impl Node {
                     .into(),
                 ),
             };
-            merge_values(&mut pending.acc, value);
+            merge_values(&mut pending.acc, value, self.limits.owner_caps);
         }
         if !pending.latest && pending.acc.is_some() {
             if let Some(pending) = self.pending_gets.remove(&id) {
@@ -736,9 +779,10 @@ impl Node {
                 Err(error) => tracing::debug!(%peer, %error, "ping failed"),
             },
             SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message {
+                propagation_source,
+                message_id,
                 message,
-                ..
-            })) => self.on_gossip(message),
+            })) => self.on_gossip(propagation_source, &message_id, message),
             SwarmEvent::Behaviour(_) => {}
             SwarmEvent::NewListenAddr {
                 listener_id,
@@ -842,30 +886,78 @@ impl Node {
         }
     }
 
-    fn on_gossip(&mut self, message: gossipsub::Message) {
-        let Some(senders) = self.subscriptions.get_mut(&message.topic) else {
-            return;
+    /// Validates a gossip message for its subscribers (the rate limit per
+    /// propagating peer first, then each subscriber's validator), reports the
+    /// verdict to gossipsub (only accepted messages are forwarded; rejected ones
+    /// cost the propagating peer score) and delivers it to the subscribers that
+    /// accepted it.
+    fn on_gossip(
+        &mut self,
+        propagation_source: PeerId,
+        message_id: &gossipsub::MessageId,
+        message: gossipsub::Message,
+    ) {
+        let verdict = self.deliver_gossip(propagation_source, message);
+        self.swarm
+            .behaviour_mut()
+            .gossipsub
+            .report_message_validation_result(message_id, &propagation_source, verdict);
+    }
+
+    fn deliver_gossip(
+        &mut self,
+        propagation_source: PeerId,
+        message: gossipsub::Message,
+    ) -> gossipsub::MessageAcceptance {
+        use gossipsub::MessageAcceptance;
+        if !self
+            .gossip_limiter
+            .allow(&propagation_source, std::time::Instant::now())
+        {
+            tracing::debug!(peer = %propagation_source, "gossip rate limit: message ignored");
+            return MessageAcceptance::Ignore;
+        }
+        let Some(subscribers) = self.subscriptions.get_mut(&message.topic) else {
+            return MessageAcceptance::Ignore;
         };
         let msg = GossipMessage {
             topic: message.topic.as_str().to_owned(),
             source: message.source,
             data: message.data,
         };
-        senders.retain(|s| match s.try_send(msg.clone()) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                tracing::warn!(topic = %msg.topic, "subscriber is full; message dropped");
-                true
+        let mut accepted = false;
+        subscribers.retain(|s| {
+            if s.validator.as_ref().is_some_and(|valid| !valid(&msg)) {
+                return !s.sender.is_closed();
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            accepted = true;
+            match s.sender.try_send(msg.clone()) {
+                Ok(()) => true,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    tracing::warn!(topic = %msg.topic, "subscriber is full; message dropped");
+                    true
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            }
         });
-        if senders.is_empty() {
+        if subscribers.is_empty() {
             let topic = message.topic;
             self.subscriptions.remove(&topic);
             self.swarm
                 .behaviour_mut()
                 .gossipsub
                 .unsubscribe(&IdentTopic::new(topic.into_string()));
+        }
+        if accepted {
+            MessageAcceptance::Accept
+        } else {
+            tracing::debug!(
+                peer = %propagation_source,
+                source = ?msg.source,
+                topic = %msg.topic,
+                "gossip message rejected by its subscribers' validation"
+            );
+            MessageAcceptance::Reject
         }
     }
 

@@ -245,6 +245,8 @@ pub(crate) struct RecordLimits {
     pub(crate) max_key_size: usize,
     pub(crate) max_value_size: usize,
     pub(crate) max_ttl_s: f64,
+    /// What one owner may hold under one key (storage and reader merge).
+    pub(crate) owner_caps: crate::storage::OwnerCaps,
 }
 
 impl RecordLimits {

@@ -111,6 +111,75 @@ async fn expiration_ordering_and_withdrawal() {
     .expect("test timed out");
 }
 
+/// A subscriber's validator keeps junk from being delivered (or forwarded), and the
+/// peer that pushed it loses gossip score.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gossip_that_fails_validation_is_dropped_and_costs_score() {
+    common::init_tracing();
+    tokio::time::timeout(T, async {
+        let (nodes, _) = swarm(13, 3, 0).await;
+        let (liar, reader) = (&nodes[0], &nodes[1]);
+        let validator: colony_dht::GossipValidator = std::sync::Arc::new(|m| m.data != b"junk");
+        let mut sub = reader
+            .subscribe_validated("topic", validator)
+            .await
+            .unwrap();
+        // Wait until the subscription is known to the publisher.
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            if liar.publish("topic", b"hello".to_vec()).await.is_ok() {
+                if let Ok(Some(m)) =
+                    tokio::time::timeout(Duration::from_millis(500), sub.recv()).await
+                {
+                    assert_eq!(m.data, b"hello");
+                    break;
+                }
+            }
+            assert!(attempts < 40, "gossip never reached the subscriber");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let before = reader.gossip_score(liar.peer_id()).await.unwrap();
+        for _ in 0..10 {
+            liar.publish("topic", b"junk".to_vec()).await.unwrap();
+        }
+        // The reader reports each junk message as it validates it (bounded wait).
+        let mut after = None;
+        for _ in 0..100 {
+            after = reader.gossip_score(liar.peer_id()).await.unwrap();
+            if after.is_some_and(|s| s < 0.0) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        eprintln!("gossip score of the junk pusher: before {before:?}, after {after:?}");
+        assert!(after.is_some_and(|s| s < 0.0), "score {after:?}");
+        // An honest third peer's message still arrives, and it is the first thing
+        // delivered: none of the junk got through. (The liar itself ends up below
+        // the graylist threshold, so the reader ignores everything it sends next.)
+        let honest = &nodes[2];
+        let mut attempts = 0;
+        let m = loop {
+            attempts += 1;
+            let _ = honest
+                .publish("topic", format!("after {attempts}").into_bytes())
+                .await;
+            if let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(500), sub.recv()).await
+            {
+                break m;
+            }
+            assert!(attempts < 20, "the honest peer's gossip never arrived");
+        };
+        assert!(
+            m.data.starts_with(b"after"),
+            "junk was delivered: {:?}",
+            m.data
+        );
+    })
+    .await
+    .expect("test timed out");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pubsub_and_streams() {
     common::init_tracing();

@@ -28,8 +28,20 @@ pub struct TrainingProgressSchema {
     pub progress: BTreeMap<OwnerKey, Option<Checked<TrainingProgress>>>,
 }
 
-/// Records pushed over gossipsub: the latest per owner, later expiration wins.
+/// Records pushed over gossipsub: the latest per owner, later expiration wins, at most
+/// [`MAX_PUSHED_OWNERS`] owners.
 type PushedRecords = Arc<Mutex<LatestPerOwner<Option<TrainingProgress>>>>;
+
+/// Owners whose pushed record is kept at once. Identities are free: a flood of pushes
+/// from distinct ones replaces the records that expire first and never grows the map.
+/// Pushes only speed up what the next fetch of the DHT dictionary (bounded by the
+/// record size) brings anyway.
+pub(crate) const MAX_PUSHED_OWNERS: usize = 1024;
+
+/// A pushed record may live at most this long from now (s) unless
+/// [`DhtProgressBoard::with_push_ttl`] says otherwise; honest records live
+/// `metadata_expiration`.
+pub(crate) const DEFAULT_PUSH_TTL: f64 = 90.0;
 
 /// [`ProgressBoard`] over a [`Dht`]: signed records under `{prefix}_progress` with this
 /// node's owner subkey, checked against [`TrainingProgressSchema`] on every storing node
@@ -45,6 +57,8 @@ pub struct DhtProgressBoard {
     dht: Dht,
     key: String,
     pushed: PushedRecords,
+    /// Longest lifetime a pushed record may claim (s, as `f64` bits).
+    push_ttl: Arc<std::sync::atomic::AtomicU64>,
     wake: Option<mpsc::Sender<()>>,
     fetch_budget: Duration,
     /// Set once a fetch returned another peer's record: from then on, no
@@ -85,8 +99,12 @@ fn names_its_owner(owner: &OwnerKey, progress: Option<&TrainingProgress>) -> boo
 }
 
 /// Decodes a pushed record and keeps it only if the message's source owns it, it
-/// validates, and it names its owner's peer id.
-fn accept_pushed(message: &GossipMessage) -> Option<(OwnerKey, Option<TrainingProgress>, f64)> {
+/// validates, it names its owner's peer id and it expires no later than
+/// `max_expiration`.
+fn accept_pushed(
+    message: &GossipMessage,
+    max_expiration: f64,
+) -> Option<(OwnerKey, Option<TrainingProgress>, f64)> {
     let Ok(record) = from_msgpack_strict::<PushedRecord>(&message.data) else {
         tracing::debug!(source = ?message.source, "undecodable pushed progress");
         return None;
@@ -107,11 +125,31 @@ fn accept_pushed(message: &GossipMessage) -> Option<(OwnerKey, Option<TrainingPr
         tracing::warn!(source = ?message.source, "pushed progress fails validation");
         return None;
     }
+    if !(record.expiration <= max_expiration) {
+        tracing::warn!(
+            source = ?message.source,
+            expiration = record.expiration,
+            max_expiration,
+            "pushed progress claims a lifetime longer than records live"
+        );
+        return None;
+    }
     names_its_owner(&owner, record.progress.as_ref()).then_some((
         owner,
         record.progress,
         record.expiration,
     ))
+}
+
+/// Offers a pushed message's record to the map if it is acceptable; whether it was
+/// kept (a newer record of its owner, or one that outlives the earliest held).
+fn take_push(
+    map: &mut LatestPerOwner<Option<TrainingProgress>>,
+    message: &GossipMessage,
+    max_expiration: f64,
+) -> bool {
+    accept_pushed(message, max_expiration)
+        .is_some_and(|(owner, progress, expiration)| map.offer(owner, progress, expiration))
 }
 
 impl DhtProgressBoard {
@@ -131,9 +169,25 @@ impl DhtProgressBoard {
         )?;
         dht.add_validator(Arc::new(SchemaRecordValidator::new(schema)));
         let key = format!("{prefix}_progress");
-        let pushed: PushedRecords = Arc::default();
+        let pushed: PushedRecords =
+            Arc::new(Mutex::new(LatestPerOwner::with_limit(MAX_PUSHED_OWNERS)));
+        let push_ttl = Arc::new(std::sync::atomic::AtomicU64::new(
+            DEFAULT_PUSH_TTL.to_bits(),
+        ));
+        let max_expiration = {
+            let push_ttl = push_ttl.clone();
+            move || {
+                colony_dht::dht_time()
+                    + f64::from_bits(push_ttl.load(std::sync::atomic::Ordering::Relaxed))
+            }
+        };
+        let validate = max_expiration.clone();
+        // Checked on the node before delivery or forwarding: a peer that pushes
+        // records that fail here loses gossip score and is soon ignored.
+        let validator: colony_dht::GossipValidator =
+            Arc::new(move |message| accept_pushed(message, validate()).is_some());
         let mut messages = dht
-            .subscribe(&key)
+            .subscribe_validated(&key, validator)
             .await
             .map_err(OptimError::dht("subscribe to progress pushes"))?;
         let sink = Arc::downgrade(&pushed);
@@ -141,15 +195,15 @@ impl DhtProgressBoard {
         tokio::spawn(async move {
             while let Some(message) = messages.recv().await {
                 let Some(sink) = sink.upgrade() else { break };
-                let Some((owner, progress, expiration)) = accept_pushed(&message) else {
-                    continue;
-                };
                 let Ok(mut map) = sink.lock() else {
                     tracing::error!("pushed-progress map poisoned; no longer accepting pushes");
                     break;
                 };
-                map.offer(owner, progress, expiration);
+                let kept = take_push(&mut map, &message, max_expiration());
                 drop(map);
+                if !kept {
+                    continue;
+                }
                 if let Some(wake) = &wake_task {
                     // A full channel already holds a wake-up; dropping this one is fine.
                     let _ = wake.try_send(());
@@ -160,6 +214,7 @@ impl DhtProgressBoard {
             dht,
             key,
             pushed,
+            push_ttl,
             wake,
             fetch_budget: DEFAULT_FETCH_BUDGET,
             saw_others: Arc::default(),
@@ -173,6 +228,22 @@ impl DhtProgressBoard {
     pub fn with_fetch_budget(mut self, budget: Duration) -> Self {
         self.fetch_budget = budget;
         self
+    }
+
+    /// Pushed records claiming to live longer than `ttl` seconds from now are refused
+    /// (and cost the pushing peer gossip score). Set it to the run's
+    /// `metadata_expiration` plus the clock skew allowed; default 90 s.
+    #[must_use]
+    pub fn with_push_ttl(self, ttl: f64) -> Self {
+        self.push_ttl
+            .store(ttl.to_bits(), std::sync::atomic::Ordering::Relaxed);
+        self
+    }
+
+    /// How many owners have a pushed record held right now (at most
+    /// [`MAX_PUSHED_OWNERS`]).
+    pub fn pushed_owners(&self) -> usize {
+        self.pushed.lock().map_or(0, |m| m.len())
     }
 
     /// The DHT handle.
@@ -367,17 +438,90 @@ mod tests {
         }
     }
 
+    fn accept_pushed_at(
+        message: &GossipMessage,
+    ) -> Option<(OwnerKey, Option<TrainingProgress>, f64)> {
+        accept_pushed(message, 1000.0)
+    }
+
+    #[test]
+    fn a_pushed_record_that_outlives_records_is_refused() {
+        let message = pushed(1, Some(1), Some(honest(1)));
+        assert!(accept_pushed(&message, 100.0).is_some());
+        assert!(accept_pushed(&message, 99.0).is_none());
+        let mut nan = message.clone();
+        nan.data = to_msgpack(&PushedRecord {
+            owner: colony_dht::owner_key_from_secret([1; 32])
+                .as_bytes()
+                .to_vec(),
+            progress: None,
+            expiration: f64::NAN,
+        })
+        .unwrap();
+        assert!(accept_pushed(&nan, 1e300).is_none());
+    }
+
+    #[test]
+    fn a_hundred_thousand_pushes_from_distinct_identities_keep_the_map_bounded() {
+        let mut map = LatestPerOwner::with_limit(MAX_PUSHED_OWNERS);
+        // An honest record that lives longer than the flood's records.
+        let mut honest_push = pushed(1, Some(1), Some(honest(1)));
+        honest_push.data = to_msgpack(&PushedRecord {
+            owner: colony_dht::owner_key_from_secret([1; 32])
+                .as_bytes()
+                .to_vec(),
+            progress: Some(honest(1)),
+            expiration: 200.0,
+        })
+        .unwrap();
+        assert!(take_push(&mut map, &honest_push, 1000.0));
+        let started = std::time::Instant::now();
+        let mut kept = 0;
+        for i in 0..100_000u32 {
+            let mut secret = [9u8; 32];
+            secret[..4].copy_from_slice(&i.to_le_bytes());
+            let owner = colony_dht::owner_key_from_secret(secret);
+            let peer = colony_dht::peer_id_of_owner(&owner).unwrap();
+            let message = GossipMessage {
+                topic: "run_progress".into(),
+                source: Some(peer),
+                data: to_msgpack(&PushedRecord {
+                    owner: owner.as_bytes().to_vec(),
+                    progress: Some(TrainingProgress {
+                        peer_id: peer.to_base58(),
+                        ..sample()
+                    }),
+                    // Later and later expirations, up to the lifetime allowed.
+                    expiration: 100.0 + f64::from(i % 100),
+                })
+                .unwrap(),
+            };
+            kept += usize::from(take_push(&mut map, &message, 1000.0));
+            assert!(map.len() <= MAX_PUSHED_OWNERS);
+        }
+        eprintln!(
+            "100000 pushes from distinct identities: {kept} kept at some point, map holds {} \
+             (limit {MAX_PUSHED_OWNERS}), {:.2} s",
+            map.len(),
+            started.elapsed().as_secs_f64()
+        );
+        assert_eq!(map.len(), MAX_PUSHED_OWNERS);
+        // The honest record outlives every flood record, so it was never evicted.
+        let honest_owner = colony_dht::owner_key_from_secret([1; 32]);
+        assert_eq!(map.get(&honest_owner).map(|(_, e)| e), Some(200.0));
+    }
+
     #[test]
     fn pushed_records_must_come_from_their_owner() {
         let (owner, progress, expiration) =
-            accept_pushed(&pushed(1, Some(1), Some(honest(1)))).unwrap();
+            accept_pushed_at(&pushed(1, Some(1), Some(honest(1)))).unwrap();
         assert_eq!(owner, colony_dht::owner_key_from_secret([1; 32]));
         assert_eq!((progress, expiration), (Some(honest(1)), 100.0));
         // Signed by someone else, or by nobody: refused.
-        assert!(accept_pushed(&pushed(1, Some(2), Some(honest(1)))).is_none());
-        assert!(accept_pushed(&pushed(1, None, Some(honest(1)))).is_none());
+        assert!(accept_pushed_at(&pushed(1, Some(2), Some(honest(1)))).is_none());
+        assert!(accept_pushed_at(&pushed(1, None, Some(honest(1)))).is_none());
         // A goodbye from its owner is accepted; a truncated owner key is not.
-        assert!(accept_pushed(&pushed(1, Some(1), None)).is_some());
+        assert!(accept_pushed_at(&pushed(1, Some(1), None)).is_some());
         let mut short = pushed(1, Some(1), None);
         short.data = to_msgpack(&PushedRecord {
             owner: vec![1; 5],
@@ -385,7 +529,7 @@ mod tests {
             expiration: 100.0,
         })
         .unwrap();
-        assert!(accept_pushed(&short).is_none());
+        assert!(accept_pushed_at(&short).is_none());
     }
 
     #[test]
@@ -395,7 +539,7 @@ mod tests {
             peer_id: peer_of(2).to_base58(),
             ..sample()
         };
-        assert!(accept_pushed(&pushed(1, Some(1), Some(lie.clone()))).is_none());
+        assert!(accept_pushed_at(&pushed(1, Some(1), Some(lie.clone()))).is_none());
         let owner = colony_dht::owner_key_from_secret([1; 32]);
         assert!(!names_its_owner(&owner, Some(&lie)));
         assert!(!names_its_owner(&owner, Some(&sample())));

@@ -125,9 +125,11 @@ impl<A: SwarmAverager> CollaborativeOptimizer<DhtProgressBoard, A> {
         let board = match DhtProgressBoard::new(dht, &config.prefix, Some(wake_tx)).await {
             // A vanished replica must not hold a refresh for long: records live
             // metadata_expiration, so a fifth of that at most.
-            Ok(board) => board.with_fetch_budget(std::time::Duration::from_secs_f64(
-                (config.metadata_expiration / 5.0).min(config.request_timeout),
-            )),
+            Ok(board) => board
+                .with_fetch_budget(std::time::Duration::from_secs_f64(
+                    (config.metadata_expiration / 5.0).min(config.request_timeout),
+                ))
+                .with_push_ttl(config.metadata_expiration + config.max_clock_skew),
             Err(e) => {
                 averager.shutdown().await;
                 return Err(e);

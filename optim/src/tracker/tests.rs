@@ -282,7 +282,10 @@ fn two_or_three_sybils_claiming_u64_max_do_not_move_the_global_step() {
     );
     assert_eq!(s.optimizer_step, 7);
     assert_eq!(s.ignored_steps, 2);
-    assert_eq!(plan_step(&config(), 7, 10, &s), StepPlan::Average { weight: 10.0 });
+    assert_eq!(
+        plan_step(&config(), 7, 10, &s),
+        StepPlan::Average { weight: 10.0 }
+    );
     // Three Sybils beside three honest peers.
     let s = estimate_collaboration_state(
         &config(),
@@ -341,7 +344,13 @@ fn one_record_claiming_the_whole_target_does_not_make_the_swarm_ready() {
     // the liar's throughput: 50 · (2 + 10 s of slack) = 600.
     let mut ledger = ClaimLedger::default();
     let honest_only = &records[..3];
-    ledger.estimate(&c, &local(2, 0, 50.0), ME, &swarm_with_sybils(3, 0, 2), NOW - 2.0);
+    ledger.estimate(
+        &c,
+        &local(2, 0, 50.0),
+        ME,
+        &swarm_with_sybils(3, 0, 2),
+        NOW - 2.0,
+    );
     let s = ledger.estimate(&c, &me, ME, honest_only, NOW - 2.0);
     assert_eq!(s.optimizer_step, 3);
     let s = ledger.estimate(&c, &me, ME, &records, NOW);
@@ -370,7 +379,11 @@ fn honest_peers_accumulating_at_their_rate_are_never_bounded() {
     let mut global = 0;
     for tick in 0..60 {
         let t = NOW + f64::from(tick) * 5.0;
-        let (step, start) = if t < NOW + 100.0 { (0, NOW - 40.0) } else { (1, NOW + 100.0) };
+        let (step, start) = if t < NOW + 100.0 {
+            (0, NOW - 40.0)
+        } else {
+            (1, NOW + 100.0)
+        };
         let records: Vec<PeerRecord> = rates
             .iter()
             .enumerate()
