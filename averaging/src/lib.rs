@@ -47,13 +47,14 @@ pub mod group_keys;
 mod load_balancing;
 pub mod matchmaking;
 mod partition;
+mod records;
 mod reducer;
 mod robust;
 pub mod state;
 mod wire;
 
 pub use allreduce::RoundOutcome;
-pub use averager::{AveragerConfig, Ban, DecentralizedAverager, StepOutcome};
+pub use averager::{AveragerConfig, Ban, DecentralizedAverager, MAX_STATE_REQUESTS, StepOutcome};
 pub use compression::Compression;
 pub use conn::DataPath;
 pub use dataplane::RejectedConnection;
@@ -63,6 +64,7 @@ pub use group::{
     MAX_BANDWIDTH, MAX_BANDWIDTH_RATIO, MAX_EXACT_WEIGHT, WeightCaps, schema_hash,
 };
 pub use partition::TensorLayout;
+pub use records::{AveragingRecordValidator, DONOR_MAX_TTL, MATCHMAKING_MAX_TTL};
 
 /// One butterfly all-reduce round for an explicit group, and the pieces it
 /// is made of: the data plane, the wire format, round keys, the part

@@ -463,3 +463,87 @@ async fn peers_connect_to_the_announced_data_address() {
     .await
     .expect("test timed out");
 }
+
+/// A peer without the averager squats the matchmaking and donors' keys with
+/// day-long regular values and declares a group slot and a state (priority
+/// 1e300) in another peer's name. Matchmaking, the round and the state
+/// download go on as if it were not there: storers let the peers' signed
+/// subkeys replace the regular values, and every averager refuses both the
+/// regular values and the entries that name someone other than their owner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn squatted_keys_and_impersonating_entries_change_nothing() {
+    tokio::time::timeout(T, async {
+        let nodes = swarm(4).await;
+        let squatter = &nodes[0];
+        let victim = nodes[1].peer_id().to_bytes();
+        let day = dht_time() + 86_000.0;
+        let regular = rmp_serde::to_vec(&(serde_bytes::Bytes::new(&victim), false)).unwrap();
+        for key in ["squat.0b", "squat.all_averagers"] {
+            let out = squatter
+                .store(key.as_bytes(), None, regular.clone(), day)
+                .await
+                .unwrap();
+            assert!(out.accepted && out.replicas > 0, "{key}: {out:?}");
+        }
+        let slot = rmp_serde::to_vec(&(serde_bytes::Bytes::new(&victim), false)).unwrap();
+        let me = squatter.owner_subkey();
+        squatter
+            .store(b"squat.0b", Some(&me), slot, dht_time() + 60.0)
+            .await
+            .unwrap();
+        let donor = rmp_serde::to_vec(&(serde_bytes::Bytes::new(&victim), 1e300)).unwrap();
+        squatter
+            .store(b"squat.all_averagers", Some(&me), donor, dht_time() + 600.0)
+            .await
+            .unwrap();
+
+        let mut c = config("squat");
+        c.target_group_size = Some(2);
+        c.min_matchmaking_time = Duration::from_secs(4);
+        let mut avgs = Vec::new();
+        for i in 1..3 {
+            avgs.push(
+                DecentralizedAverager::new(nodes[i].clone(), values(i), c.clone())
+                    .await
+                    .unwrap(),
+            );
+        }
+        let init: Vec<_> = (1..3).map(values).collect();
+        let outs = futures::future::join_all(
+            avgs.iter()
+                .map(|a| a.step(Some(1.0), Duration::from_secs(20))),
+        )
+        .await;
+        for o in &outs {
+            let o = o.as_ref().unwrap();
+            assert_eq!(o.group.members.len(), 2);
+        }
+        let mean = mean_of(&init, &[1.0, 1.0]);
+        let mut finals = Vec::new();
+        for a in &avgs {
+            finals.push(a.tensors().await.clone());
+        }
+        assert!(max_dev(&finals, &mean) < 1e-5);
+
+        avgs[0]
+            .declare_state(3.0, b"honest".to_vec(), dht_time() + 60.0)
+            .await
+            .unwrap();
+        let late = DecentralizedAverager::new(
+            nodes[3].clone(),
+            vec![vec![0.0; 3000], vec![0.0; 5]],
+            config("squat"),
+        )
+        .await
+        .unwrap();
+        let meta = late
+            .load_state_from_peers(Duration::from_secs(20))
+            .await
+            .unwrap();
+        assert_eq!(meta, b"honest");
+        let got = late.tensors().await.clone();
+        assert_eq!(got, finals[0]);
+    })
+    .await
+    .expect("test timed out");
+}

@@ -112,6 +112,12 @@ impl AveragerConfig {
         if self.request_timeout.is_zero() || self.min_matchmaking_time.is_zero() {
             return bad("request_timeout", "timeouts must be positive");
         }
+        if self.min_matchmaking_time.as_secs_f64() > crate::records::MATCHMAKING_MAX_TTL {
+            return bad(
+                "min_matchmaking_time",
+                "must be at most MATCHMAKING_MAX_TTL (peers refuse longer declarations)",
+            );
+        }
         if self.request_timeout >= self.min_matchmaking_time {
             // A leader's answer must arrive well inside a declaration's
             // lifetime, or followers reach it only after it has acted.

@@ -130,13 +130,21 @@ impl DecentralizedAverager {
             tracing::debug!("not declaring state: the averager is shut down");
             return Ok(());
         }
-        let ttl = expiration - dht_time();
+        let now = dht_time();
+        let ttl = expiration - now;
         if !ttl.is_finite() || ttl <= 0.0 || !priority.is_finite() {
             return Err(AveragingError::InvalidConfig {
                 field: "declare_state",
                 reason: "priority must be finite and expiration in the future".into(),
             });
         }
+        // Peers refuse donor declarations that live longer (the re-declaring
+        // task keeps a shorter one alive just as well).
+        let ttl = ttl.min(crate::records::DONOR_MAX_TTL);
+        let expiration = now + ttl;
+        inner
+            .state_generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         if let Ok(mut m) = inner.state_metadata.lock() {
             *m = metadata;
         }

@@ -17,7 +17,10 @@ mod state_server;
 
 use std::{
     net::SocketAddr,
-    sync::{Arc, Mutex as StdMutex},
+    sync::{
+        Arc, Mutex as StdMutex, Weak,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -28,6 +31,7 @@ pub use self::bans::Ban;
 pub use self::config::AveragerConfig;
 use self::donor::{DonorCommand, DonorRecord};
 pub(crate) use self::reachability::Reachability;
+pub use self::state_server::MAX_STATE_REQUESTS;
 use crate::{
     allreduce::{RoundOutcome, run_allreduce_capped},
     crypto::RoundKeyPair,
@@ -40,6 +44,7 @@ use crate::{
         shell::{self, Command, ShellIo},
     },
     partition::TensorLayout,
+    state::SharedState,
 };
 
 /// What a successful [`DecentralizedAverager::step`] reports.
@@ -68,6 +73,11 @@ struct Inner {
     /// [`crate::schema_hash`] of `layout`.
     schema: [u8; 32],
     tensors: Mutex<Vec<Vec<f32>>>,
+    /// Bumped before every lock that may change the tensors or the state
+    /// metadata: a state snapshot taken at another generation is stale.
+    state_generation: AtomicU64,
+    /// The snapshot the state requests in flight share, and its generation.
+    snapshot: Mutex<(u64, Weak<SharedState>)>,
     plane: DataPlane,
     /// The data-plane address announced to group members (`None`: client).
     data_addr: Option<SocketAddr>,
@@ -83,6 +93,14 @@ struct Inner {
     step_lock: Mutex<()>,
     weight_caps: StdMutex<WeightCaps>,
     bans: StdMutex<bans::BanList>,
+}
+
+impl Inner {
+    /// Locks the tensors for a change: state snapshots taken before are stale.
+    async fn lock_tensors(&self) -> MutexGuard<'_, Vec<Vec<f32>>> {
+        self.state_generation.fetch_add(1, Ordering::AcqRel);
+        self.tensors.lock().await
+    }
 }
 
 /// Averages a set of flat `f32` buffers with peers found through the DHT.
@@ -159,6 +177,11 @@ impl DecentralizedAverager {
             && cfg
                 .allow_state_sharing
                 .unwrap_or(cfg.mode == AveragingMode::Node);
+        // What this node stores for others and reads under the averager's
+        // keys: one owner-signed entry per peer, naming that peer.
+        dht.add_validator(Arc::new(crate::records::AveragingRecordValidator::new(
+            &cfg.prefix,
+        )));
         let peer_id = dht.peer_id().to_bytes();
         let donor = DonorRecord {
             dht: dht.clone(),
@@ -216,6 +239,8 @@ impl DecentralizedAverager {
             schema: crate::group::schema_hash(&layout),
             layout,
             tensors: Mutex::new(tensors),
+            state_generation: AtomicU64::new(0),
+            snapshot: Mutex::new((u64::MAX, Weak::new())),
             plane,
             data_addr,
             group_bits: StdMutex::new(bits),
@@ -304,7 +329,7 @@ impl DecentralizedAverager {
     /// Lock the averaged tensors for reading or writing. A round holds this lock
     /// while it runs, so the tensors are never seen half-averaged.
     pub async fn tensors(&self) -> MutexGuard<'_, Vec<Vec<f32>>> {
-        self.inner.tensors.lock().await
+        self.inner.lock_tensors().await
     }
 
     /// Stop background tasks, and withdraw this peer's state-donor declaration
@@ -370,7 +395,7 @@ impl DecentralizedAverager {
             .lock()
             .map(|c| c.for_group(&group))
             .unwrap_or_default();
-        let mut tensors = inner.tensors.lock().await;
+        let mut tensors = inner.lock_tensors().await;
         let started = std::time::Instant::now();
         let round = run_allreduce_capped(
             &inner.plane,

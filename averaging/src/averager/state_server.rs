@@ -1,10 +1,14 @@
 //! The state server (serves this peer's tensors to late joiners) and the
 //! download side of [`DecentralizedAverager::load_state_from_peers`].
 
-use std::time::Duration;
+use std::{
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
 
 use colony_dht::{DhtValue, PeerId, Stream};
 use rand::seq::SliceRandom;
+use tokio::sync::Semaphore;
 use tokio_util::compat::FuturesAsyncReadCompatExt;
 
 use super::{DecentralizedAverager, Inner, state_protocol};
@@ -75,8 +79,39 @@ impl DecentralizedAverager {
         .map_err(|_| AveragingError::NoStateDonor {
             tried: donors.len(),
         })??;
-        *inner.tensors.lock().await = state.tensors;
+        *inner.lock_tensors().await = state.tensors;
         Ok(state.metadata)
+    }
+}
+
+/// Most state requests served at once; one more is refused (the joiner
+/// tries its next donor). Every one in flight shares one snapshot.
+pub const MAX_STATE_REQUESTS: usize = 4;
+
+impl Inner {
+    /// The state as it is now, shared by the requests served at once while
+    /// the tensors and the metadata stay as they are: N slow readers hold
+    /// one copy, not N, and none is kept once the last of them is done.
+    async fn state_snapshot(&self) -> Arc<SharedState> {
+        // Held across the copy, so requests arriving together share it.
+        let mut cached = self.snapshot.lock().await;
+        let generation = self.state_generation.load(Ordering::Acquire);
+        if cached.0 == generation
+            && let Some(snapshot) = cached.1.upgrade()
+        {
+            return snapshot;
+        }
+        let tensors = self.tensors.lock().await.clone();
+        let snapshot = Arc::new(SharedState {
+            metadata: self
+                .state_metadata
+                .lock()
+                .map(|m| m.clone())
+                .unwrap_or_default(),
+            tensors,
+        });
+        *cached = (generation, Arc::downgrade(&snapshot));
+        snapshot
     }
 }
 
@@ -84,17 +119,18 @@ pub(super) async fn accept_state_requests(
     inner: std::sync::Weak<Inner>,
     mut rx: tokio::sync::mpsc::Receiver<(PeerId, Stream)>,
 ) {
+    let permits = Arc::new(Semaphore::new(MAX_STATE_REQUESTS));
     while let Some((peer, stream)) = rx.recv().await {
         let Some(inner) = inner.upgrade() else { return };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            tracing::debug!(%peer, limit = MAX_STATE_REQUESTS, "refusing a state request: serving the most at once");
+            drop(stream);
+            continue;
+        };
         tokio::spawn(async move {
-            let state = SharedState {
-                metadata: inner
-                    .state_metadata
-                    .lock()
-                    .map(|m| m.clone())
-                    .unwrap_or_default(),
-                tensors: inner.tensors.lock().await.clone(),
-            };
+            let _permit = permit;
+            let state = inner.state_snapshot().await;
+            // The copy goes when the last request reading it is done.
             let mut s = stream.compat();
             if let Err(e) = serve_state(&mut s, &state, inner.cfg.allreduce.sender_timeout).await {
                 tracing::debug!(%peer, error = %e, "serving state failed");

@@ -1,0 +1,126 @@
+//! 64 state requests at once that never read (alone in this test binary, so
+//! the process's resident memory is this test's). The donor serves a few at
+//! a time from one shared snapshot, refuses the rest, and an honest joiner
+//! still downloads its state bit for bit afterwards.
+
+use std::time::Duration;
+
+use colony_averaging::{AveragerConfig, DecentralizedAverager};
+use colony_dht::{Dht, DhtConfig, StreamProtocol, dht_time};
+use futures::AsyncReadExt;
+
+const T: Duration = Duration::from_secs(120);
+/// Floats in the donor's state: 16 MiB.
+const FLOATS: usize = 4 << 20;
+const REQUESTS: usize = 64;
+
+fn rss_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
+}
+
+fn config() -> AveragerConfig {
+    let mut c = AveragerConfig::new("flood");
+    c.min_matchmaking_time = Duration::from_secs(2);
+    c.request_timeout = Duration::from_secs(1);
+    // A stalled reader is dropped after this long without progress.
+    c.allreduce.sender_timeout = Duration::from_secs(5);
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixty_four_slow_state_requests_share_one_snapshot() {
+    tokio::time::timeout(T, async {
+        let first = Dht::new(DhtConfig::default()).await.unwrap();
+        let second = Dht::new(DhtConfig {
+            initial_peers: first.listen_addrs(),
+            ..DhtConfig::default()
+        })
+        .await
+        .unwrap();
+        let state: Vec<Vec<f32>> = vec![(0..FLOATS).map(|i| (i % 1013) as f32 * 0.5).collect()];
+        let donor = DecentralizedAverager::new(first.clone(), state.clone(), config())
+            .await
+            .unwrap();
+        donor
+            .declare_state(1.0, b"step 1".to_vec(), dht_time() + 60.0)
+            .await
+            .unwrap();
+        let state_bytes = (FLOATS * 4) as u64;
+        let before = rss_bytes();
+
+        let protocol = StreamProtocol::new("/colony/averaging/flood/state/1");
+        let mut streams = Vec::new();
+        for _ in 0..REQUESTS {
+            streams.push(
+                second
+                    .open_stream(first.peer_id(), protocol.clone())
+                    .await
+                    .unwrap(),
+            );
+        }
+        // Each request is either being served (its header arrives) or was
+        // refused (the stream ends); none is read any further.
+        let mut served = 0;
+        for s in &mut streams {
+            let mut len = [0u8; 4];
+            let read = tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut len)).await;
+            if matches!(read, Ok(Ok(()))) {
+                served += 1;
+            }
+        }
+        let during = rss_bytes();
+        let growth = match (before, during) {
+            (Some(b), Some(d)) => Some(d.saturating_sub(b)),
+            _ => None,
+        };
+        // One snapshot plus transport buffers (both ends of every stream live
+        // in this process): less than two copies of the state.
+        let bound = 2 * state_bytes;
+        eprintln!(
+            "state flood: {served} of {REQUESTS} requests served at once; resident memory grew \
+             {:.1} MiB with {REQUESTS} stalled readers (bound {:.1} MiB: two copies of the {:.1} MiB \
+             state; a copy per request alone would be {:.1} MiB)",
+            growth.map_or(f64::NAN, |g| g as f64 / 1048576.0),
+            bound as f64 / 1048576.0,
+            state_bytes as f64 / 1048576.0,
+            (REQUESTS as u64 * state_bytes) as f64 / 1048576.0,
+        );
+        assert!(
+            served >= 1 && served <= colony_averaging::MAX_STATE_REQUESTS,
+            "{served}"
+        );
+        if let Some(growth) = growth {
+            assert!(growth < bound, "grew {growth} bytes, bound {bound}");
+        }
+        drop(streams);
+
+        // The stalled readers are gone (or time out): an honest joiner gets
+        // the state, retrying while the donor still serves the stalled ones.
+        let joiner = DecentralizedAverager::new(second.clone(), vec![vec![0.0; FLOATS]], config())
+            .await
+            .unwrap();
+        let mut attempts = 0;
+        let meta = loop {
+            attempts += 1;
+            match joiner.load_state_from_peers(Duration::from_secs(20)).await {
+                Ok(meta) => break meta,
+                Err(e) => {
+                    assert!(attempts < 5, "no state after {attempts} attempts: {e}");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        };
+        assert_eq!(meta, b"step 1");
+        let got = joiner.tensors().await.clone();
+        assert!(
+            got[0]
+                .iter()
+                .zip(&state[0])
+                .all(|(a, b)| a.to_bits() == b.to_bits())
+        );
+    })
+    .await
+    .expect("test timed out");
+}
