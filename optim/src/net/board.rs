@@ -86,7 +86,7 @@ fn names_its_owner(owner: &OwnerKey, progress: Option<&TrainingProgress>) -> boo
 
 /// Decodes a pushed record and keeps it only if the message's source owns it, it
 /// validates, and it names its owner's peer id.
-fn accept_pushed(message: &GossipMessage) -> Option<(OwnerKey, Option<TrainingProgress>, f64)> {
+pub(crate) fn accept_pushed(message: &GossipMessage) -> Option<(OwnerKey, Option<TrainingProgress>, f64)> {
     let Ok(record) = from_msgpack_strict::<PushedRecord>(&message.data) else {
         tracing::debug!(source = ?message.source, "undecodable pushed progress");
         return None;
