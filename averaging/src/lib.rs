@@ -42,6 +42,9 @@ mod dataplane;
 mod entries;
 mod error;
 mod expiring;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod group;
 pub mod group_keys;
 mod load_balancing;

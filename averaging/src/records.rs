@@ -88,7 +88,7 @@ impl RecordValidator for AveragingRecordValidator {
             Kind::Donors => DONOR_MAX_TTL,
         };
         let max = now + max_ttl + CLOCK_SLACK;
-        if !(record.expiration <= max) {
+        if record.expiration.is_nan() || record.expiration > max {
             return Err(ValidationError::Expiration {
                 expiration: record.expiration,
                 now,

@@ -101,10 +101,14 @@ async fn read_timeout<R: AsyncRead + Unpin>(
     n: usize,
     timeout: Duration,
 ) -> std::result::Result<Vec<u8>, PeerFault> {
-    let mut out = vec![0u8; n];
+    // `n` comes from the donor's header: grow the buffer a chunk at a time
+    // as bytes arrive, so a donor that declares more than it sends makes the
+    // receiver hold at most one chunk beyond what it sent.
+    let mut out = Vec::new();
     let mut got = 0;
     while got < n {
         let end = (got + STATE_CHUNK_BYTES).min(n);
+        out.resize(end, 0);
         match tokio::time::timeout(timeout, stream.read_exact(&mut out[got..end])).await {
             Err(_) => return Err(PeerFault::Stalled { timeout }),
             Ok(Err(e)) => {
@@ -301,6 +305,30 @@ mod tests {
         for (a, b) in got.tensors.iter().zip(&good.tensors) {
             assert!(a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()));
         }
+    }
+
+    #[tokio::test]
+    async fn a_header_declaring_more_than_is_sent_allocates_only_what_arrives() {
+        // 2^40 values (4 TiB) declared, none sent: allocating the declared
+        // size up front aborts the process; reading chunk by chunk ends at
+        // the stream's end.
+        let header = Header {
+            metadata: Vec::new(),
+            lengths: vec![1 << 40],
+            sha256: [0; 32],
+        };
+        let header = rmp_serde::to_vec(&header).unwrap();
+        let mut bytes = (header.len() as u32).to_le_bytes().to_vec();
+        bytes.extend_from_slice(&header);
+        bytes.extend_from_slice(&[0; 100]);
+        let res = download_state(&mut &bytes[..], 0, None, Duration::from_secs(1)).await;
+        assert!(matches!(
+            res,
+            Err(AveragingError::Peer {
+                fault: PeerFault::Disconnected { .. },
+                ..
+            })
+        ));
     }
 
     #[tokio::test]

@@ -501,9 +501,9 @@ async fn squatted_keys_and_impersonating_entries_change_nothing() {
         c.target_group_size = Some(2);
         c.min_matchmaking_time = Duration::from_secs(4);
         let mut avgs = Vec::new();
-        for i in 1..3 {
+        for (i, node) in nodes.iter().enumerate().take(3).skip(1) {
             avgs.push(
-                DecentralizedAverager::new(nodes[i].clone(), values(i), c.clone())
+                DecentralizedAverager::new(node.clone(), values(i), c.clone())
                     .await
                     .unwrap(),
             );

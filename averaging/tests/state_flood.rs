@@ -88,7 +88,7 @@ async fn sixty_four_slow_state_requests_share_one_snapshot() {
             (REQUESTS as u64 * state_bytes) as f64 / 1048576.0,
         );
         assert!(
-            served >= 1 && served <= colony_averaging::MAX_STATE_REQUESTS,
+            (1..=colony_averaging::MAX_STATE_REQUESTS).contains(&served),
             "{served}"
         );
         if let Some(growth) = growth {

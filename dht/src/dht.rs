@@ -121,12 +121,7 @@ impl Dht {
         let mut composite = CompositeValidator::new();
         composite.extend(Arc::new(signer));
         let validators = Arc::new(RwLock::new(composite));
-        let limits = RecordLimits {
-            max_key_size: config.max_key_size,
-            max_value_size: config.max_value_size,
-            max_ttl_s: config.max_ttl.as_secs_f64(),
-            owner_caps: config.owner_caps(),
-        };
+        let limits = RecordLimits::from_config(&config);
         let inbound = InboundRegistry::default();
         let swarm = build_swarm(&config, keypair, inbound.clone())?;
         let peer_id = *swarm.local_peer_id();

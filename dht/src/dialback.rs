@@ -12,7 +12,7 @@
 
 use std::{net::IpAddr, sync::Arc, time::Duration};
 
-use futures::{AsyncReadExt, AsyncWriteExt};
+use futures::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use libp2p::{Multiaddr, PeerId, Stream, StreamProtocol, multiaddr::Protocol};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Semaphore, mpsc, oneshot};
@@ -28,8 +28,8 @@ pub const DIAL_TIMEOUT: Duration = Duration::from_secs(2);
 /// Requests answered at once (each dials at most `MAX_PORTS` ports).
 const CONCURRENT: usize = 8;
 /// Largest request and answer frames.
-const MAX_REQUEST: usize = 64;
-const MAX_ANSWER: usize = 4096;
+pub(crate) const MAX_REQUEST: usize = 64;
+pub(crate) const MAX_ANSWER: usize = 4096;
 
 /// One port's verdict.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -74,7 +74,10 @@ async fn write_frame(stream: &mut Stream, bytes: &[u8]) -> std::io::Result<()> {
     stream.flush().await
 }
 
-async fn read_frame(stream: &mut Stream, max: usize) -> std::io::Result<Vec<u8>> {
+pub(crate) async fn read_frame<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    max: usize,
+) -> std::io::Result<Vec<u8>> {
     let mut len = [0u8; 4];
     stream.read_exact(&mut len).await?;
     let len = u32::from_be_bytes(len) as usize;
@@ -126,13 +129,7 @@ async fn answer(
 ) -> std::io::Result<()> {
     let bad = |why: String| std::io::Error::new(std::io::ErrorKind::InvalidData, why);
     let request = read_frame(&mut stream, MAX_REQUEST).await?;
-    let ports: Vec<u16> = rmp_serde::from_slice(&request).map_err(|e| bad(e.to_string()))?;
-    if ports.is_empty() || ports.len() > MAX_PORTS || ports.contains(&0) {
-        return Err(bad(format!(
-            "{} ports asked (1 to {MAX_PORTS}, none 0)",
-            ports.len()
-        )));
-    }
+    let ports = parse_request(&request).map_err(bad)?;
     let (reply, addresses) = oneshot::channel();
     commands
         .send(Command::PeerAddresses { peer, reply })
@@ -176,6 +173,38 @@ async fn answer(
     stream.close().await
 }
 
+/// A request frame's ports: 1 to [`MAX_PORTS`], none 0.
+pub(crate) fn parse_request(request: &[u8]) -> Result<Vec<u16>, String> {
+    let ports: Vec<u16> = rmp_serde::from_slice(request).map_err(|e| e.to_string())?;
+    if ports.is_empty() || ports.len() > MAX_PORTS || ports.contains(&0) {
+        return Err(format!(
+            "{} ports asked (1 to {MAX_PORTS}, none 0)",
+            ports.len()
+        ));
+    }
+    Ok(ports)
+}
+
+/// An answer frame to a request for `ports`: the observed IP and one
+/// verdict per port asked, in order.
+pub(crate) fn parse_answer(
+    answer: &[u8],
+    ports: &[u16],
+) -> Result<(IpAddr, Vec<PortCheck>), String> {
+    let answer: Answer = rmp_serde::from_slice(answer).map_err(|e| e.to_string())?;
+    let observed_ip = answer
+        .observed_ip
+        .parse()
+        .map_err(|_| format!("not an IP: {:?}", answer.observed_ip))?;
+    // The answer must be about exactly the ports asked, in order.
+    if answer.ports.len() != ports.len()
+        || answer.ports.iter().zip(ports).any(|(c, p)| c.port != *p)
+    {
+        return Err("answered about other ports than asked".into());
+    }
+    Ok((observed_ip, answer.ports))
+}
+
 /// Asks `peer` (over `stream`, already open) to dial back `ports`.
 pub(crate) async fn ask(
     peer: PeerId,
@@ -193,20 +222,10 @@ pub(crate) async fn ask(
     let answer = read_frame(&mut stream, MAX_ANSWER)
         .await
         .map_err(|e| bad(format!("no answer: {e}")))?;
-    let answer: Answer = rmp_serde::from_slice(&answer).map_err(|e| bad(e.to_string()))?;
-    let observed_ip = answer
-        .observed_ip
-        .parse()
-        .map_err(|_| bad(format!("not an IP: {:?}", answer.observed_ip)))?;
-    // The answer must be about exactly the ports asked, in order.
-    if answer.ports.len() != ports.len()
-        || answer.ports.iter().zip(ports).any(|(c, p)| c.port != *p)
-    {
-        return Err(bad("answered about other ports than asked".into()));
-    }
+    let (observed_ip, ports) = parse_answer(&answer, ports).map_err(bad)?;
     Ok(DialBack {
         peer,
         observed_ip,
-        ports: answer.ports,
+        ports,
     })
 }

@@ -57,6 +57,9 @@ mod config;
 mod dht;
 mod dialback;
 mod error;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod gossip;
 mod identity;
 mod node;

@@ -23,7 +23,7 @@ use crate::{
     behaviour::{Behaviour, BehaviourEvent, KAD_PROTOCOL},
     error::{DhtError, PubSubError, ValidationError},
     gossip::{ForwardLimiter, GossipValidator},
-    record::{DhtRecord, WireEntry, decode_wire, encode_wire},
+    record::{DhtRecord, WireEntry, encode_wire},
     storage::merge_values,
     time::dht_time,
     validation::{CompositeValidator, RecordLimits},
@@ -624,33 +624,23 @@ impl Node {
         bytes: &[u8],
         inbound: bool,
     ) -> Vec<DhtRecord> {
-        let entries = match decode_wire(bytes) {
-            Ok(entries) => entries,
+        let now = dht_time();
+        let validators = lock_read(&self.validators).clone();
+        let mut rejected = 0;
+        let checked = self
+            .limits
+            .check_wire(&validators, key, bytes, now, |record, error| {
+                rejected += 1;
+                log_rejection(source, record, error, inbound);
+            });
+        let accepted = match checked {
+            Ok(accepted) => accepted,
             Err(error) => {
                 tracing::warn!(%source, key = %hex::encode(key), %error, inbound, "dropping malformed record");
                 self.count_rejection(inbound, 1);
                 return Vec::new();
             }
         };
-        let now = dht_time();
-        let validators = lock_read(&self.validators).clone();
-        let mut accepted = Vec::with_capacity(entries.len());
-        let mut rejected = 0;
-        for entry in entries {
-            let record = DhtRecord {
-                key: key.to_vec(),
-                subkey: entry.subkey.map(ByteBuf::into_vec),
-                value: entry.value.into_vec(),
-                expiration: entry.expiration,
-            };
-            match self.limits.check(&validators, &record, now) {
-                Ok(()) => accepted.push(record),
-                Err(error) => {
-                    rejected += 1;
-                    log_rejection(source, &record, &error, inbound);
-                }
-            }
-        }
         self.count_rejection(inbound, rejected);
         accepted
     }

@@ -2,7 +2,12 @@
 
 use std::{any::Any, sync::Arc};
 
-use crate::{error::ValidationError, record::DhtRecord};
+use serde_bytes::ByteBuf;
+
+use crate::{
+    error::ValidationError,
+    record::{DhtRecord, decode_wire},
+};
 
 /// A check (and optional transformation) applied to every record.
 ///
@@ -250,6 +255,16 @@ pub(crate) struct RecordLimits {
 }
 
 impl RecordLimits {
+    /// The limits a node with `config` applies.
+    pub(crate) fn from_config(config: &crate::DhtConfig) -> Self {
+        Self {
+            max_key_size: config.max_key_size,
+            max_value_size: config.max_value_size,
+            max_ttl_s: config.max_ttl.as_secs_f64(),
+            owner_caps: config.owner_caps(),
+        }
+    }
+
     /// Checks limits (key and value size, expiration window) then runs `validators`.
     pub(crate) fn check(
         &self,
@@ -287,5 +302,36 @@ impl RecordLimits {
             });
         }
         validators.validate(record)
+    }
+
+    /// Decodes received wire-record `bytes` under `key` and checks every
+    /// entry ([`Self::check`]); returns the entries that pass (values still
+    /// signed), calling `rejected` for each one that does not.
+    ///
+    /// # Errors
+    /// [`ValidationError::Malformed`] when `bytes` are not a wire record.
+    pub(crate) fn check_wire(
+        &self,
+        validators: &CompositeValidator,
+        key: &[u8],
+        bytes: &[u8],
+        now: f64,
+        mut rejected: impl FnMut(&DhtRecord, &ValidationError),
+    ) -> Result<Vec<DhtRecord>, ValidationError> {
+        let entries = decode_wire(bytes)?;
+        let mut accepted = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let record = DhtRecord {
+                key: key.to_vec(),
+                subkey: entry.subkey.map(ByteBuf::into_vec),
+                value: entry.value.into_vec(),
+                expiration: entry.expiration,
+            };
+            match self.check(validators, &record, now) {
+                Ok(()) => accepted.push(record),
+                Err(error) => rejected(&record, &error),
+            }
+        }
+        Ok(accepted)
     }
 }

@@ -128,13 +128,12 @@ async fn gossip_that_fails_validation_is_dropped_and_costs_score() {
         let mut attempts = 0;
         loop {
             attempts += 1;
-            if liar.publish("topic", b"hello".to_vec()).await.is_ok() {
-                if let Ok(Some(m)) =
+            if liar.publish("topic", b"hello".to_vec()).await.is_ok()
+                && let Ok(Some(m)) =
                     tokio::time::timeout(Duration::from_millis(500), sub.recv()).await
-                {
-                    assert_eq!(m.data, b"hello");
-                    break;
-                }
+            {
+                assert_eq!(m.data, b"hello");
+                break;
             }
             assert!(attempts < 40, "gossip never reached the subscriber");
             tokio::time::sleep(Duration::from_millis(100)).await;

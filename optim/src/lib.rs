@@ -27,6 +27,9 @@ mod config;
 mod driver;
 mod ema;
 mod error;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod local;
 mod net;
 mod ports;

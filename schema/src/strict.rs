@@ -78,8 +78,97 @@ pub fn decode_value(bytes: &[u8]) -> Result<Value, SchemaError> {
             reason: format!("{} trailing bytes after the value", rest.len()),
         });
     }
+    // rmpv reads the reserved marker 0xc1 as nil; MessagePack says it is
+    // never used, and rmp-serde refuses it, so a value holding one must not
+    // pass as nil (a goodbye) here while other readers reject it.
+    if has_reserved_marker(bytes) {
+        return Err(SchemaError::Malformed {
+            reason: "reserved marker 0xc1".into(),
+        });
+    }
     check_utf8(&value)?;
     Ok(value)
+}
+
+/// Whether the MessagePack value in `bytes` (already decoded by rmpv, so
+/// well formed apart from this) holds the reserved marker 0xc1 anywhere a
+/// marker goes. Walks the markers iteratively, skipping payloads; a walk
+/// that runs off the end counts as holding one (it cannot, for bytes rmpv
+/// decoded).
+fn has_reserved_marker(bytes: &[u8]) -> bool {
+    let be = |at: usize, n: usize| -> Option<u64> {
+        let b = bytes.get(at..at + n)?;
+        Some(b.iter().fold(0u64, |acc, &x| acc << 8 | u64::from(x)))
+    };
+    // Values still to read, and the position of the next marker.
+    let mut pending: u64 = 1;
+    let mut at = 0usize;
+    while pending > 0 {
+        pending -= 1;
+        let Some(&marker) = bytes.get(at) else {
+            return true;
+        };
+        at += 1;
+        // (bytes of fixed payload, bytes of a length field, bytes per unit of length)
+        let (skip, len_bytes, per_len): (usize, usize, u64) = match marker {
+            0x00..=0x7f | 0xc0 | 0xc2 | 0xc3 | 0xe0..=0xff => (0, 0, 0),
+            0x80..=0x8f => {
+                pending += 2 * u64::from(marker & 0x0f);
+                (0, 0, 0)
+            }
+            0x90..=0x9f => {
+                pending += u64::from(marker & 0x0f);
+                (0, 0, 0)
+            }
+            0xa0..=0xbf => (usize::from(marker & 0x1f), 0, 0),
+            0xc1 => return true,
+            0xc4 | 0xd9 => (0, 1, 1),
+            0xc5 | 0xda => (0, 2, 1),
+            0xc6 | 0xdb => (0, 4, 1),
+            // ext 8/16/32: length, type byte, data.
+            0xc7 => (1, 1, 1),
+            0xc8 => (1, 2, 1),
+            0xc9 => (1, 4, 1),
+            0xca => (4, 0, 0),
+            0xcb => (8, 0, 0),
+            0xcc | 0xd0 => (1, 0, 0),
+            0xcd | 0xd1 => (2, 0, 0),
+            0xce | 0xd2 => (4, 0, 0),
+            0xcf | 0xd3 => (8, 0, 0),
+            // fixext 1/2/4/8/16: type byte and data.
+            0xd4 => (2, 0, 0),
+            0xd5 => (3, 0, 0),
+            0xd6 => (5, 0, 0),
+            0xd7 => (9, 0, 0),
+            0xd8 => (17, 0, 0),
+            0xdc => (0, 2, 0),
+            0xdd => (0, 4, 0),
+            0xde => (0, 2, 0),
+            0xdf => (0, 4, 0),
+        };
+        let len = if len_bytes > 0 {
+            let Some(len) = be(at, len_bytes) else {
+                return true;
+            };
+            at += len_bytes;
+            len
+        } else {
+            0
+        };
+        match marker {
+            0xdc | 0xdd => pending += len,
+            0xde | 0xdf => pending += 2 * len,
+            _ => {}
+        }
+        let Some(next) = usize::try_from(len * per_len)
+            .ok()
+            .and_then(|n| at.checked_add(n)?.checked_add(skip))
+        else {
+            return true;
+        };
+        at = next;
+    }
+    false
 }
 
 fn check_utf8(value: &Value) -> Result<(), SchemaError> {
@@ -537,5 +626,26 @@ impl<'a> IntoDeserializer<'a, StrictError> for StrictDeserializer<'a> {
 
     fn into_deserializer(self) -> Self {
         self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_reserved_marker_is_not_nil() {
+        assert!(decode_value(&[0xc1]).is_err());
+        // Nested in an array, a map value, after a bin and an ext.
+        assert!(decode_value(&[0x92, 0x01, 0xc1]).is_err());
+        assert!(decode_value(&[0x81, 0xa1, b'a', 0xc1]).is_err());
+        assert!(decode_value(&[0x92, 0xc4, 0x01, 0xc1, 0xc1]).is_err());
+        assert!(decode_value(&[0x92, 0xd4, 0x01, 0xc1, 0xc1]).is_err());
+        // 0xc1 as payload is data, not a marker.
+        assert!(decode_value(&[0x92, 0xc4, 0x01, 0xc1, 0xc0]).is_ok());
+        assert!(decode_value(&[0x92, 0xd4, 0x01, 0xc1, 0xc0]).is_ok());
+        assert!(decode_value(&[0xdc, 0x00, 0x02, 0xcc, 0xc1, 0xc0]).is_ok());
+        assert!(decode_value(&[0xc0]).is_ok());
+        assert!(from_msgpack_strict::<Option<u8>>(&[0xc1]).is_err());
     }
 }

@@ -101,7 +101,7 @@ fn names_its_owner(owner: &OwnerKey, progress: Option<&TrainingProgress>) -> boo
 /// Decodes a pushed record and keeps it only if the message's source owns it, it
 /// validates, it names its owner's peer id and it expires no later than
 /// `max_expiration`.
-fn accept_pushed(
+pub(crate) fn accept_pushed(
     message: &GossipMessage,
     max_expiration: f64,
 ) -> Option<(OwnerKey, Option<TrainingProgress>, f64)> {
@@ -125,7 +125,7 @@ fn accept_pushed(
         tracing::warn!(source = ?message.source, "pushed progress fails validation");
         return None;
     }
-    if !(record.expiration <= max_expiration) {
+    if record.expiration.is_nan() || record.expiration > max_expiration {
         tracing::warn!(
             source = ?message.source,
             expiration = record.expiration,

@@ -7,6 +7,8 @@ mod averager;
 mod board;
 
 pub use averager::{DataPathCounts, NetworkAverager, RoundStats};
+#[cfg(feature = "fuzzing")]
+pub(crate) use board::accept_pushed;
 pub use board::{DhtProgressBoard, TrainingProgressSchema};
 use colony_averaging::AveragerConfig;
 use colony_dht::Dht;
