@@ -207,6 +207,18 @@ pub enum AveragingError {
         /// How many donors were tried.
         tried: usize,
     },
+    /// No state is vouched for by enough distinct donors.
+    #[error(
+        "no state is vouched for by {needed} donors ({donors} live donors, at most {best_vouchers} agree)"
+    )]
+    NoVouchedState {
+        /// Distinct donors declared.
+        donors: usize,
+        /// The most donors vouching for one root (at any priority).
+        best_vouchers: usize,
+        /// How many had to.
+        needed: usize,
+    },
 }
 
 impl AveragingError {

@@ -57,7 +57,10 @@ pub mod state;
 mod wire;
 
 pub use allreduce::RoundOutcome;
-pub use averager::{AveragerConfig, Ban, DecentralizedAverager, MAX_STATE_REQUESTS, StepOutcome};
+pub use averager::{
+    AveragerConfig, Ban, DecentralizedAverager, DownloadedState, MAX_STATE_DONORS,
+    MAX_STATE_REQUESTS, StepOutcome,
+};
 pub use compression::Compression;
 pub use conn::DataPath;
 pub use dataplane::RejectedConnection;

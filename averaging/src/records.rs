@@ -4,7 +4,9 @@
 //!
 //! Each is a dictionary with one entry per peer, under that peer's owner
 //! subkey (so only it can write it, by signature); a value is nil (a
-//! withdrawal) or `(peer id, …)` naming the owner's own peer id, so no one
+//! withdrawal) or `(peer id, …)` naming the owner's own peer id (a
+//! matchmaking declaration is `(peer id, client mode)`, a donor's
+//! `(peer id, priority, state root)`), so no one
 //! can declare a group slot or a state on someone else's behalf (which
 //! would send every joiner's requests to a third party). Regular values,
 //! subkeys naming no owner and expirations further away than the key's kind
@@ -103,13 +105,19 @@ impl RecordValidator for AveragingRecordValidator {
                 rmp_serde::from_slice::<(serde_bytes::ByteBuf, bool)>(&record.value).map(|(p, _)| p)
             }
             Kind::Donors => {
-                let decoded = rmp_serde::from_slice::<(serde_bytes::ByteBuf, f64)>(&record.value);
-                if let Ok((_, priority)) = &decoded
-                    && !priority.is_finite()
-                {
-                    return Err(refuse("a donor priority that is not finite"));
+                let decoded =
+                    rmp_serde::from_slice::<(serde_bytes::ByteBuf, f64, serde_bytes::ByteBuf)>(
+                        &record.value,
+                    );
+                if let Ok((_, priority, root)) = &decoded {
+                    if !priority.is_finite() {
+                        return Err(refuse("a donor priority that is not finite"));
+                    }
+                    if root.len() != 32 {
+                        return Err(refuse("a state root that is not 32 bytes"));
+                    }
                 }
-                decoded.map(|(p, _)| p)
+                decoded.map(|(p, _, _)| p)
             }
         }
         .map_err(|_| refuse("a value that is not (peer id, …)"))?;
@@ -160,7 +168,12 @@ mod tests {
     }
 
     fn donor(peer: &[u8], priority: f64) -> Vec<u8> {
-        rmp_serde::to_vec(&(serde_bytes::Bytes::new(peer), priority)).unwrap()
+        rmp_serde::to_vec(&(
+            serde_bytes::Bytes::new(peer),
+            priority,
+            serde_bytes::Bytes::new(&[7; 32]),
+        ))
+        .unwrap()
     }
 
     #[test]

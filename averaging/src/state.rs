@@ -1,11 +1,44 @@
-//! State sharing: a donor streams `(metadata, tensors)` in chunks; the receiver
-//! verifies sizes, finiteness and a SHA-256 checksum before handing it over, and
-//! falls back to the next donor on any failure.
+//! State sharing among strangers: content-addressed, vouched for by several
+//! donors, downloaded from all of them at once.
 //!
-//! The codec runs over any byte stream; the averager runs it over libp2p streams,
-//! which are already authenticated and encrypted by noise.
+//! A donor turns its state into a [`ServedState`] once, when it declares
+//! it: the tensors' bytes (concatenated, little-endian `f32`) are cut into
+//! chunks, each chunk is hashed, and the [`StateDescriptor`] (metadata,
+//! tensor lengths, chunk size, chunk hashes) is hashed into the state's
+//! *root*. The donor publishes the root in its signed DHT declaration; peers
+//! that hold the same state (every member of a successful round does, bit
+//! for bit) publish the same root, and a joiner installs a state only when
+//! enough distinct donors vouch for its root (the averager decides how
+//! many). Nothing a single donor says about its own state is believed: the
+//! descriptor must hash to the vouched root and every chunk to its hash.
+//!
+//! The joiner fetches the descriptor from one donor, then chunks from every
+//! donor vouching for the root in parallel ([`download_vouched`]): each
+//! donor's connection takes the next missing chunk when it delivered the
+//! last one, so fast donors carry more. A donor that disconnects, stalls,
+//! serves below the minimum rate or sends a chunk that does not match its
+//! hash is dropped, and its chunk goes back to the others; chunks already
+//! verified are kept.
+//!
+//! # Wire
+//! One stream carries any number of requests, answered in order:
+//! - request: `tag: u8` (1 descriptor, 2 chunk), `root: [u8; 32]`,
+//!   `index: u32` little-endian (0 for a descriptor);
+//! - answer: `status: u8` (0 served, 1 not serving this root, 2 bad index),
+//!   then for a served descriptor `len: u32` LE and the encoded descriptor
+//!   (MessagePack), for a served chunk the chunk's bytes (length known from
+//!   the descriptor).
+//!
+//! The codec runs over any byte stream; the averager runs it over libp2p
+//! streams, which are already authenticated and encrypted by noise.
 
-use std::{future::Future, time::Duration};
+use std::{
+    collections::VecDeque,
+    future::Future,
+    ops::Range,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -16,10 +49,24 @@ use crate::{
     error::{AveragingError, PeerFault, Result},
 };
 
-/// Largest metadata header accepted (bytes).
-pub const MAX_HEADER_BYTES: usize = 1 << 20;
-/// Chunk size used by donors (bytes).
+/// Largest encoded descriptor accepted (bytes).
+pub const MAX_DESCRIPTOR_BYTES: usize = 1 << 20;
+/// Largest metadata a descriptor may hold (bytes).
+pub const MAX_METADATA_BYTES: usize = 64 << 10;
+/// Smallest chunk a donor cuts (bytes); larger states get larger chunks so
+/// that a descriptor holds at most [`MAX_CHUNKS`] hashes.
 pub const STATE_CHUNK_BYTES: usize = 1 << 20;
+/// Most chunks in one state (their hashes fill half a megabyte).
+pub const MAX_CHUNKS: usize = 16 << 10;
+/// Largest chunk accepted (bytes).
+pub const MAX_CHUNK_BYTES: usize = 64 << 20;
+const REQUEST_LEN: usize = 1 + 32 + 4;
+const TAG_DESCRIPTOR: u8 = 1;
+const TAG_CHUNK: u8 = 2;
+const SERVED: u8 = 0;
+const UNKNOWN_ROOT: u8 = 1;
+const BAD_INDEX: u8 = 2;
+const ROOT_DOMAIN: &[u8] = b"colony-averaging/state-root/v1";
 
 /// A snapshot of averager state.
 #[derive(Debug, Clone, PartialEq)]
@@ -30,55 +77,206 @@ pub struct SharedState {
     pub tensors: Vec<Vec<f32>>,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-struct Header {
+/// What a state is: its metadata, its layout and the hash of every chunk.
+/// Its hash is the state's root (see [`StateDescriptor::root_of`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateDescriptor {
+    /// The donor's metadata.
     #[serde(with = "serde_bytes")]
-    metadata: Vec<u8>,
-    lengths: Vec<u64>,
-    sha256: [u8; 32],
+    pub metadata: Vec<u8>,
+    /// Values per tensor.
+    pub lengths: Vec<u64>,
+    /// Bytes per chunk (the last one may be shorter).
+    pub chunk_bytes: u32,
+    /// SHA-256 of each chunk, concatenated.
+    #[serde(with = "serde_bytes")]
+    pub chunk_hashes: Vec<u8>,
 }
 
-fn checksum(tensors: &[Vec<f32>]) -> [u8; 32] {
-    let mut h = Sha256::new();
-    for t in tensors {
-        h.update((t.len() as u64).to_le_bytes());
-        h.update(bytemuck::cast_slice::<f32, u8>(t));
+impl StateDescriptor {
+    /// Bytes of all tensors together.
+    pub fn total_bytes(&self) -> u64 {
+        self.lengths
+            .iter()
+            .fold(0u64, |acc, &l| acc.saturating_add(l.saturating_mul(4)))
     }
-    h.finalize().into()
+
+    /// How many chunks the state has.
+    pub fn chunk_count(&self) -> usize {
+        self.chunk_hashes.len() / 32
+    }
+
+    /// The byte range of chunk `i` within the concatenated tensors.
+    pub fn chunk_range(&self, i: usize) -> Range<usize> {
+        let size = self.chunk_bytes as usize;
+        let total = usize::try_from(self.total_bytes()).unwrap_or(usize::MAX);
+        let start = i.saturating_mul(size).min(total);
+        start..start.saturating_add(size).min(total)
+    }
+
+    fn chunk_hash(&self, i: usize) -> &[u8] {
+        &self.chunk_hashes[32 * i..32 * (i + 1)]
+    }
+
+    /// The root of an encoded descriptor: what donors vouch for.
+    pub fn root_of(encoded: &[u8]) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(ROOT_DOMAIN);
+        h.update(encoded);
+        h.finalize().into()
+    }
+
+    /// Decodes a descriptor a donor sent and checks its invariants: bounded
+    /// metadata, tensor count and chunk size, one hash per chunk.
+    ///
+    /// # Errors
+    /// [`PeerFault::Garbage`] or [`PeerFault::ProtocolViolation`].
+    pub fn decode(bytes: &[u8]) -> std::result::Result<Self, PeerFault> {
+        if bytes.len() > MAX_DESCRIPTOR_BYTES {
+            return Err(PeerFault::ProtocolViolation {
+                reason: "state descriptor too large",
+            });
+        }
+        let d: Self = rmp_serde::from_slice(bytes).map_err(|_| PeerFault::Garbage {
+            reason: "undecodable state descriptor",
+        })?;
+        let violation = |reason| Err(PeerFault::ProtocolViolation { reason });
+        if d.metadata.len() > MAX_METADATA_BYTES {
+            return violation("state metadata too large");
+        }
+        let size = d.chunk_bytes as usize;
+        if size == 0 || !size.is_multiple_of(4) || size > MAX_CHUNK_BYTES {
+            return violation("state chunk size out of range");
+        }
+        if !d.chunk_hashes.len().is_multiple_of(32) {
+            return violation("state chunk hashes are not 32 bytes each");
+        }
+        let chunks = d.total_bytes().div_ceil(size as u64);
+        if chunks > MAX_CHUNKS as u64 || chunks != d.chunk_count() as u64 {
+            return violation("state chunk count does not match its size");
+        }
+        Ok(d)
+    }
+
+    /// The descriptor encoded (MessagePack).
+    ///
+    /// # Errors
+    /// [`AveragingError::Decode`] if it cannot be encoded.
+    pub fn encode(&self) -> Result<Vec<u8>> {
+        rmp_serde::to_vec(self).map_err(|_| AveragingError::Decode {
+            reason: "cannot encode state descriptor",
+        })
+    }
 }
 
-/// Serve `state` on `stream` (donor side).
-///
-/// # Errors
-/// [`AveragingError::Io`] on a write failure or timeout per chunk.
-pub async fn serve_state<W: AsyncWrite + Unpin>(
-    stream: &mut W,
-    state: &SharedState,
-    chunk_timeout: Duration,
-) -> Result<()> {
-    let header = Header {
-        metadata: state.metadata.clone(),
-        lengths: state.tensors.iter().map(|t| t.len() as u64).collect(),
-        sha256: checksum(&state.tensors),
-    };
-    let header = rmp_serde::to_vec(&header).map_err(|_| AveragingError::Decode {
-        reason: "cannot encode state header",
-    })?;
-    let mut first = (header.len() as u32).to_le_bytes().to_vec();
-    first.extend_from_slice(&header);
-    write_timeout(stream, &first, chunk_timeout).await?;
-    for t in &state.tensors {
-        for chunk in bytemuck::cast_slice::<f32, u8>(t).chunks(STATE_CHUNK_BYTES) {
-            write_timeout(stream, chunk, chunk_timeout).await?;
+/// The chunk size for a state of `total` bytes.
+fn chunk_bytes_for(total: usize) -> usize {
+    let min = total.div_ceil(MAX_CHUNKS).next_multiple_of(4096);
+    min.max(STATE_CHUNK_BYTES)
+}
+
+/// The byte pieces of `range` within `tensors` laid end to end.
+fn pieces(tensors: &[Vec<f32>], range: Range<usize>) -> impl Iterator<Item = &[u8]> {
+    let mut offset = 0usize;
+    tensors.iter().filter_map(move |t| {
+        let bytes = bytemuck::cast_slice::<f32, u8>(t);
+        let (start, end) = (offset, offset + bytes.len());
+        offset = end;
+        let (a, b) = (range.start.max(start), range.end.min(end));
+        (a < b).then(|| &bytes[a - start..b - start])
+    })
+}
+
+/// Writes `data` at byte `at` of `tensors` laid end to end.
+fn write_at(tensors: &mut [Vec<f32>], at: usize, data: &[u8]) {
+    let mut offset = 0usize;
+    for t in tensors {
+        let bytes = bytemuck::cast_slice_mut::<f32, u8>(t);
+        let (start, end) = (offset, offset + bytes.len());
+        offset = end;
+        let (a, b) = (at.max(start), (at + data.len()).min(end));
+        if a < b {
+            bytes[a - start..b - start].copy_from_slice(&data[a - at..b - at]);
         }
     }
-    match tokio::time::timeout(chunk_timeout, stream.flush()).await {
-        Ok(r) => r.map_err(state_io),
-        Err(_) => Err(state_io(std::io::ErrorKind::TimedOut.into())),
+}
+
+/// A state as its donor serves it: immutable, its chunks hashed once.
+#[derive(Debug)]
+pub struct ServedState {
+    state: SharedState,
+    descriptor: StateDescriptor,
+    encoded: Vec<u8>,
+    root: [u8; 32],
+}
+
+impl ServedState {
+    /// Cuts and hashes `state` (SHA-256 over all of it: run it off the
+    /// async runtime for large states).
+    ///
+    /// # Errors
+    /// [`AveragingError::InvalidConfig`] for metadata over
+    /// [`MAX_METADATA_BYTES`] or a state of more than [`MAX_CHUNKS`] largest chunks.
+    pub fn new(state: SharedState) -> Result<Self> {
+        if state.metadata.len() > MAX_METADATA_BYTES {
+            return Err(AveragingError::InvalidConfig {
+                field: "state metadata",
+                reason: format!(
+                    "{} bytes, at most {MAX_METADATA_BYTES}",
+                    state.metadata.len()
+                ),
+            });
+        }
+        let total: usize = state.tensors.iter().map(|t| 4 * t.len()).sum();
+        let size = chunk_bytes_for(total);
+        if size > MAX_CHUNK_BYTES {
+            return Err(AveragingError::InvalidConfig {
+                field: "state",
+                reason: format!("{total} bytes is more than a descriptor can describe"),
+            });
+        }
+        let mut chunk_hashes = Vec::with_capacity(32 * total.div_ceil(size));
+        for start in (0..total).step_by(size) {
+            let mut h = Sha256::new();
+            for piece in pieces(&state.tensors, start..(start + size).min(total)) {
+                h.update(piece);
+            }
+            chunk_hashes.extend_from_slice(&h.finalize());
+        }
+        let descriptor = StateDescriptor {
+            metadata: state.metadata.clone(),
+            lengths: state.tensors.iter().map(|t| t.len() as u64).collect(),
+            chunk_bytes: u32::try_from(size).unwrap_or(u32::MAX),
+            chunk_hashes,
+        };
+        let encoded = descriptor.encode()?;
+        let root = StateDescriptor::root_of(&encoded);
+        Ok(Self {
+            state,
+            descriptor,
+            encoded,
+            root,
+        })
+    }
+
+    /// The root donors vouch for.
+    pub fn root(&self) -> [u8; 32] {
+        self.root
+    }
+
+    /// The state itself.
+    pub fn state(&self) -> &SharedState {
+        &self.state
+    }
+
+    /// Its descriptor.
+    pub fn descriptor(&self) -> &StateDescriptor {
+        &self.descriptor
     }
 }
 
-fn state_io(source: std::io::Error) -> AveragingError {
+fn serve_io(source: std::io::Error) -> AveragingError {
     AveragingError::Io {
         context: "serving state",
         source,
@@ -91,275 +289,706 @@ async fn write_timeout<W: AsyncWrite + Unpin>(
     timeout: Duration,
 ) -> Result<()> {
     match tokio::time::timeout(timeout, stream.write_all(bytes)).await {
-        Ok(r) => r.map_err(state_io),
-        Err(_) => Err(state_io(std::io::ErrorKind::TimedOut.into())),
+        Ok(r) => r.map_err(serve_io),
+        Err(_) => Err(serve_io(std::io::ErrorKind::TimedOut.into())),
     }
 }
 
-async fn read_timeout<R: AsyncRead + Unpin>(
-    stream: &mut R,
-    n: usize,
-    timeout: Duration,
-) -> std::result::Result<Vec<u8>, PeerFault> {
-    // `n` comes from the donor's header: grow the buffer a chunk at a time
-    // as bytes arrive, so a donor that declares more than it sends makes the
-    // receiver hold at most one chunk beyond what it sent.
-    let mut out = Vec::new();
-    let mut got = 0;
-    while got < n {
-        let end = (got + STATE_CHUNK_BYTES).min(n);
-        out.resize(end, 0);
-        match tokio::time::timeout(timeout, stream.read_exact(&mut out[got..end])).await {
-            Err(_) => return Err(PeerFault::Stalled { timeout }),
-            Ok(Err(e)) => {
-                return Err(PeerFault::Disconnected {
-                    reason: e.to_string(),
-                });
-            }
-            Ok(Ok(_)) => got = end,
-        }
-    }
-    Ok(out)
-}
-
-/// Download and verify state from one donor stream. `expected_lengths`, if
-/// given, must match the donor's tensor lengths.
+/// Answers state requests on `stream` until the joiner closes it or stays
+/// idle for `idle_timeout` (donor side). `current()` is the state served
+/// now (`None`: none declared); a request for another root is answered
+/// "not serving". Each write must make progress within `write_timeout`.
 ///
 /// # Errors
-/// [`AveragingError::Peer`] (with `peer` = `donor`) for a donor that stalls,
-/// disconnects, or sends state that fails verification.
-pub async fn download_state<R: AsyncRead + Unpin>(
-    stream: &mut R,
-    donor: usize,
-    expected_lengths: Option<&[usize]>,
-    chunk_timeout: Duration,
-) -> Result<SharedState> {
-    let fault = |fault| AveragingError::Peer { peer: donor, fault };
-    let len = read_timeout(stream, 4, chunk_timeout)
-        .await
-        .map_err(fault)?;
-    let len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
-    if len > MAX_HEADER_BYTES {
-        return Err(fault(PeerFault::ProtocolViolation {
-            reason: "state header too large",
-        }));
-    }
-    let header = read_timeout(stream, len, chunk_timeout)
-        .await
-        .map_err(fault)?;
-    let header: Header = rmp_serde::from_slice(&header).map_err(|_| {
-        fault(PeerFault::Garbage {
-            reason: "undecodable state header",
-        })
-    })?;
-    if let Some(expected) = expected_lengths
-        && (header.lengths.len() != expected.len()
-            || header
-                .lengths
-                .iter()
-                .zip(expected)
-                .any(|(a, b)| *a != *b as u64))
-    {
-        return Err(fault(PeerFault::BadSchemaHash));
-    }
-    let mut tensors = Vec::with_capacity(header.lengths.len());
-    for &n in &header.lengths {
-        let n = usize::try_from(n).map_err(|_| {
-            fault(PeerFault::ProtocolViolation {
-                reason: "tensor too large",
-            })
-        })?;
-        let bytes = read_timeout(
-            stream,
-            n.checked_mul(4).ok_or_else(|| {
-                fault(PeerFault::ProtocolViolation {
-                    reason: "tensor too large",
-                })
-            })?,
-            chunk_timeout,
-        )
-        .await
-        .map_err(fault)?;
-        let values: Vec<f32> = bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        if !all_finite(&values) {
-            return Err(fault(PeerFault::NonFinite {
-                part: tensors.len(),
-            }));
-        }
-        tensors.push(values);
-    }
-    if checksum(&tensors) != header.sha256 {
-        return Err(fault(PeerFault::Garbage {
-            reason: "state checksum mismatch",
-        }));
-    }
-    Ok(SharedState {
-        metadata: header.metadata,
-        tensors,
-    })
-}
-
-/// Try donors in order (best first) until one provides verified state.
-/// `connect(i)` opens a stream to donor `i`.
-///
-/// # Errors
-/// [`AveragingError::NoStateDonor`] when every donor failed.
-pub async fn download_from_donors<S, F, Fut>(
-    donors: usize,
-    mut connect: F,
-    expected_lengths: Option<&[usize]>,
-    chunk_timeout: Duration,
-) -> Result<(usize, SharedState)>
+/// [`AveragingError::Io`] on a failed or stalled write; a garbled request
+/// ends the stream with [`AveragingError::Peer`].
+pub async fn serve_requests<S, F>(
+    stream: &mut S,
+    current: F,
+    idle_timeout: Duration,
+    write_timeout_per_chunk: Duration,
+) -> Result<()>
 where
-    S: AsyncRead + Unpin,
-    F: FnMut(usize) -> Fut,
+    S: AsyncRead + AsyncWrite + Unpin,
+    F: Fn() -> Option<Arc<ServedState>>,
+{
+    let fault = |fault| AveragingError::Peer { peer: 0, fault };
+    let mut request = [0u8; REQUEST_LEN];
+    loop {
+        match tokio::time::timeout(idle_timeout, stream.read_exact(&mut request)).await {
+            Err(_) => return Ok(()),
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Ok(Err(e)) => {
+                return Err(fault(PeerFault::Disconnected {
+                    reason: e.to_string(),
+                }));
+            }
+            Ok(Ok(_)) => {}
+        }
+        let root: [u8; 32] = request[1..33].try_into().unwrap_or([0; 32]);
+        let index = u32::from_le_bytes([request[33], request[34], request[35], request[36]]);
+        let served = current().filter(|s| s.root == root);
+        match (request[0], served) {
+            (TAG_DESCRIPTOR | TAG_CHUNK, None) => {
+                write_timeout(stream, &[UNKNOWN_ROOT], write_timeout_per_chunk).await?;
+            }
+            (TAG_DESCRIPTOR, Some(s)) => {
+                let mut out = Vec::with_capacity(5 + s.encoded.len());
+                out.push(SERVED);
+                out.extend_from_slice(&(s.encoded.len() as u32).to_le_bytes());
+                out.extend_from_slice(&s.encoded);
+                write_timeout(stream, &out, write_timeout_per_chunk).await?;
+            }
+            (TAG_CHUNK, Some(s)) if (index as usize) < s.descriptor.chunk_count() => {
+                write_timeout(stream, &[SERVED], write_timeout_per_chunk).await?;
+                let range = s.descriptor.chunk_range(index as usize);
+                for piece in pieces(&s.state.tensors, range) {
+                    write_timeout(stream, piece, write_timeout_per_chunk).await?;
+                }
+            }
+            (TAG_CHUNK, Some(_)) => {
+                write_timeout(stream, &[BAD_INDEX], write_timeout_per_chunk).await?;
+            }
+            _ => {
+                return Err(fault(PeerFault::ProtocolViolation {
+                    reason: "unknown state request",
+                }));
+            }
+        }
+        match tokio::time::timeout(write_timeout_per_chunk, stream.flush()).await {
+            Ok(r) => r.map_err(serve_io)?,
+            Err(_) => return Err(serve_io(std::io::ErrorKind::TimedOut.into())),
+        }
+    }
+}
+
+/// Time limits of a download.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DownloadLimits {
+    /// Longest wait for a connection, a descriptor or a chunk's first byte.
+    pub request_timeout: Duration,
+    /// Slowest a donor may serve (bytes/s): a chunk of `n` bytes must arrive
+    /// within `request_timeout + n / min_rate`, or the donor is dropped and
+    /// its chunk goes to the others.
+    pub min_rate: f64,
+}
+
+impl DownloadLimits {
+    fn chunk_deadline(&self, bytes: usize) -> Duration {
+        let rate = self.min_rate.max(1.0);
+        self.request_timeout + Duration::from_secs_f64((bytes as f64 / rate).min(86_400.0))
+    }
+}
+
+/// What a download did, per donor (indices as passed to [`download_vouched`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DownloadReport {
+    /// Verified chunks each donor delivered.
+    pub chunks: Vec<usize>,
+    /// The donors dropped, with why.
+    pub dropped: Vec<(usize, PeerFault)>,
+}
+
+async fn read_within<R: AsyncRead + Unpin>(
+    stream: &mut R,
+    buf: &mut [u8],
+    timeout: Duration,
+) -> std::result::Result<(), PeerFault> {
+    match tokio::time::timeout(timeout, stream.read_exact(buf)).await {
+        Err(_) => Err(PeerFault::Stalled { timeout }),
+        Ok(Err(e)) => Err(PeerFault::Disconnected {
+            reason: e.to_string(),
+        }),
+        Ok(Ok(_)) => Ok(()),
+    }
+}
+
+async fn send_request<W: AsyncWrite + Unpin>(
+    stream: &mut W,
+    tag: u8,
+    root: &[u8; 32],
+    index: u32,
+    timeout: Duration,
+) -> std::result::Result<(), PeerFault> {
+    let mut request = [0u8; REQUEST_LEN];
+    request[0] = tag;
+    request[1..33].copy_from_slice(root);
+    request[33..].copy_from_slice(&index.to_le_bytes());
+    let send = async {
+        stream.write_all(&request).await?;
+        stream.flush().await
+    };
+    match tokio::time::timeout(timeout, send).await {
+        Err(_) => Err(PeerFault::Stalled { timeout }),
+        Ok(Err(e)) => Err(PeerFault::Disconnected {
+            reason: e.to_string(),
+        }),
+        Ok(Ok(())) => Ok(()),
+    }
+}
+
+async fn read_status<R: AsyncRead + Unpin>(
+    stream: &mut R,
+    timeout: Duration,
+) -> std::result::Result<(), PeerFault> {
+    let mut status = [0u8; 1];
+    read_within(stream, &mut status, timeout).await?;
+    match status[0] {
+        SERVED => Ok(()),
+        UNKNOWN_ROOT => Err(PeerFault::ProtocolViolation {
+            reason: "the donor no longer serves the vouched state",
+        }),
+        _ => Err(PeerFault::ProtocolViolation {
+            reason: "the donor refused a chunk request",
+        }),
+    }
+}
+
+/// Fetches the descriptor of `root` from one donor stream and checks it:
+/// it must hash to `root` and describe `expected_lengths`.
+///
+/// # Errors
+/// The [`PeerFault`] of the donor.
+pub async fn fetch_descriptor<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    root: &[u8; 32],
+    expected_lengths: &[usize],
+    timeout: Duration,
+) -> std::result::Result<StateDescriptor, PeerFault> {
+    send_request(stream, TAG_DESCRIPTOR, root, 0, timeout).await?;
+    read_status(stream, timeout).await?;
+    let mut len = [0u8; 4];
+    read_within(stream, &mut len, timeout).await?;
+    let len = u32::from_le_bytes(len) as usize;
+    if len > MAX_DESCRIPTOR_BYTES {
+        return Err(PeerFault::ProtocolViolation {
+            reason: "state descriptor too large",
+        });
+    }
+    let mut encoded = vec![0u8; len];
+    read_within(stream, &mut encoded, timeout).await?;
+    if &StateDescriptor::root_of(&encoded) != root {
+        return Err(PeerFault::Garbage {
+            reason: "the state descriptor does not hash to the vouched root",
+        });
+    }
+    let descriptor = StateDescriptor::decode(&encoded)?;
+    if descriptor.lengths.len() != expected_lengths.len()
+        || descriptor
+            .lengths
+            .iter()
+            .zip(expected_lengths)
+            .any(|(&a, &b)| a != b as u64)
+    {
+        return Err(PeerFault::BadSchemaHash);
+    }
+    Ok(descriptor)
+}
+
+/// The download's shared progress.
+struct Progress {
+    queue: VecDeque<usize>,
+    remaining: usize,
+    tensors: Vec<Vec<f32>>,
+    report: DownloadReport,
+}
+
+/// Downloads the state whose root is `root` from `donors` donors (all of
+/// which vouched for it) in parallel, verifying the descriptor against the
+/// root and every chunk against its hash; `connect(i)` opens a stream to
+/// donor `i`. The tensors must have `expected_lengths` (they are allocated
+/// from it, never from what a donor claims). Bound the whole download with
+/// a timeout of your own.
+///
+/// # Errors
+/// [`AveragingError::NoStateDonor`] when no donor serves a valid descriptor
+/// or every donor was dropped before the last chunk;
+/// [`AveragingError::Peer`] (donor 0) for a state that is not finite.
+pub async fn download_vouched<S, F, Fut>(
+    donors: usize,
+    connect: F,
+    root: [u8; 32],
+    expected_lengths: &[usize],
+    limits: DownloadLimits,
+) -> Result<(SharedState, DownloadReport)>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    F: Fn(usize) -> Fut,
     Fut: Future<Output = Result<S>>,
 {
+    let mut report = DownloadReport {
+        chunks: vec![0; donors],
+        dropped: Vec::new(),
+    };
+    let connect_within = |i: usize| {
+        let opened = connect(i);
+        async move {
+            match tokio::time::timeout(limits.request_timeout, opened).await {
+                Ok(Ok(s)) => Ok(s),
+                Ok(Err(e)) => Err(PeerFault::Disconnected {
+                    reason: e.to_string(),
+                }),
+                Err(_) => Err(PeerFault::Stalled {
+                    timeout: limits.request_timeout,
+                }),
+            }
+        }
+    };
+    // The descriptor, from the first donor that serves one matching the root.
+    let mut first = None;
     for i in 0..donors {
-        let res = match tokio::time::timeout(chunk_timeout, connect(i)).await {
-            Ok(Ok(mut s)) => download_state(&mut s, i, expected_lengths, chunk_timeout).await,
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(AveragingError::Peer {
-                peer: i,
-                fault: PeerFault::Stalled {
-                    timeout: chunk_timeout,
-                },
-            }),
+        let attempt = async {
+            let mut s = connect_within(i).await?;
+            let d =
+                fetch_descriptor(&mut s, &root, expected_lengths, limits.request_timeout).await?;
+            Ok::<_, PeerFault>((s, d))
         };
-        match res {
-            Ok(state) => return Ok((i, state)),
-            Err(e) => {
-                tracing::warn!(donor = i, error = %e, "state download failed, trying the next donor")
+        match attempt.await {
+            Ok((s, d)) => {
+                first = Some((i, s, d));
+                break;
+            }
+            Err(fault) => {
+                tracing::warn!(donor = i, %fault, "no valid state descriptor from this donor");
+                report.dropped.push((i, fault));
             }
         }
     }
-    Err(AveragingError::NoStateDonor { tried: donors })
+    let Some((first_donor, first_stream, descriptor)) = first else {
+        return Err(AveragingError::NoStateDonor { tried: donors });
+    };
+    let chunks = descriptor.chunk_count();
+    let progress = Mutex::new(Progress {
+        queue: (0..chunks).collect(),
+        remaining: chunks,
+        tensors: expected_lengths.iter().map(|&n| vec![0.0; n]).collect(),
+        report,
+    });
+    let wake = tokio::sync::Notify::new();
+    let lock = || {
+        progress
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    };
+    let mut first_stream = Some(first_stream);
+    let workers = (0..donors)
+        .filter(|&i| i == first_donor || !lock().report.dropped.iter().any(|(d, _)| *d == i))
+        .map(|i| {
+            let stream = if i == first_donor {
+                first_stream.take()
+            } else {
+                None
+            };
+            let (descriptor, lock, wake, connect_within) =
+                (&descriptor, &lock, &wake, &connect_within);
+            async move {
+                let result = async {
+                    let mut stream = match stream {
+                        Some(s) => s,
+                        None => connect_within(i).await?,
+                    };
+                    let mut buf = Vec::new();
+                    loop {
+                        let next = {
+                            let mut p = lock();
+                            if p.remaining == 0 {
+                                return Ok(());
+                            }
+                            p.queue.pop_front()
+                        };
+                        let Some(index) = next else {
+                            // Nothing queued, chunks in flight elsewhere: wait
+                            // until one lands or fails back into the queue.
+                            let notified = wake.notified();
+                            tokio::pin!(notified);
+                            notified.as_mut().enable();
+                            {
+                                let p = lock();
+                                if p.remaining == 0 || !p.queue.is_empty() {
+                                    continue;
+                                }
+                            }
+                            notified.await;
+                            continue;
+                        };
+                        let range = descriptor.chunk_range(index);
+                        let fetched = async {
+                            send_request(
+                                &mut stream,
+                                TAG_CHUNK,
+                                &root,
+                                index as u32,
+                                limits.request_timeout,
+                            )
+                            .await?;
+                            let deadline = limits.chunk_deadline(range.len());
+                            let read = async {
+                                read_status(&mut stream, limits.request_timeout).await?;
+                                buf.resize(range.len(), 0);
+                                read_within(&mut stream, &mut buf, deadline).await
+                            };
+                            match tokio::time::timeout(deadline, read).await {
+                                Ok(r) => r?,
+                                Err(_) => {
+                                    return Err(PeerFault::Stalled { timeout: deadline });
+                                }
+                            }
+                            if Sha256::digest(&buf).as_slice() != descriptor.chunk_hash(index) {
+                                return Err(PeerFault::Garbage {
+                                    reason: "a state chunk does not match its hash",
+                                });
+                            }
+                            Ok(())
+                        }
+                        .await;
+                        match fetched {
+                            Ok(()) => {
+                                let mut p = lock();
+                                write_at(&mut p.tensors, range.start, &buf);
+                                p.remaining -= 1;
+                                p.report.chunks[i] += 1;
+                                if p.remaining == 0 {
+                                    wake.notify_waiters();
+                                }
+                            }
+                            Err(fault) => {
+                                lock().queue.push_back(index);
+                                wake.notify_waiters();
+                                return Err(fault);
+                            }
+                        }
+                    }
+                }
+                .await;
+                if let Err(fault) = result {
+                    tracing::warn!(donor = i, %fault, "dropping a state donor; its chunks go to the others");
+                    lock().report.dropped.push((i, fault));
+                    wake.notify_waiters();
+                }
+            }
+        })
+        .collect::<Vec<_>>();
+    futures::future::join_all(workers).await;
+    let Progress {
+        remaining,
+        tensors,
+        report,
+        ..
+    } = progress
+        .into_inner()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if remaining > 0 {
+        tracing::warn!(
+            remaining,
+            chunks,
+            "every state donor dropped before the last chunk"
+        );
+        return Err(AveragingError::NoStateDonor { tried: donors });
+    }
+    if !tensors.iter().all(|t| all_finite(t)) {
+        // Unreachable with honest vouchers: they vouched for these bytes.
+        return Err(AveragingError::Peer {
+            peer: first_donor,
+            fault: PeerFault::Garbage {
+                reason: "the vouched state holds NaN or infinity",
+            },
+        });
+    }
+    Ok((
+        SharedState {
+            metadata: descriptor.metadata,
+            tensors,
+        },
+        report,
+    ))
 }
 
 #[cfg(test)]
 mod tests {
+    use tokio::io::DuplexStream;
+
     use super::*;
 
-    fn state() -> SharedState {
+    const LENGTHS: [usize; 2] = [1_500_000, 7];
+
+    fn state(seed: f32) -> SharedState {
         SharedState {
-            metadata: rmp_serde::to_vec(&(42u64, "01")).unwrap(),
-            tensors: vec![
-                (0..3_000_000).map(|i| i as f32 * 0.5).collect(),
-                vec![1.0, -2.0],
-            ],
+            metadata: rmp_serde::to_vec(&42u64).unwrap(),
+            tensors: LENGTHS
+                .iter()
+                .map(|&n| (0..n).map(|i| i as f32 * 0.5 + seed).collect())
+                .collect(),
         }
     }
 
-    #[tokio::test]
-    async fn late_joiner_gets_state_bit_for_bit_and_skips_bad_donors() {
-        let good = state();
-        let mut corrupt = good.clone();
-        corrupt.tensors[1][0] = f32::NAN;
-        let t = Duration::from_secs(2);
-        // Donor 0 is down, donor 1 serves NaNs, donor 2 lies about the checksum
-        // (truncated stream), donor 3 is good.
-        let (got_from, got) = download_from_donors(
-            4,
-            |i| {
-                let good = good.clone();
-                let corrupt = corrupt.clone();
-                async move {
-                    if i == 0 {
-                        return Err(AveragingError::Io {
-                            context: "connect",
-                            source: std::io::ErrorKind::ConnectionRefused.into(),
-                        });
-                    }
-                    let (mut a, b) = tokio::io::duplex(1 << 16);
-                    tokio::spawn(async move {
-                        match i {
-                            1 => {
-                                let _ = serve_state(&mut a, &corrupt, t).await;
-                            }
-                            2 => {
-                                let mut bytes = Vec::new();
-                                serve_state(&mut bytes, &good, t).await.unwrap();
-                                let n = bytes.len();
-                                bytes[n - 1] ^= 0x40;
-                                let _ = a.write_all(&bytes).await;
-                            }
-                            _ => {
-                                let _ = serve_state(&mut a, &good, t).await;
-                            }
-                        }
-                    });
-                    Ok(b)
+    fn limits() -> DownloadLimits {
+        DownloadLimits {
+            request_timeout: Duration::from_millis(500),
+            min_rate: 4.0 * 1048576.0,
+        }
+    }
+
+    /// How a test donor behaves.
+    #[derive(Clone, Copy)]
+    enum Donor {
+        Honest,
+        /// Serves this many requests (the descriptor counts), then leaves.
+        LeavesAfter(usize),
+        /// Forwards its answers at about this many bytes per second.
+        Slow(usize),
+    }
+
+    fn spawn_donor(served: Arc<ServedState>, behaviour: Donor) -> DuplexStream {
+        let (joiner, mut donor) = tokio::io::duplex(1 << 16);
+        tokio::spawn(async move {
+            let t = Duration::from_secs(5);
+            match behaviour {
+                Donor::Honest => {
+                    let _ = serve_requests(&mut donor, || Some(served.clone()), t, t).await;
                 }
-            },
-            Some(&[3_000_000, 2]),
-            t,
+                Donor::LeavesAfter(n) => {
+                    // A relay that passes `n` requests, then drops both ends.
+                    let lengths = served.clone();
+                    let (mut inner_joiner, mut inner_donor) = tokio::io::duplex(1 << 16);
+                    tokio::spawn(async move {
+                        let _ =
+                            serve_requests(&mut inner_donor, || Some(served.clone()), t, t).await;
+                    });
+                    let mut request = [0u8; REQUEST_LEN];
+                    for _ in 0..n {
+                        if donor.read_exact(&mut request).await.is_err() {
+                            return;
+                        }
+                        inner_joiner.write_all(&request).await.unwrap();
+                        let answer_len = {
+                            let mut status = [0u8; 1];
+                            inner_joiner.read_exact(&mut status).await.unwrap();
+                            donor.write_all(&status).await.unwrap();
+                            if request[0] == TAG_DESCRIPTOR {
+                                let mut len = [0u8; 4];
+                                inner_joiner.read_exact(&mut len).await.unwrap();
+                                donor.write_all(&len).await.unwrap();
+                                u32::from_le_bytes(len) as usize
+                            } else {
+                                let index = u32::from_le_bytes(request[33..].try_into().unwrap());
+                                lengths.descriptor().chunk_range(index as usize).len()
+                            }
+                        };
+                        let mut answer = vec![0u8; answer_len];
+                        inner_joiner.read_exact(&mut answer).await.unwrap();
+                        donor.write_all(&answer).await.unwrap();
+                    }
+                }
+                Donor::Slow(rate) => {
+                    let (inner_joiner, mut inner_donor) = tokio::io::duplex(1 << 16);
+                    tokio::spawn(async move {
+                        let _ =
+                            serve_requests(&mut inner_donor, || Some(served.clone()), t, t).await;
+                    });
+                    let (mut from_joiner, mut to_joiner) = tokio::io::split(donor);
+                    let (mut from_donor, mut to_donor) = tokio::io::split(inner_joiner);
+                    tokio::spawn(async move {
+                        let _ = tokio::io::copy(&mut from_joiner, &mut to_donor).await;
+                    });
+                    let mut buf = vec![0u8; rate / 20];
+                    loop {
+                        let Ok(n) = from_donor.read(&mut buf).await else {
+                            return;
+                        };
+                        if n == 0 || to_joiner.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        });
+        joiner
+    }
+
+    async fn download(
+        donors: Vec<(Arc<ServedState>, Donor)>,
+        root: [u8; 32],
+        lengths: &[usize],
+    ) -> Result<(SharedState, DownloadReport)> {
+        let donors = &donors;
+        download_vouched(
+            donors.len(),
+            |i| async move { Ok(spawn_donor(donors[i].0.clone(), donors[i].1)) },
+            root,
+            lengths,
+            limits(),
+        )
+        .await
+    }
+
+    fn same_bits(a: &SharedState, b: &SharedState) -> bool {
+        a.metadata == b.metadata
+            && a.tensors.len() == b.tensors.len()
+            && a.tensors.iter().zip(&b.tensors).all(|(x, y)| {
+                x.len() == y.len() && x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits())
+            })
+    }
+
+    #[tokio::test]
+    async fn three_donors_share_the_download_bit_for_bit() {
+        let good = Arc::new(ServedState::new(state(0.0)).unwrap());
+        let chunks = good.descriptor().chunk_count();
+        assert_eq!(chunks, 6, "6 MB in 1 MiB chunks");
+        let (got, report) = download(
+            vec![(good.clone(), Donor::Honest); 3],
+            good.root(),
+            &LENGTHS,
         )
         .await
         .unwrap();
-        assert_eq!(got_from, 3);
-        assert_eq!(got.metadata, good.metadata);
-        assert_eq!(got.tensors.len(), 2);
-        for (a, b) in got.tensors.iter().zip(&good.tensors) {
-            assert!(a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()));
-        }
+        assert!(same_bits(&got, good.state()));
+        assert_eq!(report.chunks.iter().sum::<usize>(), chunks);
+        assert!(report.dropped.is_empty(), "{report:?}");
     }
 
     #[tokio::test]
-    async fn a_header_declaring_more_than_is_sent_allocates_only_what_arrives() {
-        // 2^40 values (4 TiB) declared, none sent: allocating the declared
-        // size up front aborts the process; reading chunk by chunk ends at
-        // the stream's end.
-        let header = Header {
-            metadata: Vec::new(),
-            lengths: vec![1 << 40],
-            sha256: [0; 32],
-        };
-        let header = rmp_serde::to_vec(&header).unwrap();
-        let mut bytes = (header.len() as u32).to_le_bytes().to_vec();
-        bytes.extend_from_slice(&header);
-        bytes.extend_from_slice(&[0; 100]);
-        let res = download_state(&mut &bytes[..], 0, None, Duration::from_secs(1)).await;
+    async fn a_donor_that_leaves_halfway_loses_its_chunks_to_the_others() {
+        let good = Arc::new(ServedState::new(state(0.0)).unwrap());
+        // The leaver serves the descriptor and two chunks, then goes.
+        let (got, report) = download(
+            vec![
+                (good.clone(), Donor::LeavesAfter(3)),
+                (good.clone(), Donor::Honest),
+            ],
+            good.root(),
+            &LENGTHS,
+        )
+        .await
+        .unwrap();
+        assert!(same_bits(&got, good.state()));
+        assert!(report.chunks[0] <= 2, "{report:?}");
+        assert_eq!(report.chunks.iter().sum::<usize>(), 6);
+        assert!(
+            matches!(report.dropped[..], [(0, PeerFault::Disconnected { .. })]),
+            "{report:?}"
+        );
+        // Alone, the leaver cannot finish: a typed error, not a hang.
+        let res = download(
+            vec![(good.clone(), Donor::LeavesAfter(3))],
+            good.root(),
+            &LENGTHS,
+        )
+        .await;
         assert!(matches!(
             res,
-            Err(AveragingError::Peer {
-                fault: PeerFault::Disconnected { .. },
-                ..
-            })
+            Err(AveragingError::NoStateDonor { tried: 1 })
         ));
     }
 
     #[tokio::test]
-    async fn wrong_layout_stall_and_no_donor_are_typed_errors() {
-        let t = Duration::from_millis(200);
-        let mut bytes = Vec::new();
-        serve_state(&mut bytes, &state(), t).await.unwrap();
-        let res = download_state(&mut &bytes[..], 0, Some(&[5]), t).await;
+    async fn a_donor_slower_than_the_minimum_rate_is_dropped() {
+        let good = Arc::new(ServedState::new(state(0.0)).unwrap());
+        // 256 KiB/s against a 4 MiB/s minimum: a 1 MiB chunk would take 4 s,
+        // its deadline is 0.75 s.
+        let started = std::time::Instant::now();
+        let (got, report) = download(
+            vec![
+                (good.clone(), Donor::Slow(256 << 10)),
+                (good.clone(), Donor::Honest),
+            ],
+            good.root(),
+            &LENGTHS,
+        )
+        .await
+        .unwrap();
+        assert!(same_bits(&got, good.state()));
+        assert!(
+            matches!(report.dropped[..], [(0, PeerFault::Stalled { .. })]),
+            "{report:?}"
+        );
+        assert_eq!(report.chunks[0], 0);
+        // One chunk deadline lost, then the honest donor's pace.
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn corrupt_chunks_wrong_roots_and_wrong_layouts_are_caught() {
+        let good = Arc::new(ServedState::new(state(0.0)).unwrap());
+        // A donor with the right descriptor and one flipped byte in its data.
+        let mut bad_tensors = good.state().clone();
+        bad_tensors.tensors[0][700_000] = 123.0;
+        let corrupt = Arc::new(ServedState {
+            state: bad_tensors,
+            descriptor: good.descriptor.clone(),
+            encoded: good.encoded.clone(),
+            root: good.root,
+        });
+        // A donor serving another state entirely (its root differs).
+        let other = Arc::new(ServedState::new(state(1.0)).unwrap());
+        let (got, report) = download(
+            vec![
+                (other, Donor::Honest),
+                (corrupt, Donor::Honest),
+                (good.clone(), Donor::Honest),
+            ],
+            good.root(),
+            &LENGTHS,
+        )
+        .await
+        .unwrap();
+        assert!(same_bits(&got, good.state()));
+        let faults: Vec<_> = report
+            .dropped
+            .iter()
+            .map(|(i, f)| (*i, f.clone()))
+            .collect();
+        assert!(
+            faults
+                .iter()
+                .any(|(i, f)| *i == 0 && matches!(f, PeerFault::ProtocolViolation { .. })),
+            "{faults:?}"
+        );
+        // A joiner with another layout accepts nothing.
+        let res = download(vec![(good.clone(), Donor::Honest)], good.root(), &[5]).await;
         assert!(matches!(
             res,
-            Err(AveragingError::Peer {
-                fault: PeerFault::BadSchemaHash,
-                ..
-            })
+            Err(AveragingError::NoStateDonor { tried: 1 })
         ));
-        // A donor that sends half its state then stalls.
-        let (mut a, mut b) = tokio::io::duplex(1 << 20);
-        a.write_all(&bytes[..100_000]).await.unwrap();
-        let res = download_state(&mut b, 0, None, t).await;
+        // The corrupt donor alone: every chunk it serves with the flipped
+        // value fails its hash, so the download cannot finish.
+        let mut bad = good.state().clone();
+        bad.tensors[0][0] = 9.0;
+        let corrupt_all = Arc::new(ServedState {
+            state: bad,
+            descriptor: good.descriptor.clone(),
+            encoded: good.encoded.clone(),
+            root: good.root,
+        });
+        let res = download(vec![(corrupt_all, Donor::Honest)], good.root(), &LENGTHS).await;
         assert!(matches!(
             res,
-            Err(AveragingError::Peer {
-                fault: PeerFault::Stalled { .. },
-                ..
-            })
+            Err(AveragingError::NoStateDonor { tried: 1 })
         ));
-        drop(a);
-        let res = download_from_donors(0, |_| async { Ok(&b""[..]) }, None, t).await;
-        assert!(matches!(
-            res,
-            Err(AveragingError::NoStateDonor { tried: 0 })
-        ));
+    }
+
+    #[test]
+    fn descriptors_claiming_impossible_sizes_are_refused() {
+        let good = ServedState::new(state(0.0)).unwrap();
+        let mut d = good.descriptor().clone();
+        d.lengths = vec![1 << 40];
+        assert!(StateDescriptor::decode(&d.encode().unwrap()).is_err());
+        let mut d = good.descriptor().clone();
+        d.chunk_bytes = 3;
+        assert!(StateDescriptor::decode(&d.encode().unwrap()).is_err());
+        let mut d = good.descriptor().clone();
+        d.chunk_hashes.pop();
+        assert!(StateDescriptor::decode(&d.encode().unwrap()).is_err());
+        assert_eq!(
+            StateDescriptor::decode(&good.encoded).unwrap(),
+            *good.descriptor()
+        );
+        // Chunks grow for large states so the descriptor stays bounded.
+        assert_eq!(chunk_bytes_for(10), STATE_CHUNK_BYTES);
+        assert!(chunk_bytes_for(1 << 40).div_ceil(1) * MAX_CHUNKS >= 1 << 40);
     }
 }

@@ -162,7 +162,7 @@ async fn moshpit_grid_of_eight_converges_to_the_global_mean() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alone_is_no_group_and_late_joiner_copies_state() {
     tokio::time::timeout(T, async {
-        let nodes = swarm(3).await;
+        let nodes = swarm(4).await;
         let donor = DecentralizedAverager::new(nodes[0].clone(), values(7), config("state"))
             .await
             .unwrap();
@@ -185,10 +185,36 @@ async fn alone_is_no_group_and_late_joiner_copies_state() {
             .await
             .unwrap();
 
-        let late = DecentralizedAverager::new(
+        // The two donors hold different states, so neither is vouched for
+        // by two donors: a joiner with the default rule installs nothing...
+        let picky = DecentralizedAverager::new(
             nodes[2].clone(),
             vec![vec![0.0; 3000], vec![0.0; 5]],
             config("state"),
+        )
+        .await
+        .unwrap();
+        let res = picky.load_state_from_peers(Duration::from_secs(20)).await;
+        assert!(
+            matches!(
+                res,
+                Err(AveragingError::NoVouchedState {
+                    donors: 2,
+                    best_vouchers: 1,
+                    needed: 2
+                })
+            ),
+            "{res:?}"
+        );
+        assert!(picky.tensors().await.iter().flatten().all(|&x| x == 0.0));
+        picky.shutdown();
+        // ...and one that trusts single donors takes the highest priority.
+        let mut trusting = config("state");
+        trusting.state_vouchers = 1;
+        let late = DecentralizedAverager::new(
+            nodes[3].clone(),
+            vec![vec![0.0; 3000], vec![0.0; 5]],
+            trusting,
         )
         .await
         .unwrap();
@@ -206,6 +232,7 @@ async fn alone_is_no_group_and_late_joiner_copies_state() {
         // A joiner with a different tensor layout accepts no one's state.
         let mut other_cfg = config("state");
         other_cfg.mode = colony_averaging::AveragingMode::Client;
+        other_cfg.state_vouchers = 1;
         let other = DecentralizedAverager::new(nodes[2].clone(), vec![vec![0.0; 10]], other_cfg)
             .await
             .unwrap();
@@ -491,7 +518,12 @@ async fn squatted_keys_and_impersonating_entries_change_nothing() {
             .store(b"squat.0b", Some(&me), slot, dht_time() + 60.0)
             .await
             .unwrap();
-        let donor = rmp_serde::to_vec(&(serde_bytes::Bytes::new(&victim), 1e300)).unwrap();
+        let donor = rmp_serde::to_vec(&(
+            serde_bytes::Bytes::new(&victim),
+            1e300,
+            serde_bytes::Bytes::new(&[7; 32]),
+        ))
+        .unwrap();
         squatter
             .store(b"squat.all_averagers", Some(&me), donor, dht_time() + 600.0)
             .await
@@ -543,6 +575,93 @@ async fn squatted_keys_and_impersonating_entries_change_nothing() {
         assert_eq!(meta, b"honest");
         let got = late.tensors().await.clone();
         assert_eq!(got, finals[0]);
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// Two honest peers that averaged together hold one state and vouch for it;
+/// a third declares a backdoored one (finite values) with priority 1e300.
+/// A joiner installs the honest state, downloaded from both honest donors;
+/// beside a single honest donor, the liar's state is never installed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backdoored_state_with_a_huge_priority_is_not_installed() {
+    tokio::time::timeout(T, async {
+        let nodes = swarm(5).await;
+        let mut c = config("vouch");
+        c.target_group_size = Some(2);
+        let honest: Vec<_> = futures::future::join_all(
+            (0..2).map(|i| DecentralizedAverager::new(nodes[i].clone(), values(i), c.clone())),
+        )
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+        let outs = futures::future::join_all(
+            honest
+                .iter()
+                .map(|a| a.step(Some(1.0), Duration::from_secs(20))),
+        )
+        .await;
+        for o in &outs {
+            assert_eq!(o.as_ref().unwrap().group.members.len(), 2);
+        }
+        let averaged = honest[0].tensors().await.clone();
+        for a in &honest {
+            a.declare_state(10.0, b"step 10".to_vec(), dht_time() + 60.0)
+                .await
+                .unwrap();
+        }
+        let backdoor = vec![vec![666.0; 3000], vec![666.0; 5]];
+        let liar = DecentralizedAverager::new(nodes[2].clone(), backdoor, config("vouch"))
+            .await
+            .unwrap();
+        liar.declare_state(1e300, b"step 1e300".to_vec(), dht_time() + 60.0)
+            .await
+            .unwrap();
+
+        let joiner = DecentralizedAverager::new(
+            nodes[3].clone(),
+            vec![vec![0.0; 3000], vec![0.0; 5]],
+            config("vouch"),
+        )
+        .await
+        .unwrap();
+        let started = std::time::Instant::now();
+        let got = joiner
+            .download_state_from_peers(Duration::from_secs(20), f64::INFINITY)
+            .await
+            .unwrap();
+        eprintln!(
+            "vouched download beside a 1e300 liar: {:.0} ms, chunks per donor {:?}",
+            started.elapsed().as_secs_f64() * 1e3,
+            got.donors
+        );
+        assert_eq!(got.metadata, b"step 10");
+        assert_eq!(got.vouchers, 2);
+        assert_eq!(got.tensors, averaged);
+        assert!(got.donors.iter().all(|(p, _)| *p != nodes[2].peer_id()));
+        // Nothing was installed: the caller decides.
+        assert!(joiner.tensors().await.iter().flatten().all(|&x| x == 0.0));
+        joiner.install_state(got.tensors).await.unwrap();
+        assert_eq!(*joiner.tensors().await, averaged);
+
+        // One honest donor beside the liar: two live donors disagree, so no
+        // state is vouched for, and the joiner keeps its own tensors.
+        honest[1].withdraw_state().await.unwrap();
+        let second = DecentralizedAverager::new(
+            nodes[4].clone(),
+            vec![vec![0.0; 3000], vec![0.0; 5]],
+            config("vouch"),
+        )
+        .await
+        .unwrap();
+        let res = second.load_state_from_peers(Duration::from_secs(20)).await;
+        assert!(
+            matches!(res, Err(AveragingError::NoVouchedState { donors: 2, .. })),
+            "{res:?}"
+        );
+        assert!(second.tensors().await.iter().flatten().all(|&x| x == 0.0));
     })
     .await
     .expect("test timed out");

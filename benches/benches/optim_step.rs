@@ -91,7 +91,7 @@ impl SwarmAverager for InstantAverager {
     async fn share_state(&mut self, _: PeerState) -> Result<()> {
         Ok(())
     }
-    async fn load_state(&mut self, _: Duration) -> Result<Option<PeerState>> {
+    async fn load_state(&mut self, _: Duration, _: u64) -> Result<Option<PeerState>> {
         Ok(None)
     }
     async fn shutdown(&mut self) {}

@@ -273,13 +273,20 @@ impl Dht {
 
     /// Adds a validator to this node's pipeline (merged into an existing one of
     /// its kind when [`RecordValidator::merge_with`] says so). It applies to
-    /// records stored, received and read from now on.
+    /// records stored, received and read from now on, and to those this node
+    /// already stores (the ones it refuses are dropped).
     pub fn add_validator(&self, validator: Arc<dyn RecordValidator>) {
         self.inner
             .validators
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .extend(validator);
+        // Entries stored before must pass it too (see Node::revalidate_local).
+        if self.inner.commands.try_send(Command::Revalidate).is_err() {
+            tracing::warn!(
+                "command queue full: entries stored before the new validator are checked when read"
+            );
+        }
     }
 
     async fn request<T>(
@@ -754,7 +761,11 @@ async fn start(node: &mut Node, config: &DhtConfig) -> Result<(), DhtError> {
     if config.initial_peers.is_empty() {
         return Ok(());
     }
-    let dial_all = |node: &mut Node| {
+    // `fresh_port`: a redial takes a new source port. A first dial reuses
+    // the listen port (so the initial peer observes the address others can
+    // dial back), but a redial from it can hit that port's previous
+    // connection to the same peer still in TIME_WAIT and fail again at once.
+    let dial_all = |node: &mut Node, fresh_port: bool| {
         let mut tried = 0;
         for addr in &config.initial_peers {
             let peer = addr.iter().find_map(|p| match p {
@@ -771,7 +782,12 @@ async fn start(node: &mut Node, config: &DhtConfig) -> Result<(), DhtError> {
                     .kad
                     .add_address(&peer, strip_p2p(addr));
             }
-            let opts = libp2p::swarm::dial_opts::DialOpts::from(addr.clone());
+            let opts = libp2p::swarm::dial_opts::DialOpts::unknown_peer_id().address(addr.clone());
+            let opts = if fresh_port {
+                opts.allocate_new_port().build()
+            } else {
+                opts.build()
+            };
             let id = opts.connection_id();
             node.bootstrap_dials.insert(id);
             if let Err(error) = node.swarm.dial(opts) {
@@ -782,7 +798,7 @@ async fn start(node: &mut Node, config: &DhtConfig) -> Result<(), DhtError> {
         }
         tried
     };
-    let mut tried = dial_all(node);
+    let mut tried = dial_all(node, false);
     let mut round = 1u32;
     let routable = |node: &mut Node| {
         node.swarm
@@ -809,7 +825,7 @@ async fn start(node: &mut Node, config: &DhtConfig) -> Result<(), DhtError> {
             }
             tracing::info!(round, "no initial peer answered yet; dialing them again");
             round += 1;
-            tried += dial_all(node);
+            tried += dial_all(node, true);
             continue;
         }
         match next_event(node, deadline).await {

@@ -110,6 +110,8 @@ pub(crate) enum Command {
         peer: PeerId,
         reply: Reply<Option<f64>>,
     },
+    /// A validator was added: drop stored entries it refuses.
+    Revalidate,
     Stats {
         reply: Reply<NodeStats>,
     },
@@ -412,6 +414,7 @@ impl Node {
             Command::GossipScore { peer, reply } => {
                 let _ = reply.send(Ok(self.swarm.behaviour().gossipsub.peer_score(&peer)));
             }
+            Command::Revalidate => self.revalidate_local(),
             Command::Stats { reply } => {
                 let mut stats = self.stats;
                 stats.routing_table_peers = self
@@ -643,6 +646,40 @@ impl Node {
         };
         self.count_rejection(inbound, rejected);
         accepted
+    }
+
+    /// Runs every stored entry through the current validators and drops
+    /// those they refuse: entries stored before a validator was added
+    /// (another application's key squatted before this one started) must not
+    /// be served to readers, nor merged into this node's own reads.
+    fn revalidate_local(&mut self) {
+        let now = dht_time();
+        let validators = lock_read(&self.validators).clone();
+        let limits = self.limits;
+        let mut dropped = 0u64;
+        self.swarm
+            .behaviour_mut()
+            .kad
+            .store_mut()
+            .storage
+            .retain_entries(|key, subkey, value, expiration| {
+                let record = DhtRecord {
+                    key: key.to_vec(),
+                    subkey: subkey.map(<[u8]>::to_vec),
+                    value: value.to_vec(),
+                    expiration,
+                };
+                let ok = limits.check(&validators, &record, now).is_ok();
+                dropped += u64::from(!ok);
+                ok
+            });
+        if dropped > 0 {
+            tracing::info!(
+                dropped,
+                "dropped stored entries that a validator added since refuses"
+            );
+            self.stats.rejected_inbound += dropped;
+        }
     }
 
     fn count_rejection(&mut self, inbound: bool, n: u64) {

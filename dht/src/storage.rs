@@ -289,6 +289,21 @@ impl LocalStorage {
         }
     }
 
+    /// Keeps only the entries for which `keep(key, subkey, value,
+    /// expiration)` holds (values still signed).
+    pub(crate) fn retain_entries(
+        &mut self,
+        mut keep: impl FnMut(&[u8], Option<&[u8]>, &[u8], f64) -> bool,
+    ) {
+        self.records.retain(|key, stored| match stored {
+            Stored::Regular(v) => keep(key, None, &v.value, v.expiration),
+            Stored::Dictionary(d) => {
+                d.retain(|subkey, v| keep(key, Some(subkey), &v.value, v.expiration));
+                !d.is_empty()
+            }
+        });
+    }
+
     /// Drops every expired value and subkey.
     pub(crate) fn prune(&mut self, now: f64) {
         self.records.retain(|_, stored| stored.prune(now));

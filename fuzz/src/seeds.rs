@@ -237,25 +237,51 @@ pub fn averaging_state() -> Seeds {
         metadata: msgpack(&42u64),
         tensors: vec![vec![1.0, -2.0, 0.5], vec![3.0]],
     };
-    let served = fuzzing::block_on(async {
-        let mut out = Vec::new();
-        colony_averaging::state::serve_state(&mut out, &state, Duration::from_secs(1))
-            .await
-            .map(|()| out)
-    })
-    .expect("serving into a Vec");
-    // A header declaring a tensor of 2^40 values the donor never sends.
-    let huge = rmp_serde::to_vec(&(ByteBuf::new(), vec![1u64 << 40], [0u8; 32])).expect("encodes");
-    let huge = cat(&[&(huge.len() as u32).to_le_bytes(), &huge]);
-    // Layout byte: even = no expected layout; odd = (byte / 2) % 4 lengths follow.
+    let served = colony_averaging::state::ServedState::new(state).expect("a small state");
+    let descriptor = served.descriptor().encode().expect("encodes");
+    let chunk: Vec<u8> = served
+        .state()
+        .tensors
+        .iter()
+        .flatten()
+        .flat_map(|x| x.to_le_bytes())
+        .collect();
+    let joiner = |lengths: &[u8], descriptor: &[u8], answers: &[u8]| {
+        cat(&[
+            &[0, lengths.len() as u8],
+            lengths,
+            &(descriptor.len() as u16).to_le_bytes(),
+            descriptor,
+            answers,
+        ])
+    };
+    // A descriptor declaring a tensor of 2^40 values.
+    let mut huge = served.descriptor().clone();
+    huge.lengths = vec![1 << 40];
+    let huge = huge.encode().expect("encodes");
+    let request = |tag: u8, root: [u8; 32], index: u32| {
+        cat(&[&[tag], &root, &index.to_le_bytes()])
+    };
+    let root = served.root();
     vec![
-        ("huge-tensor", cat(&[&[0], &huge])),
-        ("no-layout", cat(&[&[0], &served])),
-        ("layout", cat(&[&[5], &[3, 1], &served])),
-        ("wrong-layout", cat(&[&[3], &[4], &served])),
-        ("truncated", cat(&[&[0], &served[..served.len() - 3]])),
-        ("header-over-cap", cat(&[&[0], &u32::MAX.to_le_bytes()])),
-        ("empty", vec![0]),
+        ("good", joiner(&[3, 1], &descriptor, &cat(&[&[0], &chunk]))),
+        ("wrong-layout", joiner(&[4], &descriptor, &cat(&[&[0], &chunk]))),
+        ("not-serving", joiner(&[3, 1], &descriptor, &[1])),
+        ("truncated", joiner(&[3, 1], &descriptor, &cat(&[&[0], &chunk[..5]]))),
+        ("bad-chunk", joiner(&[3, 1], &descriptor, &cat(&[&[0], &[0; 16]]))),
+        ("huge-tensor", joiner(&[3, 1], &huge, &[])),
+        ("garbage", joiner(&[3, 1], &[0xc1, 0x00], &[])),
+        (
+            "donor-requests",
+            cat(&[
+                &[1],
+                &request(1, root, 0),
+                &request(2, root, 0),
+                &request(2, root, 9),
+                &request(2, [0; 32], 0),
+                &request(7, root, 0),
+            ]),
+        ),
     ]
 }
 

@@ -601,7 +601,13 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
     /// Never for a missing or bad donor (`Ok(false)`); only for local failures.
     pub async fn load_state_from_peers(&mut self) -> Result<bool> {
         let timeout = secs(self.config.load_state_timeout);
-        let loaded = match self.averager.load_state(timeout).await {
+        // The swarm's step, as the tracker estimates it from a quorum of live
+        // peers: no donor may lure this peer past it.
+        let global = lock(&self.shared).state.optimizer_step;
+        let max_step = global
+            .max(self.local_step)
+            .saturating_add(self.config.step_tolerance);
+        let loaded = match self.averager.load_state(timeout, max_step).await {
             Ok(Some(state)) => state,
             Ok(None) => {
                 tracing::info!("no peer offered a state");

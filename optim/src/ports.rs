@@ -92,10 +92,15 @@ pub trait SwarmAverager: Send + 'static {
     /// Makes `state` downloadable by other peers (replacing the previous one).
     fn share_state(&mut self, state: PeerState) -> impl Future<Output = Result<()>> + Send;
 
-    /// Downloads the most advanced state a peer offers, `None` if nobody offers one.
+    /// Downloads the most advanced state peers offer at a step of at most
+    /// `max_step` (the swarm's step as the tracker sees it, plus its
+    /// tolerance: no donor can lure a joiner past it), `None` if nobody
+    /// offers one. A networked averager installs a state only when several
+    /// donors vouch for it.
     fn load_state(
         &mut self,
         timeout: Duration,
+        max_step: u64,
     ) -> impl Future<Output = Result<Option<PeerState>>> + Send;
 
     /// Stops taking part in averaging and state sharing.

@@ -60,6 +60,13 @@ pub struct AveragerConfig {
     /// [`DecentralizedAverager::declare_state`]). Default 30 s (reference
     /// `declare_state_period`).
     pub declare_state_period: Duration,
+    /// How many distinct donors must vouch for a state's root before a
+    /// joiner installs it (fewer when fewer donors are live: a majority of
+    /// them). Default 2; 1 trusts any single donor.
+    pub state_vouchers: usize,
+    /// Slowest a state donor may serve (bytes/s) before a joiner drops it
+    /// and gives its chunks to the others. Default 256 KiB/s.
+    pub state_min_rate: f64,
 }
 
 impl AveragerConfig {
@@ -80,6 +87,8 @@ impl AveragerConfig {
             direct_data_plane: true,
             data_announce_addr: None,
             declare_state_period: Duration::from_secs(30),
+            state_vouchers: 2,
+            state_min_rate: 256.0 * 1024.0,
         }
     }
 
@@ -111,6 +120,12 @@ impl AveragerConfig {
         }
         if self.request_timeout.is_zero() || self.min_matchmaking_time.is_zero() {
             return bad("request_timeout", "timeouts must be positive");
+        }
+        if self.state_vouchers == 0 {
+            return bad("state_vouchers", "must be at least 1");
+        }
+        if !(self.state_min_rate.is_finite() && self.state_min_rate > 0.0) {
+            return bad("state_min_rate", "must be a positive rate");
         }
         if self.min_matchmaking_time.as_secs_f64() > crate::records::MATCHMAKING_MAX_TTL {
             return bad(

@@ -10,15 +10,30 @@ use colony_dht::{Dht, dht_time};
 use tokio::sync::{Mutex, watch};
 
 use super::DecentralizedAverager;
-use crate::error::{AveragingError, Result};
+use crate::{
+    error::{AveragingError, Result},
+    state::{ServedState, SharedState},
+};
+
+fn keep_root(command: DonorCommand) -> [u8; 32] {
+    match command {
+        DonorCommand::Keep { root, .. } => root,
+        DonorCommand::Idle | DonorCommand::Stop => [0; 32],
+    }
+}
 
 /// What the state-donor task keeps in the DHT.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(super) enum DonorCommand {
     /// Nothing declared.
     Idle,
-    /// Keep `priority` declared; each declaration lives `ttl` seconds.
-    Keep { priority: f64, ttl: f64 },
+    /// Keep `priority` and the state's `root` declared; each declaration
+    /// lives `ttl` seconds.
+    Keep {
+        priority: f64,
+        root: [u8; 32],
+        ttl: f64,
+    },
     /// Withdraw the declaration and stop.
     Stop,
 }
@@ -44,6 +59,7 @@ impl DonorRecord {
     async fn declare(
         &self,
         priority: f64,
+        root: &[u8; 32],
         expiration: f64,
         wanted: impl Fn() -> bool,
     ) -> Result<()> {
@@ -51,10 +67,14 @@ impl DonorRecord {
         if !wanted() {
             return Ok(());
         }
-        let value = rmp_serde::to_vec(&(serde_bytes::Bytes::new(&self.peer_id), priority))
-            .map_err(|_| AveragingError::Decode {
-                reason: "cannot encode donor record",
-            })?;
+        let value = rmp_serde::to_vec(&(
+            serde_bytes::Bytes::new(&self.peer_id),
+            priority,
+            serde_bytes::Bytes::new(root),
+        ))
+        .map_err(|_| AveragingError::Decode {
+            reason: "cannot encode donor record",
+        })?;
         if let Ok(mut last) = self.last_expiration.lock() {
             *last = last.max(expiration);
         }
@@ -142,19 +162,36 @@ impl DecentralizedAverager {
         // task keeps a shorter one alive just as well).
         let ttl = ttl.min(crate::records::DONOR_MAX_TTL);
         let expiration = now + ttl;
-        inner
-            .state_generation
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        if let Ok(mut m) = inner.state_metadata.lock() {
-            *m = metadata;
-        }
+        // What joiners will get: this state as it is now, cut and hashed
+        // once (off the runtime: SHA-256 over the whole state), served until
+        // the next declaration, whatever the tensors do meanwhile.
+        let snapshot = SharedState {
+            metadata,
+            tensors: inner.tensors.lock().await.clone(),
+        };
+        let served = tokio::task::spawn_blocking(move || ServedState::new(snapshot))
+            .await
+            .map_err(|_| AveragingError::Internal {
+                what: "hashing the declared state panicked",
+            })??;
+        let served = Arc::new(served);
         // The task refreshes from now on; this first store reports errors.
-        let keep = DonorCommand::Keep { priority, ttl };
+        let keep = DonorCommand::Keep {
+            priority,
+            root: served.root(),
+            ttl,
+        };
+        *inner
+            .served
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(served);
         inner.donor_cmd.send_replace(keep);
         let cmd = inner.donor_cmd.subscribe();
         inner
             .donor
-            .declare(priority, expiration, || *cmd.borrow() == keep)
+            .declare(priority, &keep_root(keep), expiration, || {
+                *cmd.borrow() == keep
+            })
             .await
     }
 
@@ -171,6 +208,10 @@ impl DecentralizedAverager {
             }
             was != *c
         });
+        *inner
+            .served
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
         inner.donor.withdraw().await
     }
 }
@@ -191,7 +232,11 @@ pub(super) async fn keep_state_declared(
                 }
             }
             DonorCommand::Stop => break,
-            DonorCommand::Keep { priority, ttl } => {
+            DonorCommand::Keep {
+                priority,
+                root,
+                ttl,
+            } => {
                 // `declare_state` has just stored it: refresh before it lapses.
                 let half = Duration::try_from_secs_f64(ttl / 2.0).unwrap_or(period);
                 let interval = period.min(half).max(Duration::from_millis(50));
@@ -199,7 +244,7 @@ pub(super) async fn keep_state_declared(
                     changed = rx.changed() => if changed.is_err() { break },
                     () = tokio::time::sleep(interval) => {
                         let still = || *rx.borrow() == command;
-                        if let Err(e) = donor.declare(priority, dht_time() + ttl, still).await {
+                        if let Err(e) = donor.declare(priority, &root, dht_time() + ttl, still).await {
                             tracing::warn!(error = %e, "could not re-declare state");
                         }
                     }

@@ -17,10 +17,7 @@ mod state_server;
 
 use std::{
     net::SocketAddr,
-    sync::{
-        Arc, Mutex as StdMutex, Weak,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::{Arc, Mutex as StdMutex},
     time::Duration,
 };
 
@@ -31,7 +28,7 @@ pub use self::bans::Ban;
 pub use self::config::AveragerConfig;
 use self::donor::{DonorCommand, DonorRecord};
 pub(crate) use self::reachability::Reachability;
-pub use self::state_server::MAX_STATE_REQUESTS;
+pub use self::state_server::{DownloadedState, MAX_STATE_DONORS, MAX_STATE_REQUESTS};
 use crate::{
     allreduce::{RoundOutcome, run_allreduce_capped},
     crypto::RoundKeyPair,
@@ -44,7 +41,7 @@ use crate::{
         shell::{self, Command, ShellIo},
     },
     partition::TensorLayout,
-    state::SharedState,
+    state::ServedState,
 };
 
 /// What a successful [`DecentralizedAverager::step`] reports.
@@ -73,11 +70,9 @@ struct Inner {
     /// [`crate::schema_hash`] of `layout`.
     schema: [u8; 32],
     tensors: Mutex<Vec<Vec<f32>>>,
-    /// Bumped before every lock that may change the tensors or the state
-    /// metadata: a state snapshot taken at another generation is stale.
-    state_generation: AtomicU64,
-    /// The snapshot the state requests in flight share, and its generation.
-    snapshot: Mutex<(u64, Weak<SharedState>)>,
+    /// The state this peer declared last, as it serves it (one copy, shared
+    /// by every request).
+    served: StdMutex<Option<Arc<ServedState>>>,
     plane: DataPlane,
     /// The data-plane address announced to group members (`None`: client).
     data_addr: Option<SocketAddr>,
@@ -85,7 +80,6 @@ struct Inner {
     group_bits: StdMutex<String>,
     /// The matchmaker task.
     matchmaker: mpsc::Sender<Command>,
-    state_metadata: StdMutex<Vec<u8>>,
     /// Whether this peer serves state (it runs the state acceptor).
     sharing: bool,
     donor: DonorRecord,
@@ -93,14 +87,6 @@ struct Inner {
     step_lock: Mutex<()>,
     weight_caps: StdMutex<WeightCaps>,
     bans: StdMutex<bans::BanList>,
-}
-
-impl Inner {
-    /// Locks the tensors for a change: state snapshots taken before are stale.
-    async fn lock_tensors(&self) -> MutexGuard<'_, Vec<Vec<f32>>> {
-        self.state_generation.fetch_add(1, Ordering::AcqRel);
-        self.tensors.lock().await
-    }
 }
 
 /// Averages a set of flat `f32` buffers with peers found through the DHT.
@@ -239,13 +225,11 @@ impl DecentralizedAverager {
             schema: crate::group::schema_hash(&layout),
             layout,
             tensors: Mutex::new(tensors),
-            state_generation: AtomicU64::new(0),
-            snapshot: Mutex::new((u64::MAX, Weak::new())),
+            served: StdMutex::new(None),
             plane,
             data_addr,
             group_bits: StdMutex::new(bits),
             matchmaker,
-            state_metadata: StdMutex::new(Vec::new()),
             sharing,
             donor: donor.clone(),
             donor_cmd,
@@ -329,7 +313,7 @@ impl DecentralizedAverager {
     /// Lock the averaged tensors for reading or writing. A round holds this lock
     /// while it runs, so the tensors are never seen half-averaged.
     pub async fn tensors(&self) -> MutexGuard<'_, Vec<Vec<f32>>> {
-        self.inner.lock_tensors().await
+        self.inner.tensors.lock().await
     }
 
     /// Stop background tasks, and withdraw this peer's state-donor declaration
@@ -395,7 +379,7 @@ impl DecentralizedAverager {
             .lock()
             .map(|c| c.for_group(&group))
             .unwrap_or_default();
-        let mut tensors = inner.lock_tensors().await;
+        let mut tensors = inner.tensors.lock().await;
         let started = std::time::Instant::now();
         let round = run_allreduce_capped(
             &inner.plane,

@@ -223,23 +223,40 @@ impl SwarmAverager for NetworkAverager {
             .map_err(averaging_err("declare state"))
     }
 
-    async fn load_state(&mut self, timeout: Duration) -> Result<Option<PeerState>> {
-        let metadata = match self.averager.load_state_from_peers(timeout).await {
-            Ok(m) => m,
-            Err(colony_averaging::AveragingError::NoStateDonor { tried }) => {
-                tracing::info!(tried, "no state donor");
+    async fn load_state(&mut self, timeout: Duration, max_step: u64) -> Result<Option<PeerState>> {
+        // Downloaded without touching the averager's buffer: the driver
+        // checks it (sizes, finiteness, step) before anything is installed.
+        let state = match self
+            .averager
+            .download_state_from_peers(timeout, max_step as f64)
+            .await
+        {
+            Ok(s) => s,
+            Err(
+                e @ (colony_averaging::AveragingError::NoStateDonor { .. }
+                | colony_averaging::AveragingError::NoVouchedState { .. }),
+            ) => {
+                tracing::info!(error = %e, "no state to download");
                 return Ok(None);
             }
             Err(e) => return Err(averaging_err("load state")(e)),
         };
-        let step: u64 =
-            colony_schema::from_msgpack_strict(&metadata).map_err(|source| OptimError::Schema {
-                op: "decode the donor's step",
+        let step: u64 = colony_schema::from_msgpack_strict(&state.metadata).map_err(|source| {
+            OptimError::Schema {
+                op: "decode the donors' step",
                 source,
-            })?;
+            }
+        })?;
+        if step as f64 != state.priority {
+            tracing::warn!(
+                step,
+                priority = state.priority,
+                "refusing a state whose step differs from its declared priority"
+            );
+            return Ok(None);
+        }
         let n = self.num_params;
-        let tensors = self.averager.tensors().await;
-        let buf = &tensors[0];
+        let buf = &state.tensors[0];
         Ok(Some(PeerState {
             step,
             params: buf[..n].to_vec(),

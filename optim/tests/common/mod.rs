@@ -194,7 +194,11 @@ impl SwarmAverager for MemoryAverager {
             .insert(self.name.clone(), state);
         Ok(())
     }
-    async fn load_state(&mut self, _timeout: Duration) -> Result<Option<PeerState>> {
+    async fn load_state(
+        &mut self,
+        _timeout: Duration,
+        _max_step: u64,
+    ) -> Result<Option<PeerState>> {
         let states = self.hub.states.lock().unwrap();
         Ok(states.values().max_by_key(|s| s.step).cloned())
     }
