@@ -3,8 +3,6 @@
 //! `(file name, bytes)`; `scripts/fuzz.sh --seeds` writes them to
 //! `fuzz/corpus/<target>/`.
 
-use std::time::Duration;
-
 use colony_averaging::{Compression, fuzzing};
 use colony_dht::{PeerSigner, PortCheck, WireEntry, encode_wire, owner_key_from_secret};
 use colony_optim::TrainingProgress;
