@@ -3,7 +3,7 @@
 use std::num::NonZeroUsize;
 
 use libp2p::{
-    StreamProtocol, Swarm, autonat, dcutr, gossipsub, identify,
+    StreamProtocol, Swarm, autonat, connection_limits, dcutr, gossipsub, identify,
     identity::Keypair,
     kad::{self, Caching, Mode, StoreInserts},
     noise, ping, relay,
@@ -31,6 +31,9 @@ const KAD_PACKET_OVERHEAD: usize = 64 * 1024;
 
 #[derive(NetworkBehaviour)]
 pub(crate) struct Behaviour {
+    /// Connection caps (in all, pending inbound, per peer): first, so a
+    /// connection past them is denied before any other behaviour sees it.
+    pub(crate) limits: connection_limits::Behaviour,
     pub(crate) kad: kad::Behaviour<ColonyStore>,
     pub(crate) gossipsub: gossipsub::Behaviour,
     pub(crate) identify: identify::Behaviour,
@@ -163,6 +166,12 @@ pub(crate) fn build_swarm(
         .with_relay_client(noise::Config::new, yamux::Config::default)
         .map_err(|e| transport_err(&e))?
         .with_behaviour(|_, relay_client| Behaviour {
+            limits: connection_limits::Behaviour::new(
+                connection_limits::ConnectionLimits::default()
+                    .with_max_established(Some(config.max_connections))
+                    .with_max_pending_incoming(Some(config.max_pending_incoming))
+                    .with_max_established_per_peer(Some(config.max_connections_per_peer)),
+            ),
             kad,
             gossipsub,
             identify,

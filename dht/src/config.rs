@@ -75,6 +75,14 @@ pub struct DhtConfig {
     /// like `max_subkeys_per_owner`. Default: 256 KiB (a quarter of
     /// `max_record_size`).
     pub max_owner_bytes: usize,
+    /// Most connections established at once, in and out together; more
+    /// are denied. Default: 512.
+    pub max_connections: u32,
+    /// Most inbound connections still in their handshake at once. Default: 64.
+    pub max_pending_incoming: u32,
+    /// Most connections to one peer (a relayed one and a direct one, each
+    /// side dialing: 4 is room enough). Default: 4.
+    pub max_connections_per_peer: u32,
     /// Latest accepted expiration, relative to now: records that claim to live
     /// longer are rejected. Default: 24 h.
     pub max_ttl: Duration,
@@ -166,6 +174,9 @@ impl Default for DhtConfig {
             max_key_size: 1024,
             max_record_size: 1024 * 1024,
             max_records: 100_000,
+            max_connections: 512,
+            max_pending_incoming: 64,
+            max_connections_per_peer: 4,
             max_subkeys_per_owner: 8,
             max_owner_bytes: 256 * 1024,
             max_ttl: Duration::from_secs(24 * 3600),
@@ -265,6 +276,15 @@ impl DhtConfig {
         }
         if self.max_records == 0 {
             return bad("max_records", "must be positive");
+        }
+        if self.max_connections == 0 || self.max_pending_incoming == 0 {
+            return bad("max_connections", "connection limits must be positive");
+        }
+        if self.max_connections_per_peer < 2 {
+            return bad(
+                "max_connections_per_peer",
+                "must be at least 2 (a relayed and a direct connection)",
+            );
         }
         if self.max_subkeys_per_owner == 0 {
             return bad("max_subkeys_per_owner", "must be positive");

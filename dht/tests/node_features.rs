@@ -473,3 +473,44 @@ async fn dial_back_reports_reachable_and_closed_ports() {
     .await
     .unwrap();
 }
+
+/// A node capped at 3 connections keeps no fourth peer (the peers past the
+/// cap complete their handshake and are closed at once, so their own start
+/// succeeds through what they learned); the first ones keep working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_cap_are_denied() {
+    common::init_tracing();
+    tokio::time::timeout(T, async {
+        let capped = Dht::new(DhtConfig {
+            max_connections: 3,
+            ..common::server_config(31, 0, vec![])
+        })
+        .await
+        .unwrap();
+        let mut others = Vec::new();
+        for i in 1..=6 {
+            if let Ok(n) = Dht::new(DhtConfig {
+                ensure_bootstrap: false,
+                ..common::server_config(31, i, capped.listen_addrs())
+            })
+            .await
+            {
+                others.push(n);
+            }
+        }
+        let connected = capped.stats().await.unwrap().connected_peers;
+        eprintln!("connection cap 3: {connected} of 6 dialing peers connected");
+        assert_eq!(connected, 3, "{connected} connected");
+        // The admitted peers still store and read through the capped node.
+        others[0]
+            .store(b"k", None, vec![0x01], colony_dht::dht_time() + 60.0)
+            .await
+            .unwrap();
+        assert!(capped.get(b"k", false).await.unwrap().is_some());
+        for n in others.iter().chain(std::iter::once(&capped)) {
+            n.shutdown().await;
+        }
+    })
+    .await
+    .expect("test timed out");
+}

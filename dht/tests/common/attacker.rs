@@ -115,6 +115,47 @@ impl Attacker {
         .await;
     }
 
+    /// Sends `n` copies of raw record bytes to `peer` as kad PUT_VALUEs, all
+    /// at once, and waits for every ack (or failure). Returns how many were
+    /// acknowledged.
+    pub async fn flood_to(&mut self, peer: PeerId, key: &[u8], value: Vec<u8>, n: usize) -> usize {
+        let mut pending: std::collections::HashSet<kad::QueryId> = (0..n)
+            .map(|_| {
+                let record = Record {
+                    key: RecordKey::new(&key),
+                    value: value.clone(),
+                    publisher: None,
+                    expires: None,
+                };
+                self.swarm.behaviour_mut().kad.put_record_to(
+                    record,
+                    std::iter::once(peer),
+                    Quorum::One,
+                )
+            })
+            .collect();
+        let mut acked = 0;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        while !pending.is_empty() {
+            let Ok(event) = tokio::time::timeout_at(deadline, self.swarm.select_next_some()).await
+            else {
+                break;
+            };
+            if let SwarmEvent::Behaviour(AttackerBehaviourEvent::Kad(
+                kad::Event::OutboundQueryProgressed {
+                    id,
+                    result: QueryResult::PutRecord(r),
+                    ..
+                },
+            )) = event
+                && pending.remove(&id)
+            {
+                acked += usize::from(r.is_ok());
+            }
+        }
+        acked
+    }
+
     /// Holds raw record bytes in the attacker's own store, served to any reader.
     pub fn hold(&mut self, key: &[u8], value: Vec<u8>) {
         let record = Record {
