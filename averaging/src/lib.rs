@@ -58,8 +58,7 @@ mod wire;
 
 pub use allreduce::RoundOutcome;
 pub use averager::{
-    AveragerConfig, Ban, DecentralizedAverager, DownloadedState, MAX_STATE_DONORS,
-    MAX_STATE_REQUESTS, StepOutcome,
+    AveragerConfig, Ban, DecentralizedAverager, DownloadedState, MAX_STATE_REQUESTS, StepOutcome,
 };
 pub use compression::Compression;
 pub use conn::DataPath;

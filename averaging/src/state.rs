@@ -276,6 +276,41 @@ impl ServedState {
     }
 }
 
+/// What a donor serves: the state it declared last, and the ones it
+/// declared before for as long as some request still reads them (a joiner
+/// that began on the previous root finishes on it; no copy is kept for
+/// anyone else).
+#[derive(Debug, Default)]
+pub(crate) struct ServedStates {
+    current: Option<Arc<ServedState>>,
+    retired: Vec<std::sync::Weak<ServedState>>,
+}
+
+impl ServedStates {
+    /// Serves `state` from now on.
+    pub(crate) fn declare(&mut self, state: Arc<ServedState>) {
+        self.withdraw();
+        self.current = Some(state);
+    }
+
+    /// Serves nothing new; states still being read stay readable.
+    pub(crate) fn withdraw(&mut self) {
+        if let Some(old) = self.current.take() {
+            self.retired.push(Arc::downgrade(&old));
+        }
+        self.retired.retain(|w| w.strong_count() > 0);
+    }
+
+    /// The state whose root is `root`, if this donor still serves it.
+    pub(crate) fn find(&self, root: &[u8; 32]) -> Option<Arc<ServedState>> {
+        self.current
+            .iter()
+            .cloned()
+            .chain(self.retired.iter().filter_map(std::sync::Weak::upgrade))
+            .find(|s| &s.root == root)
+    }
+}
+
 fn serve_io(source: std::io::Error) -> AveragingError {
     AveragingError::Io {
         context: "serving state",
@@ -295,25 +330,28 @@ async fn write_timeout<W: AsyncWrite + Unpin>(
 }
 
 /// Answers state requests on `stream` until the joiner closes it or stays
-/// idle for `idle_timeout` (donor side). `current()` is the state served
-/// now (`None`: none declared); a request for another root is answered
-/// "not serving". Each write must make progress within `write_timeout`.
+/// idle for `idle_timeout` (donor side). `find(root)` is the state this
+/// donor serves under `root`, if any (otherwise the answer is "not
+/// serving"); the stream holds on to the last state it served, so a
+/// re-declaration mid-download does not cut it off. Each write must make
+/// progress within `write_timeout_per_chunk`.
 ///
 /// # Errors
 /// [`AveragingError::Io`] on a failed or stalled write; a garbled request
 /// ends the stream with [`AveragingError::Peer`].
 pub async fn serve_requests<S, F>(
     stream: &mut S,
-    current: F,
+    find: F,
     idle_timeout: Duration,
     write_timeout_per_chunk: Duration,
 ) -> Result<()>
 where
     S: AsyncRead + AsyncWrite + Unpin,
-    F: Fn() -> Option<Arc<ServedState>>,
+    F: Fn(&[u8; 32]) -> Option<Arc<ServedState>>,
 {
     let fault = |fault| AveragingError::Peer { peer: 0, fault };
     let mut request = [0u8; REQUEST_LEN];
+    let mut held: Option<Arc<ServedState>> = None;
     loop {
         match tokio::time::timeout(idle_timeout, stream.read_exact(&mut request)).await {
             Err(_) => return Ok(()),
@@ -327,7 +365,13 @@ where
         }
         let root: [u8; 32] = request[1..33].try_into().unwrap_or([0; 32]);
         let index = u32::from_le_bytes([request[33], request[34], request[35], request[36]]);
-        let served = current().filter(|s| s.root == root);
+        let served = match &held {
+            Some(h) if h.root == root => Some(h.clone()),
+            _ => find(&root),
+        };
+        if served.is_some() {
+            held.clone_from(&served);
+        }
         match (request[0], served) {
             (TAG_DESCRIPTOR | TAG_CHUNK, None) => {
                 write_timeout(stream, &[UNKNOWN_ROOT], write_timeout_per_chunk).await?;
@@ -738,21 +782,26 @@ mod tests {
         Slow(usize),
     }
 
+    impl ServedState {
+        fn find(self: &Arc<Self>, root: &[u8; 32]) -> Option<Arc<Self>> {
+            (self.root == *root).then(|| self.clone())
+        }
+    }
+
     fn spawn_donor(served: Arc<ServedState>, behaviour: Donor) -> DuplexStream {
         let (joiner, mut donor) = tokio::io::duplex(1 << 16);
         tokio::spawn(async move {
             let t = Duration::from_secs(5);
             match behaviour {
                 Donor::Honest => {
-                    let _ = serve_requests(&mut donor, || Some(served.clone()), t, t).await;
+                    let _ = serve_requests(&mut donor, |r| served.find(r), t, t).await;
                 }
                 Donor::LeavesAfter(n) => {
                     // A relay that passes `n` requests, then drops both ends.
                     let lengths = served.clone();
                     let (mut inner_joiner, mut inner_donor) = tokio::io::duplex(1 << 16);
                     tokio::spawn(async move {
-                        let _ =
-                            serve_requests(&mut inner_donor, || Some(served.clone()), t, t).await;
+                        let _ = serve_requests(&mut inner_donor, |r| served.find(r), t, t).await;
                     });
                     let mut request = [0u8; REQUEST_LEN];
                     for _ in 0..n {
@@ -782,8 +831,7 @@ mod tests {
                 Donor::Slow(rate) => {
                     let (inner_joiner, mut inner_donor) = tokio::io::duplex(1 << 16);
                     tokio::spawn(async move {
-                        let _ =
-                            serve_requests(&mut inner_donor, || Some(served.clone()), t, t).await;
+                        let _ = serve_requests(&mut inner_donor, |r| served.find(r), t, t).await;
                     });
                     let (mut from_joiner, mut to_joiner) = tokio::io::split(donor);
                     let (mut from_donor, mut to_donor) = tokio::io::split(inner_joiner);
@@ -969,6 +1017,26 @@ mod tests {
             res,
             Err(AveragingError::NoStateDonor { tried: 1 })
         ));
+    }
+
+    #[test]
+    fn a_redeclared_state_stays_served_while_a_stream_reads_it() {
+        let a = Arc::new(ServedState::new(state(0.0)).unwrap());
+        let b = Arc::new(ServedState::new(state(1.0)).unwrap());
+        let (root_a, root_b) = (a.root(), b.root());
+        let mut served = ServedStates::default();
+        served.declare(a);
+        let reading = served.find(&root_a).expect("declared");
+        served.declare(b);
+        assert!(served.find(&root_b).is_some());
+        assert!(served.find(&root_a).is_some(), "a stream still reads it");
+        drop(reading);
+        assert!(
+            served.find(&root_a).is_none(),
+            "no copy kept for anyone else"
+        );
+        served.withdraw();
+        assert!(served.find(&root_b).is_none());
     }
 
     #[test]

@@ -3,7 +3,8 @@
 use std::num::NonZeroUsize;
 
 use libp2p::{
-    StreamProtocol, Swarm, autonat, connection_limits, dcutr, gossipsub, identify,
+    StreamProtocol, Swarm, allow_block_list, autonat, connection_limits, dcutr, gossipsub,
+    identify,
     identity::Keypair,
     kad::{self, Caching, Mode, StoreInserts},
     noise, ping, relay,
@@ -34,6 +35,9 @@ pub(crate) struct Behaviour {
     /// Connection caps (in all, pending inbound, per peer): first, so a
     /// connection past them is denied before any other behaviour sees it.
     pub(crate) limits: connection_limits::Behaviour,
+    /// A closed run's admission: connections with peers off
+    /// [`DhtConfig::allowed_peers`] are denied (off: an open run).
+    pub(crate) allow: Toggle<allow_block_list::Behaviour<allow_block_list::AllowedPeers>>,
     pub(crate) kad: kad::Behaviour<ColonyStore>,
     pub(crate) gossipsub: gossipsub::Behaviour,
     pub(crate) identify: identify::Behaviour,
@@ -172,6 +176,14 @@ pub(crate) fn build_swarm(
                     .with_max_pending_incoming(Some(config.max_pending_incoming))
                     .with_max_established_per_peer(Some(config.max_connections_per_peer)),
             ),
+            allow: Toggle::from(config.allowed_peers.as_ref().map(|peers| {
+                let mut allow =
+                    allow_block_list::Behaviour::<allow_block_list::AllowedPeers>::default();
+                for peer in peers {
+                    allow.allow_peer(*peer);
+                }
+                allow
+            })),
             kad,
             gossipsub,
             identify,

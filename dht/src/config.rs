@@ -2,7 +2,7 @@
 
 use std::{path::PathBuf, time::Duration};
 
-use libp2p::Multiaddr;
+use libp2p::{Multiaddr, PeerId};
 
 use crate::error::DhtError;
 
@@ -75,6 +75,12 @@ pub struct DhtConfig {
     /// like `max_subkeys_per_owner`. Default: 256 KiB (a quarter of
     /// `max_record_size`).
     pub max_owner_bytes: usize,
+    /// A closed run: only these peers may connect to this node (any other
+    /// connection is denied), and records signed by anyone else are
+    /// refused on store and on read. `None` (default): an open run. Every
+    /// member, bootstrap and relay of a closed run should use the same
+    /// list.
+    pub allowed_peers: Option<Vec<PeerId>>,
     /// Most connections established at once, in and out together; more
     /// are denied. Default: 512.
     pub max_connections: u32,
@@ -174,6 +180,7 @@ impl Default for DhtConfig {
             max_key_size: 1024,
             max_record_size: 1024 * 1024,
             max_records: 100_000,
+            allowed_peers: None,
             max_connections: 512,
             max_pending_incoming: 64,
             max_connections_per_peer: 4,

@@ -120,6 +120,11 @@ impl Dht {
         let public_key = *signer.owner().as_bytes();
         let mut composite = CompositeValidator::new();
         composite.extend(Arc::new(signer));
+        if let Some(peers) = &config.allowed_peers {
+            composite.extend(Arc::new(crate::admission::AllowedOwners::new(
+                peers.iter().copied(),
+            )));
+        }
         let validators = Arc::new(RwLock::new(composite));
         let limits = RecordLimits::from_config(&config);
         let inbound = InboundRegistry::default();

@@ -52,6 +52,7 @@
 //! # }
 //! ```
 
+mod admission;
 mod behaviour;
 mod config;
 mod dht;

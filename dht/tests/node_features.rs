@@ -514,3 +514,63 @@ async fn connections_past_the_cap_are_denied() {
     .await
     .expect("test timed out");
 }
+
+/// A closed run: members list each other; an outsider cannot connect to a
+/// member, and its records, held by an open bootstrap node both sides
+/// reach, are refused when a member reads them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_run_refuses_outsiders_and_their_records() {
+    common::init_tracing();
+    tokio::time::timeout(T, async {
+        let peer = |i| colony_dht::PeerSigner::from_secret(common::secret(41, i)).peer_id();
+        // 0: an open bootstrap node; 1, 2: members; 3: an outsider.
+        let members = vec![peer(0), peer(1), peer(2)];
+        let open = Dht::new(common::server_config(41, 0, vec![]))
+            .await
+            .unwrap();
+        let member = |i| DhtConfig {
+            allowed_peers: Some(members.clone()),
+            ..common::server_config(41, i, open.listen_addrs())
+        };
+        let a = Dht::new(member(1)).await.unwrap();
+        let b = Dht::new(member(2)).await.unwrap();
+        let outsider = Dht::new(common::server_config(41, 3, open.listen_addrs()))
+            .await
+            .unwrap();
+        let key = b"closed_progress";
+        let expiration = colony_dht::dht_time() + 60.0;
+        b.store(key, Some(&b.owner_subkey()), vec![0x01], expiration)
+            .await
+            .unwrap();
+        let stored = outsider
+            .store(key, Some(&outsider.owner_subkey()), vec![0x02], expiration)
+            .await
+            .unwrap();
+        assert!(
+            stored.is_stored(),
+            "the open node takes the outsider's record"
+        );
+        // A direct dial from the outsider to a member is denied.
+        let _ = Dht::new(DhtConfig {
+            ensure_bootstrap: false,
+            ..common::server_config(41, 4, a.listen_addrs())
+        })
+        .await;
+        let got = a.get(key, true).await.unwrap().unwrap();
+        let d = got.as_dictionary().unwrap();
+        assert_eq!(d.len(), 1, "only the member's entry: {d:?}");
+        assert!(d.contains_key(&b.owner_subkey()));
+        let connected = a.stats().await.unwrap();
+        eprintln!(
+            "closed run: member sees {} connected peers, {} records refused on read",
+            connected.connected_peers, connected.rejected_on_read
+        );
+        assert!(connected.connected_peers <= 2, "{connected:?}");
+        assert!(connected.rejected_on_read >= 1);
+        for n in [&open, &a, &b, &outsider] {
+            n.shutdown().await;
+        }
+    })
+    .await
+    .expect("test timed out");
+}

@@ -1,5 +1,6 @@
 //! A flood of 1 MiB puts whose every entry carries a bad signature, sent to
 //! one node while it answers gets: the gets stay fast, nothing is stored.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

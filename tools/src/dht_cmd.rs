@@ -41,6 +41,10 @@ pub(crate) struct ServeArgs {
     /// Identity file: loaded if it exists, created otherwise (keeps the peer id).
     #[arg(long, env = "COLONY_IDENTITY")]
     identity: Option<PathBuf>,
+    /// A closed run's bootstrap or relay: a file of the peer ids allowed to
+    /// connect, one per line (`#` starts a comment). Default: open.
+    #[arg(long, env = "COLONY_ALLOW_PEERS")]
+    allow_peers: Option<PathBuf>,
     /// Client mode: listen nowhere, never serve the DHT.
     #[arg(long, env = "COLONY_CLIENT")]
     client: bool,
@@ -139,6 +143,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     if let Some(path) = args.identity {
         config.identity = IdentitySource::File(path);
+    }
+    if let Some(path) = &args.allow_peers {
+        config.allowed_peers = Some(crate::identity_cmd::read_allow_list(path)?);
     }
     config.announce_addrs = args.announce;
     if !args.client && !args.no_relay {

@@ -30,6 +30,12 @@ pub(crate) struct TrainArgs {
     /// peer id survives restarts. Default: a fresh identity per start.
     #[arg(long, env = "COLONY_IDENTITY")]
     pub(crate) identity: Option<std::path::PathBuf>,
+    /// A closed run: a file of the peer ids allowed in it, one per line (`#`
+    /// starts a comment). Connections with any other peer are denied and
+    /// records signed by anyone else are refused. Every member, bootstrap
+    /// and relay should be given the same file. Default: an open run.
+    #[arg(long, env = "COLONY_ALLOW_PEERS")]
+    pub(crate) allow_peers: Option<std::path::PathBuf>,
     /// Seconds between checks that no other host runs with this identity
     /// (a copied identity file): the node that started later stops with an
     /// error. 0 turns the check off.
@@ -445,6 +451,9 @@ async fn train(args: TrainArgs) -> anyhow::Result<()> {
     };
     if !args.listen.is_empty() {
         dht_config.listen_addrs = args.listen.clone();
+    }
+    if let Some(path) = &args.allow_peers {
+        dht_config.allowed_peers = Some(crate::identity_cmd::read_allow_list(path)?);
     }
     if let Some(path) = &args.identity {
         dht_config.identity = colony_dht::IdentitySource::File(path.clone());

@@ -67,6 +67,8 @@ pub struct AveragerConfig {
     /// Slowest a state donor may serve (bytes/s) before a joiner drops it
     /// and gives its chunks to the others. Default 256 KiB/s.
     pub state_min_rate: f64,
+    /// Most vouching donors a joiner downloads from at once. Default 8.
+    pub state_max_donors: usize,
 }
 
 impl AveragerConfig {
@@ -89,6 +91,7 @@ impl AveragerConfig {
             declare_state_period: Duration::from_secs(30),
             state_vouchers: 2,
             state_min_rate: 256.0 * 1024.0,
+            state_max_donors: 8,
         }
     }
 
@@ -123,6 +126,9 @@ impl AveragerConfig {
         }
         if self.state_vouchers == 0 {
             return bad("state_vouchers", "must be at least 1");
+        }
+        if self.state_max_donors == 0 {
+            return bad("state_max_donors", "must be at least 1");
         }
         if !(self.state_min_rate.is_finite() && self.state_min_rate > 0.0) {
             return bad("state_min_rate", "must be a positive rate");

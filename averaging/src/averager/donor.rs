@@ -181,10 +181,11 @@ impl DecentralizedAverager {
             root: served.root(),
             ttl,
         };
-        *inner
+        inner
             .served
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(served);
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .declare(served);
         inner.donor_cmd.send_replace(keep);
         let cmd = inner.donor_cmd.subscribe();
         inner
@@ -208,10 +209,11 @@ impl DecentralizedAverager {
             }
             was != *c
         });
-        *inner
+        inner
             .served
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .withdraw();
         inner.donor.withdraw().await
     }
 }

@@ -28,7 +28,7 @@ pub use self::bans::Ban;
 pub use self::config::AveragerConfig;
 use self::donor::{DonorCommand, DonorRecord};
 pub(crate) use self::reachability::Reachability;
-pub use self::state_server::{DownloadedState, MAX_STATE_DONORS, MAX_STATE_REQUESTS};
+pub use self::state_server::{DownloadedState, MAX_STATE_REQUESTS};
 use crate::{
     allreduce::{RoundOutcome, run_allreduce_capped},
     crypto::RoundKeyPair,
@@ -41,7 +41,7 @@ use crate::{
         shell::{self, Command, ShellIo},
     },
     partition::TensorLayout,
-    state::ServedState,
+    state::ServedStates,
 };
 
 /// What a successful [`DecentralizedAverager::step`] reports.
@@ -71,8 +71,8 @@ struct Inner {
     schema: [u8; 32],
     tensors: Mutex<Vec<Vec<f32>>>,
     /// The state this peer declared last, as it serves it (one copy, shared
-    /// by every request).
-    served: StdMutex<Option<Arc<ServedState>>>,
+    /// by every request), and earlier ones while requests still read them.
+    served: StdMutex<ServedStates>,
     plane: DataPlane,
     /// The data-plane address announced to group members (`None`: client).
     data_addr: Option<SocketAddr>,
@@ -225,7 +225,7 @@ impl DecentralizedAverager {
             schema: crate::group::schema_hash(&layout),
             layout,
             tensors: Mutex::new(tensors),
-            served: StdMutex::new(None),
+            served: StdMutex::new(ServedStates::default()),
             plane,
             data_addr,
             group_bits: StdMutex::new(bits),

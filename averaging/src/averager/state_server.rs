@@ -25,8 +25,6 @@ use crate::{
 pub const MAX_STATE_REQUESTS: usize = 8;
 /// Most state streams one peer may hold open on this donor at once.
 const MAX_STATE_REQUESTS_PER_PEER: usize = 2;
-/// Most donors a joiner downloads from at once.
-pub const MAX_STATE_DONORS: usize = 8;
 
 /// A donor's declaration, as read from the DHT.
 #[derive(Debug, Clone, PartialEq)]
@@ -137,7 +135,8 @@ impl DecentralizedAverager {
     /// or a majority of the live donors when fewer), at a priority of at
     /// most `max_priority` (the optimizer passes the swarm's step, so no
     /// donor can lure joiners with a higher one), fetched in parallel from
-    /// up to [`MAX_STATE_DONORS`] of its vouchers with every chunk verified.
+    /// up to [`state_max_donors`](crate::AveragerConfig::state_max_donors)
+    /// of its vouchers with every chunk verified.
     /// This peer's tensors are untouched; [`install_state`](Self::install_state)
     /// installs the result once the caller accepts it.
     ///
@@ -193,7 +192,7 @@ impl DecentralizedAverager {
         );
         let mut donors = vouched.donors.clone();
         donors.shuffle(&mut rand::thread_rng());
-        donors.truncate(MAX_STATE_DONORS);
+        donors.truncate(inner.cfg.state_max_donors);
         let protocol = state_protocol(&inner.cfg.prefix)?;
         let limits = DownloadLimits {
             request_timeout: inner.cfg.request_timeout,
@@ -298,16 +297,15 @@ pub(super) async fn accept_state_requests(
         tokio::spawn(async move {
             let _permit = permit;
             let mut s = stream.compat();
-            let current = || {
+            let find = |root: &[u8; 32]| {
                 inner
                     .served
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .clone()
+                    .find(root)
             };
             let t = inner.cfg.allreduce.sender_timeout;
-            if let Err(e) =
-                serve_requests(&mut s, current, inner.cfg.request_timeout.max(t), t).await
+            if let Err(e) = serve_requests(&mut s, find, inner.cfg.request_timeout.max(t), t).await
             {
                 tracing::debug!(%peer, error = %e, "serving state failed");
             }
