@@ -41,6 +41,14 @@ fn config(prefix: &str) -> AveragerConfig {
     c
 }
 
+/// An averager on `node` whose tensors (the layout of [`values`]) are all
+/// zero: a joiner that has no state yet.
+async fn blank(node: &Dht, cfg: AveragerConfig) -> DecentralizedAverager {
+    DecentralizedAverager::new(node.clone(), vec![vec![0.0; 3000], vec![0.0; 5]], cfg)
+        .await
+        .expect("blank averager")
+}
+
 fn values(i: usize) -> Vec<Vec<f32>> {
     vec![
         (0..3000).map(|j| (i * 31 + j % 97) as f32 * 0.01).collect(),
@@ -187,13 +195,7 @@ async fn alone_is_no_group_and_late_joiner_copies_state() {
 
         // The two donors hold different states, so neither is vouched for
         // by two donors: a joiner with the default rule installs nothing...
-        let picky = DecentralizedAverager::new(
-            nodes[2].clone(),
-            vec![vec![0.0; 3000], vec![0.0; 5]],
-            config("state"),
-        )
-        .await
-        .unwrap();
+        let picky = blank(&nodes[2], config("state")).await;
         let res = picky.load_state_from_peers(Duration::from_secs(20)).await;
         assert!(
             matches!(
@@ -211,13 +213,7 @@ async fn alone_is_no_group_and_late_joiner_copies_state() {
         // ...and one that trusts single donors takes the highest priority.
         let mut trusting = config("state");
         trusting.state_vouchers = 1;
-        let late = DecentralizedAverager::new(
-            nodes[3].clone(),
-            vec![vec![0.0; 3000], vec![0.0; 5]],
-            trusting,
-        )
-        .await
-        .unwrap();
+        let late = blank(&nodes[3], trusting).await;
         let meta = late
             .load_state_from_peers(Duration::from_secs(20))
             .await
@@ -315,13 +311,7 @@ async fn state_declaration_outlives_its_first_expiration_and_is_withdrawn_on_shu
             .declare_state(5.0, b"step 5".to_vec(), first_expiration)
             .await
             .unwrap();
-        let late = DecentralizedAverager::new(
-            nodes[1].clone(),
-            vec![vec![0.0; 3000], vec![0.0; 5]],
-            config("redeclare"),
-        )
-        .await
-        .unwrap();
+        let late = blank(&nodes[1], config("redeclare")).await;
         // The passage of time is what is tested here: go past the moment the
         // first declaration expires.
         let past = first_expiration + 1.0 - dht_time();
@@ -561,13 +551,7 @@ async fn squatted_keys_and_impersonating_entries_change_nothing() {
             .declare_state(3.0, b"honest".to_vec(), dht_time() + 60.0)
             .await
             .unwrap();
-        let late = DecentralizedAverager::new(
-            nodes[3].clone(),
-            vec![vec![0.0; 3000], vec![0.0; 5]],
-            config("squat"),
-        )
-        .await
-        .unwrap();
+        let late = blank(&nodes[3], config("squat")).await;
         let meta = late
             .load_state_from_peers(Duration::from_secs(20))
             .await
@@ -620,13 +604,7 @@ async fn a_backdoored_state_with_a_huge_priority_is_not_installed() {
             .await
             .unwrap();
 
-        let joiner = DecentralizedAverager::new(
-            nodes[3].clone(),
-            vec![vec![0.0; 3000], vec![0.0; 5]],
-            config("vouch"),
-        )
-        .await
-        .unwrap();
+        let joiner = blank(&nodes[3], config("vouch")).await;
         let started = std::time::Instant::now();
         let got = joiner
             .download_state_from_peers(Duration::from_secs(20), f64::INFINITY)
@@ -649,13 +627,7 @@ async fn a_backdoored_state_with_a_huge_priority_is_not_installed() {
         // One honest donor beside the liar: two live donors disagree, so no
         // state is vouched for, and the joiner keeps its own tensors.
         honest[1].withdraw_state().await.unwrap();
-        let second = DecentralizedAverager::new(
-            nodes[4].clone(),
-            vec![vec![0.0; 3000], vec![0.0; 5]],
-            config("vouch"),
-        )
-        .await
-        .unwrap();
+        let second = blank(&nodes[4], config("vouch")).await;
         let res = second.load_state_from_peers(Duration::from_secs(20)).await;
         assert!(
             matches!(res, Err(AveragingError::NoVouchedState { donors: 2, .. })),

@@ -45,6 +45,11 @@ const GOSSIP_RATE_PER_PEER: f64 = 50.0;
 const GOSSIP_BURST_PER_PEER: f64 = 200.0;
 /// Propagating peers whose rate is tracked at once.
 const GOSSIP_TRACKED_PEERS: usize = 4096;
+/// Records a peer may put to this node per second (burst
+/// [`PUT_BURST_PER_PEER`]); puts beyond that are dropped before they are
+/// decoded or their signatures checked.
+const PUT_RATE_PER_PEER: f64 = 50.0;
+const PUT_BURST_PER_PEER: f64 = 200.0;
 
 /// One subscriber of a topic.
 struct Subscriber {
@@ -175,6 +180,9 @@ pub struct NodeStats {
     pub circuits_served: u64,
     /// AutoNAT probes of this node's addresses that no peer could dial back.
     pub autonat_failures: u64,
+    /// Inbound puts dropped because their sender put faster than this node
+    /// takes from one peer.
+    pub rate_limited_puts: u64,
 }
 
 struct PendingGet {
@@ -195,6 +203,7 @@ pub(crate) struct Node {
     subscriptions: HashMap<TopicHash, Vec<Subscriber>>,
     /// Messages each propagating peer may have validated and forwarded here.
     gossip_limiter: ForwardLimiter<PeerId>,
+    put_limiter: ForwardLimiter<PeerId>,
     peers: HashMap<PeerId, PeerAddresses>,
     replication: usize,
     stats: NodeStats,
@@ -276,6 +285,11 @@ impl Node {
             gossip_limiter: ForwardLimiter::new(
                 GOSSIP_RATE_PER_PEER,
                 GOSSIP_BURST_PER_PEER,
+                GOSSIP_TRACKED_PEERS,
+            ),
+            put_limiter: ForwardLimiter::new(
+                PUT_RATE_PER_PEER,
+                PUT_BURST_PER_PEER,
                 GOSSIP_TRACKED_PEERS,
             ),
             peers: HashMap::new(),
@@ -691,6 +705,13 @@ impl Node {
     }
 
     fn on_inbound_put(&mut self, source: PeerId, record: Record) {
+        if !self.put_limiter.allow(&source, std::time::Instant::now()) {
+            self.stats.rate_limited_puts += 1;
+            if self.stats.rate_limited_puts.is_power_of_two() {
+                tracing::warn!(%source, dropped = self.stats.rate_limited_puts, "put rate limit: dropping puts");
+            }
+            return;
+        }
         let key = record.key.to_vec();
         let accepted = self.accept_entries(source, &key, &record.value, true);
         let now = dht_time();

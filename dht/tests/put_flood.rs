@@ -105,3 +105,47 @@ async fn gets_stay_fast_under_a_flood_of_forged_megabyte_puts() {
     .await
     .expect("test timed out");
 }
+
+/// One peer putting far faster than a node takes from one peer: past the
+/// burst, its puts are dropped before they are decoded; another peer's
+/// store still lands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn puts_past_a_peers_rate_are_dropped_unread() {
+    common::init_tracing();
+    tokio::time::timeout(Duration::from_secs(120), async {
+        let (nodes, _) = swarm(22, 2, 0).await;
+        let victim = nodes[0].clone();
+        let mut attacker = Attacker::new().await;
+        attacker
+            .connect(victim.listen_addrs()[0].clone(), victim.peer_id())
+            .await;
+        let tiny = encode_wire(&[WireEntry {
+            subkey: None,
+            value: ByteBuf::from(vec![0xc0]),
+            expiration: dht_time() + 600.0,
+        }]);
+        let started = Instant::now();
+        attacker
+            .flood_to(victim.peer_id(), b"spam", tiny, 2000)
+            .await;
+        let elapsed = started.elapsed().as_secs_f64();
+        let stats = victim.stats().await.unwrap();
+        eprintln!(
+            "put rate limit: 2000 puts from one peer in {elapsed:.2} s, {} dropped unread",
+            stats.rate_limited_puts
+        );
+        // At most the burst (200) plus 50/s of the flood's duration got in.
+        let admitted = 2000 - stats.rate_limited_puts;
+        assert!(
+            (admitted as f64) <= 200.0 + 50.0 * elapsed + 1.0,
+            "{admitted} admitted in {elapsed:.2} s"
+        );
+        let out = nodes[1]
+            .store(b"honest", None, vec![0x2a], dht_time() + 60.0)
+            .await
+            .unwrap();
+        assert!(out.is_stored());
+    })
+    .await
+    .expect("test timed out");
+}

@@ -445,6 +445,9 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
                 step: self.local_step,
             })
         } else {
+            // No state to load yet: do not retry on every micro-batch (each
+            // try is a DHT read of the donors' key).
+            tokio::time::sleep(secs(self.config.default_refresh_period)).await;
             Ok(StepOutcome::OutOfSync)
         }
     }
@@ -668,6 +671,20 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
             Ok(result) => result,
             Err(_) => Err(timed_out("goodbye", timeout)),
         }
+    }
+}
+
+impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
+    /// Stops the background tasks and averaging without a goodbye and
+    /// without withdrawing the state declaration: for a peer that leaves
+    /// because another node runs with its identity. Those records live
+    /// under the identity's owner subkey, so a goodbye would make peers stop
+    /// counting the other node (and withdrawing would hide its state).
+    pub async fn leave_without_goodbye(mut self) {
+        for task in self.tasks.drain(..) {
+            task.abort();
+        }
+        self.averager.abandon().await;
     }
 }
 

@@ -105,4 +105,11 @@ pub trait SwarmAverager: Send + 'static {
 
     /// Stops taking part in averaging and state sharing.
     fn shutdown(&mut self) -> impl Future<Output = ()> + Send;
+
+    /// Stops like [`shutdown`](Self::shutdown) but withdraws nothing this
+    /// peer published: another node runs with its identity and owns those
+    /// records. Default: `shutdown`.
+    fn abandon(&mut self) -> impl Future<Output = ()> + Send {
+        self.shutdown()
+    }
 }

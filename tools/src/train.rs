@@ -692,9 +692,11 @@ async fn train_with(
             r
         }
         // Two hosts run with one identity file: peers cannot tell them
-        // apart, so the later one leaves.
+        // apart, so the later one leaves, saying nothing under the identity
+        // (a goodbye would make peers drop the other node's progress).
         c = crate::dht_cmd::duplicate_identity(&dht) => {
-            Err(anyhow::anyhow!("{c}; this node started later, so it leaves the run"))
+            opt.leave_without_goodbye().await;
+            return Err(anyhow::anyhow!("{c}; this node started later, so it leaves the run"));
         }
     };
     opt.shutdown().await?;

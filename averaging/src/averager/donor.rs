@@ -18,7 +18,7 @@ use crate::{
 fn keep_root(command: DonorCommand) -> [u8; 32] {
     match command {
         DonorCommand::Keep { root, .. } => root,
-        DonorCommand::Idle | DonorCommand::Stop => [0; 32],
+        DonorCommand::Idle | DonorCommand::Stop | DonorCommand::Abandon => [0; 32],
     }
 }
 
@@ -36,6 +36,9 @@ pub(super) enum DonorCommand {
     },
     /// Withdraw the declaration and stop.
     Stop,
+    /// Stop without withdrawing: the declaration is not this node's to
+    /// withdraw (another node runs with its identity).
+    Abandon,
 }
 
 /// Where this peer's donor record lives, shared with the re-declaring task.
@@ -146,7 +149,10 @@ impl DecentralizedAverager {
             tracing::debug!("not declaring state: this peer does not share state");
             return Ok(());
         }
-        if *inner.donor_cmd.borrow() == DonorCommand::Stop {
+        if matches!(
+            *inner.donor_cmd.borrow(),
+            DonorCommand::Stop | DonorCommand::Abandon
+        ) {
             tracing::debug!("not declaring state: the averager is shut down");
             return Ok(());
         }
@@ -204,7 +210,7 @@ impl DecentralizedAverager {
         let inner = &self.inner;
         inner.donor_cmd.send_if_modified(|c| {
             let was = *c;
-            if was != DonorCommand::Stop {
+            if !matches!(was, DonorCommand::Stop | DonorCommand::Abandon) {
                 *c = DonorCommand::Idle;
             }
             was != *c
@@ -234,6 +240,7 @@ pub(super) async fn keep_state_declared(
                 }
             }
             DonorCommand::Stop => break,
+            DonorCommand::Abandon => return,
             DonorCommand::Keep {
                 priority,
                 root,

@@ -319,7 +319,19 @@ impl DecentralizedAverager {
     /// Stop background tasks, and withdraw this peer's state-donor declaration
     /// (in the background; [`withdraw_state`](Self::withdraw_state) waits for it).
     pub fn shutdown(&self) {
-        self.inner.donor_cmd.send_replace(DonorCommand::Stop);
+        self.stop(DonorCommand::Stop);
+    }
+
+    /// Stop background tasks like [`shutdown`](Self::shutdown), but leave the
+    /// state-donor declaration in the DHT: for a node that must leave
+    /// because another node runs with its identity, whose declaration lives
+    /// under the same owner subkey and is not this node's to withdraw.
+    pub fn abandon(&self) {
+        self.stop(DonorCommand::Abandon);
+    }
+
+    fn stop(&self, command: DonorCommand) {
+        self.inner.donor_cmd.send_replace(command);
         if let Ok(mut t) = self.tasks.lock() {
             for h in t.drain(..) {
                 h.abort();

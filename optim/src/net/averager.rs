@@ -267,6 +267,10 @@ impl SwarmAverager for NetworkAverager {
     async fn shutdown(&mut self) {
         self.averager.shutdown();
     }
+
+    async fn abandon(&mut self) {
+        self.averager.abandon();
+    }
 }
 
 #[cfg(test)]
