@@ -788,21 +788,28 @@ mod tests {
         }
     }
 
-    fn spawn_donor(served: Arc<ServedState>, behaviour: Donor) -> DuplexStream {
+    /// An honest donor serving `served` on a fresh pipe; returns the joiner's end.
+    fn spawn_honest(served: Arc<ServedState>) -> DuplexStream {
         let (joiner, mut donor) = tokio::io::duplex(1 << 16);
         tokio::spawn(async move {
             let t = Duration::from_secs(5);
+            let _ = serve_requests(&mut donor, |r| served.find(r), t, t).await;
+        });
+        joiner
+    }
+
+    fn spawn_donor(served: Arc<ServedState>, behaviour: Donor) -> DuplexStream {
+        if let Donor::Honest = behaviour {
+            return spawn_honest(served);
+        }
+        let (joiner, mut donor) = tokio::io::duplex(1 << 16);
+        tokio::spawn(async move {
+            // A relay in front of an honest donor, misbehaving as told.
+            let mut inner_joiner = spawn_honest(served.clone());
             match behaviour {
-                Donor::Honest => {
-                    let _ = serve_requests(&mut donor, |r| served.find(r), t, t).await;
-                }
+                Donor::Honest => {}
                 Donor::LeavesAfter(n) => {
-                    // A relay that passes `n` requests, then drops both ends.
-                    let lengths = served.clone();
-                    let (mut inner_joiner, mut inner_donor) = tokio::io::duplex(1 << 16);
-                    tokio::spawn(async move {
-                        let _ = serve_requests(&mut inner_donor, |r| served.find(r), t, t).await;
-                    });
+                    // Passes `n` requests, then drops both ends.
                     let mut request = [0u8; REQUEST_LEN];
                     for _ in 0..n {
                         if donor.read_exact(&mut request).await.is_err() {
@@ -820,7 +827,7 @@ mod tests {
                                 u32::from_le_bytes(len) as usize
                             } else {
                                 let index = u32::from_le_bytes(request[33..].try_into().unwrap());
-                                lengths.descriptor().chunk_range(index as usize).len()
+                                served.descriptor().chunk_range(index as usize).len()
                             }
                         };
                         let mut answer = vec![0u8; answer_len];
@@ -829,10 +836,6 @@ mod tests {
                     }
                 }
                 Donor::Slow(rate) => {
-                    let (inner_joiner, mut inner_donor) = tokio::io::duplex(1 << 16);
-                    tokio::spawn(async move {
-                        let _ = serve_requests(&mut inner_donor, |r| served.find(r), t, t).await;
-                    });
                     let (mut from_joiner, mut to_joiner) = tokio::io::split(donor);
                     let (mut from_donor, mut to_donor) = tokio::io::split(inner_joiner);
                     tokio::spawn(async move {
