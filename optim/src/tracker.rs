@@ -494,9 +494,12 @@ pub fn next_report_time(config: &OptimConfig, last_report: f64) -> f64 {
 /// Caps on the weights other peers may declare when this peer reduces
 /// their parts in the round for `local_step`: each peer counts for at most
 /// `max_weight_share · target / num_peers`, and a peer that published a
-/// record for this step for at most twice the samples it published (at
-/// least one sample). Weights are sample counts, so an honest peer's weight
-/// is its published count plus what it accumulated since its last report.
+/// record for this step for at most twice what that record allows it to
+/// hold by now: the samples it published plus its published throughput
+/// over the record's age and `claim_slack` (at least one sample). Weights
+/// are sample counts, and an honest peer's weight is its published count
+/// plus what it accumulated since that report, so a cap on the published
+/// count alone clipped honest peers whose latest record was a moment old.
 pub fn weight_limits(
     config: &OptimConfig,
     records: &[PeerRecord],
@@ -514,12 +517,23 @@ pub fn weight_limits(
             (a.step == local_step).then(|| {
                 (
                     p.peer_id.clone(),
-                    (2.0 * a.samples as f64).max(1.0).min(default),
+                    (2.0 * could_hold(config, &a, now)).max(1.0).min(default),
                 )
             })
         })
         .collect();
     crate::ports::WeightLimits { default, per_peer }
+}
+
+/// The samples a peer can hold by `now` by its own record: what it
+/// published plus its throughput since then and `claim_slack`.
+fn could_hold(config: &OptimConfig, a: &Accepted, now: f64) -> f64 {
+    let sps = if a.samples_per_second.is_finite() {
+        a.samples_per_second.max(0.0)
+    } else {
+        0.0
+    };
+    a.samples as f64 + sps * ((now - a.time).max(0.0) + config.claim_slack)
 }
 
 #[cfg(test)]

@@ -502,15 +502,20 @@ fn the_state_machine_is_deterministic_and_bounded_for_any_input() {
 
 #[test]
 fn weight_limits_cap_peers_at_their_published_samples_and_a_share_of_the_target() {
-    // Target 100 over 4 peers: at most 2 · 25 = 50 for anyone.
+    // Target 100 over 4 peers: at most 2 · 25 = 50 for anyone. A peer may
+    // hold what it published plus its throughput over the record's age and
+    // the 10 s claim slack: "a" 2 · (10 + 0.5 · 10) = 30.
     let records = vec![
-        peer("a", 7, 10, 5.0, NOW),
+        peer("a", 7, 10, 0.5, NOW),
         // Claims the whole target: held to the share cap.
         peer("liar", 7, u64::MAX, 5.0, NOW),
         // A record for another step says nothing about this round.
         peer("old", 6, 10, 5.0, NOW),
-        // Nothing published yet: at least one sample's worth.
-        peer("fresh", 7, 0, 5.0, NOW),
+        // Nothing published and no throughput: at least one sample's worth.
+        peer("fresh", 7, 0, 0.0, NOW),
+        // Published 0 two seconds ago at 1 sample/s: 2 · (0 + 1 · 12) = 24,
+        // not 1 (it has been accumulating since).
+        peer("lagging", 7, 0, 1.0, NOW - 2.0),
     ];
     let limits = weight_limits(&config(), &records, 7, 4, NOW);
     assert_eq!(limits.default, 50.0);
@@ -521,7 +526,8 @@ fn weight_limits_cap_peers_at_their_published_samples_and_a_share_of_the_target(
             .find(|(p, _)| p == id)
             .map(|(_, c)| *c)
     };
-    assert_eq!(cap("peer-a"), Some(20.0));
+    assert_eq!(cap("peer-a"), Some(30.0));
+    assert_eq!(cap("peer-lagging"), Some(24.0));
     assert_eq!(cap("peer-liar"), Some(50.0));
     assert_eq!(cap("peer-old"), None);
     assert_eq!(cap("peer-fresh"), Some(1.0));
