@@ -19,7 +19,7 @@ use crate::{
     node::{Command, GossipMessage, Node, NodeStats, PeerAddresses, strip_p2p},
     record::DhtRecord,
     signature::Ed25519SignatureValidator,
-    streams::InboundRegistry,
+    streams::{InboundRegistry, InboundStreamQueue},
     time::dht_time,
     validation::{CompositeValidator, RecordLimits, RecordValidator},
     value::{DhtValue, StoreOutcome, ValueWithExpiration},
@@ -139,7 +139,7 @@ impl Dht {
             listen_addrs.clone(),
             config.replication,
             config.liveness_timeout,
-        );
+        )?;
         // The node task holds the identity file's lock: it is released when
         // the node stops (shutdown, or the last handle dropped).
         node.identity_lock = identity_lock;
@@ -182,7 +182,7 @@ impl Dht {
         start(&mut node, &config).await?;
         let (commands, receiver) = mpsc::channel(config.command_capacity);
         tokio::spawn(node.run(receiver));
-        if let Some(streams) = inbound.accept(crate::dialback::DIALBACK_PROTOCOL, 16) {
+        if let Some(streams) = inbound.accept(crate::dialback::DIALBACK_PROTOCOL, 16, 2) {
             crate::dialback::serve(streams, commands.downgrade());
         }
         let dht = Self {
@@ -630,10 +630,27 @@ impl Dht {
         &self,
         protocol: StreamProtocol,
         capacity: usize,
-    ) -> Result<mpsc::Receiver<(PeerId, Stream)>, DhtError> {
+    ) -> Result<InboundStreamQueue, DhtError> {
+        self.accept_streams_per_peer(protocol, capacity, capacity.div_ceil(4))
+    }
+
+    /// [`accept_streams`](Self::accept_streams) with the share of the queue
+    /// one peer may hold chosen by the caller: a stream from a peer that
+    /// already has `per_peer` streams waiting is dropped (reset) as one past
+    /// the capacity is. `accept_streams` allows a quarter of the capacity.
+    ///
+    /// # Errors
+    ///
+    /// [`DhtError::AlreadyRegistered`] if the protocol already has an acceptor.
+    pub fn accept_streams_per_peer(
+        &self,
+        protocol: StreamProtocol,
+        capacity: usize,
+        per_peer: usize,
+    ) -> Result<InboundStreamQueue, DhtError> {
         self.inner
             .inbound
-            .accept(protocol.clone(), capacity)
+            .accept(protocol.clone(), capacity, per_peer)
             .ok_or_else(|| DhtError::AlreadyRegistered {
                 protocol: protocol.to_string(),
             })

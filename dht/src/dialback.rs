@@ -95,7 +95,7 @@ pub(crate) async fn read_frame<S: AsyncRead + Unpin>(
 /// Serves dial-back requests until the node stops. Holds only a weak command
 /// sender, so it never keeps the node alive.
 pub(crate) fn serve(
-    mut streams: mpsc::Receiver<(PeerId, Stream)>,
+    mut streams: crate::streams::InboundStreamQueue,
     commands: mpsc::WeakSender<Command>,
 ) {
     let slots = Arc::new(Semaphore::new(CONCURRENT));

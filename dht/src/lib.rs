@@ -73,6 +73,7 @@ mod streams;
 mod time;
 mod validation;
 mod value;
+mod verify;
 
 pub use behaviour::{AGENT_VERSION, IDENTIFY_PROTOCOL, KAD_PROTOCOL};
 pub use config::{DhtConfig, IdentitySource, RelayLimits};
@@ -88,6 +89,7 @@ pub use schema::SchemaRecordValidator;
 pub use signature::{
     Ed25519SignatureValidator, SIGNATURE_PREFIX, SIGNATURE_PRIORITY, SIGNATURE_TRAILER_LEN,
 };
+pub use streams::InboundStreamQueue;
 pub use time::dht_time;
 pub use validation::{CompositeValidator, RecordValidator};
 pub use value::{DhtValue, StoreOutcome, ValueWithExpiration};

@@ -21,13 +21,14 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::{
     behaviour::{Behaviour, BehaviourEvent, KAD_PROTOCOL},
-    error::{DhtError, PubSubError, ValidationError},
+    error::{DhtError, PubSubError},
     gossip::{ForwardLimiter, GossipValidator},
     record::{DhtRecord, WireEntry, encode_wire},
     storage::merge_values,
     time::dht_time,
     validation::{CompositeValidator, RecordLimits},
     value::{DhtValue, StoreOutcome, ValueWithExpiration},
+    verify::{Refused, Verified, Verifier, log_rejection},
 };
 
 mod nat;
@@ -183,6 +184,19 @@ pub struct NodeStats {
     /// Inbound puts dropped because their sender put faster than this node
     /// takes from one peer.
     pub rate_limited_puts: u64,
+    /// Inbound puts dropped because the signature checker's queue was full.
+    pub unverified_puts_dropped: u64,
+}
+
+/// A get of a key that inbound puts still being checked will write to: it
+/// starts once the put numbered `after` is stored, so a node reads what it
+/// was sent before the get (the worker takes puts in order).
+struct DeferredGet {
+    after: u64,
+    key: Vec<u8>,
+    latest: bool,
+    budget: Duration,
+    reply: Reply<Option<DhtValue>>,
 }
 
 struct PendingGet {
@@ -204,6 +218,17 @@ pub(crate) struct Node {
     /// Messages each propagating peer may have validated and forwarded here.
     gossip_limiter: ForwardLimiter<PeerId>,
     put_limiter: ForwardLimiter<PeerId>,
+    /// Decodes inbound puts and checks their signatures off this task.
+    verifier: Verifier,
+    verified_rx: Option<mpsc::Receiver<Verified>>,
+    /// Inbound puts queued so far (the next one's number).
+    puts_queued: u64,
+    /// Per key, the number of the last put queued for it and not yet stored.
+    unverified_keys: HashMap<Vec<u8>, u64>,
+    deferred_gets: Vec<DeferredGet>,
+    /// Bumped whenever a validator is added: puts checked before it are
+    /// checked again before they are stored.
+    validator_generation: u64,
     peers: HashMap<PeerId, PeerAddresses>,
     replication: usize,
     stats: NodeStats,
@@ -270,10 +295,14 @@ impl Node {
         listen_addrs: Arc<RwLock<Vec<Multiaddr>>>,
         replication: usize,
         liveness_timeout: Duration,
-    ) -> Self {
+    ) -> Result<Self, DhtError> {
         let (budget_tx, budget_rx) = mpsc::unbounded_channel();
         let (wait_tx, wait_rx) = mpsc::unbounded_channel();
-        Self {
+        let (verifier, verified_rx) =
+            Verifier::start(validators.clone(), limits).map_err(|e| DhtError::Transport {
+                reason: format!("cannot start the signature checker: {e}"),
+            })?;
+        Ok(Self {
             swarm,
             validators,
             limits,
@@ -292,6 +321,12 @@ impl Node {
                 PUT_BURST_PER_PEER,
                 GOSSIP_TRACKED_PEERS,
             ),
+            verifier,
+            verified_rx: Some(verified_rx),
+            puts_queued: 0,
+            unverified_keys: HashMap::new(),
+            deferred_gets: Vec::new(),
+            validator_generation: 0,
             peers: HashMap::new(),
             replication,
             stats: NodeStats::default(),
@@ -310,16 +345,18 @@ impl Node {
             identity_lock: None,
             nat: nat::NatState::new(wait_tx),
             nat_wait_rx: Some(wait_rx),
-        }
+        })
     }
 
     /// Runs until every handle is dropped or `Shutdown` arrives.
     pub(crate) async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
         let mut prune = tokio::time::interval(PRUNE_INTERVAL);
         prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let (Some(mut budgets), Some(mut punch_waits)) =
-            (self.budget_rx.take(), self.nat_wait_rx.take())
-        else {
+        let (Some(mut budgets), Some(mut punch_waits), Some(mut verified)) = (
+            self.budget_rx.take(),
+            self.nat_wait_rx.take(),
+            self.verified_rx.take(),
+        ) else {
             return;
         };
         let mut liveness = tokio::time::interval(self.liveness_timeout / 4);
@@ -332,6 +369,7 @@ impl Node {
                 }
                 Some(peer) = punch_waits.recv() => self.nat_wait_spent(peer),
                 Some(id) = budgets.recv() => self.on_get_budget_spent(id),
+                Some(done) = verified.recv() => self.on_verified(done),
                 command = commands.recv() => match command {
                     None => break None,
                     Some(Command::Shutdown { reply }) => break Some(reply),
@@ -353,6 +391,9 @@ impl Node {
         }
         for (_, (_, reply)) in self.pending_finds.drain() {
             let _ = reply.send(Err(DhtError::Shutdown));
+        }
+        for deferred in self.deferred_gets.drain(..) {
+            let _ = deferred.reply.send(Err(DhtError::Shutdown));
         }
         drop(self.nat);
         drop(self.swarm);
@@ -428,7 +469,10 @@ impl Node {
             Command::GossipScore { peer, reply } => {
                 let _ = reply.send(Ok(self.swarm.behaviour().gossipsub.peer_score(&peer)));
             }
-            Command::Revalidate => self.revalidate_local(),
+            Command::Revalidate => {
+                self.validator_generation += 1;
+                self.revalidate_local();
+            }
             Command::Stats { reply } => {
                 let mut stats = self.stats;
                 stats.routing_table_peers = self
@@ -535,6 +579,16 @@ impl Node {
         budget: Duration,
         reply: Reply<Option<DhtValue>>,
     ) {
+        if let Some(&after) = self.unverified_keys.get(&key) {
+            self.deferred_gets.push(DeferredGet {
+                after,
+                key,
+                latest,
+                budget,
+                reply,
+            });
+            return;
+        }
         let local = self
             .swarm
             .behaviour_mut()
@@ -713,14 +767,68 @@ impl Node {
             return;
         }
         let key = record.key.to_vec();
-        let accepted = self.accept_entries(source, &key, &record.value, true);
+        let seq = self.puts_queued;
+        match self.verifier.submit(
+            seq,
+            source,
+            key.clone(),
+            record.value,
+            self.validator_generation,
+        ) {
+            Ok(()) => {
+                self.puts_queued += 1;
+                self.unverified_keys.insert(key, seq);
+            }
+            Err(refused) => {
+                self.stats.unverified_puts_dropped += 1;
+                if refused == Refused::Stopped
+                    || self.stats.unverified_puts_dropped.is_power_of_two()
+                {
+                    tracing::warn!(%source, ?refused, dropped = self.stats.unverified_puts_dropped, "signature checker busy: dropping puts unread");
+                }
+            }
+        }
+    }
+
+    /// Stores what the worker accepted of one put, then starts the gets that
+    /// waited for it.
+    fn on_verified(&mut self, done: Verified) {
+        self.stats.rejected_inbound += done.rejected;
+        if self.unverified_keys.get(&done.key) == Some(&done.seq) {
+            self.unverified_keys.remove(&done.key);
+        }
+        let mut accepted = done.accepted;
+        if done.generation != self.validator_generation {
+            // A validator was added after the put arrived.
+            let validators = lock_read(&self.validators).clone();
+            let now = dht_time();
+            let limits = self.limits;
+            let before = accepted.len();
+            accepted.retain(|r| match limits.check(&validators, r, now) {
+                Ok(()) => true,
+                Err(error) => {
+                    log_rejection(done.source, r, &error, true);
+                    false
+                }
+            });
+            self.stats.rejected_inbound += (before - accepted.len()) as u64;
+        }
         let now = dht_time();
         let storage = &mut self.swarm.behaviour_mut().kad.store_mut().storage;
         for r in accepted {
             if let Err(refusal) =
                 storage.store(&r.key, r.subkey.as_deref(), &r.value, r.expiration, now)
             {
-                tracing::debug!(%source, key = %hex::encode(&r.key), ?refusal, "inbound record not stored");
+                tracing::debug!(source = %done.source, key = %hex::encode(&r.key), ?refusal, "inbound record not stored");
+            }
+        }
+        if self.deferred_gets.iter().any(|d| d.after <= done.seq) {
+            let (ready, waiting) = std::mem::take(&mut self.deferred_gets)
+                .into_iter()
+                .partition::<Vec<_>, _>(|d| d.after <= done.seq);
+            self.deferred_gets = waiting;
+            for d in ready {
+                self.start_get(d.key, d.latest, d.budget, d.reply);
             }
         }
     }
@@ -1077,15 +1185,4 @@ fn is_unspecified(addr: &Multiaddr) -> bool {
         Protocol::Ip6(ip) => ip.is_unspecified(),
         _ => false,
     })
-}
-
-fn log_rejection(source: PeerId, record: &DhtRecord, error: &ValidationError, inbound: bool) {
-    tracing::warn!(
-        %source,
-        key = %String::from_utf8_lossy(&record.key),
-        subkey = ?record.subkey.as_deref().map(String::from_utf8_lossy),
-        %error,
-        inbound,
-        "rejected record"
-    );
 }

@@ -38,8 +38,63 @@ use libp2p::{
 };
 use tokio::sync::mpsc;
 
-/// Protocol → the acceptor's channel.
-type Acceptors = HashMap<StreamProtocol, mpsc::Sender<(PeerId, Stream)>>;
+/// Streams each peer has waiting in one acceptor's queue (taken by neither
+/// side yet), shared by the registry and the acceptor's receiver.
+type Queued = Arc<Mutex<HashMap<PeerId, usize>>>;
+
+fn lock_queued(queued: &Mutex<HashMap<PeerId, usize>>) -> MutexGuard<'_, HashMap<PeerId, usize>> {
+    queued
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// One protocol's acceptor.
+struct Acceptor {
+    sender: mpsc::Sender<(PeerId, Stream)>,
+    queued: Queued,
+    /// Streams one peer may have waiting at once.
+    per_peer: usize,
+}
+
+/// Protocol → its acceptor.
+type Acceptors = HashMap<StreamProtocol, Acceptor>;
+
+/// The streams accepted for one protocol, in arrival order
+/// ([`Dht::accept_streams`](crate::Dht::accept_streams)). Dropping it stops
+/// accepting the protocol.
+pub struct InboundStreamQueue {
+    receiver: mpsc::Receiver<(PeerId, Stream)>,
+    queued: Queued,
+}
+
+impl InboundStreamQueue {
+    fn taken(&self, peer: &PeerId) {
+        let mut queued = lock_queued(&self.queued);
+        if let Some(n) = queued.get_mut(peer) {
+            *n -= 1;
+            if *n == 0 {
+                queued.remove(peer);
+            }
+        }
+    }
+
+    /// The next stream and the peer that opened it; `None` once the node stopped.
+    pub async fn recv(&mut self) -> Option<(PeerId, Stream)> {
+        let (peer, stream) = self.receiver.recv().await?;
+        self.taken(&peer);
+        Some((peer, stream))
+    }
+
+    /// The next stream if one is waiting.
+    ///
+    /// # Errors
+    /// Empty, or disconnected once the node stopped.
+    pub fn try_recv(&mut self) -> Result<(PeerId, Stream), mpsc::error::TryRecvError> {
+        let (peer, stream) = self.receiver.try_recv()?;
+        self.taken(&peer);
+        Ok((peer, stream))
+    }
+}
 
 /// The registry of accepted protocols, shared by the behaviour, its connection
 /// handlers and the [`Dht`](crate::Dht) handle.
@@ -56,44 +111,63 @@ impl InboundRegistry {
     }
 
     /// Registers an acceptor for `protocol` with room for `capacity` streams
-    /// not yet received. `None` if a live acceptor already holds the protocol.
+    /// not yet received, at most `per_peer` of them from one peer. `None` if
+    /// a live acceptor already holds the protocol.
     pub(crate) fn accept(
         &self,
         protocol: StreamProtocol,
         capacity: usize,
-    ) -> Option<mpsc::Receiver<(PeerId, Stream)>> {
+        per_peer: usize,
+    ) -> Option<InboundStreamQueue> {
         let mut acceptors = self.lock();
-        acceptors.retain(|_, sender| !sender.is_closed());
+        acceptors.retain(|_, a| !a.sender.is_closed());
         if acceptors.contains_key(&protocol) {
             return None;
         }
         let (sender, receiver) = mpsc::channel(capacity.max(1));
-        acceptors.insert(protocol, sender);
-        Some(receiver)
+        let queued = Queued::default();
+        acceptors.insert(
+            protocol,
+            Acceptor {
+                sender,
+                queued: queued.clone(),
+                per_peer: per_peer.max(1),
+            },
+        );
+        Some(InboundStreamQueue { receiver, queued })
     }
 
     /// The protocols with a live acceptor.
     fn protocols(&self) -> Vec<StreamProtocol> {
         let mut acceptors = self.lock();
-        acceptors.retain(|_, sender| !sender.is_closed());
+        acceptors.retain(|_, a| !a.sender.is_closed());
         acceptors.keys().cloned().collect()
     }
 
-    /// Hands a negotiated inbound stream to its acceptor. A full acceptor
-    /// drops (resets) the stream: the bound is the caller's capacity.
+    /// Hands a negotiated inbound stream to its acceptor. A full acceptor, or
+    /// one holding its per-peer share of this peer's streams, drops (resets)
+    /// the stream: the bound is the caller's capacity, and no one peer can
+    /// take all of it from the others.
     fn deliver(&self, peer: PeerId, protocol: StreamProtocol, stream: Stream) {
         let mut acceptors = self.lock();
-        let Some(sender) = acceptors.get(&protocol) else {
+        let Some(acceptor) = acceptors.get(&protocol) else {
             tracing::debug!(%peer, %protocol, "no acceptor; inbound stream dropped");
             return;
         };
-        match sender.try_send((peer, stream)) {
-            Ok(()) => {}
+        let mut queued = lock_queued(&acceptor.queued);
+        let waiting = queued.get(&peer).copied().unwrap_or(0);
+        if waiting >= acceptor.per_peer {
+            tracing::warn!(%peer, %protocol, waiting, "peer has its share of the acceptor's queue waiting; inbound stream dropped");
+            return;
+        }
+        match acceptor.sender.try_send((peer, stream)) {
+            Ok(()) => *queued.entry(peer).or_default() += 1,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 tracing::warn!(%peer, %protocol, "acceptor is full; inbound stream dropped");
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {
                 tracing::debug!(%peer, %protocol, "acceptor is gone; inbound stream dropped");
+                drop(queued);
                 acceptors.remove(&protocol);
             }
         }

@@ -205,3 +205,125 @@ async fn open_stream_after_idle_periods_longer_than_the_idle_timeout() {
     .await
     .expect("test timed out");
 }
+
+/// One peer opening stream after stream at an acceptor that is not
+/// receiving holds at most its share of the queue (a quarter of the
+/// capacity); another peer's streams still get in, and once the greedy
+/// peer's streams are taken it may queue again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_peer_cannot_take_the_whole_acceptor_queue() {
+    common::init_tracing();
+    tokio::time::timeout(T, async {
+        let (nodes, _) = swarm(35, 3, 0).await;
+        let (server, greedy, other) = (nodes[0].clone(), nodes[1].clone(), nodes[2].clone());
+        let protocol = StreamProtocol::new("/colony/test-share/1");
+        let capacity = 8;
+        let mut incoming = server.accept_streams(protocol.clone(), capacity).unwrap();
+        // Opening succeeds on the opener's side either way; the stream is
+        // reset at the server when dropped there, which the opener sees on
+        // reading. Each opener writes one byte and waits for an answer.
+        let open = |from: &Dht, n: usize| {
+            let (from, to, p) = (from.clone(), server.peer_id(), protocol.clone());
+            let (opened_tx, opened) = tokio::sync::oneshot::channel();
+            let task = tokio::spawn(async move {
+                let mut held = Vec::new();
+                for _ in 0..n {
+                    let mut s = from.open_stream(to, p.clone()).await.unwrap();
+                    // A write may already see the reset.
+                    let wrote = s.write_all(&[1]).await.is_ok() && s.flush().await.is_ok();
+                    held.push(wrote.then_some(s));
+                }
+                let _ = opened_tx.send(());
+                let mut outcomes = Vec::new();
+                for s in held {
+                    let mut b = [0u8; 1];
+                    outcomes.push(match s {
+                        Some(mut s) => s.read_exact(&mut b).await.is_ok(),
+                        None => false,
+                    });
+                }
+                outcomes
+            });
+            (opened, task)
+        };
+        let (greedy_opened, greedy_streams) = open(&greedy, 12);
+        // The first of the greedy peer's streams.
+        let first = tokio::time::timeout(Duration::from_secs(20), incoming.recv())
+            .await
+            .expect("a stream within 20 s")
+            .expect("a stream");
+        let mut kept = vec![first];
+        greedy_opened.await.unwrap();
+        let (_, other_streams) = open(&other, 2);
+        let mut from_other = 0;
+        let mut from_greedy = kept.len();
+        while from_other < 2 {
+            let (peer, s) = tokio::time::timeout(Duration::from_secs(20), incoming.recv())
+                .await
+                .expect("a stream within 20 s")
+                .expect("a stream");
+            if peer == other.peer_id() {
+                from_other += 1;
+            } else {
+                from_greedy += 1;
+            }
+            kept.push((peer, s));
+        }
+        while let Ok(s) = incoming.try_recv() {
+            from_greedy += usize::from(s.0 == greedy.peer_id());
+            kept.push(s);
+        }
+        // A quarter of 8: 2 waiting at once. At most the 2 queued before the
+        // first was taken, plus 1 queued after it.
+        assert!(from_greedy <= 3, "greedy peer got {from_greedy} streams in");
+        for (_, s) in &mut kept {
+            let mut b = [0u8; 1];
+            s.read_exact(&mut b).await.unwrap();
+            s.write_all(&[2]).await.unwrap();
+            s.flush().await.unwrap();
+        }
+        // A stream whose negotiation lagged its opener's write may still
+        // arrive: answer it too, or its opener waits forever.
+        let mut late = 0;
+        let mut greedy_streams = greedy_streams;
+        let greedy_ok = loop {
+            tokio::select! {
+                outcomes = &mut greedy_streams => break outcomes.unwrap(),
+                Some((_, mut s)) = incoming.recv() => {
+                    late += 1;
+                    let mut b = [0u8; 1];
+                    if s.read_exact(&mut b).await.is_ok() {
+                        let _ = s.write_all(&[2]).await;
+                        let _ = s.flush().await;
+                    }
+                }
+            }
+        };
+        let other_ok = other_streams.await.unwrap();
+        assert_eq!(other_ok, vec![true, true]);
+        assert_eq!(
+            greedy_ok.iter().filter(|ok| **ok).count(),
+            from_greedy + late
+        );
+        eprintln!(
+            "acceptor share: greedy peer opened 12, {from_greedy} got in; the other peer 2 of 2"
+        );
+        // Its streams taken, the greedy peer queues again.
+        let (_, again) = open(&greedy, 1);
+        let (peer, mut s) = tokio::time::timeout(Duration::from_secs(20), incoming.recv())
+            .await
+            .expect("a stream within 20 s")
+            .expect("a stream");
+        assert_eq!(peer, greedy.peer_id());
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).await.unwrap();
+        s.write_all(&[3]).await.unwrap();
+        s.flush().await.unwrap();
+        assert_eq!(again.await.unwrap(), vec![true]);
+        for n in &nodes {
+            n.shutdown().await;
+        }
+    })
+    .await
+    .expect("test timed out");
+}

@@ -3,7 +3,6 @@
 
 use std::{sync::Arc, time::Duration};
 
-use colony_dht::{PeerId, Stream};
 use tokio::sync::mpsc;
 
 use super::reachability::Reachability;
@@ -19,7 +18,7 @@ const MAX_READING: usize = 64;
 /// its matchmaker) or the DHT is gone.
 pub(super) async fn accept_joins(
     matchmaker: mpsc::WeakSender<Command>,
-    mut rx: mpsc::Receiver<(PeerId, Stream)>,
+    mut rx: colony_dht::InboundStreamQueue,
     request_timeout: Duration,
     reach: Option<Arc<Reachability>>,
 ) {

@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use colony_dht::{DhtValue, PeerId, Stream};
+use colony_dht::{DhtValue, PeerId};
 use rand::seq::SliceRandom;
 use tokio::sync::Semaphore;
 use tokio_util::compat::FuturesAsyncReadCompatExt;
@@ -272,7 +272,7 @@ fn hex_prefix(root: &[u8; 32]) -> String {
 
 pub(super) async fn accept_state_requests(
     inner: std::sync::Weak<Inner>,
-    mut rx: tokio::sync::mpsc::Receiver<(PeerId, Stream)>,
+    mut rx: colony_dht::InboundStreamQueue,
 ) {
     let permits = Arc::new(Semaphore::new(MAX_STATE_REQUESTS));
     let per_peer: Arc<StdMutex<HashMap<PeerId, usize>>> = Arc::default();
