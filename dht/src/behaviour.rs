@@ -35,6 +35,8 @@ pub(crate) struct Behaviour {
     /// Connection caps (in all, pending inbound, per peer): first, so a
     /// connection past them is denied before any other behaviour sees it.
     pub(crate) limits: connection_limits::Behaviour,
+    /// New connections denied while resident memory is over its cap.
+    pub(crate) memory: crate::memory::MemoryLimits,
     /// A closed run's admission: connections with peers off
     /// [`DhtConfig::allowed_peers`] are denied (off: an open run).
     pub(crate) allow: Toggle<allow_block_list::Behaviour<allow_block_list::AllowedPeers>>,
@@ -176,6 +178,7 @@ pub(crate) fn build_swarm(
                     .with_max_pending_incoming(Some(config.max_pending_incoming))
                     .with_max_established_per_peer(Some(config.max_connections_per_peer)),
             ),
+            memory: crate::memory::MemoryLimits::new(config.max_memory),
             allow: Toggle::from(config.allowed_peers.as_ref().map(|peers| {
                 let mut allow =
                     allow_block_list::Behaviour::<allow_block_list::AllowedPeers>::default();

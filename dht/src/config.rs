@@ -89,6 +89,11 @@ pub struct DhtConfig {
     /// Most connections to one peer (a relayed one and a direct one, each
     /// side dialing: 4 is room enough). Default: 4.
     pub max_connections_per_peer: u32,
+    /// While this process's resident memory is over this cap, new
+    /// connections (in and out) are denied; open ones are kept. Default:
+    /// 90 % of the machine's memory. Read from `/proc` (Linux); elsewhere
+    /// there is no memory-based limit.
+    pub max_memory: crate::MemoryCap,
     /// Latest accepted expiration, relative to now: records that claim to live
     /// longer are rejected. Default: 24 h.
     pub max_ttl: Duration,
@@ -184,6 +189,7 @@ impl Default for DhtConfig {
             max_connections: 512,
             max_pending_incoming: 64,
             max_connections_per_peer: 4,
+            max_memory: crate::MemoryCap::FractionOfSystem(0.9),
             max_subkeys_per_owner: 8,
             max_owner_bytes: 256 * 1024,
             max_ttl: Duration::from_secs(24 * 3600),
@@ -292,6 +298,13 @@ impl DhtConfig {
                 "max_connections_per_peer",
                 "must be at least 2 (a relayed and a direct connection)",
             );
+        }
+        match self.max_memory {
+            crate::MemoryCap::Bytes(0) => return bad("max_memory", "must be positive"),
+            crate::MemoryCap::FractionOfSystem(f) if !(f > 0.0 && f <= 1.0) => {
+                return bad("max_memory", "the fraction must be in (0, 1]");
+            }
+            _ => {}
         }
         if self.max_subkeys_per_owner == 0 {
             return bad("max_subkeys_per_owner", "must be positive");

@@ -63,6 +63,7 @@ mod error;
 pub mod fuzzing;
 mod gossip;
 mod identity;
+mod memory;
 mod node;
 mod owner;
 mod record;
@@ -82,6 +83,7 @@ pub use dialback::{DIAL_TIMEOUT, DIALBACK_PROTOCOL, DialBack, MAX_PORTS, PortChe
 pub use error::{DhtError, PubSubError, ValidationError};
 pub use gossip::{GossipValidator, LatestPerOwner};
 pub use identity::{create_identity_file, read_identity_file};
+pub use memory::{MemoryCap, MemoryCapExceeded};
 pub use node::{GossipMessage, NodeStats, PeerAddresses, PeerPath};
 pub use owner::{PeerSigner, owner_key_from_secret, peer_id_of_owner, verify_peer_signature};
 pub use record::{DhtRecord, WIRE_VERSION, WireEntry, decode_wire, encode_wire};

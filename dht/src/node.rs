@@ -51,6 +51,13 @@ const GOSSIP_TRACKED_PEERS: usize = 4096;
 /// decoded or their signatures checked.
 const PUT_RATE_PER_PEER: f64 = 50.0;
 const PUT_BURST_PER_PEER: f64 = 200.0;
+/// Entries one owner's signature may have stored on this node per second
+/// (burst [`OWNER_BURST`]), whichever peers carried them: identities are
+/// free, connections cheaper still, so the per-peer limit alone lets one
+/// owner use many connections. An honest peer's few records per key
+/// refresh every few seconds.
+const OWNER_RATE: f64 = 20.0;
+const OWNER_BURST: f64 = 100.0;
 
 /// One subscriber of a topic.
 struct Subscriber {
@@ -186,6 +193,12 @@ pub struct NodeStats {
     pub rate_limited_puts: u64,
     /// Inbound puts dropped because the signature checker's queue was full.
     pub unverified_puts_dropped: u64,
+    /// Inbound entries dropped because their owner's records arrived faster
+    /// than this node stores for one owner (from any number of peers).
+    pub owner_rate_limited_entries: u64,
+    /// Connections denied because resident memory was over
+    /// [`DhtConfig::max_memory`](crate::DhtConfig::max_memory), since start.
+    pub memory_denied_connections: u64,
 }
 
 /// A get of a key that inbound puts still being checked will write to: it
@@ -218,6 +231,7 @@ pub(crate) struct Node {
     /// Messages each propagating peer may have validated and forwarded here.
     gossip_limiter: ForwardLimiter<PeerId>,
     put_limiter: ForwardLimiter<PeerId>,
+    owner_limiter: ForwardLimiter<colony_schema::OwnerKey>,
     /// Decodes inbound puts and checks their signatures off this task.
     verifier: Verifier,
     verified_rx: Option<mpsc::Receiver<Verified>>,
@@ -321,6 +335,7 @@ impl Node {
                 PUT_BURST_PER_PEER,
                 GOSSIP_TRACKED_PEERS,
             ),
+            owner_limiter: ForwardLimiter::new(OWNER_RATE, OWNER_BURST, GOSSIP_TRACKED_PEERS),
             verifier,
             verified_rx: Some(verified_rx),
             puts_queued: 0,
@@ -490,6 +505,12 @@ impl Node {
                 stats.hole_punches_failed = self.nat.hole_punches_failed;
                 stats.circuits_served = self.nat.circuits_served;
                 stats.autonat_failures = self.nat.autonat_failures;
+                stats.memory_denied_connections = self
+                    .swarm
+                    .behaviour()
+                    .memory
+                    .denied
+                    .load(std::sync::atomic::Ordering::Relaxed);
                 let _ = reply.send(Ok(stats));
             }
             Command::FindPeer { peer, reply } => {
@@ -812,6 +833,21 @@ impl Node {
                 }
             });
             self.stats.rejected_inbound += (before - accepted.len()) as u64;
+        }
+        // Signatures checked: the owner limit cannot be spent in another's name.
+        let at = std::time::Instant::now();
+        let before = accepted.len();
+        accepted.retain(|r| {
+            crate::signature::Ed25519SignatureValidator::record_owner(r)
+                .is_none_or(|owner| self.owner_limiter.allow(&owner, at))
+        });
+        let limited = (before - accepted.len()) as u64;
+        if limited > 0 {
+            let was = self.stats.owner_rate_limited_entries;
+            self.stats.owner_rate_limited_entries += limited;
+            if (was + limited).ilog2() != was.checked_ilog2().unwrap_or(u32::MAX) {
+                tracing::warn!(source = %done.source, dropped = was + limited, "owner rate limit: dropping entries");
+            }
         }
         let now = dht_time();
         let storage = &mut self.swarm.behaviour_mut().kad.store_mut().storage;

@@ -60,6 +60,12 @@ impl Ed25519SignatureValidator {
         self.owner.marker()
     }
 
+    /// The owner a record's key or subkey names (`None`: no owner, or a
+    /// malformed owner marker, which validation refuses anyway).
+    pub(crate) fn record_owner(record: &DhtRecord) -> Option<OwnerKey> {
+        Self::owner_of(record).ok().flatten()
+    }
+
     fn owner_of(record: &DhtRecord) -> Result<Option<OwnerKey>, ValidationError> {
         let in_key = OwnerKey::find_in(&record.key)?;
         let in_subkey = match &record.subkey {

@@ -515,6 +515,52 @@ async fn connections_past_the_cap_are_denied() {
     .expect("test timed out");
 }
 
+/// A node over its memory cap takes no new connection (its stats say how
+/// many it denied), while one with room admits the same peer.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_over_its_memory_cap_denies_new_connections() {
+    common::init_tracing();
+    tokio::time::timeout(T, async {
+        let full = Dht::new(DhtConfig {
+            max_memory: colony_dht::MemoryCap::Bytes(1),
+            ..common::server_config(36, 0, vec![])
+        })
+        .await
+        .unwrap();
+        let refused = Dht::new(DhtConfig {
+            bootstrap_timeout: Duration::from_secs(5),
+            ..common::server_config(36, 1, full.listen_addrs())
+        })
+        .await;
+        assert!(
+            matches!(refused, Err(colony_dht::DhtError::Bootstrap { .. })),
+            "{:?}",
+            refused.map(|d| d.peer_id())
+        );
+        let stats = full.stats().await.unwrap();
+        eprintln!(
+            "memory cap 1 byte: {} connections denied, {} connected",
+            stats.memory_denied_connections, stats.connected_peers
+        );
+        assert!(stats.memory_denied_connections >= 1);
+        assert_eq!(stats.connected_peers, 0);
+        // The default cap (90 % of the machine) admits it.
+        let roomy = Dht::new(common::server_config(36, 2, vec![]))
+            .await
+            .unwrap();
+        let admitted = Dht::new(common::server_config(36, 1, roomy.listen_addrs()))
+            .await
+            .unwrap();
+        assert_eq!(roomy.stats().await.unwrap().memory_denied_connections, 0);
+        for n in [full, roomy, admitted] {
+            n.shutdown().await;
+        }
+    })
+    .await
+    .expect("test timed out");
+}
+
 /// A closed run: members list each other; an outsider cannot connect to a
 /// member, and its records, held by an open bootstrap node both sides
 /// reach, are refused when a member reads them.

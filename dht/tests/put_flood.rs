@@ -225,3 +225,88 @@ async fn a_get_while_its_put_is_checked_sees_the_value() {
     .await
     .expect("test timed out");
 }
+
+/// Entries one owner signed, carried by three peers at once (each within
+/// its own put rate): past the owner's burst they are dropped, whoever
+/// carries them; another owner's entries still land.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_owners_entries_are_rate_limited_across_peers() {
+    common::init_tracing();
+    tokio::time::timeout(Duration::from_secs(120), async {
+        let (nodes, _) = swarm(24, 2, 0).await;
+        let victim = nodes[0].clone();
+        let signer = colony_dht::Ed25519SignatureValidator::new(&[5; 32]);
+        let signed = |key: &[u8], i: u32, signer: &colony_dht::Ed25519SignatureValidator| {
+            use colony_dht::RecordValidator;
+            let mut subkey = signer.owner_marker();
+            subkey.extend_from_slice(&i.to_le_bytes());
+            let mut record = colony_dht::DhtRecord {
+                key: key.to_vec(),
+                subkey: Some(subkey),
+                value: colony_schema::to_msgpack(&i).unwrap(),
+                expiration: dht_time() + 600.0,
+            };
+            record.value = signer.sign_value(&record).unwrap();
+            WireEntry {
+                subkey: record.subkey.map(ByteBuf::from),
+                value: ByteBuf::from(record.value),
+                expiration: record.expiration,
+            }
+        };
+        const CARRIERS: usize = 3;
+        const PUTS: usize = 60;
+        const PER_PUT: u32 = 4;
+        let started = Instant::now();
+        let mut carriers = Vec::new();
+        for c in 0..CARRIERS {
+            let mut attacker = Attacker::new().await;
+            attacker
+                .connect(victim.listen_addrs()[0].clone(), victim.peer_id())
+                .await;
+            let puts: Vec<(Vec<u8>, Vec<u8>)> = (0..PUTS)
+                .map(|p| {
+                    let key = format!("owned-{c}-{p}").into_bytes();
+                    let entries: Vec<WireEntry> =
+                        (0..PER_PUT).map(|i| signed(&key, i, &signer)).collect();
+                    (key, encode_wire(&entries))
+                })
+                .collect();
+            let target = victim.peer_id();
+            carriers.push(tokio::spawn(async move {
+                for (key, wire) in puts {
+                    attacker.flood_to(target, &key, wire, 1).await;
+                }
+            }));
+        }
+        for c in carriers {
+            c.await.unwrap();
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        let stats = victim.stats().await.unwrap();
+        let sent = (CARRIERS * PUTS) as u64 * u64::from(PER_PUT);
+        let stored = sent - stats.owner_rate_limited_entries;
+        eprintln!(
+            "owner rate limit: {sent} entries of one owner from {CARRIERS} peers in {elapsed:.2} s, \
+             {stored} stored, {} dropped; puts dropped by the per-peer limit: {}",
+            stats.owner_rate_limited_entries, stats.rate_limited_puts
+        );
+        assert_eq!(stats.rate_limited_puts, 0, "each carrier stayed within its own rate");
+        assert_eq!(stats.rejected_inbound, 0, "every entry was genuinely signed");
+        assert!(
+            (stored as f64) <= 100.0 + 20.0 * elapsed + 1.0,
+            "{stored} stored in {elapsed:.2} s"
+        );
+        // Another owner is not held back by the first one's limit.
+        let other = colony_dht::Ed25519SignatureValidator::new(&[6; 32]);
+        let mut attacker = Attacker::new().await;
+        attacker
+            .connect(victim.listen_addrs()[0].clone(), victim.peer_id())
+            .await;
+        attacker
+            .put_to(victim.peer_id(), b"other", encode_wire(&[signed(b"other", 0, &other)]))
+            .await;
+        assert!(victim.get(b"other", false).await.unwrap().is_some());
+    })
+    .await
+    .expect("test timed out");
+}
