@@ -153,6 +153,9 @@ const MAX_REJECTIONS: usize = 32;
 const MAX_ROUTING: usize = 256;
 /// Inbound libp2p data streams queued before the plane takes them.
 const P2P_BACKLOG: usize = 64;
+/// Of those, at most this many from one peer (as many as it may have
+/// routed at once).
+const P2P_BACKLOG_PER_PEER: usize = MAX_ROUTING_PER_SOURCE;
 /// Peers whose direct address failed, remembered for [`DIRECT_FAILURE_TTL`].
 const MAX_DIRECT_FAILURES: usize = 1024;
 /// How long a failed direct address is skipped in favour of libp2p.
@@ -527,7 +530,7 @@ impl DataPlane {
         let _ = self.shared.identity.set(dht.peer_id().to_bytes());
         if let Some(preamble_timeout) = self.accepts {
             let mut rx = dht
-                .accept_streams(protocol.clone(), P2P_BACKLOG)
+                .accept_streams_per_peer(protocol.clone(), P2P_BACKLOG, P2P_BACKLOG_PER_PEER)
                 .map_err(AveragingError::dht("registering the data protocol"))?;
             let shared = self.shared.clone();
             self.accept_tasks.push(tokio::spawn(async move {

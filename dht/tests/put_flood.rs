@@ -281,6 +281,14 @@ async fn one_owners_entries_are_rate_limited_across_peers() {
         for c in carriers {
             c.await.unwrap();
         }
+        // Entries are stored after the ack: a get of each carrier's last key
+        // waits until its put is checked, and the checker takes puts in order.
+        for c in 0..CARRIERS {
+            victim
+                .get(format!("owned-{c}-{}", PUTS - 1).as_bytes(), false)
+                .await
+                .unwrap();
+        }
         let elapsed = started.elapsed().as_secs_f64();
         let stats = victim.stats().await.unwrap();
         let sent = (CARRIERS * PUTS) as u64 * u64::from(PER_PUT);
