@@ -280,7 +280,14 @@ impl Compression {
             Self::Blockwise8Bit => {
                 bytes.len() == self.encoded_len(n) && q8_wire_all_finite(bytes, n)
             }
-            Self::None => false,
+            // Raw f32 beside compressed tensors ([`crate::Codecs`]): the
+            // bytes need not be 4-aligned there.
+            Self::None => {
+                bytes.len() == 4 * n
+                    && bytes
+                        .chunks_exact(4)
+                        .all(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]).is_finite())
+            }
         }
     }
 
@@ -317,9 +324,18 @@ impl Compression {
         // 16-bit values of the range (lengths checked above).
         let half = || &part[2 * range.start..2 * range.end];
         match self {
-            Self::None => Err(AveragingError::Decode {
-                reason: "raw f32 has no wire form to apply",
-            }),
+            Self::None => {
+                let raw = part[4 * range.start..4 * range.end].chunks_exact(4);
+                for (d, b) in dst.iter_mut().zip(raw) {
+                    let v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                    *d = if alpha == 1.0 {
+                        v
+                    } else {
+                        *d + alpha * (v - *d)
+                    };
+                }
+                Ok(())
+            }
             Self::Float16 | Self::BFloat16 if alpha == 1.0 => self.decode_into(half(), dst),
             Self::Float16 => {
                 blend(dst)?;
@@ -581,13 +597,27 @@ mod tests {
             c.encode(&poisoned, &mut bytes);
             assert!(!c.wire_all_finite(&bytes, n));
         }
-        assert!(!Compression::None.wire_all_finite(&[0; 8], 2));
-        let mut dst = [0.0; 2];
+        // Raw f32 beside compressed tensors has a wire form too (bytes in
+        // any alignment).
+        let mut raw = vec![0u8];
+        raw.extend([1.5f32, -2.0].iter().flat_map(|v| v.to_le_bytes()));
+        assert!(Compression::None.wire_all_finite(&raw[1..], 2));
+        let mut dst = [1.0; 2];
+        Compression::None
+            .apply_wire(&raw[1..], 2, 1..2, &mut dst[1..], 1.0)
+            .unwrap();
+        assert_eq!(dst, [1.0, -2.0]);
+        Compression::None
+            .apply_wire(&raw[1..], 2, 0..1, &mut dst[..1], 0.5)
+            .unwrap();
+        assert_eq!(dst, [1.25, -2.0]);
         assert!(
             Compression::None
-                .apply_wire(&[0; 8], 2, 0..2, &mut dst, 1.0)
+                .apply_wire(&raw[2..], 2, 0..2, &mut dst, 1.0)
                 .is_err()
         );
+        let nan = [f32::NAN.to_le_bytes(), 0f32.to_le_bytes()].concat();
+        assert!(!Compression::None.wire_all_finite(&nan, 2));
     }
 
     #[test]

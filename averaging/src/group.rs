@@ -1,6 +1,6 @@
 //! A group as the all-reduce sees it, and the round configuration.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, ops::Range, time::Duration};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -291,6 +291,14 @@ pub struct AllreduceConfig {
     pub part_size_bytes: usize,
     /// Wire compression. Default none.
     pub compression: Compression,
+    /// A codec per tensor of the averaged layout, overriding `compression`
+    /// (empty, the default: every tensor travels in `compression`). Lets
+    /// gradients go in fp16 while parameters and optimizer state stay
+    /// exact: fp16 flushes values below 6e-8 to zero, which turns Adam's
+    /// second moments into zeros and its update m/(√v + ε) into a blow-up.
+    /// Parts never straddle two tensors whose codecs differ. Every member of
+    /// a group must use the same codecs: they are part of the schema hash.
+    pub tensor_compression: Vec<Compression>,
     /// Peers assigned fewer elements reduce nothing. Default 0.
     pub min_vector_size: usize,
     /// `local += alpha · (average − local)`. Default 1.
@@ -326,6 +334,7 @@ impl Default for AllreduceConfig {
         Self {
             part_size_bytes: 4 << 20,
             compression: Compression::None,
+            tensor_compression: Vec::new(),
             min_vector_size: 0,
             averaging_alpha: 1.0,
             request_timeout: Duration::from_secs(3),
@@ -403,10 +412,137 @@ impl AllreduceConfig {
 
 /// Hash of the tensor layout; peers with different schemas never average.
 pub fn schema_hash(layout: &TensorLayout) -> [u8; 32] {
+    schema_hash_with(layout, &[])
+}
+
+/// Hash of the tensor layout and, when tensors have codecs of their own
+/// ([`AllreduceConfig::tensor_compression`]), of those codecs: peers that
+/// would encode a tensor differently never average together.
+pub(crate) fn schema_hash_with(
+    layout: &TensorLayout,
+    tensor_compression: &[Compression],
+) -> [u8; 32] {
     let mut h = Sha256::new();
     h.update(b"colony-schema-v1:f32");
     for len in layout.lengths() {
         h.update((*len as u64).to_le_bytes());
     }
+    if !tensor_compression.is_empty() {
+        h.update(b"codecs:");
+        for c in tensor_compression {
+            h.update([c.code()]);
+        }
+    }
     h.finalize().into()
+}
+
+/// Which codec each element of the flat vector travels in, and the parts a
+/// span is cut into so that no part mixes two codecs.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Codecs {
+    /// Per run of tensors with one codec: where it ends in the flat vector.
+    ends: Vec<usize>,
+    codecs: Vec<Compression>,
+    part_size_bytes: usize,
+}
+
+impl Codecs {
+    /// The codecs of `layout` under `cfg`.
+    ///
+    /// # Errors
+    /// [`AveragingError::InvalidConfig`] when `cfg.tensor_compression`
+    /// names a codec for a different number of tensors than `layout` has.
+    pub(crate) fn new(layout: &TensorLayout, cfg: &AllreduceConfig) -> Result<Self> {
+        let per_tensor = &cfg.tensor_compression;
+        if per_tensor.is_empty() {
+            return Ok(Self {
+                ends: vec![layout.total()],
+                codecs: vec![cfg.compression],
+                part_size_bytes: cfg.part_size_bytes,
+            });
+        }
+        if per_tensor.len() != layout.lengths().len() {
+            return Err(AveragingError::InvalidConfig {
+                field: "tensor_compression",
+                reason: format!(
+                    "names {} codecs for {} tensors",
+                    per_tensor.len(),
+                    layout.lengths().len()
+                ),
+            });
+        }
+        let (mut ends, mut codecs) = (Vec::new(), Vec::<Compression>::new());
+        let mut end = 0;
+        for (len, codec) in layout.lengths().iter().zip(per_tensor) {
+            end += len;
+            if codecs.last() == Some(codec) {
+                if let Some(last) = ends.last_mut() {
+                    *last = end;
+                }
+            } else {
+                codecs.push(*codec);
+                ends.push(end);
+            }
+        }
+        Ok(Self {
+            ends,
+            codecs,
+            part_size_bytes: cfg.part_size_bytes,
+        })
+    }
+
+    /// The codec of flat element `at`.
+    pub(crate) fn at(&self, at: usize) -> Compression {
+        let run = self.ends.partition_point(|&end| end <= at);
+        self.codecs
+            .get(run)
+            .or(self.codecs.last())
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// The one codec of every element, if there is one.
+    pub(crate) fn uniform(&self) -> Option<Compression> {
+        match self.codecs.as_slice() {
+            [one] => Some(*one),
+            _ => None,
+        }
+    }
+
+    /// What a hello says about the codecs: the one codec's code, or 255 for
+    /// a mix (the mix itself is checked through the schema hash).
+    pub(crate) fn hello_code(&self) -> u8 {
+        self.uniform().map_or(u8::MAX, Compression::code)
+    }
+
+    /// Elements per part in `codec`.
+    fn part_len(&self, codec: Compression) -> usize {
+        ((self.part_size_bytes as f64 / codec.bytes_per_element()) as usize).max(1)
+    }
+
+    /// The parts of `span` (flat indices), in order: each within one codec's
+    /// run and at most `part_size_bytes` on the wire.
+    pub(crate) fn parts(&self, span: Range<usize>) -> Vec<Range<usize>> {
+        let mut out = Vec::new();
+        let mut start = span.start;
+        while start < span.end {
+            let run = self.ends.partition_point(|&end| end <= start);
+            let run_end = self.ends.get(run).copied().unwrap_or(span.end);
+            let codec = self.at(start);
+            let end = (start + self.part_len(codec)).min(span.end).min(run_end);
+            out.push(start..end);
+            start = end;
+        }
+        out
+    }
+
+    /// Largest sealed frame body a peer may send.
+    pub(crate) fn max_frame_len(&self) -> usize {
+        self.codecs
+            .iter()
+            .map(|&c| c.encoded_len(self.part_len(c)))
+            .max()
+            .unwrap_or(0)
+            + 64
+    }
 }

@@ -56,6 +56,19 @@ pub(crate) struct DemoArgs {
     /// same decoded averages.
     #[arg(long, default_value = "none", env = "COLONY_COMPRESSION")]
     compression: String,
+    /// Wire compression of the gradients only (default: --compression).
+    #[arg(long, env = "COLONY_GRAD_COMPRESSION")]
+    grad_compression: Option<String>,
+    /// Wire compression of parameters and optimizer state (default:
+    /// --compression).
+    #[arg(long, env = "COLONY_STATE_COMPRESSION")]
+    state_compression: Option<String>,
+    /// The peers' local optimizer: sgd or adamw.
+    #[arg(long, default_value = "sgd", env = "COLONY_OPTIMIZER")]
+    optimizer: String,
+    /// The peers' learning rate (default: 0.3 for sgd, 0.003 for adamw).
+    #[arg(long, env = "COLONY_LR")]
+    lr: Option<f64>,
     /// Folder for the peers' logs (default: a temporary folder).
     #[arg(long, env = "COLONY_LOG_DIR")]
     log_dir: Option<PathBuf>,
@@ -102,11 +115,24 @@ fn spawn_peer(
         .args(["--max-seconds", &args.timeout_s.to_string()])
         .args(["--compute-ms", &args.compute_ms.to_string()])
         .args(["--compression", &args.compression])
+        .args(["--optimizer", &args.optimizer])
         .args(["--matchmaking-time", &args.matchmaking_time.to_string()])
         .args(["--target-group-size", &args.peers.to_string()]);
     if let Some(addr) = bootstrap {
         cmd.args(["--initial-peers", addr]);
     }
+    if let Some(c) = &args.grad_compression {
+        cmd.args(["--grad-compression", c]);
+    }
+    if let Some(c) = &args.state_compression {
+        cmd.args(["--state-compression", c]);
+    }
+    let lr = args.lr.unwrap_or(if args.optimizer == "adamw" {
+        0.003
+    } else {
+        0.3
+    });
+    cmd.args(["--lr", &lr.to_string()]);
     cmd.stdout(Stdio::piped())
         .stderr(Stdio::from(log))
         .stdin(Stdio::null())
@@ -138,10 +164,19 @@ fn forward_lines(
 
 async fn demo(args: DemoArgs) -> anyhow::Result<bool> {
     anyhow::ensure!(args.peers >= 1, "--peers must be at least 1");
+    crate::train::parse_codec("--compression", &args.compression)?;
+    for (flag, value) in [
+        ("--grad-compression", &args.grad_compression),
+        ("--state-compression", &args.state_compression),
+    ] {
+        if let Some(value) = value {
+            crate::train::parse_codec(flag, value)?;
+        }
+    }
     anyhow::ensure!(
-        colony_optim::Compression::parse(&args.compression).is_some(),
-        "--compression {:?}: expected none, fp16, bf16 or 8bit",
-        args.compression
+        matches!(args.optimizer.as_str(), "sgd" | "adamw"),
+        "--optimizer {:?}: expected sgd or adamw",
+        args.optimizer
     );
     let started = Instant::now();
     let run_id = format!("demo{}", std::process::id());

@@ -81,6 +81,10 @@ pub(crate) struct TrainArgs {
     /// SGD momentum.
     #[arg(long, default_value_t = 0.9, env = "COLONY_MOMENTUM")]
     pub(crate) momentum: f32,
+    /// The local optimizer: sgd (with --momentum) or adamw (--lr is its
+    /// learning rate; 0.003 suits the digits model).
+    #[arg(long, default_value = "sgd", env = "COLONY_OPTIMIZER")]
+    pub(crate) optimizer: String,
     /// Stop after this many global steps.
     #[arg(long, default_value_t = 150, env = "COLONY_MAX_STEPS")]
     pub(crate) max_steps: u64,
@@ -125,6 +129,14 @@ pub(crate) struct TrainArgs {
     /// (every peer of a run must use the same).
     #[arg(long, default_value = "none", env = "COLONY_COMPRESSION")]
     pub(crate) compression: String,
+    /// Wire compression of the gradients only (default: --compression).
+    #[arg(long, env = "COLONY_GRAD_COMPRESSION")]
+    pub(crate) grad_compression: Option<String>,
+    /// Wire compression of the parameters and optimizer state (default:
+    /// --compression). Keep none or bf16 with adamw: fp16 and 8bit flush
+    /// Adam's small second moments to zero.
+    #[arg(long, env = "COLONY_STATE_COMPRESSION")]
+    pub(crate) state_compression: Option<String>,
     /// This host's link bandwidth in Mbit/s, a hint for the load balancer: a
     /// peer on a slow link is given a smaller share to reduce (default: unknown,
     /// treated like the others).
@@ -425,8 +437,23 @@ pub(crate) fn optim_config(args: &TrainArgs) -> OptimConfig {
         load_state_timeout: 30.0,
         role: args.role(),
         lr_schedule: LrSchedule::Constant { lr: args.lr },
+        // Checked in `train` (parse_codec) before anything starts.
+        grad_compression: args
+            .grad_compression
+            .as_deref()
+            .and_then(Compression::parse),
+        state_compression: args
+            .state_compression
+            .as_deref()
+            .and_then(Compression::parse),
         ..OptimConfig::new(args.run_id.clone(), args.target_batch_size)
     }
+}
+
+/// A `--*-compression` value, or an error naming the flag.
+pub(crate) fn parse_codec(flag: &str, value: &str) -> anyhow::Result<Compression> {
+    Compression::parse(value)
+        .with_context(|| format!("{flag} {value:?}: expected none, fp16, bf16 or 8bit"))
 }
 
 /// Runs `colony train`.
@@ -530,11 +557,15 @@ async fn train_with(
 ) -> anyhow::Result<()> {
     let digits = Digits::load(0.2, 0)?;
     let mlp = Mlp::new(args.hidden);
-    let sgd = Sgd {
-        momentum: args.momentum,
-        ..Sgd::default()
+    let kind = match args.optimizer.as_str() {
+        "sgd" => LocalOptimizerKind::Sgd(Sgd {
+            momentum: args.momentum,
+            ..Sgd::default()
+        }),
+        "adamw" => LocalOptimizerKind::AdamW(colony_optim::AdamW::default()),
+        other => anyhow::bail!("--optimizer {other:?}: expected sgd or adamw"),
     };
-    let local = LocalOptimizer::new(LocalOptimizerKind::Sgd(sgd), mlp.layout()?)?;
+    let local = LocalOptimizer::new(kind, mlp.layout()?)?;
     anyhow::ensure!(
         args.matchmaking_time.is_finite() && args.matchmaking_time > 0.0,
         "--matchmaking-time must be > 0"
@@ -557,12 +588,15 @@ async fn train_with(
     averaging.request_timeout = averaging
         .request_timeout
         .min(averaging.min_matchmaking_time / 2);
-    averaging.allreduce.compression = Compression::parse(&args.compression).with_context(|| {
-        format!(
-            "--compression {:?}: expected none, fp16, bf16 or 8bit",
-            args.compression
-        )
-    })?;
+    averaging.allreduce.compression = parse_codec("--compression", &args.compression)?;
+    for (flag, value) in [
+        ("--grad-compression", &args.grad_compression),
+        ("--state-compression", &args.state_compression),
+    ] {
+        if let Some(value) = value {
+            parse_codec(flag, value)?;
+        }
+    }
     anyhow::ensure!(
         (1..=65_536).contains(&args.part_size_kib),
         "--part-size-kib must be between 1 and 65536"

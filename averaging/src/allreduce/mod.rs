@@ -38,9 +38,9 @@ use crate::{
     crypto::RoundKeyPair,
     dataplane::{BufferPool, BytePool, DataPlane},
     error::{AveragingError, Result},
-    group::{AllreduceConfig, AssembledGroup, AveragingMode, schema_hash},
+    group::{AllreduceConfig, AssembledGroup, AveragingMode},
     load_balancing::balance_spans,
-    partition::{TensorLayout, part_ranges, spans_from_sizes},
+    partition::{TensorLayout, spans_from_sizes},
     reducer::{PartReducer, PartResult},
 };
 
@@ -61,6 +61,8 @@ struct Ctx<'a, T> {
     /// including `cfg.max_weight`).
     weight_caps: Vec<f32>,
     cfg: &'a AllreduceConfig,
+    /// Each tensor's wire codec, and the parts spans are cut into.
+    codecs: crate::group::Codecs,
     bytes: &'a Arc<BytePool>,
     pool: &'a BufferPool,
     schema: [u8; 32],
@@ -193,6 +195,7 @@ pub async fn run_allreduce_capped<T: AsRef<[f32]> + Sync>(
     // (while each part is in cache), not in a separate pass over the whole
     // buffer up front; a poisoned part makes this peer withdraw (`Ctx::withdraw`).
     let sizes = balance_spans(layout.total(), &group.bandwidths(), cfg.min_vector_size)?;
+    let codecs = crate::group::Codecs::new(layout, cfg)?;
     let ctx = Ctx {
         group,
         me: my_index,
@@ -202,9 +205,10 @@ pub async fn run_allreduce_capped<T: AsRef<[f32]> + Sync>(
         weight,
         weight_caps,
         cfg,
+        codecs,
         bytes: &plane.bytes,
         pool: &plane.pool,
-        schema: schema_hash(layout),
+        schema: crate::group::schema_hash_with(layout, &cfg.tensor_compression),
         digest: group.digest(),
         spans: spans_from_sizes(&sizes),
         sender_budget: cfg.sender_budget(),
@@ -231,11 +235,14 @@ async fn run_round<T: AsRef<[f32]> + Sync>(
     let n = ctx.group.members.len();
     let my_span = ctx.spans[ctx.me].clone();
     let me_sender = ctx.group.members[ctx.me].mode.is_sender();
-    let part_len = ctx.cfg.part_len();
-
     // Reducer side: this peer's span, with the first part of its own
-    // contribution added up front.
-    let own_parts = part_ranges(0..my_span.len(), part_len);
+    // contribution added up front (parts relative to the span).
+    let own_parts: Vec<_> = ctx
+        .codecs
+        .parts(my_span.clone())
+        .into_iter()
+        .map(|r| r.start - my_span.start..r.end - my_span.start)
+        .collect();
     let reducer_side = if my_span.is_empty() {
         None
     } else {
@@ -377,11 +384,13 @@ async fn run_round<T: AsRef<[f32]> + Sync>(
                 .ok_or(AveragingError::InvalidGroup {
                     reason: "reducer state still shared after the round".into(),
                 })?;
-            let parts = part_ranges(my_span.clone(), part_len);
+            let parts = ctx.codecs.parts(my_span.clone());
             let averaged: Vec<bool> = (0..parts.len())
                 .map(|p| matches!(red.part(p), Some((PartResult::Averaged, _))))
                 .collect();
-            let compressed = encoded.take().filter(|e| e.codec != Compression::None);
+            let compressed = encoded
+                .take()
+                .filter(|_| ctx.codecs.uniform() != Some(Compression::None));
             match compressed {
                 // Compressed: this peer applies the very bytes it sent every
                 // other peer, so all members end with identical values (the
@@ -402,7 +411,7 @@ async fn run_round<T: AsRef<[f32]> + Sync>(
                         span: my_span.clone(),
                         parts,
                         values: enc.buf,
-                        wire: Some(enc.codec),
+                        wire: Some(ctx.codecs.clone()),
                         wire_offsets: enc.offsets,
                         averaged,
                     });

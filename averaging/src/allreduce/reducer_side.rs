@@ -117,7 +117,7 @@ pub(super) async fn serve_span<T: AsRef<[f32]> + Sync>(
     // Compressed averages are encoded once, into one pooled span-sized buffer,
     // and copied into each recipient's frame (raw f32 "encoding" is already a
     // copy, so it is not cached).
-    let encoded = Mutex::new(EncodedAverages::new(ctx.cfg.compression, red, ctx.pool));
+    let encoded = Mutex::new(EncodedAverages::new(ctx, red, ctx.pool));
     let nparts = red.lock().map(|r| r.num_parts()).unwrap_or(0);
     let mut candidates = FuturesUnordered::new();
     let mut unresolved: Vec<(u64, RejectedConnection)> = Vec::new();
@@ -299,7 +299,7 @@ async fn authenticate<T: AsRef<[f32]> + Sync>(
         &mut rd,
         &mut up,
         &mut buf,
-        ctx.cfg.max_frame_len(),
+        ctx.codecs.max_frame_len(),
         ctx.cfg.request_timeout,
     )
     .await
@@ -318,7 +318,7 @@ async fn authenticate<T: AsRef<[f32]> + Sync>(
         if hello.schema_hash != ctx.schema {
             return Err(PeerFault::BadSchemaHash);
         }
-        if hello.compression != ctx.cfg.compression.code() {
+        if hello.compression != ctx.codecs.hello_code() {
             return Err(PeerFault::ProtocolViolation {
                 reason: "compression differs",
             });
@@ -351,10 +351,10 @@ async fn authenticate<T: AsRef<[f32]> + Sync>(
 
 /// Byte offset of each part's encoding when parts of `lens` values are laid
 /// end to end in `codec`'s wire form; one more entry than parts (the total).
-pub(super) fn wire_offsets(codec: Compression, lens: impl Iterator<Item = usize>) -> Vec<usize> {
+pub(super) fn wire_offsets(parts: impl Iterator<Item = (Compression, usize)>) -> Vec<usize> {
     let mut offsets = vec![0];
     let mut at = 0;
-    for len in lens {
+    for (codec, len) in parts {
         at += codec.encoded_len(len);
         offsets.push(at);
     }
@@ -365,7 +365,8 @@ pub(super) fn wire_offsets(codec: Compression, lens: impl Iterator<Item = usize>
 /// first request into one span-sized pooled buffer and reused for every
 /// recipient: one encode per part, and no fresh pages per round.
 pub(super) struct EncodedAverages {
-    pub(super) codec: Compression,
+    /// Each part's codec.
+    pub(super) codecs: Vec<Compression>,
     /// Byte offset of each part's encoding; one more entry than parts.
     pub(super) offsets: Vec<usize>,
     /// The encodings (in an `f32` buffer, for pooling).
@@ -374,24 +375,27 @@ pub(super) struct EncodedAverages {
 }
 
 impl EncodedAverages {
-    pub(super) fn new(
-        codec: Compression,
+    pub(super) fn new<T>(
+        ctx: &Ctx<'_, T>,
         red: &Arc<Mutex<PartReducer>>,
         pool: &BufferPool,
     ) -> Self {
+        let span = &ctx.spans[ctx.me];
+        let parts = ctx.codecs.parts(span.clone());
+        let codecs: Vec<Compression> = parts.iter().map(|r| ctx.codecs.at(r.start)).collect();
         let lens: Vec<usize> = red
             .lock()
             .map(|r| (0..r.num_parts()).map(|p| r.part_len(p)).collect())
             .unwrap_or_default();
-        let offsets = wire_offsets(codec, lens.iter().copied());
+        let offsets = wire_offsets(codecs.iter().copied().zip(lens.iter().copied()));
         let total = offsets[offsets.len() - 1];
-        let buf = if codec == Compression::None || total == 0 {
+        let buf = if ctx.codecs.uniform() == Some(Compression::None) || total == 0 {
             Vec::new()
         } else {
             pool.take(total.div_ceil(4))
         };
         Self {
-            codec,
+            codecs,
             offsets,
             buf,
             done: vec![false; lens.len()],
@@ -414,7 +418,10 @@ impl EncodedAverages {
         };
         let bytes = &mut bytemuck::cast_slice_mut::<f32, u8>(&mut self.buf)[start..end];
         if !self.done[p] {
-            self.codec
+            self.codecs
+                .get(p)
+                .copied()
+                .unwrap_or_default()
                 .encode_into(values, bytes)
                 .map_err(|_| PeerFault::ProtocolViolation {
                     reason: "averages do not encode",
@@ -461,15 +468,26 @@ async fn serve_sender<T: AsRef<[f32]> + Sync>(
     // of the round deadline), so a drip-feeding sender is banned while the
     // round can still finish for everyone else.
     let budget = ctx.sender_deadline;
-    let compression = ctx.cfg.compression;
+    let part_codecs: Vec<Compression> = ctx
+        .codecs
+        .parts(ctx.spans[ctx.me].clone())
+        .iter()
+        .map(|r| ctx.codecs.at(r.start))
+        .collect();
+    let part_codec = |p: usize| part_codecs.get(p).copied().unwrap_or_default();
     let reader = async {
         let mut scratch = Vec::new();
         for p in 0..nparts {
             let left = budget.saturating_duration_since(tokio::time::Instant::now());
             let timeout = ctx.cfg.sender_timeout.min(left);
-            let frame =
-                wire::read_frame(&mut rd, &mut up, &mut buf, ctx.cfg.max_frame_len(), timeout)
-                    .await;
+            let frame = wire::read_frame(
+                &mut rd,
+                &mut up,
+                &mut buf,
+                ctx.codecs.max_frame_len(),
+                timeout,
+            )
+            .await;
             let (kind, index, payload) = match frame {
                 Err(PeerFault::Stalled { .. }) if timeout < ctx.cfg.sender_timeout => {
                     return Err(PeerFault::TooSlow {
@@ -495,6 +513,7 @@ async fn serve_sender<T: AsRef<[f32]> + Sync>(
                 });
             }
             let index = index as usize;
+            let compression = part_codec(index);
             let mut r = lock(red);
             r.accumulate_encoded(s, index, &buf[payload], compression, weight, &mut scratch)?;
             tx.send_replace(r.advance());
@@ -533,6 +552,7 @@ async fn serve_sender<T: AsRef<[f32]> + Sync>(
             }
             // Averages are encrypted straight from the reducer (or the encoded
             // averages) into the frame: no plaintext copy per recipient.
+            let compression = part_codec(p);
             let len = {
                 let r = lock(red);
                 let at = p as u32;

@@ -26,7 +26,7 @@ pub struct SpanResult {
     /// payloads of that codec, part after part (in an `f32` buffer for
     /// alignment and pooling), decoded straight into the tensors by `apply`.
     pub(super) values: Vec<f32>,
-    pub(super) wire: Option<Compression>,
+    pub(super) wire: Option<crate::group::Codecs>,
     /// With `wire`: byte offset of each part's payload, one more than parts.
     pub(super) wire_offsets: Vec<usize>,
     pub(super) averaged: Vec<bool>,
@@ -151,8 +151,9 @@ impl RoundOutcome {
                 if !*averaged {
                     continue;
                 }
-                if let Some(codec) = s.wire {
+                if let Some(codecs) = &s.wire {
                     // Wire form: decode straight into the tensors.
+                    let codec = codecs.at(part.start);
                     let bytes = s.wire_part(p);
                     for (i, local, global) in layout.pieces(part.clone()) {
                         let in_part = global.start - part.start..global.end - part.start;
@@ -185,14 +186,13 @@ pub(super) async fn read_results<T: AsRef<[f32]> + Sync>(
     result: &mut SpanResult,
 ) -> std::result::Result<(), PeerFault> {
     let mut buf = ctx.bytes.take();
-    let compression = ctx.cfg.compression;
     let timeout = ctx.cfg.reducer_timeout;
     let unauthentic = |_| PeerFault::Garbage {
         reason: "frame failed authentication",
     };
     for p in 0..result.parts.len() {
         let deadline = tokio::time::Instant::now() + timeout;
-        let head = wire::read_head(&mut rd, ctx.cfg.max_frame_len(), deadline, timeout).await?;
+        let head = wire::read_head(&mut rd, ctx.codecs.max_frame_len(), deadline, timeout).await?;
         // Header fields pick the read path; they are authenticated when the
         // frame is opened, and a forged header fails there.
         let (kind, index, payload_len) = (head.kind, head.index as usize, head.payload_len());
@@ -205,6 +205,7 @@ pub(super) async fn read_results<T: AsRef<[f32]> + Sync>(
             });
         }
         let range = result.parts[p].clone();
+        let compression = ctx.codecs.at(range.start);
         let local = range.start - result.span.start..range.end - result.span.start;
         let mut tag = [0u8; TAG_LEN];
         if kind == Kind::Averaged && result.wire.is_some() {

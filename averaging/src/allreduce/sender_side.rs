@@ -11,7 +11,6 @@ use crate::{
     crypto::FrameCipher,
     dataplane::DataPlane,
     error::{AveragingError, PeerFault},
-    partition::part_ranges,
     wire::{self, FrameBuf, Hello, Kind, Preamble},
 };
 
@@ -31,14 +30,13 @@ pub(super) async fn send_to_reducer<T: AsRef<[f32]> + Sync>(
     r: usize,
 ) -> (SpanResult, u64, Option<PeerFault>, usize, Option<DataPath>) {
     let span = ctx.spans[r].clone();
-    let parts = part_ranges(span.clone(), ctx.cfg.part_len());
+    let parts = ctx.codecs.parts(span.clone());
     // Compressed results stay in wire form (a half or a quarter of the
     // staging memory, and `apply` decodes once instead of decoding and then
     // copying).
-    let codec = ctx.cfg.compression;
-    let wire = (codec != Compression::None).then_some(codec);
+    let wire = (ctx.codecs.uniform() != Some(Compression::None)).then(|| ctx.codecs.clone());
     let (wire_offsets, staged) = if wire.is_some() {
-        let offsets = wire_offsets(codec, parts.iter().map(|p| p.len()));
+        let offsets = wire_offsets(parts.iter().map(|p| (ctx.codecs.at(p.start), p.len())));
         let bytes = offsets[parts.len()];
         (offsets, bytes.div_ceil(4))
     } else {
@@ -171,13 +169,13 @@ async fn exchange<T: AsRef<[f32]> + Sync>(
         let _ = wr.shutdown().await;
         return Ok(());
     }
-    let mut frame = Vec::with_capacity(ctx.cfg.max_frame_len() + 64);
+    let mut frame = Vec::with_capacity(ctx.codecs.max_frame_len() + 64);
     frame.extend_from_slice(&preamble.encode());
     let mut hello = Vec::new();
     wire::begin_frame(&mut hello, Kind::Hello, 0);
     Hello {
         schema_hash: ctx.schema,
-        compression: ctx.cfg.compression.code(),
+        compression: ctx.codecs.hello_code(),
         weight: ctx.weight,
         num_parts: result.parts.len() as u32,
     }
@@ -231,7 +229,6 @@ async fn write_parts<T: AsRef<[f32]> + Sync>(
     wr: &mut DataWriteHalf,
     checked: &mut usize,
 ) -> std::result::Result<u64, PeerFault> {
-    let compression = ctx.cfg.compression;
     let mut frame = FrameBuf::new(ctx.bytes.take());
     let mut scratch = Vec::new();
     let mut written = 0u64;
@@ -240,6 +237,7 @@ async fn write_parts<T: AsRef<[f32]> + Sync>(
     };
     for (p, range) in parts.iter().enumerate() {
         let at = p as u32;
+        let compression = ctx.codecs.at(range.start);
         // The sealed frame's length, when the part is finite and sealed.
         let sealed_len = if ctx.is_withdrawn() {
             None

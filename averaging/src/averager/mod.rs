@@ -179,10 +179,13 @@ impl DecentralizedAverager {
             store_budget: cfg.request_timeout,
         };
         let (donor_cmd, donor_rx) = watch::channel(DonorCommand::Idle);
+        // A codec list that does not fit the tensors fails here, not mid-round.
+        crate::group::Codecs::new(&layout, &cfg.allreduce)?;
+        let schema = crate::group::schema_hash_with(&layout, &cfg.allreduce.tensor_compression);
         let client_mode = cfg.mode == AveragingMode::Client;
         let machine = Matchmaker::new(MatchmakerConfig {
             peer_id: peer_id.clone(),
-            schema_hash: crate::group::schema_hash(&layout),
+            schema_hash: schema,
             client_mode,
             target_group_size: cfg.target_group_size,
             min_group_size: cfg.min_group_size,
@@ -195,7 +198,7 @@ impl DecentralizedAverager {
             .then(|| reachability::Reachability::new(dht.clone(), cfg.request_timeout / 4));
         let io = ShellIo {
             prefix: cfg.prefix.clone(),
-            schema: crate::group::schema_hash(&layout),
+            schema,
             dht: dht.clone(),
             protocol: join_protocol(&cfg.prefix)?,
             client_mode,
@@ -222,7 +225,7 @@ impl DecentralizedAverager {
         }
         let inner = Arc::new(Inner {
             peer_id,
-            schema: crate::group::schema_hash(&layout),
+            schema,
             layout,
             tensors: Mutex::new(tensors),
             served: StdMutex::new(ServedStates::default()),

@@ -318,3 +318,126 @@ async fn bad_local_input_and_config_are_typed_errors() {
         crate::round::run_allreduce(&p.plane, &group, 1, &p.keys, &layout, &wrong, 1.0, &cfg).await;
     assert!(matches!(res, Err(AveragingError::LayoutMismatch { .. })));
 }
+
+/// A codec per tensor: the first travels raw (exact mean, tiny values
+/// kept), the second in fp16, the third in 8-bit; every member applies the
+/// same values bit for bit, and no part mixes two codecs (parts of 1 KiB
+/// cut every span, and the spans cross tensor boundaries).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_tensor_travels_in_its_own_codec_and_members_agree_bit_for_bit() {
+    let modes = modes(1, 0);
+    let weights = [1.0, 2.5, 0.5, 3.0];
+    let mut peers = make_peers(&modes, &weights).await;
+    // Values fp16 flushes to zero (its smallest subnormal is 6e-8).
+    for (i, p) in peers.iter_mut().enumerate() {
+        for (j, v) in p.tensors[0].iter_mut().enumerate() {
+            *v = 1e-10 * (1.0 + (i * 7 + j % 13) as f32);
+        }
+    }
+    let group = group_of(&peers, [0x61; 32], &[None, Some(1.0), None, Some(3.0)]);
+    let cfg = AllreduceConfig {
+        tensor_compression: vec![
+            Compression::None,
+            Compression::Float16,
+            Compression::Blockwise8Bit,
+        ],
+        ..test_config(Compression::Float16)
+    };
+    let outcomes = run_all(&peers, &group, &cfg).await;
+    let layout = TensorLayout::new(&LENGTHS);
+    let expected = weighted_mean(&peers, &[0, 1, 2, 3]);
+    let mut applied = Vec::new();
+    for (i, out) in outcomes.iter().enumerate() {
+        let out = out.as_ref().unwrap_or_else(|e| panic!("peer {i}: {e}"));
+        assert!(out.banned_senders.is_empty() && out.failed_reducers.is_empty());
+        assert_eq!(out.averaged_elements(), layout.total(), "peer {i}");
+        let mut mine = peers[i].tensors.clone();
+        out.apply(&layout, &mut mine, 1.0).unwrap();
+        // Raw: the mean to f32 rounding, tiny values and all.
+        let exact = max_err(&mine[..1], &expected[..1]);
+        assert!(exact < 1e-14, "peer {i}: raw tensor off by {exact}");
+        assert!(
+            mine[0].iter().all(|v| *v > 0.0),
+            "peer {i}: a tiny value was lost"
+        );
+        // fp16 and 8-bit: within their rounding.
+        let half = max_err(&mine[1..2], &expected[1..2]);
+        assert!(half < 2e-3, "peer {i}: fp16 tensor off by {half}");
+        let q8 = max_err(&mine[2..], &expected[2..]);
+        assert!(q8 < 2e-2, "peer {i}: 8-bit tensor off by {q8}");
+        applied.push(mine);
+    }
+    for (i, mine) in applied.iter().enumerate().skip(1) {
+        assert!(
+            mine.iter()
+                .flatten()
+                .zip(applied[0].iter().flatten())
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "peer {i} applied other values than peer 0"
+        );
+    }
+    // The same round in fp16 for everything loses the tiny values.
+    let uniform = test_config(Compression::Float16);
+    let group = group_of(&peers, [0x62; 32], &[None, Some(1.0), None, Some(3.0)]);
+    let outcomes = run_all(&peers, &group, &uniform).await;
+    let mut mine = peers[0].tensors.clone();
+    outcomes[0]
+        .as_ref()
+        .unwrap()
+        .apply(&layout, &mut mine, 1.0)
+        .unwrap();
+    assert!(
+        mine[0].iter().all(|v| *v == 0.0),
+        "fp16 kept values below 6e-8"
+    );
+}
+
+#[test]
+fn codecs_cut_parts_at_tensor_boundaries_only_where_codecs_change() {
+    let layout = TensorLayout::new(&[10, 5, 7]);
+    let cfg = AllreduceConfig {
+        part_size_bytes: 16,
+        tensor_compression: vec![Compression::None, Compression::None, Compression::Float16],
+        ..AllreduceConfig::default()
+    };
+    let codecs = crate::group::Codecs::new(&layout, &cfg).unwrap();
+    assert_eq!(codecs.uniform(), None);
+    assert_eq!(codecs.hello_code(), u8::MAX);
+    assert_eq!(codecs.at(14), Compression::None);
+    assert_eq!(codecs.at(15), Compression::Float16);
+    // Raw parts of 4 values run across the first boundary (same codec);
+    // fp16 parts of 8 values start at 15.
+    assert_eq!(
+        codecs.parts(2..22),
+        vec![2..6, 6..10, 10..14, 14..15, 15..22]
+    );
+    // One codec for all: the parts of a plain round.
+    let plain = crate::group::Codecs::new(&layout, &AllreduceConfig::default()).unwrap();
+    let cfg0 = AllreduceConfig::default();
+    assert_eq!(
+        plain.parts(3..22),
+        crate::partition::part_ranges(3..22, cfg0.part_len())
+    );
+    assert_eq!(plain.hello_code(), Compression::None.code());
+    // A list for another number of tensors is refused up front.
+    let wrong = AllreduceConfig {
+        tensor_compression: vec![Compression::None],
+        ..AllreduceConfig::default()
+    };
+    assert!(matches!(
+        crate::group::Codecs::new(&layout, &wrong),
+        Err(AveragingError::InvalidConfig {
+            field: "tensor_compression",
+            ..
+        })
+    ));
+    // Codecs are part of the schema: peers with other codecs never average.
+    assert_ne!(
+        crate::group::schema_hash_with(&layout, &cfg.tensor_compression),
+        crate::group::schema_hash(&layout)
+    );
+    assert_eq!(
+        crate::group::schema_hash_with(&layout, &[]),
+        crate::group::schema_hash(&layout)
+    );
+}

@@ -21,9 +21,11 @@ fn averaging_err(op: &'static str) -> impl Fn(colony_averaging::AveragingError) 
 
 /// The optimizer's averaging layer on a real swarm.
 ///
-/// The averager holds one flat buffer laid out as the optimizer sends it: parameters,
-/// gradients, optimizer state. A round copies the optimizer's buffer in, averages, and
-/// copies the result out only on success. Between rounds the buffer holds this peer's
+/// The averager holds three tensors laid out as the optimizer sends them: parameters,
+/// gradients, optimizer state, each in its own wire codec
+/// ([`OptimConfig::grad_compression`], [`OptimConfig::state_compression`]). A round
+/// copies the optimizer's buffer in, averages, and copies the result out only on
+/// success. Between rounds the buffer holds this peer's
 /// latest state (parameters and optimizer state after the step), which it serves to late
 /// joiners under `{prefix}.all_averagers` with its step as priority.
 #[derive(Debug)]
@@ -74,9 +76,20 @@ impl NetworkAverager {
         state_len: usize,
     ) -> Result<Self> {
         averaging.mode = role_for(optim, &averaging)?;
+        if optim.grad_compression.is_some() || optim.state_compression.is_some() {
+            let all = averaging.allreduce.compression;
+            let grads = optim.grad_compression.unwrap_or(all);
+            let state = optim.state_compression.unwrap_or(all);
+            averaging.allreduce.tensor_compression = vec![state, grads, state];
+        }
+        warn_if_state_codec_is_lossy(&averaging, state_len);
         let config = averaging;
-        let len = 2 * num_params + state_len;
-        let averager = DecentralizedAverager::new(dht, vec![vec![0.0; len]], config)
+        let tensors = vec![
+            vec![0.0; num_params],
+            vec![0.0; num_params],
+            vec![0.0; state_len],
+        ];
+        let averager = DecentralizedAverager::new(dht, tensors, config)
             .await
             .map_err(averaging_err("start"))?;
         Ok(Self {
@@ -131,6 +144,23 @@ impl NetworkAverager {
     }
 }
 
+/// Says so when the optimizer state (Adam's moments) would travel in a codec that
+/// flushes small values to zero.
+fn warn_if_state_codec_is_lossy(averaging: &AveragerConfig, state_len: usize) {
+    use colony_averaging::Compression;
+    let state = match averaging.allreduce.tensor_compression.as_slice() {
+        [_, _, state] => *state,
+        _ => averaging.allreduce.compression,
+    };
+    if state_len > 0 && matches!(state, Compression::Float16 | Compression::Blockwise8Bit) {
+        tracing::warn!(
+            codec = ?state,
+            "the optimizer state is averaged in a codec that flushes values below 6e-8 to zero: \
+             Adam's second moments vanish and its updates grow; set state_compression to none or bf16"
+        );
+    }
+}
+
 /// The averaging mode for `optim`'s role. `averaging.mode` left at its default takes the
 /// role; set to anything else, it must agree, so the two configs never disagree.
 fn role_for(optim: &OptimConfig, averaging: &AveragerConfig) -> Result<AveragingMode> {
@@ -175,13 +205,24 @@ impl SwarmAverager for NetworkAverager {
                 actual: tensors.len(),
             });
         }
-        self.averager.tensors().await[0].copy_from_slice(tensors);
+        let n = self.num_params;
+        {
+            let mut mine = self.averager.tensors().await;
+            mine[0].copy_from_slice(&tensors[..n]);
+            mine[1].copy_from_slice(&tensors[n..2 * n]);
+            mine[2].copy_from_slice(&tensors[2 * n..]);
+        }
         let outcome = self
             .averager
             .step(Some(weight as f32), timeout)
             .await
             .map_err(averaging_err("step"))?;
-        tensors.copy_from_slice(&self.averager.tensors().await[0]);
+        {
+            let averaged = self.averager.tensors().await;
+            tensors[..n].copy_from_slice(&averaged[0]);
+            tensors[n..2 * n].copy_from_slice(&averaged[1]);
+            tensors[2 * n..].copy_from_slice(&averaged[2]);
+        }
         self.record(&outcome);
         Ok(outcome.group.members.len())
     }
@@ -207,10 +248,9 @@ impl SwarmAverager for NetworkAverager {
         }
         {
             let mut tensors = self.averager.tensors().await;
-            let buf = &mut tensors[0];
-            buf[..n].copy_from_slice(&state.params);
-            buf[n..2 * n].fill(0.0);
-            buf[2 * n..].copy_from_slice(&state.optimizer_state);
+            tensors[0].copy_from_slice(&state.params);
+            tensors[1].fill(0.0);
+            tensors[2].copy_from_slice(&state.optimizer_state);
         }
         let metadata =
             colony_schema::to_msgpack(&state.step).map_err(|source| OptimError::Schema {
@@ -255,12 +295,17 @@ impl SwarmAverager for NetworkAverager {
             );
             return Ok(None);
         }
-        let n = self.num_params;
-        let buf = &state.tensors[0];
+        let mut tensors = state.tensors.into_iter();
+        let (Some(params), Some(_grads), Some(optimizer_state)) =
+            (tensors.next(), tensors.next(), tensors.next())
+        else {
+            tracing::warn!("refusing a state that is not params, grads and optimizer state");
+            return Ok(None);
+        };
         Ok(Some(PeerState {
             step,
-            params: buf[..n].to_vec(),
-            optimizer_state: buf[2 * n..].to_vec(),
+            params,
+            optimizer_state,
         }))
     }
 
