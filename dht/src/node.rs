@@ -54,10 +54,11 @@ const PUT_BURST_PER_PEER: f64 = 200.0;
 /// Entries one owner's signature may have stored on this node per second
 /// (burst [`OWNER_BURST`]), whichever peers carried them: identities are
 /// free, connections cheaper still, so the per-peer limit alone lets one
-/// owner use many connections. An honest peer's few records per key
-/// refresh every few seconds.
-const OWNER_RATE: f64 = 20.0;
-const OWNER_BURST: f64 = 100.0;
+/// owner use many connections. The same as one peer's put rate, so an
+/// honest peer that reports progress 20 times a second and declares itself
+/// for matchmaking meets neither.
+const OWNER_RATE: f64 = PUT_RATE_PER_PEER;
+const OWNER_BURST: f64 = PUT_BURST_PER_PEER;
 
 /// One subscriber of a topic.
 struct Subscriber {

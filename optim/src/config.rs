@@ -103,6 +103,14 @@ pub struct OptimConfig {
     /// moments below 6e-8 to zero, and the update m/(√v + ε) then grows
     /// many times too large.
     pub state_compression: Option<colony_averaging::Compression>,
+    /// Delayed parameter updates (hivemind's DPU): a global step's round
+    /// and optimizer update run in the background while the next
+    /// micro-batches compute on the previous parameters; the update lands at
+    /// a later `step` call, and at the next global step at the latest
+    /// (staleness 1). Every peer still ends with identical parameters. Use
+    /// [`CollaborativeOptimizer::settle`](crate::CollaborativeOptimizer::settle)
+    /// before reading the final ones. Default false.
+    pub delay_updates: bool,
 }
 
 impl Default for OptimConfig {
@@ -134,6 +142,7 @@ impl Default for OptimConfig {
             max_weight_share: 2.0,
             grad_compression: None,
             state_compression: None,
+            delay_updates: false,
         }
     }
 }

@@ -51,6 +51,14 @@ pub enum StepOutcome {
     /// gradients were accumulated, but it does not step alone; it waits for
     /// the swarm and, if the swarm moved on meanwhile, downloads its state.
     Isolated,
+    /// Delayed updates ([`OptimConfig::delay_updates`]): the swarm was
+    /// ready, and this global step's averaging and update now run in the
+    /// background while training goes on with the current parameters. A
+    /// later call returns [`Stepped`](Self::Stepped) when they land.
+    Scheduled {
+        /// The step this peer will be at once the update lands.
+        step: u64,
+    },
 }
 
 /// What the background tasks and the caller share.
@@ -86,7 +94,11 @@ fn secs(s: f64) -> Duration {
 pub struct CollaborativeOptimizer<B: ProgressBoard, A: SwarmAverager> {
     config: OptimConfig,
     board: B,
-    averager: A,
+    /// `None` only while a delayed update runs with it in the background.
+    averager: Option<A>,
+    /// The delayed update in flight ([`OptimConfig::delay_updates`]).
+    inflight: Option<JoinHandle<UpdateDone<A>>>,
+    delayed: DelayedUpdates,
     params: Vec<f32>,
     grads: Vec<f32>,
     scratch: Vec<f32>,
@@ -185,7 +197,9 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
             ema: PerformanceEma::new(config.performance_ema_alpha, now),
             config,
             board,
-            averager,
+            averager: Some(averager),
+            inflight: None,
+            delayed: DelayedUpdates::default(),
             grads: vec![0.0; n],
             scratch: vec![0.0; n],
             params,
@@ -275,6 +289,10 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
     /// # Errors
     /// As [`step`](Self::step).
     pub async fn poll_step(&mut self) -> Result<StepOutcome> {
+        // Nothing to add: wait for a delayed update in flight to land.
+        if let Some(landed) = self.land_inflight().await? {
+            return Ok(landed);
+        }
         if !self.synchronize() {
             return self.resync().await;
         }
@@ -282,9 +300,92 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
         self.maybe_global_step().await
     }
 
-    /// The averaging layer.
-    pub fn averager_mut(&mut self) -> &mut A {
-        &mut self.averager
+    /// The averaging layer; `None` while a delayed update runs with it (see
+    /// [`settle`](Self::settle)).
+    pub fn averager_mut(&mut self) -> Option<&mut A> {
+        self.averager.as_mut()
+    }
+
+    /// What the delayed updates did so far ([`OptimConfig::delay_updates`]).
+    pub fn delayed_updates(&self) -> DelayedUpdates {
+        self.delayed
+    }
+
+    /// Waits for the delayed update in flight, if any, and installs it: after
+    /// this, [`params`](Self::params) hold every global step taken so far.
+    /// Call it before reading the final parameters of a run with delayed
+    /// updates (shutdown does).
+    ///
+    /// # Errors
+    /// [`OptimError::UpdateTaskFailed`] if the update's task panicked.
+    pub async fn settle(&mut self) -> Result<()> {
+        self.land_inflight().await.map(|_| ())
+    }
+
+    /// Waits for the delayed update in flight and lands it; its outcome, or
+    /// `None` with nothing in flight.
+    async fn land_inflight(&mut self) -> Result<Option<StepOutcome>> {
+        let Some(task) = self.inflight.take() else {
+            return Ok(None);
+        };
+        let done = task.await.map_err(|e| OptimError::UpdateTaskFailed {
+            reason: e.to_string(),
+        })?;
+        self.land(done).map(Some)
+    }
+
+    /// Lands a finished delayed update without waiting for one still running.
+    async fn land_if_finished(&mut self) -> Result<Option<StepOutcome>> {
+        if self.inflight.as_ref().is_some_and(JoinHandle::is_finished) {
+            return self.land_inflight().await;
+        }
+        Ok(None)
+    }
+
+    /// The averager, once no delayed update holds it.
+    async fn averager(&mut self) -> Result<&mut A> {
+        self.settle().await?;
+        self.averager
+            .as_mut()
+            .ok_or_else(|| OptimError::UpdateTaskFailed {
+                reason: "the averager was lost with an earlier update".to_owned(),
+            })
+    }
+
+    /// Takes a finished update's results (parameters, optimizer state, the
+    /// averager back) and moves this peer to the step after it.
+    ///
+    /// # Errors
+    /// The local optimizer step's error (the parameters are then as the
+    /// round left them).
+    fn land(&mut self, done: UpdateDone<A>) -> Result<StepOutcome> {
+        self.averager = Some(done.averager);
+        self.params = done.params;
+        self.local = done.local;
+        self.scratch = done.grads;
+        if self.config.delay_updates {
+            self.delayed.applied += 1;
+            self.delayed.last_group_size = done.group_size;
+            if done.group_size > 1 {
+                self.delayed.averaged += 1;
+            } else {
+                self.delayed.local += 1;
+            }
+            tracing::debug!(
+                step = done.step,
+                group_size = done.group_size,
+                "delayed update applied"
+            );
+        }
+        done.stepped?;
+        self.local_step = self.local_step.max(done.step);
+        lock(&self.shared).state.register_step(self.local_step);
+        self.state_updated.notify_one();
+        self.report();
+        Ok(StepOutcome::Stepped {
+            step: self.local_step,
+            group_size: done.group_size,
+        })
     }
 
     /// Whether this peer may train at the current global step; a peer behind within
@@ -366,7 +467,10 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
                 reason: "auxiliary peers call step_aux, not step".to_owned(),
             });
         }
-        if !self.synchronize() {
+        // A delayed update that finished lands now; while one runs this peer
+        // belongs to that step's round and only accumulates.
+        let landed = self.land_if_finished().await?;
+        if landed.is_none() && self.inflight.is_none() && !self.synchronize() {
             tracing::info!(local_step = self.local_step, "peer is out of sync");
             return self.resync().await;
         }
@@ -394,6 +498,12 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
         };
         self.ema.update(batch, now);
         self.report();
+        if let Some(landed) = landed {
+            return Ok(landed);
+        }
+        if self.inflight.is_some() {
+            return Ok(StepOutcome::Accumulated);
+        }
         self.maybe_global_step().await
     }
 
@@ -468,72 +578,82 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
         weight: Option<f64>,
         state: &CollaborationState,
     ) -> Result<StepOutcome> {
-        let n = self.params.len();
+        // One update at a time: the previous delayed one lands first.
+        self.settle().await?;
         // The mean gradient of this peer's samples (reuse mode: the caller's sum / calls).
+        let mut mean = std::mem::take(&mut self.scratch);
         if self.accumulator.reuses_grad_buffers() {
             self.accumulator.mean_gradient(&mut self.grads)?;
-            self.scratch.copy_from_slice(&self.grads);
+            mean.copy_from_slice(&self.grads);
         } else {
-            self.accumulator.mean_gradient(&mut self.scratch)?;
+            self.accumulator.mean_gradient(&mut mean)?;
         }
         let mut weight = weight;
-        if !self.scratch.iter().all(|g| g.is_finite()) {
+        if !mean.iter().all(|g| g.is_finite()) {
             // Only reachable in reuse mode (the accumulator refuses non-finite batches):
             // tag along with weight zero so the round does not stall, never send poison.
             tracing::warn!("accumulated gradients are not finite; averaging with weight 0");
-            self.scratch.fill(0.0);
+            mean.fill(0.0);
             weight = weight.map(|_| 0.0);
         }
-        let mut group_size = 1;
-        if let Some(weight) = weight {
-            let mut buf = Vec::with_capacity(2 * n + self.local.state().len());
-            buf.extend_from_slice(&self.params);
-            buf.extend_from_slice(&self.scratch);
-            buf.extend_from_slice(self.local.state());
-            let timeout = secs(self.config.averaging_timeout);
-            let limits = {
-                let records = lock(&self.shared).records.clone();
-                crate::tracker::weight_limits(
-                    &self.config,
-                    &records,
-                    self.local_step,
-                    state.num_peers,
-                    self.board.now(),
-                )
-            };
-            self.averager.limit_weights(&limits);
-            match self.averager.average(&mut buf, weight, timeout).await {
-                Ok(size) if buf.iter().all(|v| v.is_finite()) => {
-                    group_size = size;
-                    self.params.copy_from_slice(&buf[..n]);
-                    self.scratch.copy_from_slice(&buf[n..2 * n]);
-                    self.local.state_mut().copy_from_slice(&buf[2 * n..]);
-                    tracing::debug!(group_size, "averaged with peers");
-                }
-                Ok(_) => {
-                    tracing::warn!("averaging returned non-finite values; using local tensors")
-                }
-                Err(e) => {
-                    tracing::info!(error = %ErrorChain(&e), "skipped averaging; stepping on local gradients")
-                }
-            }
-        }
-        let lr = self.config.lr_schedule.lr_at(self.local_step);
-        self.local
-            .step(&mut self.params, &self.scratch, lr, self.local_step)?;
+        let limits = weight.map(|_| {
+            let records = lock(&self.shared).records.clone();
+            crate::tracker::weight_limits(
+                &self.config,
+                &records,
+                self.local_step,
+                state.num_peers,
+                self.board.now(),
+            )
+        });
+        let Some(averager) = self.averager.take() else {
+            return Err(OptimError::UpdateTaskFailed {
+                reason: "the averager was lost with an earlier update".to_owned(),
+            });
+        };
+        let new_step = next_local_step(self.local_step, state.optimizer_step);
+        let delay = self.config.delay_updates;
+        // Delayed, the next micro-batches still read the parameters: the job
+        // gets copies. Inline, it takes them (no copy) and gives them back.
+        let (params, local) = if delay {
+            (self.params.clone(), self.local.clone())
+        } else {
+            let hollow = self.local.hollow();
+            (
+                std::mem::take(&mut self.params),
+                std::mem::replace(&mut self.local, hollow),
+            )
+        };
+        let job = UpdateJob {
+            averager,
+            local,
+            params,
+            grads: mean,
+            weight,
+            limits,
+            timeout: secs(self.config.averaging_timeout),
+            lr: self.config.lr_schedule.lr_at(self.local_step),
+            step: self.local_step,
+            new_step,
+        };
+        // The accumulated gradients are in the job: the next step's start now.
         self.accumulator.reset(Some(&mut self.grads));
         if !self.accumulator.reuses_grad_buffers() {
             self.grads.fill(0.0);
         }
-        self.local_step = next_local_step(self.local_step, state.optimizer_step);
-        lock(&self.shared).state.register_step(self.local_step);
-        self.state_updated.notify_one();
-        self.report();
-        self.share_state().await;
-        Ok(StepOutcome::Stepped {
-            step: self.local_step,
-            group_size,
-        })
+        if delay {
+            // The next micro-batches compute on the current parameters while
+            // the round and the update run; the update lands at a later
+            // call (staleness 1). This peer stays at its step until then, as
+            // it would inside a blocking round: peers that see it move on
+            // before they joined the round would skip their own step.
+            self.inflight = Some(tokio::spawn(job.run()));
+            self.scratch = vec![0.0; self.params.len()];
+            Ok(StepOutcome::Scheduled { step: new_step })
+        } else {
+            let done = job.run().await;
+            self.land(done)
+        }
     }
 
     async fn share_state(&mut self) {
@@ -542,7 +662,11 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
             params: self.params.clone(),
             optimizer_state: self.local.state().to_vec(),
         };
-        if let Err(e) = self.averager.share_state(state).await {
+        let shared = match self.averager().await {
+            Ok(averager) => averager.share_state(state).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = shared {
             tracing::warn!(error = %ErrorChain(&e), "could not share the state");
         }
     }
@@ -573,7 +697,7 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
         let state = self.refresh_now().await;
         let step = self.local_step.max(state.optimizer_step);
         let timeout = secs(self.config.averaging_timeout);
-        let group_size = match self.averager.assist(timeout).await {
+        let group_size = match self.averager().await?.assist(timeout).await {
             Ok(size) => size,
             Err(e) => {
                 tracing::info!(error = %ErrorChain(&e), "auxiliary averaging round failed");
@@ -610,7 +734,7 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
         let max_step = global
             .max(self.local_step)
             .saturating_add(self.config.step_tolerance);
-        let loaded = match self.averager.load_state(timeout, max_step).await {
+        let loaded = match self.averager().await?.load_state(timeout, max_step).await {
             Ok(Some(state)) => state,
             Ok(None) => {
                 tracing::info!("no peer offered a state");
@@ -663,7 +787,12 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
         for task in self.tasks.drain(..) {
             task.abort();
         }
-        self.averager.shutdown().await;
+        if let Err(e) = self.settle().await {
+            tracing::warn!(error = %ErrorChain(&e), "the last delayed update was lost");
+        }
+        if let Some(averager) = self.averager.as_mut() {
+            averager.shutdown().await;
+        }
         let expiration = self.board.now() + self.config.metadata_expiration;
         let goodbye = self.board.publish(None, expiration);
         let timeout = self.config.request_timeout;
@@ -684,7 +813,12 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
         for task in self.tasks.drain(..) {
             task.abort();
         }
-        self.averager.abandon().await;
+        if let Err(e) = self.settle().await {
+            tracing::warn!(error = %ErrorChain(&e), "the last delayed update was lost");
+        }
+        if let Some(averager) = self.averager.as_mut() {
+            averager.abandon().await;
+        }
     }
 }
 
@@ -692,6 +826,119 @@ impl<B: ProgressBoard, A: SwarmAverager> Drop for CollaborativeOptimizer<B, A> {
     fn drop(&mut self) {
         for task in &self.tasks {
             task.abort();
+        }
+        if let Some(task) = &self.inflight {
+            task.abort();
+        }
+    }
+}
+
+/// What the delayed updates of a run did ([`OptimConfig::delay_updates`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DelayedUpdates {
+    /// Updates installed so far.
+    pub applied: u64,
+    /// Of those, the ones averaged with at least one other peer.
+    pub averaged: u64,
+    /// Of those, the ones stepped on local gradients (no group, or a failed round).
+    pub local: u64,
+    /// The group of the latest installed update (0 before the first).
+    pub last_group_size: usize,
+}
+
+/// One global step's averaging and optimizer update, owning everything it
+/// touches so that it can run in the background (delayed updates) as well
+/// as inline.
+struct UpdateJob<A> {
+    averager: A,
+    local: LocalOptimizer,
+    params: Vec<f32>,
+    /// This peer's mean gradient.
+    grads: Vec<f32>,
+    /// `None`: step alone, no round.
+    weight: Option<f64>,
+    limits: Option<crate::ports::WeightLimits>,
+    timeout: Duration,
+    lr: f64,
+    /// The step being taken, and the step after it.
+    step: u64,
+    new_step: u64,
+}
+
+/// A finished [`UpdateJob`].
+struct UpdateDone<A> {
+    averager: A,
+    local: LocalOptimizer,
+    params: Vec<f32>,
+    /// The gradient the update used (averaged, or this peer's own).
+    grads: Vec<f32>,
+    group_size: usize,
+    step: u64,
+    /// The local optimizer step's outcome.
+    stepped: Result<()>,
+}
+
+impl<A: SwarmAverager> UpdateJob<A> {
+    /// Averages params ‖ grads ‖ optimizer state with the peers averaging
+    /// now (unless stepping alone), applies the local optimizer to the
+    /// result (on this peer's own gradient if the round failed: the
+    /// reference's behaviour), and shares the new state.
+    async fn run(self) -> UpdateDone<A> {
+        let Self {
+            mut averager,
+            mut local,
+            mut params,
+            mut grads,
+            weight,
+            limits,
+            timeout,
+            lr,
+            step,
+            new_step,
+        } = self;
+        let n = params.len();
+        let mut group_size = 1;
+        if let Some(weight) = weight {
+            let mut buf = Vec::with_capacity(2 * n + local.state().len());
+            buf.extend_from_slice(&params);
+            buf.extend_from_slice(&grads);
+            buf.extend_from_slice(local.state());
+            if let Some(limits) = &limits {
+                averager.limit_weights(limits);
+            }
+            match averager.average(&mut buf, weight, timeout).await {
+                Ok(size) if buf.iter().all(|v| v.is_finite()) => {
+                    group_size = size;
+                    params.copy_from_slice(&buf[..n]);
+                    grads.copy_from_slice(&buf[n..2 * n]);
+                    local.state_mut().copy_from_slice(&buf[2 * n..]);
+                    tracing::debug!(group_size, "averaged with peers");
+                }
+                Ok(_) => {
+                    tracing::warn!("averaging returned non-finite values; using local tensors")
+                }
+                Err(e) => {
+                    tracing::info!(error = %ErrorChain(&e), "skipped averaging; stepping on local gradients")
+                }
+            }
+        }
+        let stepped = local.step(&mut params, &grads, lr, step);
+        let state = PeerState {
+            step: new_step,
+            params: params.clone(),
+            optimizer_state: local.state().to_vec(),
+        };
+        if let Err(e) = averager.share_state(state).await {
+            tracing::warn!(error = %ErrorChain(&e), "could not share the state");
+        }
+        UpdateDone {
+            averager,
+            local,
+            params,
+            grads,
+            group_size,
+            step: new_step,
+            stepped,
         }
     }
 }

@@ -8,6 +8,13 @@
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum OptimError {
+    /// The background task of a delayed update ended without handing the
+    /// averager back (it panicked or was cancelled); averaging cannot go on.
+    #[error("the delayed update's task failed: {reason}")]
+    UpdateTaskFailed {
+        /// What the task's join said.
+        reason: String,
+    },
     /// A configuration field holds a value outside its documented range.
     #[error("invalid config: `{field}` {reason}")]
     InvalidConfig {

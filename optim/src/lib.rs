@@ -44,7 +44,7 @@ pub use colony_averaging::{AveragerConfig, AveragingError, AveragingMode, Compre
 pub use colony_dht::DhtError;
 pub use colony_kernels::{AdamW, Lamb, Layout, Sgd};
 pub use config::OptimConfig;
-pub use driver::{CollaborativeOptimizer, StepOutcome};
+pub use driver::{CollaborativeOptimizer, DelayedUpdates, StepOutcome};
 pub use ema::PerformanceEma;
 pub use error::{OptimError, Result};
 pub use local::{LocalOptimizer, LocalOptimizerKind};

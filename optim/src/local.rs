@@ -32,6 +32,16 @@ pub struct LocalOptimizer {
 }
 
 impl LocalOptimizer {
+    /// The same optimizer without its state (no allocation): a stand-in
+    /// while the real one is lent to an update.
+    pub(crate) fn hollow(&self) -> Self {
+        Self {
+            kind: self.kind,
+            layout: self.layout.clone(),
+            state: Vec::new(),
+        }
+    }
+
     /// A fresh optimizer (zero state) for parameters laid out as `layout`.
     ///
     /// # Errors

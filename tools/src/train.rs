@@ -85,6 +85,11 @@ pub(crate) struct TrainArgs {
     /// learning rate; 0.003 suits the digits model).
     #[arg(long, default_value = "sgd", env = "COLONY_OPTIMIZER")]
     pub(crate) optimizer: String,
+    /// Delayed parameter updates: each global step's averaging and update
+    /// run in the background while the next micro-batches compute on the
+    /// previous parameters (staleness 1).
+    #[arg(long, env = "COLONY_DELAY_UPDATES")]
+    pub(crate) delay_updates: bool,
     /// Stop after this many global steps.
     #[arg(long, default_value_t = 150, env = "COLONY_MAX_STEPS")]
     pub(crate) max_steps: u64,
@@ -446,6 +451,7 @@ pub(crate) fn optim_config(args: &TrainArgs) -> OptimConfig {
             .state_compression
             .as_deref()
             .and_then(Compression::parse),
+        delay_updates: args.delay_updates,
         ..OptimConfig::new(args.run_id.clone(), args.target_batch_size)
     }
 }
@@ -649,6 +655,7 @@ async fn train_with(
                 samples += args.batch_size;
             }
             let stepped = match outcome {
+                // With delayed updates, `Stepped` comes when an update lands.
                 StepOutcome::Stepped { group_size, .. } => {
                     if group_size > 1 {
                         averaged_steps += 1;
@@ -662,7 +669,10 @@ async fn train_with(
                     state_loads += 1;
                     true
                 }
-                StepOutcome::Accumulated | StepOutcome::OutOfSync | StepOutcome::Isolated => false,
+                StepOutcome::Accumulated
+                | StepOutcome::OutOfSync
+                | StepOutcome::Isolated
+                | StepOutcome::Scheduled { .. } => false,
             };
             if stepped || last_report.elapsed() > Duration::from_millis(250) {
                 last_report = Instant::now();
@@ -680,10 +690,15 @@ async fn train_with(
                 );
             }
             if stepped {
-                let paths = opt.averager_mut().path_counts();
-                let rounds = opt.averager_mut().round_stats().clone();
                 let accuracy = mlp.accuracy(opt.params(), &digits.test_x, &digits.test_y);
                 if accuracy >= args.target_accuracy || opt.local_step() >= args.max_steps {
+                    // Nothing is in flight right after an update landed (a
+                    // delayed one is only scheduled by a later step).
+                    opt.settle().await?;
+                    let (paths, rounds) = opt
+                        .averager_mut()
+                        .map(|a| (a.path_counts(), a.round_stats().clone()))
+                        .unwrap_or_default();
                     let nat = dht.stats().await.unwrap_or_default();
                     emit(
                         args.json,
