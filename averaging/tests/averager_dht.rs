@@ -638,3 +638,86 @@ async fn a_backdoored_state_with_a_huge_priority_is_not_installed() {
     .await
     .expect("test timed out");
 }
+
+/// Peers whose wire codecs differ are refused at join (the codecs are part
+/// of the schema): no round mixes two encodings of one tensor, and each
+/// side's step fails with no group rather than mid-round. Two peers with
+/// the same per-tensor codecs average.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_with_other_codecs_never_group_and_matching_ones_do() {
+    use colony_averaging::Compression;
+    tokio::time::timeout(T, async {
+        let nodes = swarm(3).await;
+        let with = |codecs: Vec<Compression>| {
+            let mut c = config("codecs");
+            c.target_group_size = Some(2);
+            c.allreduce.tensor_compression = codecs;
+            c
+        };
+        let raw_fp16 = vec![Compression::None, Compression::Float16];
+        let a = DecentralizedAverager::new(nodes[0].clone(), values(0), with(raw_fp16.clone()))
+            .await
+            .unwrap();
+        let b = DecentralizedAverager::new(
+            nodes[1].clone(),
+            values(1),
+            with(vec![Compression::Float16, Compression::Float16]),
+        )
+        .await
+        .unwrap();
+        let (ra, rb) = tokio::join!(
+            a.step(None, Duration::from_secs(6)),
+            b.step(None, Duration::from_secs(6))
+        );
+        for r in [&ra, &rb] {
+            assert!(
+                matches!(r, Err(AveragingError::NoGroupFound { .. })),
+                "{r:?}"
+            );
+        }
+        assert_eq!(a.tensors().await.clone(), values(0), "nothing applied");
+        b.shutdown();
+        // A codec list for another number of tensors fails at start.
+        let wrong =
+            DecentralizedAverager::new(nodes[1].clone(), values(1), with(vec![Compression::None]))
+                .await;
+        assert!(
+            matches!(
+                wrong,
+                Err(AveragingError::InvalidConfig {
+                    field: "tensor_compression",
+                    ..
+                })
+            ),
+            "{:?}",
+            wrong.err()
+        );
+        let c = DecentralizedAverager::new(nodes[2].clone(), values(1), with(raw_fp16))
+            .await
+            .unwrap();
+        let (ra, rc) = tokio::join!(
+            a.step(None, Duration::from_secs(20)),
+            c.step(None, Duration::from_secs(20))
+        );
+        assert_eq!(ra.unwrap().group.members.len(), 2);
+        assert_eq!(rc.unwrap().group.members.len(), 2);
+        let (ta, tc) = (a.tensors().await.clone(), c.tensors().await.clone());
+        assert!(
+            ta.iter()
+                .flatten()
+                .zip(tc.iter().flatten())
+                .all(|(x, y)| x.to_bits() == y.to_bits()),
+            "members differ"
+        );
+        // The raw tensor holds the exact mean.
+        let mean = mean_of(&[values(0), values(1)], &[1.0, 1.0]);
+        let err = ta[0]
+            .iter()
+            .zip(&mean[0])
+            .map(|(x, m)| (f64::from(*x) - m).abs())
+            .fold(0.0, f64::max);
+        assert!(err < 1e-5, "raw tensor off by {err}");
+    })
+    .await
+    .expect("test timed out");
+}

@@ -148,6 +148,9 @@ impl DecentralizedAverager {
             });
         }
         let layout = TensorLayout::new(&tensors.iter().map(Vec::len).collect::<Vec<_>>());
+        // A codec list that does not fit the tensors fails here, before
+        // anything is bound or registered, not mid-round.
+        crate::group::Codecs::new(&layout, &cfg.allreduce)?;
         let plane = if cfg.mode == AveragingMode::Client {
             DataPlane::client()
         } else if cfg.direct_data_plane {
@@ -179,8 +182,6 @@ impl DecentralizedAverager {
             store_budget: cfg.request_timeout,
         };
         let (donor_cmd, donor_rx) = watch::channel(DonorCommand::Idle);
-        // A codec list that does not fit the tensors fails here, not mid-round.
-        crate::group::Codecs::new(&layout, &cfg.allreduce)?;
         let schema = crate::group::schema_hash_with(&layout, &cfg.allreduce.tensor_compression);
         let client_mode = cfg.mode == AveragingMode::Client;
         let machine = Matchmaker::new(MatchmakerConfig {

@@ -452,6 +452,21 @@ impl Matchmaker {
                 out.push(Action::DropLeader { attempt });
                 self.redirect(a, next, out);
             }
+            LeaderAnswer::Refused {
+                code: JoinCode::BadSchemaHash,
+                ..
+            } => {
+                // Not a transient refusal: this peer will never average with
+                // that one. Say why where an operator looks.
+                tracing::warn!(
+                    leader = %crate::averager::peer_label(&a.leader),
+                    "a leader refused to group with this peer: their tensor layouts or wire \
+                     codecs differ (every peer of a run needs the same model and the same \
+                     --compression / --grad-compression / --state-compression)"
+                );
+                out.push(Action::DropLeader { attempt });
+                self.give_up_on(a, false);
+            }
             LeaderAnswer::Refused { code, .. } => {
                 tracing::debug!(?code, "leader refused the join");
                 out.push(Action::DropLeader { attempt });
