@@ -7,29 +7,15 @@ mod common;
 
 use std::{sync::Arc, time::Duration};
 
-use colony_dht::{Dht, DhtConfig, dht_time};
+use colony_dht::dht_time;
 use colony_optim::{
     AveragerConfig, CollaborativeOptimizer, DhtProgressBoard, Layout, LocalOptimizer,
     LocalOptimizerKind, ProgressBoard, Sgd, StepOutcome, TrainingProgress,
 };
-use common::{Hub, MemoryAverager, config, dataset, gradient, one_global_step};
+use common::{Hub, MemoryAverager, config, dataset, gradient, nodes, one_global_step};
 use tokio::sync::mpsc;
 
 const T: Duration = Duration::from_secs(90);
-
-async fn nodes(n: usize) -> Vec<Dht> {
-    let first = Dht::new(DhtConfig::default()).await.unwrap();
-    let bootstrap = first.listen_addrs();
-    let mut out = vec![first];
-    for _ in 1..n {
-        let c = DhtConfig {
-            initial_peers: bootstrap.clone(),
-            ..DhtConfig::default()
-        };
-        out.push(Dht::new(c).await.unwrap());
-    }
-    out
-}
 
 fn record(peer: &str, step: u64) -> TrainingProgress {
     TrainingProgress {

@@ -10,31 +10,16 @@ mod common;
 
 use std::time::Duration;
 
-use colony_dht::{Dht, DhtConfig};
 use colony_optim::{
     AdamW, AveragerConfig, CollaborativeOptimizer, Compression, Layout, LocalOptimizer,
     LocalOptimizerKind, LrSchedule, StepOutcome,
 };
-use common::config;
+use common::{config, nodes, step_with_gradient};
 
 const PEERS: usize = 2;
 const DIM: usize = 8;
 const STEPS: u64 = 12;
 const LR: f64 = 1e-3;
-
-async fn nodes(n: usize) -> Vec<Dht> {
-    let first = Dht::new(DhtConfig::default()).await.unwrap();
-    let bootstrap = first.listen_addrs();
-    let mut out = vec![first];
-    for _ in 1..n {
-        let c = DhtConfig {
-            initial_peers: bootstrap.clone(),
-            ..DhtConfig::default()
-        };
-        out.push(Dht::new(c).await.unwrap());
-    }
-    out
-}
 
 fn adamw() -> AdamW {
     AdamW {
@@ -90,15 +75,7 @@ async fn swarm(prefix: &str, grads: Compression, state: Compression) -> Vec<Vec<
             .unwrap();
         handles.push(tokio::spawn(async move {
             for s in 0..STEPS {
-                opt.grads_mut().copy_from_slice(&grad(p));
-                let mut outcome = opt.step(Some(8)).await.unwrap();
-                for _ in 0..500 {
-                    if !matches!(outcome, StepOutcome::Accumulated) {
-                        break;
-                    }
-                    opt.state_changed(Duration::from_millis(50)).await;
-                    outcome = opt.poll_step().await.unwrap();
-                }
+                let outcome = step_with_gradient(&mut opt, &grad(p), 8).await;
                 assert_eq!(
                     outcome,
                     StepOutcome::Stepped {

@@ -76,15 +76,7 @@ async fn compressed_rounds_stay_within_codec_error() {
         }
         // Every member applies the same decoded bytes, reducers included for
         // their own spans: all end bit-identical.
-        for (i, mine) in applied.iter().enumerate().skip(1) {
-            assert!(
-                mine.iter()
-                    .flatten()
-                    .zip(applied[0].iter().flatten())
-                    .all(|(a, b)| a.to_bits() == b.to_bits()),
-                "{compression:?}: peer {i} differs from peer 0"
-            );
-        }
+        assert_bit_identical(&applied, &format!("{compression:?}"));
     }
 }
 
@@ -367,15 +359,7 @@ async fn each_tensor_travels_in_its_own_codec_and_members_agree_bit_for_bit() {
         assert!(q8 < 2e-2, "peer {i}: 8-bit tensor off by {q8}");
         applied.push(mine);
     }
-    for (i, mine) in applied.iter().enumerate().skip(1) {
-        assert!(
-            mine.iter()
-                .flatten()
-                .zip(applied[0].iter().flatten())
-                .all(|(a, b)| a.to_bits() == b.to_bits()),
-            "peer {i} applied other values than peer 0"
-        );
-    }
+    assert_bit_identical(&applied, "per-tensor codecs");
     // The same round in fp16 for everything loses the tiny values.
     let uniform = test_config(Compression::Float16);
     let group = group_of(&peers, [0x62; 32], &[None, Some(1.0), None, Some(3.0)]);

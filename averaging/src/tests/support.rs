@@ -143,6 +143,19 @@ pub(super) fn weighted_mean(peers: &[Peer], include: &[usize]) -> Vec<Vec<f64>> 
         .collect()
 }
 
+/// Asserts every member applied the very values member 0 did.
+pub(super) fn assert_bit_identical(applied: &[Vec<Vec<f32>>], what: &str) {
+    for (i, mine) in applied.iter().enumerate().skip(1) {
+        assert!(
+            mine.iter()
+                .flatten()
+                .zip(applied[0].iter().flatten())
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{what}: peer {i} differs from peer 0"
+        );
+    }
+}
+
 pub(super) fn max_err(a: &[Vec<f32>], b: &[Vec<f64>]) -> f64 {
     a.iter()
         .flatten()

@@ -303,14 +303,40 @@ pub fn dataset(n: usize, dim: usize) -> Vec<(Vec<f32>, f32)> {
         .collect()
 }
 
+/// `n` DHT nodes on 127.0.0.1, all bootstrapped from the first.
+pub async fn nodes(n: usize) -> Vec<colony_dht::Dht> {
+    use colony_dht::{Dht, DhtConfig};
+    let first = Dht::new(DhtConfig::default()).await.unwrap();
+    let bootstrap = first.listen_addrs();
+    let mut out = vec![first];
+    for _ in 1..n {
+        let c = DhtConfig {
+            initial_peers: bootstrap.clone(),
+            ..DhtConfig::default()
+        };
+        out.push(Dht::new(c).await.unwrap());
+    }
+    out
+}
+
 /// Contributes one micro-batch, then polls until the global step is taken.
 pub async fn one_global_step<B: ProgressBoard, A: SwarmAverager>(
     opt: &mut CollaborativeOptimizer<B, A>,
     rows: &[(Vec<f32>, f32)],
 ) -> StepOutcome {
     let g = gradient(opt.params(), rows);
-    opt.grads_mut().copy_from_slice(&g);
-    let mut outcome = opt.step(Some(rows.len() as u64)).await.unwrap();
+    step_with_gradient(opt, &g, rows.len() as u64).await
+}
+
+/// One micro-batch of `batch` samples with gradient `g`, then polls until
+/// the step is no longer only accumulating (bounded).
+pub async fn step_with_gradient<B: ProgressBoard, A: SwarmAverager>(
+    opt: &mut CollaborativeOptimizer<B, A>,
+    g: &[f32],
+    batch: u64,
+) -> StepOutcome {
+    opt.grads_mut().copy_from_slice(g);
+    let mut outcome = opt.step(Some(batch)).await.unwrap();
     for _ in 0..500 {
         if !matches!(outcome, StepOutcome::Accumulated) {
             return outcome;
