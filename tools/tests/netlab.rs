@@ -135,6 +135,58 @@ fn a_four_hosts_and_a_bootstrap_train_to_one_hash_in_full_groups() {
     }
 }
 
+/// Scenario h: scenario a's hosts with the throughput options of issue 15:
+/// delayed updates, AdamW, fp16 gradients beside a raw optimizer state.
+/// Every host ends with one hash and nearly every update lands in a full
+/// group.
+#[test]
+fn h_delayed_updates_with_fp16_gradients_train_to_one_hash_across_hosts() {
+    const PEERS: usize = 4;
+    let Some(mut lab) = Lab::new("h", &[Host::Public; PEERS + 1]) else {
+        return;
+    };
+    let (_boot, boot_addr) = bootstrap(&mut lab, 0, 31337, &[]);
+    let size = PEERS.to_string();
+    let trainers: Vec<Proc> = (0..PEERS)
+        .map(|i| {
+            let listen = format!("/ip4/{}/tcp/0", lab.addr(i + 1));
+            let args = train_args(
+                "lab-h",
+                &listen,
+                &boot_addr,
+                i,
+                PEERS,
+                30,
+                &[
+                    "--target-group-size",
+                    &size,
+                    "--delay-updates",
+                    "--optimizer",
+                    "adamw",
+                    "--lr",
+                    "0.003",
+                    "--grad-compression",
+                    "fp16",
+                    "--state-compression",
+                    "none",
+                ],
+            );
+            spawn_trainer(&mut lab, i + 1, &args)
+        })
+        .collect();
+    let done = all_done(&trainers, Duration::from_secs(170));
+    assert_one_hash("h", &done);
+    for d in &done {
+        let steps = field(d, "step");
+        let full = field(d, "full_group_steps");
+        assert!(steps >= 30, "{d}");
+        assert!(
+            full as f64 >= 0.9 * steps as f64,
+            "only {full} of {steps} updates averaged in full groups: {d}"
+        );
+    }
+}
+
 /// A bootstrap, three public trainers and one behind its own NAT router.
 const LAST_BEHIND_NAT: [Host; 5] = [
     Host::Public,
