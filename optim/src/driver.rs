@@ -784,13 +784,7 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
     /// # Errors
     /// [`OptimError::Dht`] if the goodbye could not be stored.
     pub async fn shutdown(mut self) -> Result<()> {
-        for task in self.tasks.drain(..) {
-            task.abort();
-        }
-        if let Err(e) = self.settle().await {
-            tracing::warn!(error = %ErrorChain(&e), "the last delayed update was lost");
-        }
-        if let Some(averager) = self.averager.as_mut() {
+        if let Some(averager) = self.stop_tasks().await {
             averager.shutdown().await;
         }
         let expiration = self.board.now() + self.config.metadata_expiration;
@@ -810,15 +804,21 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
     /// under the identity's owner subkey, so a goodbye would make peers stop
     /// counting the other node (and withdrawing would hide its state).
     pub async fn leave_without_goodbye(mut self) {
+        if let Some(averager) = self.stop_tasks().await {
+            averager.abandon().await;
+        }
+    }
+
+    /// Stops the background tasks and lands the delayed update in flight;
+    /// the averager, for the caller to stop (`None` if an update lost it).
+    async fn stop_tasks(&mut self) -> Option<&mut A> {
         for task in self.tasks.drain(..) {
             task.abort();
         }
         if let Err(e) = self.settle().await {
             tracing::warn!(error = %ErrorChain(&e), "the last delayed update was lost");
         }
-        if let Some(averager) = self.averager.as_mut() {
-            averager.abandon().await;
-        }
+        self.averager.as_mut()
     }
 }
 

@@ -64,22 +64,44 @@ fn spawn_trainer(lab: &mut Lab, host: usize, args: &[String]) -> Proc {
 /// Trainers on hosts `1..=peers` (trainer `i` on host `i + 1`, shard `i`),
 /// each listening on its own IP, full groups of `peers`, `max_steps` steps.
 fn spawn_trainers(lab: &mut Lab, run: &str, boot: &str, peers: usize, max_steps: u64) -> Vec<Proc> {
+    spawn_trainers_with(lab, run, boot, peers, max_steps, &[])
+}
+
+/// [`spawn_trainers`] with more `colony train` flags on every host.
+fn spawn_trainers_with(
+    lab: &mut Lab,
+    run: &str,
+    boot: &str,
+    peers: usize,
+    max_steps: u64,
+    more: &[&str],
+) -> Vec<Proc> {
     let size = peers.to_string();
+    let extra: Vec<&str> = ["--target-group-size", size.as_str()]
+        .into_iter()
+        .chain(more.iter().copied())
+        .collect();
     (0..peers)
         .map(|i| {
             let listen = format!("/ip4/{}/tcp/0", lab.addr(i + 1));
-            let args = train_args(
-                run,
-                &listen,
-                boot,
-                i,
-                peers,
-                max_steps,
-                &["--target-group-size", &size],
-            );
+            let args = train_args(run, &listen, boot, i, peers, max_steps, &extra);
             spawn_trainer(lab, i + 1, &args)
         })
         .collect()
+}
+
+/// Every trainer took at least `steps` steps, and at least 90 % of them
+/// averaged across all hosts.
+fn assert_full_groups(done: &[Value], steps: u64) {
+    for d in done {
+        let taken = field(d, "step");
+        let full = field(d, "full_group_steps");
+        assert!(taken >= steps, "{d}");
+        assert!(
+            full as f64 >= 0.9 * taken as f64,
+            "only {full} of {taken} steps averaged in full groups: {d}"
+        );
+    }
 }
 
 /// Every trainer's `done` event, within `timeout` in all.
@@ -123,16 +145,8 @@ fn a_four_hosts_and_a_bootstrap_train_to_one_hash_in_full_groups() {
     let trainers = spawn_trainers(&mut lab, "lab-a", &boot_addr, PEERS, 30);
     let done = all_done(&trainers, Duration::from_secs(170));
     assert_one_hash("a", &done);
-    for d in &done {
-        let steps = field(d, "step");
-        let full = field(d, "full_group_steps");
-        assert!(steps >= 30, "{d}");
-        // Every step after the first few averaged across all four hosts.
-        assert!(
-            full as f64 >= 0.9 * steps as f64,
-            "only {full} of {steps} steps averaged in full groups: {d}"
-        );
-    }
+    // Every step after the first few averaged across all four hosts.
+    assert_full_groups(&done, 30);
 }
 
 /// Scenario h: scenario a's hosts with the throughput options of issue 15:
@@ -146,45 +160,21 @@ fn h_delayed_updates_with_fp16_gradients_train_to_one_hash_across_hosts() {
         return;
     };
     let (_boot, boot_addr) = bootstrap(&mut lab, 0, 31337, &[]);
-    let size = PEERS.to_string();
-    let trainers: Vec<Proc> = (0..PEERS)
-        .map(|i| {
-            let listen = format!("/ip4/{}/tcp/0", lab.addr(i + 1));
-            let args = train_args(
-                "lab-h",
-                &listen,
-                &boot_addr,
-                i,
-                PEERS,
-                30,
-                &[
-                    "--target-group-size",
-                    &size,
-                    "--delay-updates",
-                    "--optimizer",
-                    "adamw",
-                    "--lr",
-                    "0.003",
-                    "--grad-compression",
-                    "fp16",
-                    "--state-compression",
-                    "none",
-                ],
-            );
-            spawn_trainer(&mut lab, i + 1, &args)
-        })
-        .collect();
+    let flags = [
+        "--delay-updates",
+        "--optimizer",
+        "adamw",
+        "--lr",
+        "0.003",
+        "--grad-compression",
+        "fp16",
+        "--state-compression",
+        "none",
+    ];
+    let trainers = spawn_trainers_with(&mut lab, "lab-h", &boot_addr, PEERS, 30, &flags);
     let done = all_done(&trainers, Duration::from_secs(170));
     assert_one_hash("h", &done);
-    for d in &done {
-        let steps = field(d, "step");
-        let full = field(d, "full_group_steps");
-        assert!(steps >= 30, "{d}");
-        assert!(
-            full as f64 >= 0.9 * steps as f64,
-            "only {full} of {steps} updates averaged in full groups: {d}"
-        );
-    }
+    assert_full_groups(&done, 30);
 }
 
 /// A bootstrap, three public trainers and one behind its own NAT router.
