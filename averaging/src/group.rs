@@ -327,6 +327,12 @@ pub struct AllreduceConfig {
     /// [`crate::round::Aggregation`] for the bounds) at a cost in reducer
     /// CPU and one copy of the span per sender in memory.
     pub aggregation: crate::robust::Aggregation,
+    /// What the tensors mean to the caller, when the layout alone does not
+    /// say (empty, the default): `colony-optim` puts its update scheme here,
+    /// so that peers applying local updates never average with peers
+    /// averaging gradients, even where both layouts have the same lengths.
+    /// Part of the schema hash; at most 256 bytes.
+    pub schema_tag: String,
 }
 
 impl Default for AllreduceConfig {
@@ -343,6 +349,7 @@ impl Default for AllreduceConfig {
             allreduce_timeout: Duration::from_secs(120),
             max_weight: MAX_EXACT_WEIGHT,
             aggregation: crate::robust::Aggregation::WeightedMean,
+            schema_tag: String::new(),
         }
     }
 }
@@ -380,6 +387,9 @@ impl AllreduceConfig {
                 reason: e.to_string(),
             });
         }
+        if self.schema_tag.len() > 256 {
+            return bad("schema_tag", "must be at most 256 bytes");
+        }
         Ok(())
     }
 
@@ -412,15 +422,20 @@ impl AllreduceConfig {
 
 /// Hash of the tensor layout; peers with different schemas never average.
 pub fn schema_hash(layout: &TensorLayout) -> [u8; 32] {
-    schema_hash_with(layout, &[])
+    schema_hash_of(layout, &[], "")
 }
 
 /// Hash of the tensor layout and, when tensors have codecs of their own
 /// ([`AllreduceConfig::tensor_compression`]), of those codecs: peers that
 /// would encode a tensor differently never average together.
-pub(crate) fn schema_hash_with(
+pub(crate) fn schema_hash_with(layout: &TensorLayout, cfg: &AllreduceConfig) -> [u8; 32] {
+    schema_hash_of(layout, &cfg.tensor_compression, &cfg.schema_tag)
+}
+
+fn schema_hash_of(
     layout: &TensorLayout,
     tensor_compression: &[Compression],
+    tag: &str,
 ) -> [u8; 32] {
     let mut h = Sha256::new();
     h.update(b"colony-schema-v1:f32");
@@ -432,6 +447,11 @@ pub(crate) fn schema_hash_with(
         for c in tensor_compression {
             h.update([c.code()]);
         }
+    }
+    if !tag.is_empty() {
+        h.update(b"tag:");
+        h.update((tag.len() as u64).to_le_bytes());
+        h.update(tag.as_bytes());
     }
     h.finalize().into()
 }

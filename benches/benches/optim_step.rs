@@ -73,7 +73,7 @@ struct InstantAverager {
 }
 
 impl SwarmAverager for InstantAverager {
-    async fn average(&mut self, _: &mut [f32], _: f64, _: Duration) -> Result<usize> {
+    async fn average(&mut self, _: &mut [&mut [f32]], _: f64, _: Duration) -> Result<usize> {
         const WAIT: Duration = Duration::from_secs(10);
         if let Some(b) = &self.barrier
             && tokio::time::timeout(WAIT, b.wait()).await.is_err()

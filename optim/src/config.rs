@@ -111,6 +111,74 @@ pub struct OptimConfig {
     /// [`CollaborativeOptimizer::settle`](crate::CollaborativeOptimizer::settle)
     /// before reading the final ones. Default false.
     pub delay_updates: bool,
+    /// Local updates, DiLoCo-style (`None`, the default: every global step
+    /// applies the swarm's averaged gradient). With them each `step` call
+    /// applies the local optimizer to that micro-batch's gradient at once
+    /// (the inner step); after [`LocalUpdates::inner_steps`] of them (or
+    /// when the swarm reaches `target_batch_size` first) the peers average
+    /// their parameter deltas since the last global step and apply an outer
+    /// SGD with Nesterov momentum. Traffic falls by the number of inner
+    /// steps. Works with [`delay_updates`](Self::delay_updates): the outer
+    /// round then runs while inner steps go on, and the local progress made
+    /// meanwhile is kept on top of the new parameters.
+    pub local_updates: Option<LocalUpdates>,
+}
+
+/// The outer loop of local updates ([`OptimConfig::local_updates`]).
+///
+/// Every peer of a run must use the same values: they are part of the
+/// averaging schema, so a peer with other ones is refused at join.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LocalUpdates {
+    /// H: inner steps (`step` calls with gradients) a peer takes between
+    /// two outer steps. Default 8.
+    pub inner_steps: u64,
+    /// The outer optimizer's learning rate. Default 0.7 (DiLoCo's).
+    pub outer_lr: f64,
+    /// The outer optimizer's Nesterov momentum, in `[0, 1)`. Default 0.9
+    /// (DiLoCo's).
+    pub outer_momentum: f64,
+}
+
+impl Default for LocalUpdates {
+    fn default() -> Self {
+        Self {
+            inner_steps: 8,
+            outer_lr: 0.7,
+            outer_momentum: 0.9,
+        }
+    }
+}
+
+impl LocalUpdates {
+    /// `H` inner steps per outer step, DiLoCo's outer optimizer otherwise.
+    pub fn every(inner_steps: u64) -> Self {
+        Self {
+            inner_steps,
+            ..Self::default()
+        }
+    }
+
+    /// The outer optimizer: SGD with Nesterov momentum on the averaged
+    /// parameter delta (the pseudo-gradient).
+    pub fn outer_sgd(&self) -> colony_kernels::Sgd {
+        colony_kernels::Sgd {
+            lr: self.outer_lr as f32,
+            momentum: self.outer_momentum as f32,
+            dampening: 0.0,
+            weight_decay: 0.0,
+            nesterov: self.outer_momentum > 0.0,
+        }
+    }
+
+    /// What peers must agree on, as the averaging schema carries it.
+    pub(crate) fn schema_tag(&self) -> String {
+        format!(
+            "local-updates:h={};outer_lr={:e};outer_momentum={:e}",
+            self.inner_steps, self.outer_lr, self.outer_momentum
+        )
+    }
 }
 
 impl Default for OptimConfig {
@@ -143,6 +211,7 @@ impl Default for OptimConfig {
             grad_compression: None,
             state_compression: None,
             delay_updates: false,
+            local_updates: None,
         }
     }
 }
@@ -165,6 +234,19 @@ impl OptimConfig {
     /// The averaging prefix of this run: `{prefix}_averaging`.
     pub fn averaging_prefix(&self) -> String {
         format!("{}_averaging", self.prefix)
+    }
+
+    /// Values of optimizer state that each round averages and each donor
+    /// serves beside the parameters: the local optimizer's state, or with
+    /// [`local_updates`](Self::local_updates) the outer optimizer's momentum
+    /// (one value per parameter; the inner optimizer's state stays on the
+    /// peer).
+    pub fn averaged_state_len(&self, local: &crate::LocalOptimizer) -> usize {
+        if self.local_updates.is_some() {
+            local.num_params()
+        } else {
+            local.state().len()
+        }
     }
 
     /// Whether this peer runs in client mode (published in its progress records).
@@ -248,6 +330,21 @@ impl OptimConfig {
                 "reuse_grad_buffers",
                 "an auxiliary peer has no gradients",
             ));
+        }
+        if let Some(local) = &self.local_updates {
+            if local.inner_steps == 0 {
+                return Err(bad("local_updates.inner_steps", "must be >= 1"));
+            }
+            positive("local_updates.outer_lr", local.outer_lr)?;
+            if !(local.outer_momentum.is_finite() && (0.0..1.0).contains(&local.outer_momentum)) {
+                return Err(bad("local_updates.outer_momentum", "must be in [0, 1)"));
+            }
+            if self.reuse_grad_buffers {
+                return Err(bad(
+                    "reuse_grad_buffers",
+                    "local updates apply each micro-batch's gradient at once; there is nothing to accumulate",
+                ));
+            }
         }
         self.lr_schedule.validate()
     }
@@ -360,6 +457,35 @@ mod tests {
             (
                 "lr_schedule",
                 Box::new(|c| c.lr_schedule = LrSchedule::Constant { lr: -1.0 }),
+            ),
+            (
+                "local_updates.inner_steps",
+                Box::new(|c| c.local_updates = Some(LocalUpdates::every(0))),
+            ),
+            (
+                "local_updates.outer_lr",
+                Box::new(|c| {
+                    c.local_updates = Some(LocalUpdates {
+                        outer_lr: 0.0,
+                        ..LocalUpdates::default()
+                    })
+                }),
+            ),
+            (
+                "local_updates.outer_momentum",
+                Box::new(|c| {
+                    c.local_updates = Some(LocalUpdates {
+                        outer_momentum: 1.0,
+                        ..LocalUpdates::default()
+                    })
+                }),
+            ),
+            (
+                "reuse_grad_buffers",
+                Box::new(|c| {
+                    c.local_updates = Some(LocalUpdates::default());
+                    c.reuse_grad_buffers = true;
+                }),
             ),
         ];
         // A client may reuse its gradient buffers; only an auxiliary peer has none.

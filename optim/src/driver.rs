@@ -114,6 +114,30 @@ pub struct CollaborativeOptimizer<B: ProgressBoard, A: SwarmAverager> {
     tasks: Vec<JoinHandle<()>>,
     /// Whether the last global-step attempt found this peer cut off from the swarm.
     isolated: bool,
+    /// The outer loop of local updates ([`OptimConfig::local_updates`]).
+    outer: Option<OuterLoop>,
+}
+
+/// The outer loop of local updates: the parameters of the last global step
+/// (the anchor, identical on every peer of a successful round), the outer
+/// optimizer, and the inner steps taken since.
+#[derive(Debug)]
+struct OuterLoop {
+    /// Inner steps per outer step (H).
+    inner_steps_per_round: u64,
+    outer_lr: f64,
+    /// The outer SGD with Nesterov momentum (state-less while lent to a round).
+    opt: LocalOptimizer,
+    /// Empty while lent to a round.
+    anchor: Vec<f32>,
+    /// Delayed updates: the working parameters when the round in flight
+    /// began; the inner steps since then are kept on top of its result.
+    snapshot: Option<Vec<f32>>,
+    /// Inner steps since the last outer step.
+    inner_steps: u64,
+    /// Inner steps this peer took in all (the inner optimizer's bias
+    /// correction counts them, not global steps).
+    inner_total: u64,
 }
 
 impl<B: ProgressBoard, A: SwarmAverager> std::fmt::Debug for CollaborativeOptimizer<B, A> {
@@ -154,6 +178,21 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
             });
         }
         let n = params.len();
+        let outer = match &config.local_updates {
+            Some(lu) => Some(OuterLoop {
+                inner_steps_per_round: lu.inner_steps,
+                outer_lr: lu.outer_lr,
+                opt: LocalOptimizer::new(
+                    crate::LocalOptimizerKind::Sgd(lu.outer_sgd()),
+                    local.layout().clone(),
+                )?,
+                anchor: params.clone(),
+                snapshot: None,
+                inner_steps: 0,
+                inner_total: 0,
+            }),
+            None => None,
+        };
         let now = board.now();
         let local_progress = LocalProgress {
             step: 0,
@@ -212,6 +251,7 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
             progress,
             tasks,
             isolated: false,
+            outer,
         })
     }
 
@@ -226,8 +266,40 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
     }
 
     /// The parameters, writable (for initialisation from a checkpoint).
+    /// With local updates, call [`reset_anchor`](Self::reset_anchor) after
+    /// writing them before the first step.
     pub fn params_mut(&mut self) -> &mut [f32] {
         &mut self.params
+    }
+
+    /// The parameters of the last global step: with local updates
+    /// ([`OptimConfig::local_updates`]) the anchor the inner steps start
+    /// from, identical on every peer of a successful round (the working
+    /// [`params`](Self::params) hold the inner steps since); otherwise the
+    /// parameters themselves. Delayed updates: [`settle`](Self::settle) first.
+    pub fn global_params(&self) -> &[f32] {
+        match &self.outer {
+            Some(outer) if !outer.anchor.is_empty() => &outer.anchor,
+            _ => &self.params,
+        }
+    }
+
+    /// With local updates: makes the current parameters the anchor of the
+    /// next outer step (after writing them with
+    /// [`params_mut`](Self::params_mut)). Does nothing otherwise, or while
+    /// a delayed round holds the anchor.
+    pub fn reset_anchor(&mut self) {
+        if let Some(outer) = self.outer.as_mut()
+            && outer.anchor.len() == self.params.len()
+        {
+            outer.anchor.copy_from_slice(&self.params);
+            outer.inner_steps = 0;
+        }
+    }
+
+    /// With local updates: inner steps taken since the last outer step.
+    pub fn inner_steps(&self) -> Option<u64> {
+        self.outer.as_ref().map(|o| o.inner_steps)
     }
 
     /// The gradient buffer: write one micro-batch's gradient here before
@@ -360,9 +432,24 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
     /// round left them).
     fn land(&mut self, done: UpdateDone<A>) -> Result<StepOutcome> {
         self.averager = Some(done.averager);
-        self.params = done.params;
-        self.local = done.local;
         self.scratch = done.grads;
+        if let Some(outer) = self.outer.as_mut() {
+            // The round's result is the new anchor. Delayed, the inner steps
+            // taken while it ran stay on top of it.
+            match outer.snapshot.take() {
+                Some(snapshot) => {
+                    for ((p, s), a) in self.params.iter_mut().zip(&snapshot).zip(&done.params) {
+                        *p = a + (*p - s);
+                    }
+                }
+                None => self.params.copy_from_slice(&done.params),
+            }
+            outer.anchor = done.params;
+            outer.opt = done.local;
+        } else {
+            self.params = done.params;
+            self.local = done.local;
+        }
         if self.config.delay_updates {
             self.delayed.applied += 1;
             self.delayed.last_group_size = done.group_size;
@@ -497,6 +584,16 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
             Err(e) => return Err(e),
         };
         self.ema.update(batch, now);
+        if let Some(outer) = self.outer.as_mut() {
+            // Local updates: this micro-batch's gradient moves the working
+            // parameters at once (the inner step).
+            let lr = self.config.lr_schedule.lr_at(self.local_step);
+            self.local
+                .step(&mut self.params, &self.grads, lr, outer.inner_total)?;
+            outer.inner_total += 1;
+            outer.inner_steps += 1;
+            self.grads.fill(0.0);
+        }
         self.report();
         if let Some(landed) = landed {
             return Ok(landed);
@@ -511,9 +608,20 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
         let now = self.board.now();
         // The cached estimate may predate this peer's latest samples.
         let ready = self.accumulator.local_samples() >= self.config.target_batch_size
-            || lock(&self.shared)
-                .state
-                .ready_for_step(self.local_step, now);
+            || match &self.outer {
+                // Local updates: after H inner steps, or once the swarm
+                // reported the target (or moved on); never on the ETA, so
+                // H is not cut short by a throughput estimate.
+                Some(o) => {
+                    let state = &lock(&self.shared).state;
+                    o.inner_steps >= o.inner_steps_per_round
+                        || state.samples_accumulated >= state.target_batch_size
+                        || state.optimizer_step > self.local_step
+                }
+                None => lock(&self.shared)
+                    .state
+                    .ready_for_step(self.local_step, now),
+            };
         if !ready {
             return Ok(StepOutcome::Accumulated);
         }
@@ -580,9 +688,15 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
     ) -> Result<StepOutcome> {
         // One update at a time: the previous delayed one lands first.
         self.settle().await?;
-        // The mean gradient of this peer's samples (reuse mode: the caller's sum / calls).
+        // The mean gradient of this peer's samples (reuse mode: the caller's
+        // sum / calls); with local updates the parameter delta since the
+        // last global step (the pseudo-gradient the outer optimizer takes).
         let mut mean = std::mem::take(&mut self.scratch);
-        if self.accumulator.reuses_grad_buffers() {
+        if let Some(outer) = &self.outer {
+            for ((d, a), p) in mean.iter_mut().zip(&outer.anchor).zip(&self.params) {
+                *d = a - p;
+            }
+        } else if self.accumulator.reuses_grad_buffers() {
             self.accumulator.mean_gradient(&mut self.grads)?;
             mean.copy_from_slice(&self.grads);
         } else {
@@ -615,7 +729,21 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
         let delay = self.config.delay_updates;
         // Delayed, the next micro-batches still read the parameters: the job
         // gets copies. Inline, it takes them (no copy) and gives them back.
-        let (params, local) = if delay {
+        let mut lr = self.config.lr_schedule.lr_at(self.local_step);
+        let (params, local) = if let Some(outer) = self.outer.as_mut() {
+            // The round averages and steps the anchor; the working
+            // parameters stay here (delayed: they keep training).
+            if delay {
+                outer.snapshot = Some(self.params.clone());
+            }
+            outer.inner_steps = 0;
+            lr = outer.outer_lr;
+            let hollow = outer.opt.hollow();
+            (
+                std::mem::take(&mut outer.anchor),
+                std::mem::replace(&mut outer.opt, hollow),
+            )
+        } else if delay {
             (self.params.clone(), self.local.clone())
         } else {
             let hollow = self.local.hollow();
@@ -632,7 +760,7 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
             weight,
             limits,
             timeout: secs(self.config.averaging_timeout),
-            lr: self.config.lr_schedule.lr_at(self.local_step),
+            lr,
             step: self.local_step,
             new_step,
         };
@@ -657,10 +785,21 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
     }
 
     async fn share_state(&mut self) {
-        let state = PeerState {
-            step: self.local_step,
-            params: self.params.clone(),
-            optimizer_state: self.local.state().to_vec(),
+        if let Err(e) = self.settle().await {
+            tracing::warn!(error = %ErrorChain(&e), "could not share the state");
+            return;
+        }
+        let state = match &self.outer {
+            Some(outer) => PeerState {
+                step: self.local_step,
+                params: outer.anchor.clone(),
+                optimizer_state: outer.opt.state().to_vec(),
+            },
+            None => PeerState {
+                step: self.local_step,
+                params: self.params.clone(),
+                optimizer_state: self.local.state().to_vec(),
+            },
         };
         let shared = match self.averager().await {
             Ok(averager) => averager.share_state(state).await,
@@ -745,8 +884,12 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
                 return Ok(false);
             }
         };
-        let ok_sizes = loaded.params.len() == self.params.len()
-            && loaded.optimizer_state.len() == self.local.state().len();
+        let state_len = match &self.outer {
+            Some(outer) => outer.opt.state().len(),
+            None => self.local.state().len(),
+        };
+        let ok_sizes =
+            loaded.params.len() == self.params.len() && loaded.optimizer_state.len() == state_len;
         let finite = loaded
             .params
             .iter()
@@ -763,9 +906,23 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
             return Ok(false);
         }
         self.params.copy_from_slice(&loaded.params);
-        self.local
-            .state_mut()
-            .copy_from_slice(&loaded.optimizer_state);
+        match self.outer.as_mut() {
+            // The donor's anchor and outer momentum; the inner optimizer's
+            // state is this peer's own.
+            Some(outer) => {
+                outer.anchor.copy_from_slice(&loaded.params);
+                outer
+                    .opt
+                    .state_mut()
+                    .copy_from_slice(&loaded.optimizer_state);
+                outer.inner_steps = 0;
+                outer.snapshot = None;
+            }
+            None => self
+                .local
+                .state_mut()
+                .copy_from_slice(&loaded.optimizer_state),
+        }
         self.local_step = loaded.step;
         self.accumulator.reset(Some(&mut self.grads));
         self.grads.fill(0.0);
@@ -879,10 +1036,12 @@ struct UpdateDone<A> {
 }
 
 impl<A: SwarmAverager> UpdateJob<A> {
-    /// Averages params ‖ grads ‖ optimizer state with the peers averaging
-    /// now (unless stepping alone), applies the local optimizer to the
-    /// result (on this peer's own gradient if the round failed: the
-    /// reference's behaviour), and shares the new state.
+    /// Averages params, grads and optimizer state in place with the peers
+    /// averaging now (unless stepping alone), applies the local optimizer to
+    /// the result (on this peer's own gradient if the round failed: the
+    /// reference's behaviour), and shares the new state. A round's results
+    /// are finite by the averager's contract ([`SwarmAverager::average`]:
+    /// `colony-averaging` checks every reducer's result before applying it).
     async fn run(self) -> UpdateDone<A> {
         let Self {
             mut averager,
@@ -896,26 +1055,17 @@ impl<A: SwarmAverager> UpdateJob<A> {
             step,
             new_step,
         } = self;
-        let n = params.len();
         let mut group_size = 1;
         if let Some(weight) = weight {
-            let mut buf = Vec::with_capacity(2 * n + local.state().len());
-            buf.extend_from_slice(&params);
-            buf.extend_from_slice(&grads);
-            buf.extend_from_slice(local.state());
             if let Some(limits) = &limits {
                 averager.limit_weights(limits);
             }
-            match averager.average(&mut buf, weight, timeout).await {
-                Ok(size) if buf.iter().all(|v| v.is_finite()) => {
+            // The round averages these buffers in place: no copy in or out.
+            let mut tensors: [&mut [f32]; 3] = [&mut params, &mut grads, local.state_mut()];
+            match averager.average(&mut tensors, weight, timeout).await {
+                Ok(size) => {
                     group_size = size;
-                    params.copy_from_slice(&buf[..n]);
-                    grads.copy_from_slice(&buf[n..2 * n]);
-                    local.state_mut().copy_from_slice(&buf[2 * n..]);
                     tracing::debug!(group_size, "averaged with peers");
-                }
-                Ok(_) => {
-                    tracing::warn!("averaging returned non-finite values; using local tensors")
                 }
                 Err(e) => {
                     tracing::info!(error = %ErrorChain(&e), "skipped averaging; stepping on local gradients")
@@ -923,6 +1073,7 @@ impl<A: SwarmAverager> UpdateJob<A> {
             }
         }
         let stepped = local.step(&mut params, &grads, lr, step);
+        // The snapshot late joiners download: one copy, served as it is.
         let state = PeerState {
             step: new_step,
             params: params.clone(),

@@ -43,7 +43,7 @@ pub use candle_adapter::CandleParams;
 pub use colony_averaging::{AveragerConfig, AveragingError, AveragingMode, Compression};
 pub use colony_dht::DhtError;
 pub use colony_kernels::{AdamW, Lamb, Layout, Sgd};
-pub use config::OptimConfig;
+pub use config::{LocalUpdates, OptimConfig};
 pub use driver::{CollaborativeOptimizer, DelayedUpdates, StepOutcome};
 pub use ema::PerformanceEma;
 pub use error::{OptimError, Result};

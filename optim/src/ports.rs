@@ -60,7 +60,8 @@ pub struct WeightLimits {
 }
 
 /// The averaging layer as the optimizer uses it: one weighted all-reduce per global step
-/// over one flat buffer, and state sharing.
+/// over the optimizer's own buffers, lent for the round (parameters, gradients,
+/// optimizer state: no copy in or out), and state sharing.
 ///
 /// A round groups the peers that are averaging at the same time (matchmaking), whatever
 /// step each of them believes it is at; the driver calls [`average`](Self::average) only
@@ -68,12 +69,14 @@ pub struct WeightLimits {
 /// `colony-averaging`'s `DecentralizedAverager` is adapted to this trait
 /// ([`NetworkAverager`](crate::NetworkAverager)); tests use in-process implementations.
 pub trait SwarmAverager: Send + 'static {
-    /// Averages `tensors` in place with the peers averaging now, weighting this peer by
-    /// `weight`. Returns the group size. No group formed is an error, not a success; on
-    /// error `tensors` must be left as they were.
+    /// Averages `tensors` (the parameters, the gradients and the optimizer
+    /// state, in that order) in place with the peers averaging now, weighting
+    /// this peer by `weight`. Returns the group size. No group formed is an
+    /// error, not a success; on error `tensors` must be left as they were,
+    /// and on success hold finite values.
     fn average(
         &mut self,
-        tensors: &mut [f32],
+        tensors: &mut [&mut [f32]],
         weight: f64,
         timeout: Duration,
     ) -> impl Future<Output = Result<usize>> + Send;
@@ -89,7 +92,9 @@ pub trait SwarmAverager: Send + 'static {
     /// tensors (the averager knows their layout). Returns the group size.
     fn assist(&mut self, timeout: Duration) -> impl Future<Output = Result<usize>> + Send;
 
-    /// Makes `state` downloadable by other peers (replacing the previous one).
+    /// Makes `state` downloadable by other peers (replacing the previous
+    /// one). It is this peer's snapshot after a step: serve it as it is
+    /// (no copy needed), it is not touched again.
     fn share_state(&mut self, state: PeerState) -> impl Future<Output = Result<()>> + Send;
 
     /// Downloads the most advanced state peers offer at a step of at most

@@ -24,9 +24,10 @@ pub(crate) struct DemoArgs {
     /// Number of peers (processes); the first is the bootstrap node.
     #[arg(long, default_value_t = 4, env = "COLONY_PEERS")]
     peers: usize,
-    /// Samples the swarm accumulates per global step.
-    #[arg(long, default_value_t = 256, env = "COLONY_TARGET_BATCH_SIZE")]
-    target_batch_size: u64,
+    /// Samples the swarm accumulates per global step (default 256; with
+    /// --local-updates H, H x --batch-size x --peers, so that H decides).
+    #[arg(long, env = "COLONY_TARGET_BATCH_SIZE")]
+    target_batch_size: Option<u64>,
     /// Samples per local micro-batch.
     #[arg(long, default_value_t = 32, env = "COLONY_BATCH_SIZE")]
     batch_size: u64,
@@ -69,6 +70,17 @@ pub(crate) struct DemoArgs {
     /// momentum 0.9) diverges under the one-step staleness.
     #[arg(long, env = "COLONY_DELAY_UPDATES")]
     delay_updates: bool,
+    /// Local updates on every peer: H inner steps between two averaging
+    /// rounds, DiLoCo's outer Nesterov SGD after each (see `colony train
+    /// --help`).
+    #[arg(long, value_name = "H", env = "COLONY_LOCAL_UPDATES")]
+    local_updates: Option<u64>,
+    /// The outer learning rate (with --local-updates; default 0.7).
+    #[arg(long, env = "COLONY_OUTER_LR")]
+    outer_lr: Option<f64>,
+    /// The outer Nesterov momentum (with --local-updates; default 0.9).
+    #[arg(long, env = "COLONY_OUTER_MOMENTUM")]
+    outer_momentum: Option<f64>,
     /// The peers' local optimizer: sgd or adamw.
     #[arg(long, default_value = "sgd", env = "COLONY_OPTIMIZER")]
     optimizer: String,
@@ -78,6 +90,17 @@ pub(crate) struct DemoArgs {
     /// Folder for the peers' logs (default: a temporary folder).
     #[arg(long, env = "COLONY_LOG_DIR")]
     log_dir: Option<PathBuf>,
+}
+
+/// The swarm's samples per global step: as given, or 256, or with local
+/// updates what the peers process in H inner steps.
+fn target_batch_size(args: &DemoArgs) -> u64 {
+    args.target_batch_size.unwrap_or(match args.local_updates {
+        Some(h) => h
+            .saturating_mul(args.batch_size)
+            .saturating_mul(args.peers as u64),
+        None => 256,
+    })
 }
 
 struct Peer {
@@ -114,7 +137,7 @@ fn spawn_peer(
     cmd.arg("train")
         .args(["--json", "--run-id", run_id])
         .args(["--shard", &format!("{index}/{}", args.peers)])
-        .args(["--target-batch-size", &args.target_batch_size.to_string()])
+        .args(["--target-batch-size", &target_batch_size(args).to_string()])
         .args(["--batch-size", &args.batch_size.to_string()])
         .args(["--max-steps", &args.max_steps.to_string()])
         .args(["--target-accuracy", &args.target_accuracy.to_string()])
@@ -132,6 +155,15 @@ fn spawn_peer(
     }
     if args.delay_updates {
         cmd.arg("--delay-updates");
+    }
+    if let Some(h) = args.local_updates {
+        cmd.args(["--local-updates", &h.to_string()]);
+    }
+    if let Some(lr) = args.outer_lr {
+        cmd.args(["--outer-lr", &lr.to_string()]);
+    }
+    if let Some(m) = args.outer_momentum {
+        cmd.args(["--outer-momentum", &m.to_string()]);
     }
     if let Some(c) = &args.state_compression {
         cmd.args(["--state-compression", c]);
@@ -198,7 +230,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<bool> {
         "colony demo: {} peers on 127.0.0.1 train a 64-{}-10 MLP on the 8x8 digits, target batch {} (logs in {})",
         args.peers,
         64,
-        args.target_batch_size,
+        target_batch_size(&args),
         log_dir.display()
     );
     let (tx, mut rx) = mpsc::channel::<(usize, Event)>(1024);
@@ -232,7 +264,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<bool> {
     }
     drop(tx);
 
-    let bar = ProgressBar::new(args.target_batch_size);
+    let bar = ProgressBar::new(target_batch_size(&args));
     bar.set_style(
         ProgressStyle::with_template(
             "{spinner} step {prefix:>3} [{bar:30}] {pos}/{len} samples {msg}",

@@ -7,7 +7,7 @@ use clap::Args;
 use colony_dht::{Dht, DhtConfig, Multiaddr};
 use colony_optim::{
     AveragerConfig, AveragingMode, CollaborativeOptimizer, Compression, LocalOptimizer,
-    LocalOptimizerKind, LrSchedule, OptimConfig, OptimError, Sgd, StepOutcome,
+    LocalOptimizerKind, LocalUpdates, LrSchedule, OptimConfig, OptimError, Sgd, StepOutcome,
 };
 use serde::Serialize;
 
@@ -90,6 +90,22 @@ pub(crate) struct TrainArgs {
     /// previous parameters (staleness 1).
     #[arg(long, env = "COLONY_DELAY_UPDATES")]
     pub(crate) delay_updates: bool,
+    /// Local updates, DiLoCo-style: the local optimizer applies every
+    /// micro-batch's gradient at once (an inner step); after H inner steps,
+    /// or when the swarm reaches --target-batch-size first (set it to at
+    /// least H x --batch-size x peers for H to decide), the peers average
+    /// their parameter deltas and apply an outer SGD with Nesterov momentum.
+    /// Traffic falls H-fold. Every peer of a run must use the same H,
+    /// --outer-lr and --outer-momentum (a peer with others is refused at
+    /// join). Works with --delay-updates.
+    #[arg(long, value_name = "H", env = "COLONY_LOCAL_UPDATES")]
+    pub(crate) local_updates: Option<u64>,
+    /// The outer optimizer's learning rate (with --local-updates).
+    #[arg(long, default_value_t = 0.7, env = "COLONY_OUTER_LR")]
+    pub(crate) outer_lr: f64,
+    /// The outer optimizer's Nesterov momentum (with --local-updates).
+    #[arg(long, default_value_t = 0.9, env = "COLONY_OUTER_MOMENTUM")]
+    pub(crate) outer_momentum: f64,
     /// Stop after this many global steps.
     #[arg(long, default_value_t = 150, env = "COLONY_MAX_STEPS")]
     pub(crate) max_steps: u64,
@@ -452,6 +468,11 @@ pub(crate) fn optim_config(args: &TrainArgs) -> OptimConfig {
             .as_deref()
             .and_then(Compression::parse),
         delay_updates: args.delay_updates,
+        local_updates: args.local_updates.map(|inner_steps| LocalUpdates {
+            inner_steps,
+            outer_lr: args.outer_lr,
+            outer_momentum: args.outer_momentum,
+        }),
         ..OptimConfig::new(args.run_id.clone(), args.target_batch_size)
     }
 }
@@ -690,7 +711,10 @@ async fn train_with(
                 );
             }
             if stepped {
-                let accuracy = mlp.accuracy(opt.params(), &digits.test_x, &digits.test_y);
+                // With local updates the working parameters hold this
+                // peer's inner steps since the global step; the swarm's
+                // model is the global step's.
+                let accuracy = mlp.accuracy(opt.global_params(), &digits.test_x, &digits.test_y);
                 if accuracy >= args.target_accuracy || opt.local_step() >= args.max_steps {
                     // Nothing is in flight right after an update landed (a
                     // delayed one is only scheduled by a later step).
@@ -705,7 +729,7 @@ async fn train_with(
                         &Event::Done {
                             step: opt.local_step(),
                             accuracy,
-                            hash: params_hash(opt.params()),
+                            hash: params_hash(opt.global_params()),
                             wall_s: start.elapsed().as_secs_f64(),
                             averaged_steps,
                             full_group_steps,

@@ -208,7 +208,7 @@ pub async fn run_allreduce_capped<T: AsRef<[f32]> + Sync>(
         codecs,
         bytes: &plane.bytes,
         pool: &plane.pool,
-        schema: crate::group::schema_hash_with(layout, &cfg.tensor_compression),
+        schema: crate::group::schema_hash_with(layout, cfg),
         digest: group.digest(),
         spans: spans_from_sizes(&sizes),
         sender_budget: cfg.sender_budget(),

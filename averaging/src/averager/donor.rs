@@ -144,7 +144,31 @@ impl DecentralizedAverager {
         metadata: Vec<u8>,
         expiration: f64,
     ) -> Result<()> {
+        if !self.inner.sharing {
+            tracing::debug!("not declaring state: this peer does not share state");
+            return Ok(());
+        }
+        let tensors = self.inner.tensors.lock().await.clone();
+        self.declare_state_with(priority, metadata, tensors, expiration)
+            .await
+    }
+
+    /// [`declare_state`](Self::declare_state) of `tensors` (the caller's
+    /// snapshot, in the averager's layout) instead of a copy of the
+    /// averager's own: the snapshot itself is served, without a copy.
+    ///
+    /// # Errors
+    /// As [`declare_state`](Self::declare_state), and
+    /// [`AveragingError::LayoutMismatch`] for tensors of another layout.
+    pub async fn declare_state_with(
+        &self,
+        priority: f64,
+        metadata: Vec<u8>,
+        tensors: Vec<Vec<f32>>,
+        expiration: f64,
+    ) -> Result<()> {
         let inner = &self.inner;
+        inner.layout.check(&tensors)?;
         if !inner.sharing {
             tracing::debug!("not declaring state: this peer does not share state");
             return Ok(());
@@ -168,13 +192,10 @@ impl DecentralizedAverager {
         // task keeps a shorter one alive just as well).
         let ttl = ttl.min(crate::records::DONOR_MAX_TTL);
         let expiration = now + ttl;
-        // What joiners will get: this state as it is now, cut and hashed
-        // once (off the runtime: SHA-256 over the whole state), served until
-        // the next declaration, whatever the tensors do meanwhile.
-        let snapshot = SharedState {
-            metadata,
-            tensors: inner.tensors.lock().await.clone(),
-        };
+        // What joiners will get: this snapshot, cut and hashed once (off the
+        // runtime: SHA-256 over the whole state), served until the next
+        // declaration, whatever the tensors do meanwhile.
+        let snapshot = SharedState { metadata, tensors };
         let served = tokio::task::spawn_blocking(move || ServedState::new(snapshot))
             .await
             .map_err(|_| AveragingError::Internal {

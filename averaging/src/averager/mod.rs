@@ -182,7 +182,7 @@ impl DecentralizedAverager {
             store_budget: cfg.request_timeout,
         };
         let (donor_cmd, donor_rx) = watch::channel(DonorCommand::Idle);
-        let schema = crate::group::schema_hash_with(&layout, &cfg.allreduce.tensor_compression);
+        let schema = crate::group::schema_hash_with(&layout, &cfg.allreduce);
         let client_mode = cfg.mode == AveragingMode::Client;
         let machine = Matchmaker::new(MatchmakerConfig {
             peer_id: peer_id.clone(),
@@ -366,6 +366,48 @@ impl DecentralizedAverager {
     pub async fn step(&self, weight: Option<f32>, timeout: Duration) -> Result<StepOutcome> {
         let inner = &self.inner;
         let _one_step = inner.step_lock.lock().await;
+        let mut tensors = inner.tensors.lock().await;
+        self.round(&mut tensors, weight, timeout).await
+    }
+
+    /// [`step`](Self::step) over the caller's buffers instead of the
+    /// averager's own ([`tensors`](Self::tensors)): the round reads and
+    /// writes `tensors` in place, with no copy in or out. They must have
+    /// the averager's layout (the lengths it was created with). The
+    /// averager's own tensors are left alone. Results are finite: every
+    /// reducer's result is checked before it is applied.
+    ///
+    /// # Errors
+    /// As [`step`](Self::step) (tensors unchanged), and
+    /// [`AveragingError::LayoutMismatch`] for buffers of another layout.
+    ///
+    /// # Cancel safety
+    /// As [`step`](Self::step).
+    pub async fn step_with<T>(
+        &self,
+        tensors: &mut [T],
+        weight: Option<f32>,
+        timeout: Duration,
+    ) -> Result<StepOutcome>
+    where
+        T: AsRef<[f32]> + AsMut<[f32]> + Sync + Send,
+    {
+        self.inner.layout.check(tensors)?;
+        let _one_step = self.inner.step_lock.lock().await;
+        self.round(tensors, weight, timeout).await
+    }
+
+    /// One round over `tensors` (the caller holds the step lock).
+    async fn round<T>(
+        &self,
+        tensors: &mut [T],
+        weight: Option<f32>,
+        timeout: Duration,
+    ) -> Result<StepOutcome>
+    where
+        T: AsRef<[f32]> + AsMut<[f32]> + Sync + Send,
+    {
+        let inner = &self.inner;
         let weight = match inner.cfg.mode {
             AveragingMode::Aux => 0.0,
             _ => weight.unwrap_or(1.0),
@@ -395,7 +437,6 @@ impl DecentralizedAverager {
             .lock()
             .map(|c| c.for_group(&group))
             .unwrap_or_default();
-        let mut tensors = inner.tensors.lock().await;
         let started = std::time::Instant::now();
         let round = run_allreduce_capped(
             &inner.plane,
@@ -403,7 +444,7 @@ impl DecentralizedAverager {
             me,
             &keys,
             &inner.layout,
-            &tensors,
+            tensors,
             weight,
             &inner.cfg.allreduce,
             &caps,
@@ -412,13 +453,8 @@ impl DecentralizedAverager {
         let allreduce_time = started.elapsed();
         let new_bans = record_bans(inner, &group, &round);
         if inner.cfg.mode != AveragingMode::Aux {
-            round.apply(
-                &inner.layout,
-                &mut tensors,
-                inner.cfg.allreduce.averaging_alpha,
-            )?;
+            round.apply(&inner.layout, tensors, inner.cfg.allreduce.averaging_alpha)?;
         }
-        drop(tensors);
         let next = {
             let mut bits = inner
                 .group_bits

@@ -417,11 +417,31 @@ fn codecs_cut_parts_at_tensor_boundaries_only_where_codecs_change() {
     ));
     // Codecs are part of the schema: peers with other codecs never average.
     assert_ne!(
-        crate::group::schema_hash_with(&layout, &cfg.tensor_compression),
+        crate::group::schema_hash_with(&layout, &cfg),
         crate::group::schema_hash(&layout)
     );
     assert_eq!(
-        crate::group::schema_hash_with(&layout, &[]),
+        crate::group::schema_hash_with(&layout, &AllreduceConfig::default()),
         crate::group::schema_hash(&layout)
     );
+    // So is the caller's tag (the optimizer's update scheme).
+    let tagged = AllreduceConfig {
+        schema_tag: "local-updates:h=8".into(),
+        ..AllreduceConfig::default()
+    };
+    assert_ne!(
+        crate::group::schema_hash_with(&layout, &tagged),
+        crate::group::schema_hash(&layout)
+    );
+    let too_long = AllreduceConfig {
+        schema_tag: "x".repeat(257),
+        ..AllreduceConfig::default()
+    };
+    assert!(matches!(
+        too_long.validate(),
+        Err(AveragingError::InvalidConfig {
+            field: "schema_tag",
+            ..
+        })
+    ));
 }

@@ -22,12 +22,14 @@ fn averaging_err(op: &'static str) -> impl Fn(colony_averaging::AveragingError) 
 /// The optimizer's averaging layer on a real swarm.
 ///
 /// The averager holds three tensors laid out as the optimizer sends them: parameters,
-/// gradients, optimizer state, each in its own wire codec
+/// gradients, optimizer state (with local updates: the parameters of the last
+/// global step, the parameter deltas since, the outer momentum), each in its own wire codec
 /// ([`OptimConfig::grad_compression`], [`OptimConfig::state_compression`]). A round
-/// copies the optimizer's buffer in, averages, and copies the result out only on
-/// success. Between rounds the buffer holds this peer's
-/// latest state (parameters and optimizer state after the step), which it serves to late
-/// joiners under `{prefix}.all_averagers` with its step as priority.
+/// averages the optimizer's own buffers in place (results applied only on
+/// success). After each step the optimizer hands over a snapshot of its state
+/// (parameters and optimizer state), which this peer serves to late joiners
+/// under `{prefix}.all_averagers` with its step as priority, one copy for
+/// every request.
 #[derive(Debug)]
 pub struct NetworkAverager {
     averager: DecentralizedAverager,
@@ -61,7 +63,7 @@ pub struct DataPathCounts {
 
 impl NetworkAverager {
     /// Starts an averager for a model of `num_params` parameters and `state_len`
-    /// optimizer-state values, in the role of `optim.role` (the one source of the
+    /// optimizer-state values ([`OptimConfig::averaged_state_len`]), in the role of `optim.role` (the one source of the
     /// peer's role: `averaging.mode` is set from it). `averaging.prefix` should be the
     /// optimizer's [`averaging_prefix`](crate::OptimConfig::averaging_prefix).
     ///
@@ -81,6 +83,17 @@ impl NetworkAverager {
             let grads = optim.grad_compression.unwrap_or(all);
             let state = optim.state_compression.unwrap_or(all);
             averaging.allreduce.tensor_compression = vec![state, grads, state];
+        }
+        if let Some(local) = &optim.local_updates {
+            // Parameter deltas and gradients of the same length must never
+            // meet in one round, nor runs with another H or outer optimizer.
+            let tag = local.schema_tag();
+            let schema_tag = &mut averaging.allreduce.schema_tag;
+            *schema_tag = if schema_tag.is_empty() {
+                tag
+            } else {
+                format!("{schema_tag};{tag}")
+            };
         }
         warn_if_state_codec_is_lossy(&averaging, state_len);
         let config = averaging;
@@ -194,35 +207,24 @@ impl SwarmAverager for NetworkAverager {
 
     async fn average(
         &mut self,
-        tensors: &mut [f32],
+        tensors: &mut [&mut [f32]],
         weight: f64,
         timeout: Duration,
     ) -> Result<usize> {
-        if tensors.len() != self.len() {
+        let lengths: Vec<usize> = tensors.iter().map(|t| t.len()).collect();
+        if lengths != [self.num_params, self.num_params, self.state_len] {
             return Err(OptimError::LengthMismatch {
                 what: "averaged tensors",
                 expected: self.len(),
-                actual: tensors.len(),
+                actual: lengths.iter().sum(),
             });
         }
-        let n = self.num_params;
-        {
-            let mut mine = self.averager.tensors().await;
-            mine[0].copy_from_slice(&tensors[..n]);
-            mine[1].copy_from_slice(&tensors[n..2 * n]);
-            mine[2].copy_from_slice(&tensors[2 * n..]);
-        }
+        // The optimizer's buffers themselves: no copy in or out.
         let outcome = self
             .averager
-            .step(Some(weight as f32), timeout)
+            .step_with(tensors, Some(weight as f32), timeout)
             .await
             .map_err(averaging_err("step"))?;
-        {
-            let averaged = self.averager.tensors().await;
-            tensors[..n].copy_from_slice(&averaged[0]);
-            tensors[n..2 * n].copy_from_slice(&averaged[1]);
-            tensors[2 * n..].copy_from_slice(&averaged[2]);
-        }
         self.record(&outcome);
         Ok(outcome.group.members.len())
     }
@@ -246,19 +248,16 @@ impl SwarmAverager for NetworkAverager {
                 actual: state.params.len() + state.optimizer_state.len(),
             });
         }
-        {
-            let mut tensors = self.averager.tensors().await;
-            tensors[0].copy_from_slice(&state.params);
-            tensors[1].fill(0.0);
-            tensors[2].copy_from_slice(&state.optimizer_state);
-        }
         let metadata =
             colony_schema::to_msgpack(&state.step).map_err(|source| OptimError::Schema {
                 op: "encode the shared state's step",
                 source,
             })?;
+        // The snapshot is served as it is. Gradients are not state: their
+        // tensor is zeros (untouched pages until the donor hashes them).
+        let tensors = vec![state.params, vec![0.0; n], state.optimizer_state];
         self.averager
-            .declare_state(state.step as f64, metadata, dht_time() + DONOR_TTL)
+            .declare_state_with(state.step as f64, metadata, tensors, dht_time() + DONOR_TTL)
             .await
             .map_err(averaging_err("declare state"))
     }

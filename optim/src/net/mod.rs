@@ -96,7 +96,7 @@ impl CollaborativeOptimizer<DhtProgressBoard, NetworkAverager> {
             &config,
             averaging,
             params.len(),
-            local.state().len(),
+            config.averaged_state_len(&local),
         )
         .await?;
         Self::join_with(dht, config, params, local, averager).await

@@ -138,12 +138,14 @@ impl MemoryAverager {
 impl SwarmAverager for MemoryAverager {
     async fn average(
         &mut self,
-        tensors: &mut [f32],
+        parts: &mut [&mut [f32]],
         weight: f64,
         timeout: Duration,
     ) -> Result<usize> {
         let started = Instant::now();
-        let index = self.join(tensors, weight);
+        // The hub averages one flat vector: params ‖ grads ‖ state.
+        let flat: Vec<f32> = parts.iter().flat_map(|p| p.iter().copied()).collect();
+        let index = self.join(&flat, weight);
         self.hub.changed.notify_waiters();
         loop {
             let notified = self.hub.changed.notified();
@@ -155,7 +157,7 @@ impl SwarmAverager for MemoryAverager {
                 let late = round.first.elapsed() >= WINDOW;
                 if round.result.is_none() && (full || late) {
                     let total: f64 = round.parts.iter().map(|(_, _, w)| w).sum();
-                    let mut out = vec![0.0f64; tensors.len()];
+                    let mut out = vec![0.0f64; flat.len()];
                     for (_, part, w) in &round.parts {
                         for (o, v) in out.iter_mut().zip(part) {
                             *o += w / total * f64::from(*v);
@@ -166,7 +168,11 @@ impl SwarmAverager for MemoryAverager {
                     self.hub.changed.notify_waiters();
                 }
                 if let Some(result) = &round.result {
-                    tensors.copy_from_slice(result);
+                    let mut at = 0;
+                    for part in parts.iter_mut() {
+                        part.copy_from_slice(&result[at..at + part.len()]);
+                        at += part.len();
+                    }
                     return Ok(round.members);
                 }
             }
