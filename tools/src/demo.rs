@@ -81,9 +81,12 @@ pub(crate) struct DemoArgs {
     /// The outer Nesterov momentum (with --local-updates; default 0.9).
     #[arg(long, env = "COLONY_OUTER_MOMENTUM")]
     outer_momentum: Option<f64>,
-    /// The peers' local optimizer: sgd or adamw.
-    #[arg(long, default_value = "sgd", env = "COLONY_OPTIMIZER")]
-    optimizer: String,
+    /// The peers' local optimizer: sgd or adamw (default: sgd; with
+    /// --local-updates adamw, DiLoCo's inner optimizer: 96 % in 25 outer
+    /// steps here with H = 8, where sgd with momentum 0.9 under the outer
+    /// Nesterov momentum stalls near 94 %).
+    #[arg(long, env = "COLONY_OPTIMIZER")]
+    optimizer: Option<String>,
     /// The peers' learning rate (default: 0.3 for sgd, 0.003 for adamw).
     #[arg(long, env = "COLONY_LR")]
     lr: Option<f64>,
@@ -101,6 +104,15 @@ fn target_batch_size(args: &DemoArgs) -> u64 {
             .saturating_mul(args.peers as u64),
         None => 256,
     })
+}
+
+/// The peers' local optimizer: as given, or sgd, or adamw with local updates.
+fn optimizer(args: &DemoArgs) -> &str {
+    match (&args.optimizer, args.local_updates) {
+        (Some(o), _) => o,
+        (None, Some(_)) => "adamw",
+        (None, None) => "sgd",
+    }
 }
 
 struct Peer {
@@ -144,7 +156,7 @@ fn spawn_peer(
         .args(["--max-seconds", &args.timeout_s.to_string()])
         .args(["--compute-ms", &args.compute_ms.to_string()])
         .args(["--compression", &args.compression])
-        .args(["--optimizer", &args.optimizer])
+        .args(["--optimizer", optimizer(args)])
         .args(["--matchmaking-time", &args.matchmaking_time.to_string()])
         .args(["--target-group-size", &args.peers.to_string()]);
     if let Some(addr) = bootstrap {
@@ -168,7 +180,7 @@ fn spawn_peer(
     if let Some(c) = &args.state_compression {
         cmd.args(["--state-compression", c]);
     }
-    let lr = args.lr.unwrap_or(if args.optimizer == "adamw" {
+    let lr = args.lr.unwrap_or(if optimizer(args) == "adamw" {
         0.003
     } else {
         0.3
@@ -215,9 +227,9 @@ async fn demo(args: DemoArgs) -> anyhow::Result<bool> {
         }
     }
     anyhow::ensure!(
-        matches!(args.optimizer.as_str(), "sgd" | "adamw"),
+        matches!(optimizer(&args), "sgd" | "adamw"),
         "--optimizer {:?}: expected sgd or adamw",
-        args.optimizer
+        optimizer(&args)
     );
     let started = Instant::now();
     let run_id = format!("demo{}", std::process::id());

@@ -22,6 +22,13 @@ fn demo_with_fp16_averaging_converges_with_identical_parameters() {
     run_demo(&["--compression", "fp16"]);
 }
 
+/// Local updates (H = 8 inner AdamW steps per outer step) with delayed
+/// outer rounds: the global parameters stay bit-identical across processes.
+#[test]
+fn demo_with_local_and_delayed_updates_converges_with_identical_parameters() {
+    run_demo(&["--local-updates", "8", "--delay-updates"]);
+}
+
 #[test]
 fn demo_refuses_an_unknown_compression() {
     let out = Command::new(BIN)

@@ -34,8 +34,6 @@ fn train_args(
         listen,
         "--initial-peers",
         bootstrap,
-        "--target-batch-size",
-        "256",
         "--compute-ms",
         "5",
         "--target-accuracy",
@@ -46,6 +44,10 @@ fn train_args(
     .iter()
     .map(|s| (*s).to_owned())
     .collect();
+    // The lab's target batch, unless a scenario sets its own.
+    if !extra.contains(&"--target-batch-size") {
+        args.extend(["--target-batch-size".to_owned(), "256".to_owned()]);
+    }
     args.extend([
         "--shard".to_owned(),
         format!("{shard}/{shards}"),
@@ -175,6 +177,35 @@ fn h_delayed_updates_with_fp16_gradients_train_to_one_hash_across_hosts() {
     let done = all_done(&trainers, Duration::from_secs(170));
     assert_one_hash("h", &done);
     assert_full_groups(&done, 30);
+}
+
+/// Scenario i: scenario a's hosts with local updates (H = 8 inner AdamW
+/// steps between rounds, DiLoCo's outer Nesterov SGD) and delayed outer
+/// rounds: every host ends with one hash, and nearly every outer step
+/// averaged across all four hosts.
+#[test]
+fn i_local_updates_with_delayed_rounds_train_to_one_hash_across_hosts() {
+    const PEERS: usize = 4;
+    let Some(mut lab) = Lab::new("i", &[Host::Public; PEERS + 1]) else {
+        return;
+    };
+    let (_boot, boot_addr) = bootstrap(&mut lab, 0, 31337, &[]);
+    // H inner steps of 32 samples on each of the 4 peers per outer step.
+    let flags = [
+        "--local-updates",
+        "8",
+        "--target-batch-size",
+        "1024",
+        "--delay-updates",
+        "--optimizer",
+        "adamw",
+        "--lr",
+        "0.003",
+    ];
+    let trainers = spawn_trainers_with(&mut lab, "lab-i", &boot_addr, PEERS, 20, &flags);
+    let done = all_done(&trainers, Duration::from_secs(170));
+    assert_one_hash("i", &done);
+    assert_full_groups(&done, 20);
 }
 
 /// A bootstrap, three public trainers and one behind its own NAT router.
