@@ -146,6 +146,43 @@ impl GradAccumulator {
         Ok(())
     }
 
+    /// Hands over this peer's mean gradient in the accumulator's own buffer
+    /// (scaled in place: no copy, no second buffer) and starts the next
+    /// step: the counters are reset and the accumulator continues in
+    /// `spare`, zeroed here, or in a new zeroed buffer when `spare` has
+    /// another length (pass an empty one: its pages are only touched as
+    /// gradients arrive). Like [`mean_gradient`](Self::mean_gradient) in
+    /// reuse mode, where `spare` receives the caller's mean instead.
+    ///
+    /// # Errors
+    /// [`OptimError::LengthMismatch`] in reuse mode when `spare` has the
+    /// wrong length.
+    pub fn take_mean(&mut self, mut spare: Vec<f32>, grads: &mut [f32]) -> Result<Vec<f32>> {
+        let Some(acc) = self.acc.as_mut() else {
+            spare.resize(self.num_params, 0.0);
+            self.mean_gradient(grads)?;
+            spare.copy_from_slice(grads);
+            self.reset(Some(grads));
+            return Ok(spare);
+        };
+        if spare.len() == self.num_params {
+            spare.fill(0.0);
+        } else {
+            spare = vec![0.0; self.num_params];
+        }
+        let mut mean = std::mem::replace(acc, spare);
+        if self.local_steps == 0 {
+            mean.fill(0.0);
+        } else {
+            let per_step = self.batch_size_per_step.unwrap_or(self.local_samples) as f64;
+            let scale = (per_step / self.local_samples as f64) as f32;
+            mean.iter_mut().for_each(|m| *m *= scale);
+        }
+        self.local_samples = 0;
+        self.local_steps = 0;
+        Ok(mean)
+    }
+
     /// Zeroes the accumulator and the counters (in reuse mode also the caller's buffer,
     /// passed as `grads`).
     pub fn reset(&mut self, grads: Option<&mut [f32]>) {
@@ -180,6 +217,45 @@ mod tests {
         assert_eq!((acc.local_samples(), acc.local_steps()), (0, 0));
         acc.mean_gradient(&mut out).unwrap();
         assert_eq!(out, [0.0, 0.0]);
+    }
+
+    #[test]
+    fn take_mean_hands_over_the_buffer_and_starts_afresh() {
+        for reuse in [false, true] {
+            let mut acc = GradAccumulator::new(2, Some(4), reuse);
+            let mut caller = [0.0f32; 2];
+            for (g, b) in [([1.0, 2.0], 4), ([4.0, 8.0], 2)] {
+                if reuse {
+                    caller.iter_mut().zip(g).for_each(|(c, g)| *c += g);
+                    acc.accumulate(&caller, Some(b)).unwrap();
+                } else {
+                    acc.accumulate(&g, Some(b)).unwrap();
+                }
+            }
+            let mut expected = [0.0; 2];
+            if reuse {
+                expected = [2.5, 5.0]; // the caller's sum / calls
+            } else {
+                acc.mean_gradient(&mut expected).unwrap();
+            }
+            let mean = acc.take_mean(Vec::new(), &mut caller).unwrap();
+            assert_eq!(mean, expected, "reuse {reuse}");
+            assert_eq!((acc.local_samples(), acc.local_steps()), (0, 0));
+            // The next step starts from zero, in a buffer of its own.
+            acc.accumulate(&[1.0, 1.0], Some(4)).unwrap();
+            let mut out = [0.0; 2];
+            if reuse {
+                assert_eq!(caller, [0.0, 0.0], "the caller's sum was reset");
+            } else {
+                acc.mean_gradient(&mut out).unwrap();
+                assert_eq!(out, [1.0, 1.0]);
+                // A spare of the right length is reused, zeroed.
+                let again = acc.take_mean(mean, &mut caller).unwrap();
+                assert_eq!(again, vec![1.0, 1.0]);
+                acc.mean_gradient(&mut out).unwrap();
+                assert_eq!(out, [0.0, 0.0]);
+            }
+        }
     }
 
     #[test]

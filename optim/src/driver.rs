@@ -240,7 +240,7 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
             inflight: None,
             delayed: DelayedUpdates::default(),
             grads: vec![0.0; n],
-            scratch: vec![0.0; n],
+            scratch: Vec::new(),
             params,
             local,
             local_step: 0,
@@ -432,6 +432,11 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
     /// round left them).
     fn land(&mut self, done: UpdateDone<A>) -> Result<StepOutcome> {
         self.averager = Some(done.averager);
+        // The next step's spare: the next delta (local updates), or the
+        // buffer the accumulator goes on in. Keeping it costs a model-sized
+        // gradient of memory; dropping it, a fresh allocation whose pages
+        // the kernel faults in and zeroes while gradients arrive, which
+        // measured slower than zeroing a kept buffer (`optim_memory`).
         self.scratch = done.grads;
         if let Some(outer) = self.outer.as_mut() {
             // The round's result is the new anchor. Delayed, the inner steps
@@ -691,17 +696,20 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
         // The mean gradient of this peer's samples (reuse mode: the caller's
         // sum / calls); with local updates the parameter delta since the
         // last global step (the pseudo-gradient the outer optimizer takes).
-        let mut mean = std::mem::take(&mut self.scratch);
-        if let Some(outer) = &self.outer {
-            for ((d, a), p) in mean.iter_mut().zip(&outer.anchor).zip(&self.params) {
+        // Without local updates the mean is the accumulator's own buffer
+        // (the accumulator goes on in a fresh one): no copy.
+        let local_updates = self.outer.is_some();
+        let mut mean = if let Some(outer) = &self.outer {
+            let mut delta = std::mem::take(&mut self.scratch);
+            delta.resize(self.params.len(), 0.0);
+            for ((d, a), p) in delta.iter_mut().zip(&outer.anchor).zip(&self.params) {
                 *d = a - p;
             }
-        } else if self.accumulator.reuses_grad_buffers() {
-            self.accumulator.mean_gradient(&mut self.grads)?;
-            mean.copy_from_slice(&self.grads);
+            delta
         } else {
-            self.accumulator.mean_gradient(&mut mean)?;
-        }
+            self.accumulator
+                .take_mean(std::mem::take(&mut self.scratch), &mut self.grads)?
+        };
         let mut weight = weight;
         if !mean.iter().all(|g| g.is_finite()) {
             // Only reachable in reuse mode (the accumulator refuses non-finite batches):
@@ -764,8 +772,11 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
             step: self.local_step,
             new_step,
         };
-        // The accumulated gradients are in the job: the next step's start now.
-        self.accumulator.reset(Some(&mut self.grads));
+        // The accumulated gradients are in the job: the next step's start
+        // now (`take_mean` already began it without local updates).
+        if local_updates {
+            self.accumulator.reset(Some(&mut self.grads));
+        }
         if !self.accumulator.reuses_grad_buffers() {
             self.grads.fill(0.0);
         }
@@ -776,7 +787,9 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
             // it would inside a blocking round: peers that see it move on
             // before they joined the round would skip their own step.
             self.inflight = Some(tokio::spawn(job.run()));
-            self.scratch = vec![0.0; self.params.len()];
+            if local_updates {
+                self.scratch = vec![0.0; self.params.len()];
+            }
             Ok(StepOutcome::Scheduled { step: new_step })
         } else {
             let done = job.run().await;

@@ -324,15 +324,7 @@ async fn delayed_updates_land_once_and_leave_every_peer_identical() {
         assert_eq!(delayed.averaged, STEPS as u64, "{delayed:?}");
         assert_eq!(delayed.last_group_size, PEERS);
     }
-    let loss = |w: &[f32]| -> f64 {
-        data.iter()
-            .map(|(x, y)| {
-                let e = w.iter().zip(x).map(|(a, b)| a * b).sum::<f32>() - y;
-                f64::from(e * e) / 2.0
-            })
-            .sum::<f64>()
-            / data.len() as f64
-    };
+    let loss = |w: &[f32]| common::loss(&data, w);
     // The same number of undelayed full-batch steps, for comparison.
     let mut w = vec![0.0f32; DIM];
     for _ in 0..STEPS {

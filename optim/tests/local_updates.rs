@@ -16,7 +16,7 @@ use colony_optim::{
     AveragerConfig, CollaborativeOptimizer, Layout, LocalOptimizer, LocalOptimizerKind,
     LocalUpdates, OptimError, Sgd, StepOutcome,
 };
-use common::{Swarm, config, dataset, gradient, nodes};
+use common::{Swarm, config, dataset, gradient, loss, nodes};
 
 const DIM: usize = 4;
 const BATCH: usize = 8;
@@ -27,16 +27,6 @@ fn rows(data: &[(Vec<f32>, f32)], peers: usize, p: usize, k: usize) -> &[(Vec<f3
     let batches = data.len() / BATCH;
     let b = (k * peers + p) % batches;
     &data[b * BATCH..(b + 1) * BATCH]
-}
-
-fn loss(data: &[(Vec<f32>, f32)], w: &[f32]) -> f64 {
-    data.iter()
-        .map(|(x, y)| {
-            let e = w.iter().zip(x).map(|(a, b)| a * b).sum::<f32>() - y;
-            f64::from(e * e) / 2.0
-        })
-        .sum::<f64>()
-        / data.len() as f64
 }
 
 /// The same outer steps built by hand: every peer's H inner SGD steps from

@@ -287,6 +287,17 @@ pub fn gradient(w: &[f32], rows: &[(Vec<f32>, f32)]) -> Vec<f32> {
     g
 }
 
+/// The least-squares loss of `w` over `data`: mean (w·x - y)^2 / 2.
+pub fn loss(data: &[(Vec<f32>, f32)], w: &[f32]) -> f64 {
+    data.iter()
+        .map(|(x, y)| {
+            let e = w.iter().zip(x).map(|(a, b)| a * b).sum::<f32>() - y;
+            f64::from(e * e) / 2.0
+        })
+        .sum::<f64>()
+        / data.len() as f64
+}
+
 pub fn dataset(n: usize, dim: usize) -> Vec<(Vec<f32>, f32)> {
     let mut state = 0x9e37_79b9_7f4a_7c15u64;
     let mut next = || {
