@@ -123,9 +123,6 @@ pub struct CollaborativeOptimizer<B: ProgressBoard, A: SwarmAverager> {
 /// optimizer, and the inner steps taken since.
 #[derive(Debug)]
 struct OuterLoop {
-    /// Inner steps per outer step (H).
-    inner_steps_per_round: u64,
-    outer_lr: f64,
     /// The outer SGD with Nesterov momentum (state-less while lent to a round).
     opt: LocalOptimizer,
     /// Empty while lent to a round.
@@ -180,8 +177,6 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
         let n = params.len();
         let outer = match &config.local_updates {
             Some(lu) => Some(OuterLoop {
-                inner_steps_per_round: lu.inner_steps,
-                outer_lr: lu.outer_lr,
                 opt: LocalOptimizer::new(
                     crate::LocalOptimizerKind::Sgd(lu.outer_sgd()),
                     local.layout().clone(),
@@ -228,10 +223,12 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
             )));
         }
         Ok(Self {
+            // With local updates every gradient is applied at once: the
+            // accumulator only checks and counts them (no sum, no buffer).
             accumulator: GradAccumulator::new(
                 n,
                 config.batch_size_per_step,
-                config.reuse_grad_buffers,
+                config.reuse_grad_buffers || config.local_updates.is_some(),
             ),
             ema: PerformanceEma::new(config.performance_ema_alpha, now),
             config,
@@ -580,7 +577,7 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
         let batch = match self.accumulator.accumulate(&self.grads, batch_size) {
             Ok(batch) => batch,
             Err(e @ OptimError::NonFiniteGradients { .. }) => {
-                if !self.accumulator.reuses_grad_buffers() {
+                if !self.config.reuse_grad_buffers {
                     self.grads.fill(0.0);
                 }
                 tracing::warn!(error = %ErrorChain(&e), "skipping a batch with non-finite gradients");
@@ -613,17 +610,17 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
         let now = self.board.now();
         // The cached estimate may predate this peer's latest samples.
         let ready = self.accumulator.local_samples() >= self.config.target_batch_size
-            || match &self.outer {
+            || match (&self.outer, &self.config.local_updates) {
                 // Local updates: after H inner steps, or once the swarm
                 // reported the target (or moved on); never on the ETA, so
                 // H is not cut short by a throughput estimate.
-                Some(o) => {
+                (Some(o), Some(lu)) => {
                     let state = &lock(&self.shared).state;
-                    o.inner_steps >= o.inner_steps_per_round
+                    o.inner_steps >= lu.inner_steps
                         || state.samples_accumulated >= state.target_batch_size
                         || state.optimizer_step > self.local_step
                 }
-                None => lock(&self.shared)
+                _ => lock(&self.shared)
                     .state
                     .ready_for_step(self.local_step, now),
             };
@@ -697,7 +694,7 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
         // sum / calls); with local updates the parameter delta since the
         // last global step (the pseudo-gradient the outer optimizer takes).
         // Without local updates the mean is the accumulator's own buffer
-        // (the accumulator goes on in a fresh one): no copy.
+        // (the accumulator goes on in the spare): no copy.
         let local_updates = self.outer.is_some();
         let mut mean = if let Some(outer) = &self.outer {
             let mut delta = std::mem::take(&mut self.scratch);
@@ -745,7 +742,9 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
                 outer.snapshot = Some(self.params.clone());
             }
             outer.inner_steps = 0;
-            lr = outer.outer_lr;
+            if let Some(lu) = &self.config.local_updates {
+                lr = lu.outer_lr;
+            }
             let hollow = outer.opt.hollow();
             (
                 std::mem::take(&mut outer.anchor),
@@ -775,9 +774,9 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
         // The accumulated gradients are in the job: the next step's start
         // now (`take_mean` already began it without local updates).
         if local_updates {
-            self.accumulator.reset(Some(&mut self.grads));
+            self.accumulator.reset(None);
         }
-        if !self.accumulator.reuses_grad_buffers() {
+        if !self.config.reuse_grad_buffers {
             self.grads.fill(0.0);
         }
         if delay {
@@ -787,13 +786,20 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
             // it would inside a blocking round: peers that see it move on
             // before they joined the round would skip their own step.
             self.inflight = Some(tokio::spawn(job.run()));
-            if local_updates {
-                self.scratch = vec![0.0; self.params.len()];
-            }
             Ok(StepOutcome::Scheduled { step: new_step })
         } else {
             let done = job.run().await;
             self.land(done)
+        }
+    }
+
+    /// What this peer averages and serves as its state: the parameters and
+    /// the optimizer, or with local updates the anchor and the outer
+    /// optimizer (the inner optimizer's state stays here).
+    fn shared_view(&self) -> (&[f32], &LocalOptimizer) {
+        match &self.outer {
+            Some(outer) => (&outer.anchor, &outer.opt),
+            None => (&self.params, &self.local),
         }
     }
 
@@ -802,17 +808,11 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
             tracing::warn!(error = %ErrorChain(&e), "could not share the state");
             return;
         }
-        let state = match &self.outer {
-            Some(outer) => PeerState {
-                step: self.local_step,
-                params: outer.anchor.clone(),
-                optimizer_state: outer.opt.state().to_vec(),
-            },
-            None => PeerState {
-                step: self.local_step,
-                params: self.params.clone(),
-                optimizer_state: self.local.state().to_vec(),
-            },
+        let (params, optimizer) = self.shared_view();
+        let state = PeerState {
+            step: self.local_step,
+            params: params.to_vec(),
+            optimizer_state: optimizer.state().to_vec(),
         };
         let shared = match self.averager().await {
             Ok(averager) => averager.share_state(state).await,
@@ -897,10 +897,7 @@ impl<B: ProgressBoard, A: SwarmAverager> CollaborativeOptimizer<B, A> {
                 return Ok(false);
             }
         };
-        let state_len = match &self.outer {
-            Some(outer) => outer.opt.state().len(),
-            None => self.local.state().len(),
-        };
+        let state_len = self.shared_view().1.state().len();
         let ok_sizes =
             loaded.params.len() == self.params.len() && loaded.optimizer_state.len() == state_len;
         let finite = loaded

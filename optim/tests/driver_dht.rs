@@ -217,10 +217,7 @@ async fn three_peers_over_the_dht_match_union_batch_sgd() {
                 params
             }));
         }
-        let mut finals = Vec::new();
-        for h in handles {
-            finals.push(h.await.unwrap());
-        }
+        let finals = common::join_all(handles).await;
         let mut w = vec![0.0f32; DIM];
         for s in 0..STEPS {
             let g = gradient(&w, &data[s * PEERS * BATCH..(s + 1) * PEERS * BATCH]);
@@ -292,10 +289,7 @@ async fn four_peers_with_real_averaging_match_union_batch_sgd_after_10_steps() {
                 params
             }));
         }
-        let mut finals = Vec::new();
-        for h in handles {
-            finals.push(h.await.unwrap());
-        }
+        let finals = common::join_all(handles).await;
         let mut w = vec![0.0f32; DIM];
         for s in 0..STEPS {
             let g = gradient(&w, &data[s * PEERS * BATCH..(s + 1) * PEERS * BATCH]);

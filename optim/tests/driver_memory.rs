@@ -44,10 +44,7 @@ async fn four_peers_match_single_process_sgd_on_the_union_batch() {
             opt.params().to_vec()
         }));
     }
-    let mut finals = Vec::new();
-    for h in handles {
-        finals.push(h.await.unwrap());
-    }
+    let finals = common::join_all(handles).await;
     // The same steps in one process on the union of the four micro-batches.
     let mut w = vec![0.0f32; DIM];
     for s in 0..STEPS {
@@ -314,10 +311,7 @@ async fn delayed_updates_land_once_and_leave_every_peer_identical() {
             (opt.params().to_vec(), opt.delayed_updates())
         }));
     }
-    let mut finals = Vec::new();
-    for h in handles {
-        finals.push(h.await.unwrap());
-    }
+    let finals = common::join_all(handles).await;
     for (params, delayed) in &finals {
         assert_eq!(params, &finals[0].0, "peers differ");
         assert_eq!(delayed.applied, STEPS as u64, "{delayed:?}");

@@ -121,11 +121,7 @@ async fn train(
             (opt.global_params().to_vec(), opt.params().to_vec(), between)
         }));
     }
-    let mut out = Vec::new();
-    for h in handles {
-        out.push(h.await.unwrap());
-    }
-    out
+    common::join_all(handles).await
 }
 
 /// Three peers, H = 4, three outer steps: each outer step comes after

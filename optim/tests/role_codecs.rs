@@ -90,10 +90,7 @@ async fn swarm(prefix: &str, grads: Compression, state: Compression) -> Vec<Vec<
             params
         }));
     }
-    let mut finals = Vec::new();
-    for h in handles {
-        finals.push(h.await.unwrap());
-    }
+    let finals = common::join_all(handles).await;
     for d in &dhts {
         d.shutdown().await;
     }

@@ -287,6 +287,15 @@ pub fn gradient(w: &[f32], rows: &[(Vec<f32>, f32)]) -> Vec<f32> {
     g
 }
 
+/// Every task's result, in order (a task that panicked fails the test).
+pub async fn join_all<T>(handles: Vec<tokio::task::JoinHandle<T>>) -> Vec<T> {
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        out.push(h.await.unwrap());
+    }
+    out
+}
+
 /// The least-squares loss of `w` over `data`: mean (w·x - y)^2 / 2.
 pub fn loss(data: &[(Vec<f32>, f32)], w: &[f32]) -> f64 {
     data.iter()
